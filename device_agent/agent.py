@@ -1,0 +1,346 @@
+"""The agent's state machine: verify a manifest, download, verify, install, test, activate or roll back.
+
+All MQTT callbacks only enqueue; one worker thread does the work, so the network thread never
+blocks on disk or inference. State is persisted before every side effect (``state.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__
+from .config import AgentConfig
+from .download import Download
+from .errors import AgentError, HealthCheckError, ProtocolError, RuntimeBackendError, VerificationError
+from .health import Benchmark, benchmark, health_check
+from .manifest import Manifest, file_sha256, keyid, load_public_key, verify_envelope
+from .mqtt import MqttLink, Will
+from .protocol import (
+    DEFAULT_WINDOW, Event, Job, Leaf, Metrics, ResultCode, State, Status, decode, decode_chunk, encode, parse_topic,
+    topic,
+)
+from .runtimes import Session, get_runtime, known_runtimes
+from .slots import SlotStore
+from .storage import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
+
+#: Seconds without a chunk before the device asks again, and how many unanswered asks abort.
+RETRY_S = 5.0
+MAX_RETRIES = 12
+
+
+@dataclass
+class _Transfer:
+    job_id: str
+    manifest: Manifest
+    envelope: dict[str, Any]
+    download: Download
+    outstanding: set[int]
+    last_progress: float
+    retries: int = 0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.cfg = config
+        self.root = config.state_dir
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = SlotStore(self.root)
+        self.trusted = {keyid(k): k for k in (load_public_key(p) for p in config.trusted_keys)}
+        self._state_path = self.root / "state.json"
+        self.state: dict[str, Any] = read_json(self._state_path, {"highest_version": 0, "state": State.IDLE.value})
+        self.session: Session | None = None
+        self.last_bench: Benchmark | None = None
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._stop = threading.Event()
+        self._transfer: _Transfer | None = None
+        self.link = MqttLink(
+            config.broker,
+            client_id=f"agent-{config.device_id}",
+            on_message=lambda t, p: self._inbox.put((t, p)),
+            subscriptions=[(self._t(Leaf.JOB), 1), (self._t(Leaf.STREAM_DATA), 1),
+                           (self._t(Leaf.STREAM_REJECTED), 1), (self._t(Leaf.CMD), 1)],
+            will=Will(self._t(Leaf.ONLINE), b"offline"),
+            on_connect=lambda: self._inbox.put(("", b"connected")),
+        )
+
+    # ------------------------------------------------------------------------------ plumbing
+    def _t(self, leaf: Leaf) -> str:
+        return topic(self.cfg.topic_prefix, self.cfg.device_id, leaf)
+
+    def _save_state(self, **changes: Any) -> None:
+        self.state.update(changes)
+        atomic_write_json(self._state_path, self.state)
+
+    def _publish_status(self, state: State, **fields: Any) -> None:
+        active = self.store.active()
+        status = Status(
+            device_id=self.cfg.device_id, state=state.value, target=self.cfg.target,
+            active_version=active.version if active else None, active_slot=active.slot if active else None,
+            agent_version=__version__, **fields,
+        )
+        self.link.publish(self._t(Leaf.STATUS), encode(status), qos=1, retain=True)
+
+    def _event(self, kind: str, message: str, **fields: Any) -> None:
+        log.info("%s: %s", kind, message)
+        self.link.publish(self._t(Leaf.EVENTS), encode(Event(self.cfg.device_id, kind, message, **fields)), qos=1)
+
+    def _publish_metrics(self, bench: Benchmark) -> None:
+        active = self.store.active()
+        m = Metrics(self.cfg.device_id, active.version if active else None, bench.latency_ms_p50,
+                    bench.latency_ms_p95, bench.rss_mb, bench.runs, self.cfg.emulated)
+        self.link.publish(self._t(Leaf.METRICS), encode(m), qos=1)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def load_active(self) -> None:
+        active = self.store.verify_active()
+        if active is None:
+            if self.store.active() is not None:
+                log.error("active model in slot %s is missing or damaged", self.store.active().slot)
+            return
+        self.session = get_runtime(self.cfg.runtime).load(active.path, self.cfg.threads)
+
+    def run(self, connect_timeout: float = 10.0) -> None:
+        self.load_active()
+        self.link.start(timeout=connect_timeout)
+        last_metrics = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                try:
+                    name, payload = self._inbox.get(timeout=0.5)
+                    self._dispatch(name, payload)
+                except queue.Empty:
+                    pass
+                self._tick()
+                if self.cfg.metrics_interval_s and time.monotonic() - last_metrics >= self.cfg.metrics_interval_s:
+                    last_metrics = time.monotonic()
+                    self._report_metrics()
+        finally:
+            if self._transfer is not None:
+                self._transfer.download.close()
+            self.link.publish(self._t(Leaf.ONLINE), b"offline", qos=1, retain=True).wait_for_publish(2)
+            self.link.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _dispatch(self, name: str, payload: bytes) -> None:
+        if name == "":  # (re)connected: announce ourselves
+            self.link.publish(self._t(Leaf.ONLINE), b"online", qos=1, retain=True)
+            state = State(self.state.get("state", State.IDLE.value))
+            self._publish_status(state if state in (State.ACTIVATED, State.ROLLED_BACK, State.FAILED) else State.IDLE,
+                                 job_id=self.state.get("job_id"), version=self.state.get("version"))
+            if self._transfer is not None:
+                self._request_more(self._transfer, again=True)
+            return
+        try:
+            _, leaf = parse_topic(self.cfg.topic_prefix, name)
+            if leaf is Leaf.JOB:
+                if payload:
+                    self._on_job(Job.parse(payload))
+            elif leaf is Leaf.STREAM_DATA:
+                self._on_chunk(payload)
+            elif leaf is Leaf.STREAM_REJECTED:
+                self._on_rejected(decode(payload, "stream/rejected"))
+            elif leaf is Leaf.CMD:
+                self._on_command(decode(payload, "cmd"))
+        except ProtocolError as exc:
+            self._event("protocol_error", f"{name}: {exc}")
+
+    # ------------------------------------------------------------------------------ the update
+    def _refuse(self, job_id: str, version: int | None, reason: str, code: int) -> None:
+        log.warning("refused job %s: %s", job_id, reason)
+        self._save_state(state=State.FAILED.value, job_id=job_id, version=version, reason=reason)
+        self._publish_status(State.FAILED, job_id=job_id, version=version, reason=reason, result_code=int(code))
+        self._event("refused", reason, job_id=job_id, version=version, result_code=int(code))
+
+    def _on_job(self, job: Job) -> None:
+        if job.job_id == self.state.get("job_id") and self.state.get("state") in {s.value for s in
+                                                                                  (State.ACTIVATED, State.ROLLED_BACK,
+                                                                                   State.FAILED)}:
+            return  # a retained job we already finished
+        if self._transfer is not None and self._transfer.job_id == job.job_id:
+            return
+        try:
+            signed = verify_envelope(job.manifest, self.trusted)
+            manifest = Manifest.from_signed(signed)
+            self._check_manifest(manifest)
+        except VerificationError as exc:
+            return self._refuse(job.job_id, None, str(exc), exc.result_code)
+        except ProtocolError as exc:
+            return self._refuse(job.job_id, None, str(exc), ResultCode.UNSUPPORTED_PACKAGE)
+        if self._transfer is not None:  # a newer job supersedes the one in flight
+            self._transfer.download.discard()
+            self._event("superseded", f"job {self._transfer.job_id} replaced by {job.job_id}")
+        dl = Download(self.root / "downloads", job.job_id, manifest.length, manifest.chunk_size, manifest.chunks)
+        self._transfer = _Transfer(job.job_id, manifest, job.manifest, dl, set(), time.monotonic())
+        self._save_state(state=State.DOWNLOADING.value, job_id=job.job_id, version=manifest.version, reason=None)
+        self._publish_status(State.DOWNLOADING, job_id=job.job_id, version=manifest.version,
+                             progress=round(dl.resumed / manifest.chunks, 4))
+        if dl.resumed:
+            self._event("resumed", f"download resumes at {dl.resumed}/{manifest.chunks} chunks", job_id=job.job_id)
+        if dl.complete:
+            self._finish(self._transfer)
+        else:
+            self._request_more(self._transfer)
+
+    def _check_manifest(self, m: Manifest) -> None:
+        if m.target != self.cfg.target:
+            raise VerificationError(f"manifest is for target {m.target!r}, this device is {self.cfg.target!r}",
+                                    ResultCode.UNSUPPORTED_PACKAGE)
+        highest = int(self.state.get("highest_version", 0))
+        if m.version <= highest:
+            raise VerificationError(f"version {m.version} is not newer than {highest} already accepted "
+                                    "(replayed or stale manifest)", ResultCode.UPDATE_FAILED)
+        m.check_expiry()
+        if m.runtime not in known_runtimes():
+            raise VerificationError(f"runtime {m.runtime!r} is not on this device (has {known_runtimes()})",
+                                    ResultCode.UNSUPPORTED_PACKAGE)
+        free = shutil.disk_usage(self.root).free
+        if free < 2 * m.length:
+            raise VerificationError(f"{m.length} bytes to store, {free} free in {self.root}",
+                                    ResultCode.NOT_ENOUGH_STORAGE)
+
+    def _request_more(self, tr: _Transfer, again: bool = False) -> None:
+        if again:
+            tr.outstanding.clear()
+        if tr.outstanding:
+            return
+        want = tr.download.missing(DEFAULT_WINDOW)
+        tr.outstanding = set(want)
+        tr.last_progress = time.monotonic()
+        self.link.publish(self._t(Leaf.STREAM_GET), encode({"job_id": tr.job_id, "chunks": want}), qos=1)
+
+    def _on_chunk(self, frame: bytes) -> None:
+        tr = self._transfer
+        try:
+            job_id, index, data = decode_chunk(frame)
+        except ProtocolError as exc:
+            if tr is not None:  # corrupt in transit: ask for the window again
+                self._event("chunk_corrupt", str(exc), job_id=tr.job_id)
+                self._request_more(tr, again=True)
+            return
+        if tr is None or job_id != tr.job_id or not 0 <= index < tr.manifest.chunks:
+            return
+        if len(data) != tr.download.expected_size(index):
+            self._event("chunk_corrupt", f"chunk {index}: {len(data)} bytes, expected "
+                                         f"{tr.download.expected_size(index)}", job_id=job_id)
+            return
+        tr.download.write(index, data)
+        tr.outstanding.discard(index)
+        tr.last_progress, tr.retries = time.monotonic(), 0
+        if tr.download.complete:
+            self._finish(tr)
+        elif not tr.outstanding:
+            tr.download.checkpoint()
+            self._publish_status(State.DOWNLOADING, job_id=tr.job_id, version=tr.manifest.version,
+                                 progress=round(len(tr.download.have) / tr.manifest.chunks, 4))
+            self._request_more(tr)
+
+    def _on_rejected(self, body: dict[str, Any]) -> None:
+        tr = self._transfer
+        if tr is not None and body.get("job_id") == tr.job_id:
+            tr.download.discard()
+            self._transfer = None
+            self._refuse(tr.job_id, tr.manifest.version, f"host cannot serve the artifact: {body.get('reason')}",
+                         ResultCode.CONNECTION_LOST)
+
+    def _tick(self) -> None:
+        tr = self._transfer
+        if tr is None or time.monotonic() - tr.last_progress < RETRY_S:
+            return
+        tr.retries += 1
+        if tr.retries > MAX_RETRIES:
+            tr.download.close()
+            self._transfer = None
+            self._refuse(tr.job_id, tr.manifest.version, f"no chunk for {RETRY_S * MAX_RETRIES:g} s; "
+                         "download kept for resumption", ResultCode.CONNECTION_LOST)
+            self.state["job_id"] = None  # let the same retained job resume later
+            self._save_state()
+            return
+        self._request_more(tr, again=True)
+
+    def _finish(self, tr: _Transfer) -> None:
+        self._transfer = None
+        m = tr.manifest
+        tr.download.close()
+        self._save_state(state=State.VERIFYING.value)
+        self._publish_status(State.VERIFYING, job_id=tr.job_id, version=m.version, progress=1.0)
+        size, digest = tr.download.path.stat().st_size, file_sha256(tr.download.path)
+        if size != m.length or digest != m.sha256:
+            tr.download.discard()
+            return self._refuse(tr.job_id, m.version, f"artifact sha256 {digest[:16]}… ({size} bytes) does not "
+                                f"match the manifest's {m.sha256[:16]}… ({m.length} bytes)",
+                                ResultCode.INTEGRITY_FAILURE)
+        slot = self.store.inactive_slot()
+        self._save_state(state=State.INSTALLING.value, slot=slot)
+        self._publish_status(State.INSTALLING, job_id=tr.job_id, version=m.version)
+        path = self.store.install(slot, tr.download.path, m, tr.envelope)
+        tr.download.discard()
+        self._save_state(state=State.TESTING.value)
+        self._publish_status(State.TESTING, job_id=tr.job_id, version=m.version)
+        try:
+            session = get_runtime(m.runtime).load(path, self.cfg.threads)
+            bench = health_check(session, m, self.cfg.benchmark_runs)
+        except (HealthCheckError, RuntimeBackendError) as exc:
+            self.store.mark(slot, "bad", m.version, str(exc))
+            self._save_state(state=State.ROLLED_BACK.value, reason=str(exc))
+            self._publish_status(State.ROLLED_BACK, job_id=tr.job_id, version=m.version, reason=str(exc),
+                                 result_code=int(ResultCode.UPDATE_FAILED))
+            self._event("rolled_back", f"v{m.version} failed its health check, kept the previous model: {exc}",
+                        job_id=tr.job_id, version=m.version, result_code=int(ResultCode.UPDATE_FAILED))
+            return
+        self.store.activate(slot, m)
+        self.session, self.last_bench = session, bench
+        self._save_state(state=State.ACTIVATED.value, highest_version=m.version, reason=None)
+        self._publish_status(State.ACTIVATED, job_id=tr.job_id, version=m.version,
+                             result_code=int(ResultCode.SUCCESS))
+        self._event("activated", f"v{m.version} active in slot {slot}", job_id=tr.job_id, version=m.version)
+        self._publish_metrics(bench)
+
+    # ------------------------------------------------------------------------------ commands
+    def _report_metrics(self) -> None:
+        manifest = self.store.active_manifest()
+        if self.session is None or manifest is None:
+            return
+        feeds = manifest.golden_pairs()[0][0]
+        self.last_bench = benchmark(self.session, feeds, self.cfg.benchmark_runs)
+        self._publish_metrics(self.last_bench)
+
+    def _on_command(self, body: dict[str, Any]) -> None:
+        command = body.get("command")
+        if command in ("report", "benchmark"):
+            self._publish_status(State(self.state.get("state", "idle")), job_id=self.state.get("job_id"),
+                                 version=self.state.get("version"))
+            self._report_metrics()
+        elif command == "rollback":
+            self._rollback()
+        else:
+            raise ProtocolError(f"cmd: unknown command {command!r}; known: report, benchmark, rollback")
+
+    def _rollback(self) -> None:
+        active = self.store.active()
+        other = "b" if active is not None and active.slot == "a" else "a"
+        status = self.store.slot_status(other)
+        if status.get("status") != "good":
+            return self._event("rollback_refused", f"slot {other} holds no good model ({status.get('status')})")
+        envelope = json.loads((self.store.slot_dir(other) / "manifest.json").read_text())
+        manifest = Manifest.from_signed(envelope["signed"])
+        try:
+            session = get_runtime(manifest.runtime).load(self.store.slot_dir(other) / manifest.filename,
+                                                         self.cfg.threads)
+        except AgentError as exc:
+            return self._event("rollback_refused", str(exc))
+        self.store.activate(other, manifest)
+        self.session = session
+        self._save_state(state=State.ACTIVATED.value)
+        self._publish_status(State.ACTIVATED, version=manifest.version, reason="rolled back on command")
+        self._event("rolled_back", f"back to v{manifest.version} in slot {other} on command", version=manifest.version)

@@ -1,0 +1,137 @@
+"""A thin, thread-safe wrapper over paho-mqtt shared by the agent and the host.
+
+It negotiates the protocol (MQTT 5 where the broker offers it, else 3.1.1), re-subscribes after
+every reconnect, reconnects with bounded exponential backoff, and hands messages to one callback.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+
+from .config import BrokerConfig
+from .errors import AgentError
+
+log = logging.getLogger(__name__)
+
+_PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+
+
+class ConnectError(AgentError):
+    """The broker could not be reached or refused the connection."""
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class MqttLink:
+    def __init__(
+        self,
+        broker: BrokerConfig,
+        client_id: str,
+        on_message: Callable[[str, bytes], None],
+        subscriptions: list[tuple[str, int]] | None = None,
+        will: Will | None = None,
+        on_connect: Callable[[], None] | None = None,
+    ) -> None:
+        self.broker = broker
+        self.client_id = client_id
+        self._on_message = on_message
+        self._on_connect_hook = on_connect
+        self.subscriptions = list(subscriptions or [])
+        self.will = will
+        self.protocol: str | None = None
+        self.connected = threading.Event()
+        self._client: mqtt.Client | None = None
+        self._refused: str | None = None
+        self._answered = threading.Event()
+
+    # -- connection ---------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> "MqttLink":
+        order = ["5", "3.1.1"] if self.broker.protocol == "auto" else [self.broker.protocol]
+        last = ""
+        for proto in order:
+            self._refused = None
+            self._answered.clear()
+            client = self._make_client(proto)
+            try:
+                client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
+            except OSError as exc:
+                raise ConnectError(
+                    f"MQTT broker {self.broker.host}:{self.broker.port} unreachable ({exc.strerror or exc}); "
+                    "is it running, and is the address in the config right?"
+                ) from None
+            client.loop_start()
+            if not self._answered.wait(timeout):
+                client.loop_stop()
+                raise ConnectError(f"MQTT broker {self.broker.host}:{self.broker.port}: no CONNACK in {timeout:g} s")
+            if self._refused is None:
+                self._client, self.protocol = client, proto
+                return self
+            client.loop_stop()
+            client.disconnect()
+            last = self._refused
+            if "protocol" not in last.lower():
+                break
+        raise ConnectError(f"MQTT broker {self.broker.host}:{self.broker.port} refused {self.client_id}: {last}")
+
+    def _make_client(self, proto: str) -> mqtt.Client:
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=_PROTOCOLS[proto])
+        client.max_inflight_messages_set(64)
+        client.max_queued_messages_set(0)
+        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if self.will is not None:
+            client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_message = self._handle_message
+        return client
+
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            self._answered.set()
+            return
+        for topic, qos in self.subscriptions:
+            client.subscribe(topic, qos)
+        self.connected.set()
+        self._answered.set()
+        if self._on_connect_hook is not None:
+            self._on_connect_hook()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        if reason_code != 0:
+            log.warning("%s: disconnected from broker (%s); reconnecting", self.client_id, reason_code)
+
+    def _handle_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        try:
+            self._on_message(message.topic, message.payload)
+        except Exception:  # a bad message must never kill the network thread
+            log.exception("%s: handler failed for a message on %s", self.client_id, message.topic)
+
+    # -- use ----------------------------------------------------------------------------------
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        self.subscriptions.append((topic, qos))
+        if self._client is not None:
+            self._client.subscribe(topic, qos)
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+        if self._client is None:
+            raise ConnectError(f"{self.client_id}: publish on {topic} before start()")
+        return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def stop(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None

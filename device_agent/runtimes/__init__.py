@@ -1,0 +1,58 @@
+"""Inference runtimes the agent can run a model with, keyed by the manifest's ``runtime``.
+
+A backend module imports its runtime library only when it is loaded, so an agent with
+only one runtime installed still starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..registry import Registry
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int | str | None, ...]
+    dtype: str
+
+
+class Session(ABC):
+    """A loaded model, ready to run."""
+
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]: ...
+
+
+class Runtime(ABC):
+    name: str
+
+    @abstractmethod
+    def load(self, path: Path, threads: int | None = None) -> Session: ...
+
+
+RUNTIMES: Registry[type[Runtime]] = Registry("runtime")
+
+# name -> module that registers it; imported on first use
+_BACKENDS = {"onnxruntime": "device_agent.runtimes.onnxruntime_backend"}
+
+
+def get_runtime(name: str) -> Runtime:
+    if name not in RUNTIMES and name in _BACKENDS:
+        importlib.import_module(_BACKENDS[name])
+    if name not in RUNTIMES:
+        RUNTIMES.get(name)  # raises, listing the known names
+    return RUNTIMES.get(name)()
+
+
+def known_runtimes() -> list[str]:
+    return sorted(set(RUNTIMES.names()) | set(_BACKENDS))

@@ -1,0 +1,114 @@
+"""Bundle a model into a signed artifact: manifest (golden vectors, budgets, predictions) + model + signature."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_agent.manifest import MANIFEST_TYPE, MANIFEST_VERSION, Manifest, encode_tensor, sign_envelope
+from device_agent.protocol import DEFAULT_CHUNK_SIZE
+from device_agent.storage import atomic_write_bytes, atomic_write_json, read_json
+
+from .keys import load_or_create, public_key_path
+
+__all__ = ["Artifact", "build_artifact", "load_or_create", "next_version", "public_key_path"]
+
+
+@dataclass(frozen=True)
+class Artifact:
+    dir: Path
+    model_path: Path
+    envelope: dict[str, Any]
+    manifest: Manifest
+
+    @property
+    def sha256(self) -> str:
+        return self.manifest.sha256
+
+    @property
+    def size_bytes(self) -> int:
+        return self.manifest.length
+
+    @property
+    def version(self) -> int:
+        return self.manifest.version
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.manifest.name, "version": self.version, "sha256": self.sha256,
+                "size_bytes": self.size_bytes, "chunks": self.manifest.chunks, "path": str(self.dir)}
+
+
+def next_version(state_dir: Path) -> int:
+    """Monotonic per host: wall-clock seconds, never below the last issued version + 1."""
+    path = state_dir / "last_version.json"
+    last = int(read_json(path, {"version": 0})["version"])
+    version = max(int(time.time()), last + 1)
+    atomic_write_json(path, {"version": version})
+    return version
+
+
+def golden_cases(predict, x: np.ndarray) -> tuple[list[dict[str, Any]], float]:
+    """A handful of inputs and the artifact's own outputs for them; tolerance scaled to the outputs."""
+    cases, peak = [], 0.0
+    for i in range(len(x)):
+        inp = x[i:i + 1].astype(np.float32)
+        out = predict(inp)
+        peak = max(peak, float(np.max(np.abs(out))))
+        cases.append({"inputs": {"input": encode_tensor(inp)}, "outputs": [encode_tensor(out)]})
+    return cases, max(1e-4, 1e-3 * peak)
+
+
+def build_artifact(
+    model_path: Path, out_root: Path, *, name: str, version: int, target: str, runtime: str,
+    golden_inputs: np.ndarray, budgets: dict[str, Any], predicted: dict[str, Any], health: dict[str, Any],
+    key_dir: Path, expires_days: float | None = 30, chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> Artifact:
+    from ..export.parity import ort_session
+
+    key = load_or_create(key_dir)
+    data = model_path.read_bytes()
+    sess = ort_session(model_path)
+    io = {"inputs": [{"name": i.name, "shape": i.shape, "dtype": i.type} for i in sess.get_inputs()],
+          "outputs": [{"name": o.name, "shape": o.shape, "dtype": o.type} for o in sess.get_outputs()]}
+    input_name = sess.get_inputs()[0].name
+    cases, atol = golden_cases(lambda inp: sess.run(None, {input_name: inp})[0], golden_inputs)
+    for case in cases:
+        case["inputs"] = {input_name: case["inputs"]["input"]}
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    signed = {
+        "type": MANIFEST_TYPE, "manifest_version": MANIFEST_VERSION,
+        "name": name, "version": version, "target": target, "runtime": runtime,
+        "created": now.isoformat(),
+        "expires": (now + dt.timedelta(days=expires_days)).isoformat() if expires_days else None,
+        "artifact": {"filename": model_path.name, "length": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+                     "chunk_size": chunk_size, "chunks": -(-len(data) // chunk_size)},
+        "io": io,
+        "golden": {"cases": cases, "atol": atol, "rtol": 1e-3},
+        "health": health, "budgets": budgets, "predicted": predicted,
+    }
+    signed = json.loads(json.dumps(signed))  # exactly what a receiver will parse and re-serialise
+    envelope = sign_envelope(signed, key)
+    out = out_root / f"{name}-{target}-v{version}"
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    atomic_write_bytes(tmp / model_path.name, data)
+    atomic_write_json(tmp / "manifest.json", envelope)
+    shutil.copy(public_key_path(key_dir), tmp / "signing.pub")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)  # a reader sees the whole artifact or none of it
+    return Artifact(out, out / model_path.name, envelope, Manifest.from_signed(signed))
+
+
+def load_artifact(directory: Path) -> Artifact:
+    envelope = json.loads((directory / "manifest.json").read_text())
+    manifest = Manifest.from_signed(envelope["signed"])
+    return Artifact(directory, directory / manifest.filename, envelope, manifest)

@@ -1,0 +1,121 @@
+"""``pipeline``: the host command. It only parses arguments and wires stages together."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .errors import BudgetError, PipelineError
+
+EXIT_DELIVERY = 4
+
+
+def _write_report(path: str | None, report: dict[str, Any]) -> None:
+    if path:
+        from device_agent.storage import atomic_write_bytes
+
+        atomic_write_bytes(Path(path), json.dumps(report, indent=2, default=str).encode())
+
+
+def cmd_deploy(args: argparse.Namespace, ui) -> int:
+    from .config import load_deploy
+    from .deploy import delivery_ok, run_deploy
+
+    cfg = load_deploy(args.config)
+    try:
+        report = run_deploy(cfg, args.target, ui, force=args.force)
+    except BudgetError as exc:
+        if exc.report is not None:
+            exc.report["error"] = str(exc)
+            _write_report(args.report, exc.report)
+        raise
+    _write_report(args.report, report)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    ok = delivery_ok(report)
+    ui.console.print("[bold green]deployed[/]" if ok else "[bold red]delivery incomplete: see the table above[/]")
+    return 0 if ok else EXIT_DELIVERY
+
+
+def cmd_profile(args: argparse.Namespace, ui) -> int:
+    from .deploy import _print_profile
+    from .profile import profile_model
+    from .targets import load_target
+
+    target = load_target(args.target)
+    path = Path(args.model)
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such model file")
+    prof = profile_model(path, target, runs=args.runs)
+    _print_profile(ui, prof, target)
+    if args.json:
+        print(json.dumps(prof.to_dict(), indent=2))
+    return BudgetError.exit_code if prof.failures else 0
+
+
+def cmd_targets(args: argparse.Namespace, ui) -> int:
+    from .targets import known_targets, load_target
+
+    profiles = [load_target(n) for n in known_targets()]
+    if args.json:
+        print(json.dumps([p.model_dump() for p in profiles], indent=2))
+    else:
+        ui.table("Targets", ["name", "description", "cores", "GFLOP/s fp32", "RAM MB", "runtimes"],
+                 [[p.name, p.description, p.cpu.cores, p.cpu.peak_gflops_fp32, p.memory.ram_mb, ", ".join(p.runtimes)]
+                  for p in profiles])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description="Compress, profile and ship models to device fleets.")
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("deploy", help="compress, export, profile, sign and deliver a model to one device class")
+    d.add_argument("--target", required=True, help="device class: a file in targets/ (e.g. rpi4)")
+    d.add_argument("--config", default="deploy.yaml", help="deployment file (default: deploy.yaml)")
+    d.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
+    d.add_argument("--force", action="store_true", help="deploy even when a budget fails")
+    d.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    d.set_defaults(func=cmd_deploy)
+
+    p = sub.add_parser("profile", help="profile a model file against a target's budgets")
+    p.add_argument("model", help="an .onnx file")
+    p.add_argument("--target", required=True)
+    p.add_argument("--runs", type=int, default=100)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_profile)
+
+    t = sub.add_parser("targets", help="list the known device classes")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_targets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from .ui import UI
+
+    ui = UI()
+    try:
+        return args.func(args, ui)
+    except PipelineError as exc:
+        if args.debug:
+            raise
+        ui.console.print(f"[bold red]error:[/] {exc}")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        ui.console.print("[red]interrupted[/]")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

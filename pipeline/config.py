@@ -1,0 +1,177 @@
+"""deploy.yaml, loaded into validated, frozen pydantic models.
+
+Every model forbids unknown keys; a validation failure becomes one ConfigError that names the
+file, the field path and what is allowed, one line per problem.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+CONFIG_VERSION = 1
+BUDGET_KEYS = ("latency_ms", "peak_memory_mb", "model_size_mb", "energy_mj")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(8, ge=1, le=1000)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class ModelConfig(Strict):
+    zoo: str | None = Field(None, description="name of a built-in model")
+    factory: str | None = Field(None, description="'package.module:function' returning an nn.Module")
+    checkpoint: Path | None = None
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.zoo is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'zoo' (a built-in model) or 'factory' ('package.module:function')")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"factory {self.factory!r} must look like 'package.module:function'")
+        return self
+
+
+class DataConfig(Strict):
+    name: str = "mnist-5k"
+    train_size: int | None = Field(None, ge=1)
+    test_size: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class CompressStep(BaseModel):
+    """One step of a recipe; its parameters are checked by the method named in ``method``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    method: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class ExportConfig(Strict):
+    format: Literal["onnx"] = "onnx"
+    opset: int = Field(17, ge=13, le=21)
+    quantize: str = "none"
+    calibration_samples: int = Field(256, ge=1)
+    parity_atol: float = Field(1e-4, gt=0)
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="int8 vs fp32, as a fraction")
+
+
+class Budgets(Strict):
+    latency_ms: float | None = Field(None, gt=0)
+    peak_memory_mb: float | None = Field(None, gt=0)
+    model_size_mb: float | None = Field(None, gt=0)
+    energy_mj: float | None = Field(None, gt=0)
+
+
+class TargetOverride(Strict):
+    budgets: Budgets = Budgets()
+
+
+class BrokerAddress(Strict):
+    host: str
+    port: int = Field(1883, gt=0, lt=65536)
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+
+
+class FleetConfig(Strict):
+    broker: BrokerAddress | None = None
+    local_broker: Literal["auto", "mosquitto", "amqtt"] = "auto"
+    topic_prefix: str = "edgefleet"
+    local_agents: int = Field(1, ge=0, le=64)
+    devices: list[str] = Field(default_factory=list, description="device ids of a real fleet")
+    timeout_s: float = Field(120, gt=0)
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        from device_agent.protocol import ProtocolError, check_id
+
+        try:
+            return check_id(v, "topic_prefix")
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class SigningConfig(Strict):
+    key_dir: Path = Path(".edgefleet/keys")
+
+
+class DeployConfig(Strict):
+    version: Literal[1]
+    name: str = "model"
+    model: ModelConfig
+    data: DataConfig = DataConfig()
+    compress: list[CompressStep] = Field(default_factory=list)
+    export: ExportConfig = ExportConfig()
+    targets: dict[str, TargetOverride] = Field(default_factory=dict)
+    fleet: FleetConfig = FleetConfig()
+    signing: SigningConfig = SigningConfig()
+    workdir: Path = Path(".edgefleet")
+
+    #: the directory deploy.yaml lives in; relative paths resolve against it
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    def resolve(self, path: Path) -> Path:
+        return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+
+def _format(exc: ValidationError, where: str) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        if err["type"] == "literal_error":
+            msg = f"got {err.get('input')!r}; {msg.lower()}"
+        lines.append(f"  {loc}: {msg}")
+    return f"{where}: invalid configuration\n" + "\n".join(lines)
+
+
+def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
+    if data.get("version") != CONFIG_VERSION:
+        raise ConfigError(f"{where}: version: got {data.get('version')!r}, this pipeline reads version {CONFIG_VERSION}")
+    try:
+        cfg = DeployConfig.model_validate({**data, "base_dir": base_dir})
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, where)) from None
+    from .compress import validate_recipe  # noqa: PLC0415 - the registry is the authority on step keys
+
+    validate_recipe(cfg.compress, where)
+    from .export.quantize import QUANTIZERS
+
+    if cfg.export.quantize not in QUANTIZERS:
+        raise ConfigError(f"{where}: export.quantize: got {cfg.export.quantize!r}; allowed: {QUANTIZERS.names()}")
+    return cfg
+
+
+def load_deploy(path: str | Path) -> DeployConfig:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror}); pass --config PATH") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return parse_deploy(data, str(path), path.resolve().parent)
+
+
+def dump_deploy(cfg: DeployConfig) -> dict[str, Any]:
+    """The serialised form; ``parse_deploy(dump_deploy(c)) == c`` (tested)."""
+    return cfg.model_dump(mode="json", exclude={"base_dir"}, exclude_defaults=False)

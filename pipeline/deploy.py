@@ -1,0 +1,169 @@
+"""``pipeline deploy``: the whole arrow for one device class, stage after stage.
+
+compress -> export/quantize -> profile vs budgets -> sign + bundle -> deliver over MQTT -> report
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Any
+
+from device_agent.config import BrokerConfig
+
+from .bundle import build_artifact, next_version, public_key_path
+from .compress import CompressContext, build_recipe, model_stats
+from .config import DeployConfig
+from .data import load_dataset
+from .errors import BudgetError, DeliveryError
+from .export import check_parity, export_model, quantize_model
+from .ota import LocalBroker, LocalFleet, deliver
+from .pretrained import pretrained
+from .profile import host_threads, profile_model
+from .targets import TargetProfile, target_for_deploy
+from .training import evaluate
+from .ui import UI
+
+GOLDEN_CASES = 4
+
+
+def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    target = target_for_deploy(cfg, target_name)
+    workdir = cfg.resolve(cfg.workdir)
+    report: dict[str, Any] = {"target": target.name, "name": cfg.name}
+
+    with ui.stage(f"Data and model ({cfg.data.name})"):
+        data = load_dataset(cfg.data.name, cfg.data.train_size, cfg.data.test_size, cfg.data.seed)
+        model, origin = pretrained(cfg, data, ui)
+        before = model_stats(model)
+        acc_before = evaluate(model, data.x_test, data.y_test)
+        ui.info(f"dense: {before['params']:,} parameters, test accuracy {acc_before:.2%} on {len(data.x_test)} images")
+
+    with ui.stage("Compress"):
+        steps = build_recipe(cfg.compress)
+        ctx = CompressContext(data, cfg.model.train, progress=ui.info)
+        step_reports = [step.apply(model, ctx) for step in steps]
+        after = model_stats(model)
+        acc_after = evaluate(model, data.x_test, data.y_test)
+        ui.info(f"compressed: {after['nonzero_params']:,} of {after['params']:,} parameters nonzero "
+                f"({after['nonzero_params'] / after['params']:.1%}), accuracy {acc_before:.2%} -> {acc_after:.2%}")
+
+    out = workdir / "build" / f"{cfg.name}-{target.name}"
+    with ui.stage(f"Export ({cfg.export.format}, quantize: {cfg.export.quantize})"):
+        fp32 = export_model(cfg.export.format, model, data.input_shape, out / "model-fp32.onnx", cfg.export.opset)
+        parity = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
+        ui.info(f"parity vs PyTorch: max abs diff {parity['max_abs_diff']:.2e} (tolerance {parity['atol']:g}), "
+                f"accuracy {parity['accuracy_torch']:.2%} torch / {parity['accuracy_onnx']:.2%} onnxruntime")
+        calib = data.x_train[: cfg.export.calibration_samples]
+        final, qreport = quantize_model(cfg.export.quantize, fp32, out / "model.onnx", calib, data.x_test,
+                                        data.y_test, cfg.export.max_accuracy_drop)
+        if qreport:
+            ui.info(f"{qreport['kind']}: accuracy {qreport['accuracy_fp32']:.2%} -> {qreport['accuracy_quantized']:.2%}, "
+                    f"SQNR {qreport['sqnr_db']} dB, {qreport['size_fp32_bytes']:,} -> "
+                    f"{qreport['size_quantized_bytes']:,} bytes")
+        else:
+            final = fp32.replace(out / "model.onnx")
+        deployed_accuracy = qreport.get("accuracy_quantized", parity["accuracy_onnx"])
+
+    report["model"] = {
+        "params": after["params"], "nonzero_params": after["nonzero_params"], "params_before": before["params"],
+        "accuracy_before": acc_before, "accuracy_after": acc_after, "accuracy_deployed": deployed_accuracy,
+        "size_bytes": final.stat().st_size, "origin": origin, "layers": after["layers"],
+    }
+    report["compression"] = [vars(r) for r in step_reports]
+    report["export"] = {"format": cfg.export.format, "opset": cfg.export.opset, "parity": parity,
+                        "quantization": qreport or None}
+
+    with ui.stage(f"Profile against {target.name} ({target.description})"):
+        prof = profile_model(final, target)
+        _print_profile(ui, prof, target)
+        report["profile"] = prof.to_dict()
+        report["budgets"] = [r.to_dict() for r in prof.budgets]
+        if prof.failures:
+            message = f"{final.name} does not fit {target.name}:\n  " + "\n  ".join(prof.failures)
+            if not force:
+                raise BudgetError(message + "\nCompress harder, relax budgets in deploy.yaml, or pass --force.",
+                                  report)
+            ui.warn(message + "\n  deploying anyway (--force)")
+
+    with ui.stage("Sign and bundle"):
+        key_dir = cfg.resolve(cfg.signing.key_dir)
+        budgets = {r.name: r.limit for r in prof.budgets}
+        artifact = build_artifact(
+            final, workdir / "artifacts", name=cfg.name, version=next_version(workdir), target=target.name,
+            runtime="onnxruntime", golden_inputs=data.x_test[:GOLDEN_CASES], budgets=budgets,
+            predicted=prof.predicted, health={"max_rss_mb": None, "max_latency_ms": None, "runs": 20},
+            key_dir=key_dir,
+        )
+        ui.info(f"{artifact.dir.name}: {artifact.size_bytes:,} bytes, sha256 {artifact.sha256[:16]}…, "
+                f"{artifact.manifest.chunks} chunk(s), signed with {public_key_path(key_dir)}")
+        report["artifact"] = artifact.to_dict()
+
+    report["delivery"], report["broker"] = _deliver(cfg, target, artifact, workdir, ui)
+    _print_delivery(ui, report["delivery"], prof.predicted)
+    report["wall_s"] = round(time.perf_counter() - t_start, 2)
+    return report
+
+
+def _deliver(cfg: DeployConfig, target: TargetProfile, artifact, workdir: Path, ui: UI):
+    fleet = cfg.fleet
+    with contextlib.ExitStack() as stack:
+        if fleet.broker is not None:
+            broker = BrokerConfig(fleet.broker.host, fleet.broker.port, fleet.broker.protocol)
+            broker_info = {"kind": "external", "host": broker.host, "port": broker.port}
+        else:
+            local = stack.enter_context(LocalBroker(fleet.local_broker, workdir / "broker"))
+            broker = local.config
+            broker_info = {"kind": local.kind, "host": broker.host, "port": broker.port, "local": True}
+            ui.info(f"local {local.kind} broker on {broker.host}:{broker.port} (MQTT {local.protocol})")
+        devices = list(fleet.devices)
+        if not devices:
+            if fleet.local_agents == 0:
+                raise DeliveryError("deploy.yaml names no fleet.devices and fleet.local_agents is 0: nowhere to deliver")
+            local_fleet = stack.enter_context(LocalFleet(
+                workdir / "devices", broker, target.name, fleet.local_agents,
+                artifact.dir / "signing.pub", fleet.topic_prefix, threads=host_threads(target)))
+            devices = local_fleet.device_ids
+            ui.info(f"{len(devices)} local agent(s) emulating {target.name}: {', '.join(devices)}")
+        with ui.stage(f"Deliver v{artifact.version} over MQTT to {len(devices)} device(s)"):
+            results = deliver(broker, fleet.topic_prefix, artifact, devices, fleet.timeout_s,
+                              progress=lambda state, r: ui.info(f"{r.device_id}: {state}"))
+    return [r.to_dict() for r in results], broker_info
+
+
+def _print_profile(ui: UI, prof, target: TargetProfile) -> None:
+    s, p, m = prof.static, prof.predicted, prof.measured
+    ui.info(f"static: {s.params:,} parameters ({s.nonzero_params:,} nonzero), {s.macs:,} MACs, "
+            f"{s.size_bytes:,} bytes, peak activations {s.peak_activation_bytes / 1024:.1f} KiB"
+            f"{', int8' if s.quantized else ''}")
+    ui.info(f"predicted on {target.name}: {p['latency_ms']:.3f} ms, {p['peak_memory_mb']:.1f} MB, "
+            f"{p['energy_mj']:.3f} mJ per inference ({p['basis']})")
+    ui.info(f"measured on this host (emulated, {m['threads']} thread(s)): p50 {m['latency_ms_p50']:.3f} ms, "
+            f"p95 {m['latency_ms_p95']:.3f} ms, RSS {m['rss_mb']:.1f} MB")
+    rows = [[r.name, f"{r.limit:g} {r.unit}", f"{r.value:g} {r.unit}", r.source, f"{r.margin:+.0%}",
+             "pass" if r.passed else "FAIL"] for r in prof.budgets]
+    ui.table(f"Budgets for {target.name}", ["budget", "limit", "value", "source", "margin", "result"], rows,
+             ["green" if r.passed else "bold red" for r in prof.budgets])
+
+
+def _print_delivery(ui: UI, delivery: list[dict[str, Any]], predicted: dict[str, Any]) -> None:
+    rows = []
+    for d in delivery:
+        m = d.get("metrics") or {}
+        rows.append([d["device_id"], d["status"], d["active_version"],
+                     f"{m['latency_ms_p50']:.3f}" if m else "-", f"{m['latency_ms_p95']:.3f}" if m else "-",
+                     f"{m['rss_mb']:.1f}" if m else "-", f"{predicted['latency_ms']:.3f}",
+                     d.get("reason") or ""])
+    emulated = any((d.get("metrics") or {}).get("emulated") for d in delivery)
+    ui.table("Delivery" + (" (p50/p95/RSS measured on this host by emulated agents)" if emulated else ""),
+             ["device", "status", "version", "p50 ms", "p95 ms", "RSS MB", "target predicted ms", "reason"], rows,
+             ["green" if d["status"] == "activated" else "bold red" for d in delivery])
+
+
+def delivery_ok(report: dict[str, Any]) -> bool:
+    return all(d["status"] == "activated" for d in report.get("delivery", []))
+
+
+__all__ = ["run_deploy", "delivery_ok"]

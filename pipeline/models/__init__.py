@@ -1,0 +1,55 @@
+"""Where models come from: a built-in zoo (``model.zoo``) or a user factory (``model.factory``)."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import ModelError
+from ..registry import Registry, UnknownNameError
+
+#: factories take (input_shape CHW, num_classes) and return an untrained module
+ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
+MODELS: Registry[ModelFactory] = Registry("zoo model")
+
+from . import zoo  # noqa: E402,F401  (registers the built-ins)
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    if cfg.zoo is not None:
+        try:
+            factory = MODELS.get(cfg.zoo)
+        except UnknownNameError as exc:
+            raise ModelError(f"model.zoo: {exc}") from None
+        return factory(input_shape, num_classes)
+    module_name, _, attr = cfg.factory.partition(":")  # type: ignore[union-attr]
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(f"model.factory {cfg.factory!r}: cannot import ({exc})") from None
+    try:
+        model = fn(input_shape, num_classes)
+    except TypeError:
+        model = fn()
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model.factory {cfg.factory!r} returned {type(model).__name__}, expected torch.nn.Module")
+    return model
+
+
+def load_checkpoint(model: nn.Module, path) -> nn.Module:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise ModelError(f"model.checkpoint {path}: cannot load ({exc})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0:3]
+        raise ModelError(f"model.checkpoint {path} does not fit the model: {' '.join(first)}") from None
+    return model

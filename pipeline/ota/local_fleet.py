@@ -1,0 +1,104 @@
+"""Local device agents standing in for a device class: one ``device-agent run`` process each.
+
+Their figures are measured on this host and every report labels them as emulated.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from device_agent.config import BrokerConfig
+from device_agent.mqtt import MqttLink
+from device_agent.protocol import Leaf, parse_topic, topic
+
+from ..errors import DeliveryError
+
+
+class LocalFleet:
+    def __init__(self, workdir: Path, broker: BrokerConfig, target: str, count: int, trusted_key: Path,
+                 prefix: str, threads: int | None = None) -> None:
+        self.workdir, self.broker, self.target = workdir, broker, target
+        self.trusted_key, self.prefix, self.threads = trusted_key, prefix, threads
+        self.device_ids = [f"{target}-emu-{i}" for i in range(count)]
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def config_path(self, device_id: str) -> Path:
+        return self.workdir / device_id / "agent.yaml"
+
+    def write_config(self, device_id: str) -> Path:
+        path = self.config_path(device_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        config = {
+            "device_id": device_id, "target": self.target, "state_dir": "state",
+            "trusted_keys": [str(self.trusted_key)], "topic_prefix": self.prefix,
+            "broker": {"host": self.broker.host, "port": self.broker.port, "protocol": self.broker.protocol},
+            "threads": self.threads, "emulated": True, "benchmark_runs": 100,
+        }
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        return path
+
+    def start(self, timeout: float = 30.0) -> "LocalFleet":
+        online: set[str] = set()
+        seen = threading.Event()
+
+        def on_message(name: str, payload: bytes) -> None:
+            device_id, _ = parse_topic(self.prefix, name)
+            if payload == b"online" and device_id in self.device_ids:
+                online.add(device_id)
+                if online >= set(self.device_ids):
+                    seen.set()
+
+        watcher = MqttLink(self.broker, f"host-watch-{os.getpid()}", on_message,
+                           [(topic(self.prefix, d, Leaf.ONLINE), 1) for d in self.device_ids]).start()
+        try:
+            for device_id in self.device_ids:
+                cfg = self.write_config(device_id)
+                log = open(cfg.parent / "agent.log", "ab")
+                self.procs[device_id] = subprocess.Popen(
+                    [sys.executable, "-m", "device_agent.cli", "run", "--config", str(cfg)],
+                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                )
+                log.close()
+            deadline = time.monotonic() + timeout
+            while not seen.wait(0.2):
+                dead = [d for d, p in self.procs.items() if p.poll() is not None]
+                if dead or time.monotonic() > deadline:
+                    tails = {d: self.log_tail(d) for d in (dead or self.device_ids)}
+                    raise DeliveryError("local agents did not come online: " +
+                                        "; ".join(f"{d}: {t}" for d, t in tails.items()))
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            watcher.stop()
+        return self
+
+    def log_tail(self, device_id: str, chars: int = 600) -> str:
+        path = self.config_path(device_id).parent / "agent.log"
+        return path.read_text(errors="replace")[-chars:].strip() if path.exists() else "(no log)"
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+    def __enter__(self) -> "LocalFleet":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,53 @@
+"""Profile a model file against a target: static figures, measured on this host, predicted for the target."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..targets import TargetProfile
+from .budgets import BudgetRow, evaluate, failures
+from .measure import measure_on_host
+from .predict import predict
+from .static import StaticProfile, analyse
+
+
+@dataclass
+class ProfileReport:
+    target: str
+    static: StaticProfile
+    predicted: dict[str, Any]
+    measured: dict[str, Any]
+    budgets: list[BudgetRow]
+
+    @property
+    def failures(self) -> list[str]:
+        return failures(self.budgets)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"target": self.target, "static": self.static.to_dict(), "predicted": self.predicted,
+                "measured_on_host": self.measured, "budgets": [r.to_dict() for r in self.budgets]}
+
+
+def host_threads(target: TargetProfile) -> int:
+    return max(1, min(target.cpu.cores, os.cpu_count() or 1))
+
+
+def profile_model(path: Path, target: TargetProfile, runs: int = 100) -> ProfileReport:
+    static = analyse(path)
+    predicted = predict(static, target)
+    measured = measure_on_host(path, threads=host_threads(target), runs=runs)
+    measured["emulated"] = True
+    measured["note"] = f"measured on this host with {host_threads(target)} thread(s), not on a {target.name}"
+    figures = {
+        "latency_ms": (predicted["latency_ms"], "predicted"),
+        "peak_memory_mb": (predicted["peak_memory_mb"], "predicted"),
+        "model_size_mb": (static.size_bytes / 2**20, "file"),
+        "energy_mj": (predicted["energy_mj"], "predicted"),
+    }
+    return ProfileReport(target.name, static, predicted, measured, evaluate(target.budgets, figures))
+
+
+__all__ = ["ProfileReport", "analyse", "predict", "profile_model", "measure_on_host"]

@@ -1,0 +1,116 @@
+"""Static analysis of an ONNX graph: parameters, MACs per layer, peak activation memory by liveness."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from ..errors import ModelError
+
+_BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT8: 1,
+          onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT64: 8,
+          onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.BOOL: 1}
+_QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
+
+
+@dataclass
+class NodeCost:
+    name: str
+    op: str
+    macs: int
+    weight_bytes: int
+    activation_bytes: int  # inputs read + outputs written, activations only
+
+
+@dataclass
+class StaticProfile:
+    params: int
+    nonzero_params: int
+    size_bytes: int
+    weight_bytes: int
+    macs: int
+    peak_activation_bytes: int
+    quantized: bool
+    nodes: list[NodeCost] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "params": self.params, "nonzero_params": self.nonzero_params, "size_bytes": self.size_bytes,
+            "weight_bytes": self.weight_bytes, "macs": self.macs, "peak_activation_bytes": self.peak_activation_bytes,
+            "quantized": self.quantized,
+            "layers": [{"name": n.name, "op": n.op, "macs": n.macs} for n in self.nodes if n.macs],
+        }
+
+
+def _shape(vi: onnx.ValueInfoProto) -> list[int]:
+    dims = vi.type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else 1 for d in dims]  # symbolic batch -> 1
+
+
+def _nbytes(vi: onnx.ValueInfoProto) -> int:
+    return int(np.prod(_shape(vi), dtype=np.int64)) * _BYTES.get(vi.type.tensor_type.elem_type, 4)
+
+
+def analyse(path: Path) -> StaticProfile:
+    try:
+        model = onnx.load(str(path))
+        model = shape_inference.infer_shapes(model)
+    except Exception as exc:
+        raise ModelError(f"{path}: not a readable ONNX model ({exc})") from None
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    values = {vi.name: vi for vi in [*g.input, *g.output, *g.value_info]}
+    # tensors computed only from constants (e.g. DequantizeLinear of a weight) are weights, not activations
+    constant = set(inits)
+    for node in g.node:
+        if node.op_type == "Constant" or (node.input and all(i in constant or not i for i in node.input)):
+            constant.update(node.output)
+
+    # quantization parameters (scales, zero points) are not weights of the network
+    qparams = {i for node in g.node if node.op_type in ("QuantizeLinear", "DequantizeLinear") for i in node.input[1:]}
+    params = nonzero = weight_bytes = 0
+    for t in inits.values():
+        arr = numpy_helper.to_array(t)
+        if arr.ndim >= 1 and arr.size > 1 and t.name not in qparams:  # skip scalars and shapes
+            params += arr.size
+            nonzero += int(np.count_nonzero(arr))
+        weight_bytes += arr.nbytes
+
+    nodes, last_use, produced_at = [], {}, {}
+    for idx, node in enumerate(g.node):
+        for i in node.input:
+            last_use[i] = idx
+        for o in node.output:
+            produced_at[o] = idx
+        macs = 0
+        if node.op_type in ("Conv", "QLinearConv", "ConvInteger") and node.output[0] in values:
+            w_name = node.input[3] if node.op_type == "QLinearConv" else node.input[1]
+            w_shape = _shape(values[w_name]) if w_name in values else list(inits[w_name].dims) if w_name in inits else []
+            if w_shape:
+                macs = int(np.prod(_shape(values[node.output[0]]))) * int(np.prod(w_shape[1:]))
+        elif node.op_type in ("Gemm", "MatMul", "QLinearMatMul", "MatMulInteger") and node.output[0] in values:
+            a = node.input[0]
+            k = _shape(values[a])[-1] if a in values else 0
+            macs = int(np.prod(_shape(values[node.output[0]]))) * k
+        act = sum(_nbytes(values[t]) for t in [*node.input, *node.output] if t in values and t not in constant)
+        wbytes = sum(inits[t].ByteSize() for t in node.input if t in inits)
+        nodes.append(NodeCost(node.name or f"{node.op_type}_{idx}", node.op_type, macs, wbytes, act))
+
+    # liveness: an activation lives from its producer (graph inputs: step 0) to its last consumer
+    graph_outputs = {o.name for o in g.output}
+    n = len(g.node)
+    live = np.zeros(n + 1, dtype=np.int64)
+    for name, vi in values.items():
+        if name in constant:
+            continue
+        start = produced_at.get(name, 0)
+        end = n if name in graph_outputs else last_use.get(name, start)
+        live[start:end + 1] += _nbytes(vi)
+    quantized = any(node.op_type in _QUANT_OPS for node in g.node)
+    return StaticProfile(params, nonzero, path.stat().st_size, weight_bytes, sum(c.macs for c in nodes),
+                         int(live.max()) if n else 0, quantized, nodes)
