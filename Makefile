@@ -1,0 +1,47 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both install everything first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml .ci/constraints.txt | sha1sum | cut -c1-12)
+# pip must never resolve a torch other than the CPU wheel pinned here (another one is a multi-GB CUDA build)
+TORCH := torch==2.13.0
+
+.PHONY: all install system-deps demo test clean
+
+all: demo
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml .ci/constraints.txt | $(BIN)/python
+	@echo "== installing $(TORCH) (CPU), then the project"
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -c .ci/constraints.txt -e '.[dev]'
+	@$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'torch {v} was installed instead of 2.13.0')"
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+# System programs: Mosquitto (the local broker and the tests' broker).
+system-deps:
+	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "== installing mosquitto with apt-get"; \
+		(apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+		echo "!! mosquitto is missing and this is not root: install it by hand (sudo apt-get install mosquitto)."; \
+		echo "   Without it the demo falls back to the embedded amqtt broker; the tests need it."; \
+		[ "$(MAKECMDGOALS)" != "test" ]; \
+	fi
+
+install: $(STAMP) system-deps
+
+demo: install
+	$(BIN)/pipeline deploy --target rpi4 --config deploy.yaml --report demo-report.json
+
+test: install
+	$(BIN)/python -m pytest -q -ra
+
+clean:
+	rm -rf .edgefleet demo-report.json tests/_output .pytest_cache
