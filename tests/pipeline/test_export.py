@@ -1,0 +1,69 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.errors import ExportError
+from pipeline.export import check_parity, export_model, ort_predict, quantize_model
+from pipeline.export.parity import sqnr_db
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
+
+
+@pytest.fixture(scope="module")
+def x():
+    return np.random.default_rng(0).random((64, 1, 8, 8), dtype=np.float32)
+
+
+def test_export_matches_pytorch(cnn, x, tmp_path):
+    path = export_model("onnx", cnn, (1, 8, 8), tmp_path / "m.onnx", 17)
+    y = cnn(torch.from_numpy(x)).argmax(1).numpy()
+    report = check_parity(cnn, path, x, y, atol=1e-4)
+    assert report["max_abs_diff"] < 1e-4 and report["accuracy_onnx"] == report["accuracy_torch"] == 1.0
+    import onnx
+
+    assert onnx.load(str(path)).opset_import[0].version == 17
+
+
+def test_parity_failure_lists_the_output(cnn, x, tmp_path):
+    path = export_model("onnx", cnn, (1, 8, 8), tmp_path / "m.onnx", 17)
+    changed = nn.Sequential(*cnn).eval()
+    with torch.no_grad():
+        changed[3].bias.add_(0.5)
+    with pytest.raises(ExportError, match=r"output 0 \(logits\): max abs diff 0.5"):
+        check_parity(changed, path, x, np.zeros(len(x), dtype=np.int64), atol=1e-4)
+    with torch.no_grad():
+        changed[3].bias.sub_(0.5)
+
+
+def test_int8_static_is_smaller_and_close(cnn, x, tmp_path):
+    src = export_model("onnx", cnn, (1, 8, 8), tmp_path / "m.onnx", 17)
+    y = ort_predict(src, x).argmax(1)
+    dst, report = quantize_model("int8-static", src, tmp_path / "q.onnx", x[:32], x, y, max_drop=0.1)
+    assert report["sqnr_db"] > 20 and report["accuracy_quantized"] >= 0.9
+    assert report["size_quantized_bytes"] < report["size_fp32_bytes"]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_quantization_drop_over_limit_is_refused(cnn, x, tmp_path):
+    src = export_model("onnx", cnn, (1, 8, 8), tmp_path / "m.onnx", 17)
+    wrong_labels = (ort_predict(src, x).argmax(1) + 1) % 10  # fp32 accuracy 0 -> any drop is impossible...
+    _, report = quantize_model("int8-static", src, tmp_path / "q.onnx", x[:32], x, wrong_labels, max_drop=0.0)
+    assert report["accuracy_fp32"] == 0.0
+    y = ort_predict(src, x).argmax(1)
+    garbage_calibration = np.full((4, 1, 8, 8), 1000.0, dtype=np.float32)  # ranges far too wide
+    with pytest.raises(ExportError, match="accuracy fell .* more than export.max_accuracy_drop"):
+        quantize_model("int8-static", src, tmp_path / "q2.onnx", garbage_calibration, x, y, max_drop=0.0)
+
+
+def test_sqnr():
+    a = np.ones(100)
+    assert sqnr_db(a, a) == float("inf")
+    assert sqnr_db(a, a * 1.1) == pytest.approx(20.0)

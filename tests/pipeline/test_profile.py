@@ -1,0 +1,63 @@
+import pytest
+import torch
+from torch import nn
+
+from pipeline.config import Budgets
+from pipeline.export import export_model
+from pipeline.profile import analyse, predict, profile_model
+from pipeline.profile.budgets import evaluate, failures
+from pipeline.targets import load_target
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
+    with torch.no_grad():
+        m[3].weight[:, :128] = 0  # half of the linear layer pruned
+    return export_model("onnx", m, (1, 8, 8), tmp_path_factory.mktemp("p") / "m.onnx", 17)
+
+
+def test_static_counts_match_hand_computation(model_path):
+    s = analyse(model_path)
+    conv_macs = 4 * 8 * 8 * (1 * 3 * 3)
+    linear_macs = 10 * 256
+    assert s.macs == conv_macs + linear_macs
+    assert s.params == 4 * 9 + 4 + 256 * 10 + 10
+    assert s.nonzero_params == s.params - 128 * 10
+    # the largest live set: the conv output (4x8x8 floats) and the ReLU output it feeds
+    assert s.peak_activation_bytes >= 2 * 4 * 8 * 8 * 4
+    assert not s.quantized and s.size_bytes == model_path.stat().st_size
+
+
+def test_prediction_scales_with_work(model_path):
+    rpi4 = load_target("rpi4")
+    s = analyse(model_path)
+    base = predict(s, rpi4)
+    for n in s.nodes:
+        n.macs *= 10_000  # compute-bound now: the roofline must follow the MACs
+    heavier = predict(s, rpi4)
+    assert heavier["latency_ms"] > base["latency_ms"] * 10
+    assert heavier["energy_mj"] == pytest.approx(heavier["latency_ms"] * rpi4.power.active_w, rel=1e-3)
+    assert base["peak_memory_mb"] > rpi4.runtime_overhead_mb
+
+
+def test_budget_table_margins_and_failures():
+    rows = evaluate(Budgets(latency_ms=10, model_size_mb=1), {"latency_ms": (12.0, "predicted"),
+                                                              "model_size_mb": (0.25, "file"),
+                                                              "energy_mj": (5.0, "predicted")})
+    by = {r.name: r for r in rows}
+    assert set(by) == {"latency_ms", "model_size_mb"}  # unset budgets are not checked
+    assert not by["latency_ms"].passed and by["latency_ms"].margin == pytest.approx(-0.2)
+    assert by["model_size_mb"].passed and by["model_size_mb"].margin == pytest.approx(0.75)
+    assert failures(rows) == ["latency_ms: 12 ms (predicted) > limit 10 ms"]
+    assert by["latency_ms"].to_dict()["pass"] is False
+
+
+def test_profile_measures_in_a_clean_process(model_path):
+    report = profile_model(model_path, load_target("rpi4"), runs=20)
+    m = report.measured
+    assert 0 < m["latency_ms_p50"] <= m["latency_ms_p95"] and m["runs"] == 20 and m["emulated"] is True
+    assert m["rss_mb"] < 300  # onnxruntime and numpy only: torch is not in that process
+    d = report.to_dict()
+    assert {b["name"] for b in d["budgets"]} == {"latency_ms", "peak_memory_mb", "model_size_mb", "energy_mj"}

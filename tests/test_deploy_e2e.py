@@ -1,0 +1,97 @@
+"""`pipeline deploy` as a user runs it: a real broker, a real agent process, a small but real model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def config(tmp_path: Path, **fleet) -> Path:
+    data = yaml.safe_load((REPO / "deploy.yaml").read_text())
+    data["model"]["train"]["epochs"] = 3
+    data["data"] = {"name": "digits", "train_size": 1400, "test_size": 397}
+    data["compress"] = [{"method": "magnitude", "scope": "global", "sparsity": 0.6, "steps": 2, "finetune_epochs": 1}]
+    data["export"]["max_accuracy_drop"] = 0.05
+    data["fleet"].update(timeout_s=60, **fleet)
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def deploy(cfg: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict | None]:
+    report = cfg.parent / "report.json"
+    report.unlink(missing_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", "--target", "rpi4", "--config", str(cfg),
+                           "--report", str(report), *extra], capture_output=True, text=True, timeout=300,
+                          cwd=cfg.parent)
+    return proc, json.loads(report.read_text()) if report.exists() else None
+
+
+def check_report(r: dict) -> None:
+    assert r["target"] == "rpi4"
+    m = r["model"]
+    assert m["params"] > 0 and m["nonzero_params"] < 0.5 * m["params"]
+    assert 0.7 < m["accuracy_before"] <= 1 and m["accuracy_after"] > m["accuracy_before"] - 0.1
+    assert m["size_bytes"] > 0
+    assert {b["name"] for b in r["budgets"]} == {"latency_ms", "peak_memory_mb", "model_size_mb", "energy_mj"}
+    assert all(set(b) >= {"name", "limit", "value", "unit", "pass"} and b["pass"] for b in r["budgets"])
+    a = r["artifact"]
+    assert len(a["sha256"]) == 64 and a["size_bytes"] == m["size_bytes"] and a["version"] > 0
+    [d] = r["delivery"]
+    assert d["status"] == "activated" and d["active_version"] == a["version"]
+    assert d["metrics"]["latency_ms_p50"] > 0 and d["metrics"]["latency_ms_p95"] >= d["metrics"]["latency_ms_p50"]
+    assert d["metrics"]["rss_mb"] > 0 and d["metrics"]["emulated"] is True
+    assert r["export"]["parity"]["max_abs_diff"] < 1e-4 and r["export"]["quantization"]["sqnr_db"] > 15
+
+
+def test_deploy_through_a_mosquitto_the_user_runs(mosquitto, tmp_path):
+    cfg = config(tmp_path, broker={"host": "127.0.0.1", "port": mosquitto.port})
+    proc, first = deploy(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_report(first)
+    assert first["broker"]["kind"] == "external" and first["model"]["origin"]["source"] == "trained"
+    assert "Budgets for rpi4" in proc.stderr and "emulated" in proc.stderr
+
+    # a second deploy: the trained model comes from the cache, the same agent (its state kept) upgrades
+    proc, second = deploy(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check_report(second)
+    assert second["model"]["origin"]["source"] == "cache"
+    assert second["artifact"]["version"] > first["artifact"]["version"]
+    assert second["delivery"][0]["active_version"] == second["artifact"]["version"]
+
+
+def test_deploy_with_the_embedded_broker_and_a_budget_gate(tmp_path):
+    cfg = config(tmp_path, local_broker="amqtt")
+    data = yaml.safe_load(cfg.read_text())
+    data["targets"]["rpi4"]["budgets"]["latency_ms"] = 0.0001
+    cfg.write_text(yaml.safe_dump(data))
+    proc, report = deploy(cfg)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "does not fit rpi4" in proc.stderr and "latency_ms" in proc.stderr and "--force" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "delivery" not in report and "error" in report
+    assert not (tmp_path / ".edgefleet" / "artifacts").exists()  # nothing was signed or shipped
+
+    proc, report = deploy(cfg, "--force")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report["broker"]["kind"] == "amqtt"
+    assert [b["pass"] for b in report["budgets"] if b["name"] == "latency_ms"] == [False]
+    assert report["delivery"][0]["status"] == "activated"
+
+
+def test_bad_config_is_one_clear_error(tmp_path):
+    cfg = config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("sparsity: 0.6", "sparsity: 0.6\n  sparsty: 0.9"))
+    proc, _ = deploy(cfg)
+    assert proc.returncode == 2
+    assert "sparsty: unknown key" in proc.stderr and str(cfg) in proc.stderr and "Traceback" not in proc.stderr
