@@ -42,6 +42,43 @@ def cmd_deploy(args: argparse.Namespace, ui) -> int:
     return 0 if ok else EXIT_DELIVERY
 
 
+def cmd_compress(args: argparse.Namespace, ui) -> int:
+    from .compress_stage import compress, write_outputs
+    from .config import load_deploy
+
+    cfg = load_deploy(args.config)
+    with ui.stage(f"Compress {cfg.name} (recipe: {args.recipe or 'default'})"):
+        result = compress(cfg, ui, args.recipe)
+    with ui.stage(f"Write {args.out}"):
+        report = write_outputs(result, cfg, Path(args.out), ui, threads=args.threads)
+    _print_layers(ui, report)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def _print_layers(ui, report: dict[str, Any]) -> None:
+    rows = [[l["layer"], l["type"], "x".join(map(str, l["shape"])), f"{l['sparsity']:.1%}",
+             f"{l['channels_nonzero']}/{l['channels']}"] for l in report["layers"]]
+    ui.table("Layers after compression", ["layer", "type", "shape", "sparsity", "channels kept"], rows)
+    o = report["onnx"]
+    ui.table("Summary", ["", "dense", "compressed", "ratio"], [
+        ["parameters", f"{report['params_before']:,}", f"{report['params']:,}",
+         f"{report['params_before'] / report['params']:.2f}x"],
+        ["nonzero parameters", f"{report['params_before']:,}", f"{report['nonzero_params']:,}",
+         f"{1 / report['kept_fraction']:.2f}x"],
+        ["MACs", f"{report['macs_before']:,}", f"{report['macs']:,}", f"{report['mac_ratio']:.2f}x"],
+        ["ONNX bytes", f"{o['size']['dense']['bytes']:,}", f"{o['size']['compressed']['bytes']:,}",
+         f"{o['size_ratio']:.2f}x"],
+        ["ONNX gzip bytes", f"{o['size']['dense']['gzip_bytes']:,}", f"{o['size']['compressed']['gzip_bytes']:,}",
+         f"{o['gzip_size_ratio']:.2f}x"],
+        [f"latency ms ({o['threads']} thread)", o["latency_ms"]["dense"], o["latency_ms"]["compressed"],
+         f"{o['speedup']:.2f}x"],
+        ["test accuracy", f"{report['accuracy_before']:.2%}", f"{report['accuracy_after']:.2%}",
+         f"{(report['accuracy_after'] - report['accuracy_before']) * 100:+.2f} pt"],
+    ])
+
+
 def cmd_profile(args: argparse.Namespace, ui) -> int:
     from .deploy import _print_profile
     from .profile import profile_model
@@ -84,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--force", action="store_true", help="deploy even when a budget fails")
     d.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     d.set_defaults(func=cmd_deploy)
+
+    c = sub.add_parser("compress", help="run a compression recipe; write checkpoint, ONNX and a report")
+    c.add_argument("--config", default="deploy.yaml")
+    c.add_argument("--recipe", default=None, help="a name under 'recipes:' in the config (default: 'compress:')")
+    c.add_argument("--out", required=True, help="output directory (replaced atomically)")
+    c.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the latency comparison")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("profile", help="profile a model file against a target's budgets")
     p.add_argument("model", help="an .onnx file")

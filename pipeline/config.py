@@ -32,6 +32,7 @@ class TrainConfig(Strict):
 class ModelConfig(Strict):
     zoo: str | None = Field(None, description="name of a built-in model")
     factory: str | None = Field(None, description="'package.module:function' returning an nn.Module")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the zoo model/factory")
     checkpoint: Path | None = None
     train: TrainConfig = TrainConfig()
 
@@ -46,6 +47,7 @@ class ModelConfig(Strict):
 
 class DataConfig(Strict):
     name: str = "mnist-5k"
+    path: Path | None = Field(None, description="for name: npz, a file with x_train, y_train, x_test, y_test")
     train_size: int | None = Field(None, ge=1)
     test_size: int | None = Field(None, ge=1)
     seed: int = 0
@@ -59,6 +61,18 @@ class CompressStep(BaseModel):
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class FinetuneConfig(Strict):
+    """How every compression step fine-tunes (each step sets its own epochs)."""
+
+    lr: float | None = Field(None, gt=0, description="default: model.train.lr / 2")
+    batch_size: int | None = Field(None, ge=1, description="default: model.train.batch_size")
+    distill: bool = Field(False, description="distil from the dense model (Hinton et al. 2015)")
+    kd_alpha: float = Field(0.5, ge=0, le=1)
+    kd_temperature: float = Field(4.0, gt=0)
+    val_fraction: float = Field(0.1, ge=0, lt=0.5, description="share of the training set held out for early stopping")
+    patience: int | None = Field(None, ge=1, description="epochs without validation gain before stopping early")
 
 
 class ExportConfig(Strict):
@@ -116,6 +130,8 @@ class DeployConfig(Strict):
     model: ModelConfig
     data: DataConfig = DataConfig()
     compress: list[CompressStep] = Field(default_factory=list)
+    recipes: dict[str, list[CompressStep]] = Field(default_factory=dict, description="named alternatives to 'compress'")
+    finetune: FinetuneConfig = FinetuneConfig()
     export: ExportConfig = ExportConfig()
     targets: dict[str, TargetOverride] = Field(default_factory=dict)
     fleet: FleetConfig = FleetConfig()
@@ -127,6 +143,14 @@ class DeployConfig(Strict):
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
+
+    def recipe(self, name: str | None) -> list[CompressStep]:
+        if name is None or name == "default":
+            return list(self.compress)
+        if name not in self.recipes:
+            raise ConfigError(f"unknown recipe {name!r}; deploy.yaml defines: "
+                              f"{', '.join(['default', *sorted(self.recipes)])}")
+        return list(self.recipes[name])
 
 
 def _format(exc: ValidationError, where: str) -> str:
@@ -154,6 +178,8 @@ def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
     from .compress import validate_recipe  # noqa: PLC0415 - the registry is the authority on step keys
 
     validate_recipe(cfg.compress, where)
+    for name, steps in cfg.recipes.items():
+        validate_recipe(steps, where, f"recipes.{name}")
     from .export.quantize import QUANTIZERS
 
     if cfg.export.quantize not in QUANTIZERS:

@@ -13,16 +13,13 @@ from typing import Any
 from device_agent.config import BrokerConfig
 
 from .bundle import build_artifact, next_version, public_key_path
-from .compress import CompressContext, build_recipe, model_stats
+from .compress_stage import compress
 from .config import DeployConfig
-from .data import load_dataset
 from .errors import BudgetError, DeliveryError
 from .export import check_parity, export_model, quantize_model
 from .ota import LocalBroker, LocalFleet, deliver
-from .pretrained import pretrained
 from .profile import host_threads, profile_model
 from .targets import TargetProfile, target_for_deploy
-from .training import evaluate
 from .ui import UI
 
 GOLDEN_CASES = 4
@@ -34,21 +31,9 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
     workdir = cfg.resolve(cfg.workdir)
     report: dict[str, Any] = {"target": target.name, "name": cfg.name}
 
-    with ui.stage(f"Data and model ({cfg.data.name})"):
-        data = load_dataset(cfg.data.name, cfg.data.train_size, cfg.data.test_size, cfg.data.seed)
-        model, origin = pretrained(cfg, data, ui)
-        before = model_stats(model)
-        acc_before = evaluate(model, data.x_test, data.y_test)
-        ui.info(f"dense: {before['params']:,} parameters, test accuracy {acc_before:.2%} on {len(data.x_test)} images")
-
-    with ui.stage("Compress"):
-        steps = build_recipe(cfg.compress)
-        ctx = CompressContext(data, cfg.model.train, progress=ui.info)
-        step_reports = [step.apply(model, ctx) for step in steps]
-        after = model_stats(model)
-        acc_after = evaluate(model, data.x_test, data.y_test)
-        ui.info(f"compressed: {after['nonzero_params']:,} of {after['params']:,} parameters nonzero "
-                f"({after['nonzero_params'] / after['params']:.1%}), accuracy {acc_before:.2%} -> {acc_after:.2%}")
+    with ui.stage(f"Compress ({cfg.data.name}, {len(cfg.compress)} step(s))"):
+        result = compress(cfg, ui)
+    model, data, summary = result.model, result.data, result.summary
 
     out = workdir / "build" / f"{cfg.name}-{target.name}"
     with ui.stage(f"Export ({cfg.export.format}, quantize: {cfg.export.quantize})"):
@@ -68,11 +53,11 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
         deployed_accuracy = qreport.get("accuracy_quantized", parity["accuracy_onnx"])
 
     report["model"] = {
-        "params": after["params"], "nonzero_params": after["nonzero_params"], "params_before": before["params"],
-        "accuracy_before": acc_before, "accuracy_after": acc_after, "accuracy_deployed": deployed_accuracy,
-        "size_bytes": final.stat().st_size, "origin": origin, "layers": after["layers"],
+        **{k: summary[k] for k in ("params", "nonzero_params", "params_before", "macs", "macs_before",
+                                   "accuracy_before", "accuracy_after", "origin", "layers")},
+        "accuracy_deployed": deployed_accuracy, "size_bytes": final.stat().st_size,
     }
-    report["compression"] = [vars(r) for r in step_reports]
+    report["compression"] = [vars(r) for r in result.steps]
     report["export"] = {"format": cfg.export.format, "opset": cfg.export.opset, "parity": parity,
                         "quantization": qreport or None}
 

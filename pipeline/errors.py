@@ -41,3 +41,7 @@ class DeliveryError(PipelineError):
     """The broker or the devices could not be reached, or a delivery could not be started."""
 
     exit_code = 4
+
+
+class CompressionError(PipelineError):
+    """A recipe cannot be applied to this model (it would remove a layer, the model cannot be traced...)."""

@@ -1,13 +1,21 @@
-"""Training and evaluation loops shared by pre-training and fine-tuning (deterministic, CPU or CUDA)."""
+"""Training and evaluation loops shared by pre-training and fine-tuning.
+
+Deterministic under a seed; runs on CUDA when present. Fine-tuning options: knowledge distillation
+from a dense teacher, early stopping on a validation split carved from the training set (never the
+test set), and a hook after every optimizer step (sparse training updates or re-applies masks there).
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .data import Dataset
@@ -23,52 +31,117 @@ def device() -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
-    """Top-1 accuracy as a fraction."""
+def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> torch.Tensor:
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    correct = 0
-    for i in range(0, len(x), batch_size):
-        logits = model(torch.from_numpy(x[i:i + batch_size]).to(dev))
-        correct += int((logits.argmax(1).cpu() == torch.from_numpy(y[i:i + batch_size])).sum())
+    out = torch.cat([model(torch.from_numpy(x[i:i + batch_size]).to(dev)).cpu() for i in range(0, len(x), batch_size)])
     model.train(was_training)
-    return correct / max(len(x), 1)
+    return out
 
 
-def train(
-    model: nn.Module,
-    data: Dataset,
-    epochs: int,
-    lr: float,
-    batch_size: int = 64,
-    seed: int = 0,
-    progress: Progress | None = None,
-) -> dict[str, float]:
-    """Adam + cross-entropy. Masks installed by torch.nn.utils.prune stay enforced (they live in hooks)."""
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
+    """Top-1 accuracy as a fraction."""
+    if len(x) == 0:
+        return 0.0
+    return float((predict_logits(model, x, batch_size).argmax(1).numpy() == y).mean())
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    epochs: int
+    lr: float
+    batch_size: int = 64
+    seed: int = 0
+    teacher: nn.Module | None = None  # knowledge distillation (Hinton et al. 2015) when set
+    kd_alpha: float = 0.5
+    kd_temperature: float = 4.0
+    val_fraction: float = 0.0  # > 0: hold out this share of the training set for early stopping
+    patience: int | None = None  # epochs without validation gain before stopping; best weights restored
+
+
+@dataclass
+class FitResult:
+    loss: float
+    epochs_run: int
+    best_val_accuracy: float | None
+    wall_s: float
+    steps: int
+
+
+def split_validation(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, np.ndarray, np.ndarray]:
+    if fraction <= 0:
+        return data, data.x_train[:0], data.y_train[:0]
+    n_val = max(1, int(len(data.x_train) * fraction))
+    order = np.random.default_rng(seed + 7919).permutation(len(data.x_train))
+    val, tr = order[:n_val], order[n_val:]
+    train_part = Dataset(data.name, data.x_train[tr], data.y_train[tr], data.x_test, data.y_test, data.num_classes)
+    return train_part, data.x_train[val], data.y_train[val]
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, target: torch.Tensor, alpha: float,
+                      temperature: float) -> torch.Tensor:
+    soft = F.kl_div(F.log_softmax(student / temperature, 1), F.softmax(teacher / temperature, 1),
+                    reduction="batchmean") * temperature**2
+    return alpha * soft + (1 - alpha) * F.cross_entropy(student, target)
+
+
+def fit(model: nn.Module, data: Dataset, opts: FitOptions, progress: Progress | None = None,
+        after_step: Callable[[int], None] | None = None) -> FitResult:
+    """Adam + cross-entropy (or distillation). Masks installed by torch.nn.utils.prune stay enforced."""
+    torch.manual_seed(opts.seed)
+    rng = np.random.default_rng(opts.seed)
     dev = device()
     model.to(dev).train()
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    loss_fn = nn.CrossEntropyLoss()
-    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    teacher = opts.teacher.to(dev).eval() if opts.teacher is not None else None
+    train_part, x_val, y_val = split_validation(data, opts.val_fraction, opts.seed)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=opts.lr)
+    x, y = torch.from_numpy(train_part.x_train), torch.from_numpy(train_part.y_train)
     t0 = time.perf_counter()
-    loss_value = float("nan")
-    for epoch in range(epochs):
+    loss_value, best, best_state, stale, steps, epoch = float("nan"), None, None, 0, 0, 0
+    for epoch in range(1, opts.epochs + 1):
         order = torch.from_numpy(rng.permutation(len(x)))
         total, n = 0.0, 0
-        for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
+        for i in range(0, len(x), opts.batch_size):
+            idx = order[i:i + opts.batch_size]
             xb, yb = x[idx].to(dev), y[idx].to(dev)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
+            logits = model(xb)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(xb)
+                loss = distillation_loss(logits, t_logits, yb, opts.kd_alpha, opts.kd_temperature)
+            else:
+                loss = F.cross_entropy(logits, yb)
             loss.backward()
             opt.step()
+            steps += 1
+            if after_step is not None:
+                after_step(steps)
             total += float(loss.detach()) * len(idx)
             n += len(idx)
-        loss_value = total / n
+        loss_value = total / max(n, 1)
         if progress is not None:
-            progress(epoch + 1, epochs, loss_value)
+            progress(epoch, opts.epochs, loss_value)
+        if len(x_val):
+            acc = evaluate(model, x_val, y_val)
+            if best is None or acc > best:
+                best, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
+            else:
+                stale += 1
+                if opts.patience is not None and stale >= opts.patience:
+                    log.info("early stop after epoch %d: validation accuracy %.4f did not improve", epoch, acc)
+                    break
+    if best_state is not None and opts.patience is not None:
+        model.load_state_dict(best_state)
     model.to("cpu").eval()
-    return {"loss": loss_value, "wall_s": time.perf_counter() - t0}
+    if teacher is not None:
+        teacher.to("cpu")
+    return FitResult(loss_value, epoch, best, time.perf_counter() - t0, steps)
+
+
+def train(model: nn.Module, data: Dataset, epochs: int, lr: float, batch_size: int = 64, seed: int = 0,
+          progress: Progress | None = None) -> dict[str, float]:
+    """Plain training (pre-training a model before compression)."""
+    r = fit(model, data, FitOptions(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed), progress)
+    return {"loss": r.loss, "wall_s": r.wall_s}

@@ -2,29 +2,67 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from ..config import TrainConfig
+from ..config import FinetuneConfig, TrainConfig
 from ..data import Dataset
 from ..registry import Registry
+from ..training import FitOptions, FitResult, Progress, evaluate, fit
 
 
 class Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class FinetuneParams(Params):
+    """Fine-tuning after a step; shared by the methods that prune a trained model."""
+
+    finetune_epochs: int = Field(1, ge=0, le=200, description="fine-tuning epochs after each step")
+    lr: float | None = Field(None, gt=0, description="fine-tuning learning rate (default: finetune.lr)")
+
+
 @dataclass
 class CompressContext:
     data: Dataset
     train: TrainConfig
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    teacher: nn.Module | None = None  # the dense model, when finetune.distill
     #: progress(message) for long work; the CLI renders it
     progress: Callable[[str], None] = lambda message: None
+    seed_offset: int = 0
+
+    @property
+    def example_input(self) -> torch.Tensor:
+        return torch.zeros((1, *self.data.input_shape))
+
+    def fit_options(self, epochs: int, lr: float | None = None, distill: bool | None = None) -> FitOptions:
+        ft = self.finetune
+        self.seed_offset += 1
+        use_teacher = ft.distill if distill is None else distill
+        return FitOptions(
+            epochs=epochs, lr=lr or ft.lr or self.train.lr / 2, batch_size=ft.batch_size or self.train.batch_size,
+            seed=self.train.seed + self.seed_offset, teacher=self.teacher if use_teacher else None,
+            kd_alpha=ft.kd_alpha, kd_temperature=ft.kd_temperature,
+            val_fraction=ft.val_fraction if ft.patience else 0.0, patience=ft.patience,
+        )
+
+    def finetune_model(self, model: nn.Module, epochs: int, lr: float | None = None, label: str = "fine-tune",
+                       after_step: Callable[[int], None] | None = None) -> FitResult | None:
+        if epochs <= 0:
+            return None
+        progress: Progress = lambda e, n, loss: self.progress(f"{label}: epoch {e}/{n}, loss {loss:.4f}")  # noqa: E731
+        return fit(model, self.data, self.fit_options(epochs, lr), progress, after_step)
+
+    def accuracy(self, model: nn.Module) -> float:
+        return evaluate(model, self.data.x_test, self.data.y_test)
 
 
 @dataclass
@@ -37,6 +75,7 @@ class StepReport:
     wall_s: float
     layers: list[dict[str, Any]] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Method(ABC):
@@ -49,6 +88,14 @@ class Method(ABC):
     @abstractmethod
     def apply(self, model: nn.Module, ctx: CompressContext) -> StepReport:
         """Compress ``model`` in place and report what it did."""
+
+    def report(self, model: nn.Module, ctx: CompressContext, started: float, history: list[dict[str, Any]],
+               **extra: Any) -> StepReport:
+        stats = model_stats(model)
+        return StepReport(method=self.name, params=self.params.model_dump(), accuracy=ctx.accuracy(model),
+                          params_total=stats["params"], nonzero=stats["nonzero_params"],
+                          wall_s=round(time.perf_counter() - started, 3), layers=stats["layers"], history=history,
+                          extra=extra)
 
 
 METHODS: Registry[type[Method]] = Registry("compression method")
@@ -65,6 +112,10 @@ def model_stats(model: nn.Module) -> dict[str, Any]:
     layers = []
     for name, m in prunable(model):
         w = m.weight
-        layers.append({"layer": name, "type": type(m).__name__, "params": w.numel(),
-                       "nonzero": int(w.count_nonzero()), "sparsity": round(1 - int(w.count_nonzero()) / w.numel(), 4)})
+        nz = int(w.count_nonzero())
+        channels = w.shape[0]
+        kept = int((w.detach().flatten(1).abs().sum(1) > 0).sum()) if w.dim() > 1 else channels
+        layers.append({"layer": name, "type": type(m).__name__, "shape": list(w.shape), "params": w.numel(),
+                       "nonzero": nz, "sparsity": round(1 - nz / w.numel(), 4), "channels": channels,
+                       "channels_nonzero": kept})
     return {"params": total, "nonzero_params": nonzero, "layers": layers}

@@ -25,16 +25,19 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
             factory = MODELS.get(cfg.zoo)
         except UnknownNameError as exc:
             raise ModelError(f"model.zoo: {exc}") from None
-        return factory(input_shape, num_classes)
+        try:
+            return factory(input_shape, num_classes, **cfg.options)
+        except (TypeError, ValueError) as exc:
+            raise ModelError(f"model.zoo {cfg.zoo!r} with options {cfg.options}: {exc}") from None
     module_name, _, attr = cfg.factory.partition(":")  # type: ignore[union-attr]
     try:
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ModelError(f"model.factory {cfg.factory!r}: cannot import ({exc})") from None
     try:
-        model = fn(input_shape, num_classes)
+        model = fn(input_shape, num_classes, **cfg.options)
     except TypeError:
-        model = fn()
+        model = fn(**cfg.options)
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.factory {cfg.factory!r} returned {type(model).__name__}, expected torch.nn.Module")
     return model

@@ -34,7 +34,7 @@ def test_repo_deploy_yaml_loads_and_round_trips(base):
     (lambda d: d["fleet"].update(local_broker="rabbit"), "fleet.local_broker: got 'rabbit'"),
     (lambda d: d["compress"][0].update(sparsity=1.5), "compress[0] (magnitude)"),
     (lambda d: d["compress"][0].update(spars=0.5), "spars: unknown key"),
-    (lambda d: d["compress"][0].update(method="voodoo"), "unknown compression method 'voodoo'; known: magnitude"),
+    (lambda d: d["compress"][0].update(method="voodoo"), "unknown compression method 'voodoo'; known: lottery, lowrank, magnitude, sensitivity"),
     (lambda d: d["export"].update(quantize="int3"), "export.quantize: got 'int3'; allowed: ['int8-static', 'none']"),
     (lambda d: d["model"].update(factory="a.b:c"), "exactly one of 'zoo'"),
     (lambda d: d.update(version=7), "version: got 7"),

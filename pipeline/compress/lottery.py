@@ -1,0 +1,103 @@
+"""Lottery tickets by iterative magnitude pruning with weight rewinding (Frankle & Carbin 2019;
+Frankle et al. 2020, "Linear Mode Connectivity and the Lottery Ticket Hypothesis").
+
+The network is re-initialised (seeded), trained densely while the weights at ``rewind_steps`` are
+saved, then each round removes ``prune_per_round`` of the remaining weights by magnitude, rewinds
+the survivors to their saved values and retrains. A *winning ticket* matches the dense accuracy
+within ``tolerance``; the step keeps the sparsest winning ticket (or, if none wins, the best round).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..training import fit
+from .base import METHODS, CompressContext, Method, Params, StepReport, prunable
+from .masks import check_alive, fold, install, keep_masks
+
+
+class LotteryParams(Params):
+    rounds: int = Field(8, ge=1, le=40)
+    prune_per_round: float = Field(0.2, gt=0, lt=1, description="share of the remaining weights removed per round")
+    epochs: int = Field(8, ge=1, description="training epochs of the dense run and of every round")
+    rewind_steps: int = Field(100, ge=0, description="optimizer steps into dense training the survivors rewind to")
+    tolerance: float = Field(0.003, ge=0, le=1, description="a winning ticket loses at most this accuracy")
+    scope: Literal["global", "layer"] = "global"
+    lr: float | None = Field(None, gt=0, description="default: model.train.lr")
+    reinit: bool = Field(True, description="start from a fresh seeded initialisation (the hypothesis' setting)")
+
+
+def reinitialise(model: nn.Module, seed: int) -> None:
+    torch.manual_seed(seed)
+    for m in model.modules():
+        if m is not model and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+@METHODS.register("lottery")
+class Lottery(Method):
+    name = "lottery"
+    Params = LotteryParams
+    params: LotteryParams
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> StepReport:
+        p = self.params
+        t0 = time.perf_counter()
+        named = prunable(model)
+        names, layers = [n for n, _ in named], [m for _, m in named]
+        lr = p.lr or ctx.train.lr
+        if p.reinit:
+            reinitialise(model, ctx.train.seed + 1)
+        saved: dict[str, torch.Tensor] = {}
+
+        def save_rewind_point(step: int) -> None:
+            if step == p.rewind_steps:
+                saved.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+        if p.rewind_steps == 0:
+            save_rewind_point(0)
+        opts = ctx.fit_options(p.epochs, lr, distill=False)
+        fit(model, ctx.data, opts, after_step=save_rewind_point)
+        if not saved:  # fewer steps than rewind_steps: rewind to the end of dense training
+            saved.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        dense_acc = ctx.accuracy(model)
+        ctx.progress(f"lottery: dense run {dense_acc:.2%}, rewind point at step {p.rewind_steps}")
+        history = [{"round": 0, "sparsity": 0.0, "accuracy": dense_acc, "winning": True}]
+        best_state, best = copy.deepcopy(model.state_dict()), history[0]
+        total = sum(m.weight.numel() for m in layers)
+        for rnd in range(1, p.rounds + 1):
+            fold(layers)
+            target = 1 - (1 - p.prune_per_round) ** rnd
+            masks = keep_masks([m.weight.detach().abs() for m in layers], [m.weight.detach() for m in layers],
+                               target, p.scope)
+            check_alive(names, masks, f"lottery round {rnd}")
+            with torch.no_grad():  # rewind the survivors
+                for name, m in named:
+                    m.weight.copy_(saved[f"{name}.weight"])
+                state = model.state_dict()
+                for k, v in saved.items():
+                    if not k.endswith(".weight") or k.rsplit(".", 1)[0] not in names:
+                        state[k].copy_(v)
+            install(layers, masks)
+            fit(model, ctx.data, ctx.fit_options(p.epochs, lr, distill=False))
+            acc = ctx.accuracy(model)
+            sparsity = 1 - sum(int(mk.sum()) for mk in masks) / total
+            winning = acc >= dense_acc - p.tolerance
+            history.append({"round": rnd, "sparsity": round(sparsity, 4), "accuracy": acc, "winning": winning})
+            ctx.progress(f"lottery round {rnd}/{p.rounds}: {1 - sparsity:.1%} of weights, accuracy {acc:.2%}"
+                         f"{' (winning ticket)' if winning else ''}")
+            if winning or not best["winning"] and acc > best["accuracy"]:
+                fold(layers)
+                best_state, best = copy.deepcopy(model.state_dict()), history[-1]
+        fold(layers)
+        model.load_state_dict(best_state)
+        winners = [h for h in history if h["winning"] and h["round"] > 0]
+        return self.report(model, ctx, t0, history, dense_accuracy=dense_acc,
+                           winning_ticket=(max(winners, key=lambda h: h["sparsity"]) if winners else None),
+                           kept=best)

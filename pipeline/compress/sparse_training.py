@@ -1,0 +1,133 @@
+"""Dynamic sparse training at a fixed parameter budget: RigL (Evci et al. 2020) or SET (Mocanu et al. 2018).
+
+Only weights inside the mask are live; every ``update_interval`` optimizer steps each layer drops a
+share of its smallest live weights and regrows as many elsewhere: by largest gradient (RigL) or at
+random (SET). The drop share decays on a cosine to zero at ``end_fraction`` of training. Layer
+densities follow Erdős–Rényi-Kernel (ERK) or are uniform.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+from torch import nn
+
+from .base import METHODS, CompressContext, Method, Params, StepReport, prunable
+from .lottery import reinitialise
+from .masks import check_alive, keep_masks
+
+
+class SparseTrainingParams(Params):
+    algorithm: Literal["rigl", "set"] = "rigl"
+    sparsity: float = Field(gt=0, lt=1, description="fixed share of prunable weights that are zero throughout")
+    epochs: int = Field(10, ge=1)
+    distribution: Literal["erk", "uniform"] = "erk"
+    update_interval: int = Field(50, ge=1, description="optimizer steps between mask updates")
+    drop_fraction: float = Field(0.3, gt=0, lt=1)
+    end_fraction: float = Field(0.75, gt=0, le=1, description="share of training after which masks freeze")
+    from_scratch: bool = Field(True, description="re-initialise; false starts from the trained weights")
+    lr: float | None = Field(None, gt=0, description="default: model.train.lr")
+
+
+def erk_densities(shapes: list[torch.Size], density: float) -> list[float]:
+    """Erdős–Rényi-Kernel: density_l ∝ sum(shape)/prod(shape), scaled to the global density, capped at 1."""
+    sizes = np.array([float(np.prod(s)) for s in shapes])
+    raw = np.array([sum(s) / np.prod(s) for s in shapes], dtype=float)
+    dense = np.zeros(len(shapes), dtype=bool)
+    while True:
+        budget = density * sizes.sum() - sizes[dense].sum()
+        eps = budget / (raw[~dense] * sizes[~dense]).sum()
+        d = np.where(dense, 1.0, eps * raw)
+        if (d[~dense] <= 1).all():
+            return d.tolist()
+        dense |= d > 1
+
+
+class MaskedTraining:
+    """Keeps masks applied after every step and updates them on schedule."""
+
+    def __init__(self, layers: list[nn.Module], masks: list[torch.Tensor], p: SparseTrainingParams, total_steps: int):
+        self.layers, self.masks, self.p = layers, masks, p
+        self.end = int(total_steps * p.end_fraction)
+        self.updates = 0
+        self.rng = torch.Generator().manual_seed(0)
+        self.apply()
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for m, mask in zip(self.layers, self.masks):
+            m.weight.mul_(mask)
+
+    def drop_fraction(self, step: int) -> float:
+        return self.p.drop_fraction / 2 * (1 + math.cos(math.pi * step / max(self.end, 1)))
+
+    @torch.no_grad()
+    def __call__(self, step: int) -> None:
+        if step % self.p.update_interval == 0 and step < self.end:
+            frac = self.drop_fraction(step)
+            for i, (m, mask) in enumerate(zip(self.layers, self.masks)):
+                active = int(mask.sum())
+                k = int(frac * active)
+                if k == 0 or active == mask.numel():
+                    continue
+                w = m.weight.detach().flatten()
+                live = mask.flatten().clone()
+                drop_scores = torch.where(live, w.abs(), torch.full_like(w, float("inf")))
+                dropped = torch.topk(drop_scores, k, largest=False).indices
+                live[dropped] = False
+                if self.p.algorithm == "rigl" and m.weight.grad is not None:
+                    grow_scores = m.weight.grad.detach().abs().flatten().clone()
+                else:
+                    grow_scores = torch.rand(w.shape, generator=self.rng)
+                grow_scores[live] = -1.0
+                grow_scores[dropped] = -0.5  # regrow a just-dropped weight only when nothing else is left
+                grown = torch.topk(grow_scores, k).indices
+                live[grown] = True
+                w[grown] = 0.0  # new connections start at zero (RigL)
+                self.masks[i] = live.view_as(mask)
+            self.updates += 1
+        self.apply()
+
+
+@METHODS.register("sparse-training")
+class SparseTraining(Method):
+    name = "sparse-training"
+    Params = SparseTrainingParams
+    params: SparseTrainingParams
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> StepReport:
+        p = self.params
+        t0 = time.perf_counter()
+        named = prunable(model)
+        names, layers = [n for n, _ in named], [m for _, m in named]
+        if p.from_scratch:
+            reinitialise(model, ctx.train.seed + 2)
+        shapes = [m.weight.shape for m in layers]
+        if p.distribution == "erk":
+            ratios = [1 - d for d in erk_densities(shapes, 1 - p.sparsity)]
+        else:
+            ratios = [p.sparsity] * len(layers)
+        if p.from_scratch:
+            g = torch.Generator().manual_seed(ctx.train.seed)
+            scores = [torch.rand(s, generator=g) for s in shapes]
+        else:
+            scores = [m.weight.detach().abs() for m in layers]
+        masks = keep_masks(scores, [torch.ones(s) for s in shapes], ratios, "layer")
+        check_alive(names, masks, "sparse-training")
+        batch = ctx.finetune.batch_size or ctx.train.batch_size
+        steps_per_epoch = math.ceil(len(ctx.data.x_train) / batch)
+        hook = MaskedTraining(layers, masks, p, steps_per_epoch * p.epochs)
+        budget = sum(int(mk.sum()) for mk in masks)
+        ctx.finetune_model(model, p.epochs, p.lr or ctx.train.lr, label=f"{p.algorithm}", after_step=hook)
+        hook.apply()
+        live = sum(int(m.weight.count_nonzero()) for m in layers)
+        history = [{"epochs": p.epochs, "mask_updates": hook.updates, "budget": budget, "nonzero_after": live,
+                    "accuracy": ctx.accuracy(model)}]
+        ctx.progress(f"{p.algorithm}: {budget:,} live weights ({1 - p.sparsity:.1%}), {hook.updates} mask updates, "
+                     f"accuracy {history[0]['accuracy']:.2%}")
+        return self.report(model, ctx, t0, history, layer_sparsity=dict(zip(names, [round(r, 4) for r in ratios])))

@@ -1,0 +1,85 @@
+"""Unstructured pruning: one-shot or iterative, global or per layer, by any importance criterion.
+
+``magnitude`` is Han et al. 2015 (|w|); with ``steps > 1`` it follows Zhu & Gupta's gradual
+polynomial schedule (or a linear one) with fine-tuning between steps. ``criterion: taylor`` or
+``hessian`` rank weights by their estimated effect on the loss instead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..training import evaluate
+from .base import METHODS, CompressContext, FinetuneParams, Method, StepReport, prunable
+from .importance import CriterionName, gradients, get_criterion
+from .masks import check_alive, fold, install, keep_masks
+
+
+def schedule(final: float, steps: int, kind: str, start: float = 0.0) -> list[float]:
+    """Sparsity after each step. Polynomial: s_t = s_f + (s_0 - s_f)(1 - t/n)^3, pruning fast early."""
+    if kind == "linear":
+        return [start + (final - start) * (t + 1) / steps for t in range(steps)]
+    return [final + (start - final) * (1 - (t + 1) / steps) ** 3 for t in range(steps)]
+
+
+class UnstructuredParams(FinetuneParams):
+    scope: Literal["global", "layer"] = "global"
+    sparsity: float = Field(gt=0, lt=1, description="fraction of weights set to zero at the end")
+    steps: int = Field(1, ge=1, le=100, description="1 = one-shot; more = iterative")
+    schedule: Literal["polynomial", "linear"] = "polynomial"
+    criterion: CriterionName = "l1"
+    score_samples: int = Field(256, ge=1, description="training samples for gradient-based criteria")
+
+
+
+def layer_scores(model: nn.Module, layers: list[nn.Module], criterion_name: str, ctx: CompressContext,
+                 samples: int) -> list[torch.Tensor]:
+    criterion = get_criterion(criterion_name)
+    grads = None
+    if criterion.needs:
+        x = torch.from_numpy(ctx.data.x_train[:samples])
+        y = torch.from_numpy(ctx.data.y_train[:samples])
+        grads = gradients(model, layers, x, y, squared=criterion.needs == "grad2")
+    return criterion.weight_scores(layers, grads)
+
+
+class UnstructuredPruning(Method):
+    Params = UnstructuredParams
+    params: UnstructuredParams
+
+    def apply(self, model: nn.Module, ctx: CompressContext) -> StepReport:
+        p = self.params
+        t0 = time.perf_counter()
+        named = prunable(model)
+        names, layers = [n for n, _ in named], [m for _, m in named]
+        history = []
+        for step, target in enumerate(schedule(p.sparsity, p.steps, p.schedule), start=1):
+            fold(layers)  # rank the weights as they are now
+            scores = layer_scores(model, layers, p.criterion, ctx, p.score_samples)
+            masks = keep_masks(scores, [m.weight.detach() for m in layers], target, p.scope)
+            check_alive(names, masks, f"{self.name} at sparsity {target:.0%}")
+            install(layers, masks)
+            pruned_acc = evaluate(model, ctx.data.x_test, ctx.data.y_test)
+            ctx.finetune_model(model, p.finetune_epochs, p.lr, label=f"{self.name} step {step}/{p.steps}")
+            acc = ctx.accuracy(model)
+            history.append({"step": step, "sparsity": round(target, 4), "accuracy_pruned": pruned_acc,
+                            "accuracy_finetuned": acc})
+            ctx.progress(f"{self.name} ({p.criterion}) step {step}/{p.steps}: sparsity {target:.1%}, "
+                         f"accuracy {pruned_acc:.2%} -> {acc:.2%} after {p.finetune_epochs} epoch(s)")
+        fold(layers)
+        return self.report(model, ctx, t0, history)
+
+
+@METHODS.register("magnitude")
+class Magnitude(UnstructuredPruning):
+    name = "magnitude"
+
+
+@METHODS.register("unstructured")
+class Unstructured(UnstructuredPruning):
+    name = "unstructured"

@@ -1,0 +1,116 @@
+"""``pipeline compress``: the compression stage on its own, writing a checkpoint, ONNX files and a report.
+
+The output directory is replaced atomically: an interrupted run leaves the previous output intact.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .compress import CompressContext, StepReport, build_recipe, model_stats, run_recipe
+from .compress.structured import count_macs
+from .config import DeployConfig
+from .data import Dataset, load_dataset
+from .pretrained import pretrained
+from .training import evaluate
+from .ui import UI
+
+
+@dataclass
+class Compressed:
+    dense: nn.Module
+    model: nn.Module
+    data: Dataset
+    steps: list[StepReport]
+    summary: dict[str, Any]
+
+
+def load_data(cfg: DeployConfig) -> Dataset:
+    d = cfg.data
+    return load_dataset(d.name, d.train_size, d.test_size, d.seed, cfg.resolve(d.path) if d.path else None)
+
+
+def compress(cfg: DeployConfig, ui: UI, recipe: str | None = None) -> Compressed:
+    steps = build_recipe(cfg.recipe(recipe), key="compress" if recipe in (None, "default") else f"recipes.{recipe}")
+    data = load_data(cfg)
+    model, origin = pretrained(cfg, data, ui)
+    dense = copy.deepcopy(model)
+    before, acc_before = model_stats(model), evaluate(model, data.x_test, data.y_test)
+    example = torch.zeros((1, *data.input_shape))
+    macs_before = count_macs(model, example)[0]
+    ui.info(f"dense: {before['params']:,} parameters, {macs_before:,} MACs, test accuracy {acc_before:.2%} "
+            f"on {len(data.x_test)} images")
+    t0 = time.perf_counter()
+    ctx = CompressContext(data, cfg.model.train, cfg.finetune, progress=ui.info)
+    reports = run_recipe(model, steps, ctx)
+    after, acc_after = model_stats(model), evaluate(model, data.x_test, data.y_test)
+    macs_after = count_macs(model, example)[0]
+    ui.info(f"compressed: {after['nonzero_params']:,} of {after['params']:,} parameters nonzero "
+            f"({after['nonzero_params'] / before['params']:.1%} of dense), {macs_before / macs_after:.2f}x fewer MACs, "
+            f"accuracy {acc_before:.2%} -> {acc_after:.2%}")
+    summary = {
+        "params_before": before["params"], "params": after["params"], "nonzero_params": after["nonzero_params"],
+        "kept_fraction": round(after["nonzero_params"] / before["params"], 5),
+        "macs_before": macs_before, "macs": macs_after, "mac_ratio": round(macs_before / macs_after, 3),
+        "accuracy_before": acc_before, "accuracy_after": acc_after,
+        "wall_s": round(time.perf_counter() - t0, 2), "origin": origin, "layers": after["layers"],
+    }
+    return Compressed(dense, model, data, reports, summary)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_outputs(result: Compressed, cfg: DeployConfig, out: Path, ui: UI, threads: int = 1) -> dict[str, Any]:
+    """compressed.pt (the whole module), dense.onnx, compressed.onnx, report.json."""
+    from .export import export_model
+    from .profile.compare import compare_latency
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        torch.save(result.model, tmp / "compressed.pt")
+        shape = result.data.input_shape
+        dense_onnx = export_model("onnx", result.dense, shape, tmp / "dense.onnx", cfg.export.opset)
+        comp_onnx = export_model("onnx", result.model, shape, tmp / "compressed.onnx", cfg.export.opset)
+        dense_t, comp_t = compare_latency([dense_onnx, comp_onnx], shape, threads=threads)
+        sizes = {}
+        for key, p in (("dense", dense_onnx), ("compressed", comp_onnx)):
+            raw = p.read_bytes()
+            sizes[key] = {"bytes": len(raw), "gzip_bytes": len(gzip.compress(raw, 6))}
+        onnx_report = {
+            "size": sizes, "size_ratio": round(sizes["dense"]["bytes"] / sizes["compressed"]["bytes"], 3),
+            "gzip_size_ratio": round(sizes["dense"]["gzip_bytes"] / sizes["compressed"]["gzip_bytes"], 3),
+            "latency_ms": {"dense": dense_t["latency_ms"], "compressed": comp_t["latency_ms"]},
+            "speedup": comp_t["speedup"], "speedup_spread": comp_t["speedup_spread"], "threads": threads,
+        }
+        ui.info(f"ONNX: {sizes['dense']['bytes']:,} -> {sizes['compressed']['bytes']:,} bytes "
+                f"({onnx_report['size_ratio']}x; gzip {onnx_report['gzip_size_ratio']}x), onnxruntime latency "
+                f"{dense_t['latency_ms']:.3f} -> {comp_t['latency_ms']:.3f} ms ({comp_t['speedup']}x at {threads} "
+                f"thread(s), spread {comp_t['speedup_spread']})")
+        report = {"name": cfg.name, **result.summary, "onnx": onnx_report,
+                  "steps": [vars(s) for s in result.steps], "output": str(out)}
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report

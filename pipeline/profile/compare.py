@@ -1,0 +1,45 @@
+"""Compare the latency of model variants fairly on a noisy machine: interleave them (A B A B ...) in
+rounds, take per-round ratios against the first variant, report the median and the spread."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def compare_latency(paths: list[Path], input_shape: tuple[int, ...], threads: int = 1, rounds: int = 7,
+                    runs: int = 100, warmup: int = 20) -> list[dict[str, Any]]:
+    """Median latency per variant and its speedup over ``paths[0]`` (median of per-round ratios)."""
+    sessions = [_session(p, threads) for p in paths]
+    x = np.random.default_rng(0).random((1, *input_shape), dtype=np.float32)
+    feeds = [{s.get_inputs()[0].name: x} for s in sessions]
+    for s, f in zip(sessions, feeds):
+        for _ in range(warmup):
+            s.run(None, f)
+    medians = np.zeros((rounds, len(paths)))
+    for r in range(rounds):
+        for i, (s, f) in enumerate(zip(sessions, feeds)):
+            t = np.empty(runs)
+            for k in range(runs):
+                t0 = time.perf_counter()
+                s.run(None, f)
+                t[k] = time.perf_counter() - t0
+            medians[r, i] = np.median(t) * 1e3
+    ratios = medians[:, :1] / medians
+    return [{"path": str(p), "latency_ms": round(float(np.median(medians[:, i])), 4),
+             "speedup": round(float(np.median(ratios[:, i])), 3),
+             "speedup_spread": [round(float(ratios[:, i].min()), 3), round(float(ratios[:, i].max()), 3)],
+             "threads": threads} for i, p in enumerate(paths)]
