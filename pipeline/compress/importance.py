@@ -67,7 +67,7 @@ class L2(Criterion):
 
 @CRITERIA.register("taylor")
 class Taylor(Criterion):
-    """First-order Taylor expansion of the loss: |w * dL/dw| (Molchanov et al. 2019)."""
+    """First-order Taylor expansion of the loss: sum over mini-batches of |w * dL/dw| (Molchanov et al. 2019)."""
 
     name = "taylor"
     needs = "grad"
@@ -146,7 +146,8 @@ def _FisherGroupImportance():
 
 def gradients(model: nn.Module, layers: list[nn.Module], x: torch.Tensor, y: torch.Tensor, squared: bool,
               batch_size: int = 32) -> list[torch.Tensor]:
-    """Sum over ``x`` of dL/dw (``squared=False``) or of the per-sample (dL/dw)^2 (``squared=True``)."""
+    """Sum over mini-batches of |dL/dw| (``squared=False``: Taylor's |w g| per batch, so batches do not cancel)
+    or sum over samples of (dL/dw)^2 (``squared=True``: the empirical Fisher diagonal)."""
     model.eval()
     acc = [torch.zeros_like(m.weight) for m in layers]
     step = 1 if squared else batch_size
@@ -155,7 +156,7 @@ def gradients(model: nn.Module, layers: list[nn.Module], x: torch.Tensor, y: tor
         F.cross_entropy(model(x[i:i + step]), y[i:i + step], reduction="sum").backward()
         for a, m in zip(acc, layers):
             if m.weight.grad is not None:
-                a += m.weight.grad.detach() ** 2 if squared else m.weight.grad.detach()
+                a += m.weight.grad.detach() ** 2 if squared else m.weight.grad.detach().abs()
     model.zero_grad(set_to_none=True)
     return acc
 

@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import CompressionError
 from .base import METHODS, CompressContext, FinetuneParams, Method, StepReport
 from .importance import CriterionName, accumulate_group_signal, get_criterion
-from .trace import locate
+from ..trace import locate
 
 
 class StructuredParams(FinetuneParams):
@@ -42,7 +42,12 @@ class StructuredParams(FinetuneParams):
 def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     import torch_pruning as tp
 
-    macs, params = tp.utils.count_ops_and_params(model, example)
+    result, layer, exc = locate(model, lambda: tp.utils.count_ops_and_params(model, example))
+    if exc is not None:
+        where = f" in layer {layer!r}" if layer else ""
+        raise CompressionError(f"the model fails on an input of shape {tuple(example.shape)}{where}: "
+                               f"{type(exc).__name__}: {exc}")
+    macs, params = result
     return int(macs), int(params)
 
 
@@ -68,11 +73,13 @@ class StructuredPruner:
         self.importance = self.criterion.group_importance()
         example = ctx.example_input
 
+        self.ignored = classifier_layers(model, ctx.data.num_classes, p.ignore)
+
         def build():
             return tp.pruner.MetaPruner(
                 model, example, importance=self.importance, global_pruning=p.global_pruning,
                 pruning_ratio=ratio, max_pruning_ratio=p.max_layer_ratio, iterative_steps=steps,
-                ignored_layers=classifier_layers(model, ctx.data.num_classes, p.ignore), round_to=p.round_to,
+                ignored_layers=self.ignored, round_to=p.round_to,
             )
 
         pruner, layer, exc = locate(model, build)
@@ -93,21 +100,35 @@ class StructuredPruner:
 
 
 def ratio_for_macs(model: nn.Module, p: StructuredParams, ctx: CompressContext, dense_macs: int) -> float:
-    """Bisection on the channel ratio until one-shot pruning of a copy meets the MAC target."""
+    """The smallest channel ratio whose one-shot pruning (of a copy) meets the MAC target.
+
+    MACs are not monotone in the ratio (a small layer may round to no pruning at a high ratio), so a
+    coarse scan finds the first feasible ratio and bisection refines it against the last infeasible one.
+    """
     goal = dense_macs / p.macs_reduction  # type: ignore[operator]
-    lo, hi = 0.0, p.max_layer_ratio
-    probe = copy.deepcopy(model)
-    StructuredPruner(probe, p, ctx, hi, 1).step()
-    if count_macs(probe, ctx.example_input)[0] > goal:
+
+    def macs_at(ratio: float) -> int:
+        probe = copy.deepcopy(model)
+        StructuredPruner(probe, p, ctx, ratio, 1).step()
+        return count_macs(probe, ctx.example_input)[0]
+
+    grid = [round(r, 3) for r in torch.linspace(0.05, p.max_layer_ratio, 18).tolist()]
+    lo, best = 0.0, None
+    seen = {}
+    for r in grid:
+        seen[r] = macs_at(r)
+        if seen[r] <= goal:
+            best = r
+            break
+        lo = r
+    if best is None:
         raise CompressionError(
             f"structured: {p.macs_reduction}x fewer MACs is out of reach with max_layer_ratio {p.max_layer_ratio} "
-            f"(best {dense_macs / count_macs(probe, ctx.example_input)[0]:.2f}x); raise max_layer_ratio or lower "
-            "the target")
-    for _ in range(12):
+            f"(best {dense_macs / min(seen.values()):.2f}x); raise max_layer_ratio or lower the target")
+    hi = best
+    for _ in range(8):
         mid = (lo + hi) / 2
-        probe = copy.deepcopy(model)
-        StructuredPruner(probe, p, ctx, mid, 1).step()
-        lo, hi = (mid, hi) if count_macs(probe, ctx.example_input)[0] > goal else (lo, mid)
+        lo, hi = (mid, hi) if macs_at(mid) > goal else (lo, mid)
     return hi
 
 
@@ -124,6 +145,7 @@ class Structured(Method):
         dense_macs, dense_params = count_macs(model, ctx.example_input)
         ratio = p.ratio if p.ratio is not None else ratio_for_macs(model, p, ctx, dense_macs)
         pruner = StructuredPruner(model, p, ctx, ratio, p.steps)
+        widths = {n: _out(m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
         history = []
         for step in range(1, p.steps + 1):
             pruner.step()
@@ -136,5 +158,16 @@ class Structured(Method):
             ctx.progress(f"structured ({p.criterion}) step {step}/{p.steps}: {dense_macs / macs:.2f}x fewer MACs, "
                          f"{dense_params / params:.2f}x fewer parameters, accuracy {pruned_acc:.2%} -> {acc:.2%}")
         macs, params = count_macs(model, ctx.example_input)
+        untouched = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+                     and m not in pruner.ignored and _out(m) == widths[n]]
+        if macs >= dense_macs:
+            raise CompressionError(
+                f"structured pruning removed no channels: the dependency graph could not follow the model through "
+                f"layer(s) {untouched} (an operation outside autograd, or a custom op); rewrite it with torch ops "
+                "or list it under 'ignore'")
         return self.report(model, ctx, t0, history, ratio=round(ratio, 4), macs_before=dense_macs, macs_after=macs,
-                           mac_ratio=round(dense_macs / macs, 3), params_before=dense_params)
+                           mac_ratio=round(dense_macs / macs, 3), params_before=dense_params, untouched=untouched)
+
+
+def _out(m: nn.Module) -> int:
+    return m.out_channels if isinstance(m, nn.Conv2d) else m.out_features

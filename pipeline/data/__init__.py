@@ -55,7 +55,8 @@ def load_npz(path) -> Dataset:
     except (OSError, ValueError) as exc:
         raise DataError(f"data.path {path}: cannot read as .npz ({exc})") from None
     except KeyError as exc:
-        raise DataError(f"data.path {path}: missing array {exc}; expected x_train, y_train, x_test, y_test") from None
+        raise DataError(f"data.path {path}: missing an array ({exc.args[0]}); expected x_train, y_train, x_test, "
+                        "y_test") from None
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.ndim == 3:

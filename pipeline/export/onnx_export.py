@@ -12,6 +12,7 @@ import onnx
 import torch
 from torch import nn
 
+from ..trace import locate
 from ..errors import ExportError
 from ..registry import Registry
 
@@ -27,7 +28,7 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opse
     model = model.cpu().eval()
     dummy = torch.zeros((1, *input_shape), dtype=torch.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    def run() -> None:
         with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(
@@ -36,8 +37,12 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opse
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
         onnx.checker.check_model(str(path))
-    except Exception as exc:  # the exporters raise many unrelated types
-        raise ExportError(f"ONNX export of {type(model).__name__} failed: {exc}") from None
+
+    _, layer, exc = locate(model, run)
+    if exc is not None:  # the exporters raise many unrelated types
+        where = f" at layer {layer!r}" if layer else ""
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"ONNX export of {type(model).__name__} failed{where}: {first}")
     return path
 
 
