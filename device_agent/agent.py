@@ -20,7 +20,7 @@ from .config import AgentConfig
 from .download import Download
 from .errors import AgentError, HealthCheckError, ProtocolError, RuntimeBackendError, VerificationError
 from .health import Benchmark, benchmark, health_check
-from .manifest import Manifest, file_sha256, keyid, load_public_key, verify_envelope
+from .manifest import Manifest, decode_payload, file_sha256, keyid, load_public_key, verify_envelope
 from .mqtt import MqttLink, Will
 from .protocol import (
     DEFAULT_WINDOW, Event, Job, Leaf, Metrics, ResultCode, State, Status, decode, decode_chunk, encode, parse_topic,
@@ -280,10 +280,16 @@ class Agent:
             return self._refuse(tr.job_id, m.version, f"artifact sha256 {digest[:16]}… ({size} bytes) does not "
                                 f"match the manifest's {m.sha256[:16]}… ({m.length} bytes)",
                                 ResultCode.INTEGRITY_FAILURE)
+        decoded = tr.download.dir / "model.decoded"
+        try:
+            decode_payload(tr.download.path, decoded, m)
+        except VerificationError as exc:
+            tr.download.discard()
+            return self._refuse(tr.job_id, m.version, str(exc), exc.result_code)
         slot = self.store.inactive_slot()
         self._save_state(state=State.INSTALLING.value, slot=slot)
         self._publish_status(State.INSTALLING, job_id=tr.job_id, version=m.version)
-        path = self.store.install(slot, tr.download.path, m, tr.envelope)
+        path = self.store.install(slot, decoded, m, tr.envelope)
         tr.download.discard()
         self._save_state(state=State.TESTING.value)
         self._publish_status(State.TESTING, job_id=tr.job_id, version=m.version)

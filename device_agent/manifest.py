@@ -11,6 +11,8 @@ import base64
 import datetime as dt
 import hashlib
 import json
+import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from .errors import ProtocolError, VerificationError
 from .protocol import ResultCode
 
 MANIFEST_TYPE = "edgefleet.manifest"
+ENCODINGS = ("identity", "zlib")
 MANIFEST_VERSION = 1
 
 
@@ -114,7 +117,7 @@ class Manifest:
     expires: str | None
     runtime: str
     filename: str
-    length: int
+    length: int  # of the payload on the wire
     sha256: str
     chunk_size: int
     chunks: int
@@ -123,6 +126,9 @@ class Manifest:
     health: dict[str, Any]
     budgets: dict[str, Any]
     predicted: dict[str, Any]
+    encoding: str = "identity"  # or "zlib": the payload is the model file deflated
+    raw_length: int = 0  # of the model file once decoded
+    raw_sha256: str = ""
 
     @classmethod
     def from_signed(cls, signed: dict[str, Any]) -> "Manifest":
@@ -140,11 +146,15 @@ class Manifest:
                 chunk_size=int(art["chunk_size"]), chunks=int(art["chunks"]),
                 io=dict(signed["io"]), golden=dict(signed["golden"]), health=dict(signed.get("health", {})),
                 budgets=dict(signed.get("budgets", {})), predicted=dict(signed.get("predicted", {})),
+                encoding=str(art.get("encoding", "identity")), raw_length=int(art.get("raw_length", art["length"])),
+                raw_sha256=str(art.get("raw_sha256", art["sha256"])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"manifest: missing or bad field ({exc!r})") from None
         if m.chunk_size <= 0 or m.chunks != -(-m.length // m.chunk_size) or m.length <= 0:
             raise ProtocolError(f"manifest: length {m.length} / chunk_size {m.chunk_size} / chunks {m.chunks} disagree")
+        if m.encoding not in ENCODINGS:
+            raise ProtocolError(f"manifest: encoding {m.encoding!r} unknown; this agent reads {list(ENCODINGS)}")
         if "/" in m.filename or m.filename.startswith("."):
             raise ProtocolError(f"manifest: filename {m.filename!r} must be a plain file name")
         return m
@@ -166,6 +176,34 @@ class Manifest:
             outputs = [decode_tensor(v, f"golden case {i} output {j}") for j, v in enumerate(case["outputs"])]
             pairs.append((inputs, outputs))
         return pairs
+
+
+def decode_payload(src: Path, dst: Path, manifest: Manifest, block: int = 1 << 16) -> None:
+    """Decode a verified payload into the model file, streaming (bounded memory), refusing anything that
+    decodes to more than ``raw_length`` bytes (a decompression bomb) or to the wrong hash."""
+    if manifest.encoding == "identity":
+        src.replace(dst)
+        return
+    inflater = zlib.decompressobj()
+    h, written = hashlib.sha256(), 0
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        for chunk in iter(lambda: fin.read(block), b""):
+            out = inflater.decompress(chunk, manifest.raw_length + 1 - written)
+            written += len(out)
+            if written > manifest.raw_length or inflater.unconsumed_tail:
+                raise VerificationError(f"payload decodes to more than raw_length {manifest.raw_length} bytes",
+                                        ResultCode.INTEGRITY_FAILURE)
+            h.update(out)
+            fout.write(out)
+        tail = inflater.flush()
+        written += len(tail)
+        h.update(tail)
+        fout.write(tail)
+        fout.flush()
+        os.fsync(fout.fileno())
+    if written != manifest.raw_length or h.hexdigest() != manifest.raw_sha256:
+        raise VerificationError(f"decoded model: {written} bytes, sha256 {h.hexdigest()[:16]}…; manifest says "
+                                f"{manifest.raw_length} bytes, {manifest.raw_sha256[:16]}…", ResultCode.INTEGRITY_FAILURE)
 
 
 def file_sha256(path: Path) -> str:

@@ -82,7 +82,7 @@ class SlotStore:
 
     def activate(self, slot: str, manifest: Manifest) -> ActiveModel:
         self.mark(slot, "good", manifest.version)
-        rec = {"slot": slot, "version": manifest.version, "name": manifest.name, "sha256": manifest.sha256,
+        rec = {"slot": slot, "version": manifest.version, "name": manifest.name, "sha256": manifest.raw_sha256,
                "filename": manifest.filename}
         atomic_write_json(self.root / "active.json", rec)
         return self.active()  # type: ignore[return-value]

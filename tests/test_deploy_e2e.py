@@ -45,7 +45,8 @@ def check_report(r: dict) -> None:
     assert {b["name"] for b in r["budgets"]} == {"latency_ms", "peak_memory_mb", "model_size_mb", "energy_mj"}
     assert all(set(b) >= {"name", "limit", "value", "unit", "pass"} and b["pass"] for b in r["budgets"])
     a = r["artifact"]
-    assert len(a["sha256"]) == 64 and a["size_bytes"] == m["size_bytes"] and a["version"] > 0
+    assert len(a["sha256"]) == 64 and a["model_bytes"] == m["size_bytes"] and a["version"] > 0
+    assert a["encoding"] == "zlib" and a["size_bytes"] < 0.8 * m["size_bytes"]  # pruned weights deflate
     [d] = r["delivery"]
     assert d["status"] == "activated" and d["active_version"] == a["version"]
     assert d["metrics"]["latency_ms_p50"] > 0 and d["metrics"]["latency_ms_p95"] >= d["metrics"]["latency_ms_p50"]

@@ -95,3 +95,28 @@ def test_agent_for_another_target_refuses(mosquitto, fleet, tiny_onnx, key_dir, 
     art = make_artifact(tiny_onnx, tmp_path / "a", key_dir, version=20, target="jetson-orin-nano")
     r = send(mosquitto, art, fleet)
     assert r.status == "failed" and "target 'jetson-orin-nano'" in r.reason and r.result_code == 6
+
+
+def test_sparse_model_travels_deflated_and_decodes_on_the_device(mosquitto, fleet, tiny_model, key_dir, tmp_path):
+    import torch
+
+    from pipeline.export import export_model
+
+    sparse = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for p in sparse.parameters():
+            p.mul_((torch.rand_like(p) > 0.9).float())  # 90% zeros
+    path = export_model("onnx", sparse, (1, 8, 8), tmp_path / "sparse.onnx", 17)
+    art = make_artifact(path, tmp_path / "a", key_dir, version=30)
+    assert art.manifest.encoding == "zlib" and art.size_bytes < 0.5 * art.manifest.raw_length
+    r = send(mosquitto, art, fleet)
+    assert r.status == "activated" and r.active_version == 30
+    assert local_state(fleet)["active"]["sha256"] == art.manifest.raw_sha256
+
+    # a correctly signed manifest whose decoded hash is wrong: refused after decoding, v30 stays
+    bad = make_artifact(path, tmp_path / "b", key_dir, version=31)
+    signed = copy.deepcopy(bad.envelope["signed"])
+    signed["artifact"]["raw_sha256"] = "0" * 64
+    env = sign_envelope(signed, load_or_create(key_dir))
+    r = send(mosquitto, dataclasses.replace(bad, envelope=env, manifest=Manifest.from_signed(signed)), fleet)
+    assert r.status == "failed" and "decoded model" in r.reason and r.active_version == 30

@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,10 @@ class Artifact:
         return self.manifest.version
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.manifest.name, "version": self.version, "sha256": self.sha256,
-                "size_bytes": self.size_bytes, "chunks": self.manifest.chunks, "path": str(self.dir)}
+        m = self.manifest
+        return {"name": m.name, "version": self.version, "sha256": self.sha256, "size_bytes": self.size_bytes,
+                "encoding": m.encoding, "model_bytes": m.raw_length, "model_sha256": m.raw_sha256,
+                "chunks": m.chunks, "path": str(self.dir)}
 
 
 def next_version(state_dir: Path) -> int:
@@ -74,7 +77,8 @@ def build_artifact(
     from ..export.parity import ort_session
 
     key = load_or_create(key_dir)
-    data = model_path.read_bytes()
+    raw = model_path.read_bytes()
+    data, encoding = encode_payload(raw)
     sess = ort_session(model_path)
     io = {"inputs": [{"name": i.name, "shape": i.shape, "dtype": i.type} for i in sess.get_inputs()],
           "outputs": [{"name": o.name, "shape": o.shape, "dtype": o.type} for o in sess.get_outputs()]}
@@ -89,7 +93,8 @@ def build_artifact(
         "created": now.isoformat(),
         "expires": (now + dt.timedelta(days=expires_days)).isoformat() if expires_days else None,
         "artifact": {"filename": model_path.name, "length": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                     "chunk_size": chunk_size, "chunks": -(-len(data) // chunk_size)},
+                     "chunk_size": chunk_size, "chunks": -(-len(data) // chunk_size), "encoding": encoding,
+                     "raw_length": len(raw), "raw_sha256": hashlib.sha256(raw).hexdigest()},
         "io": io,
         "golden": {"cases": cases, "atol": atol, "rtol": 1e-3},
         "health": health, "budgets": budgets, "predicted": predicted,
@@ -100,15 +105,26 @@ def build_artifact(
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    atomic_write_bytes(tmp / model_path.name, data)
+    atomic_write_bytes(tmp / payload_name(model_path.name, encoding), data)
     atomic_write_json(tmp / "manifest.json", envelope)
     shutil.copy(public_key_path(key_dir), tmp / "signing.pub")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a reader sees the whole artifact or none of it
-    return Artifact(out, out / model_path.name, envelope, Manifest.from_signed(signed))
+    return Artifact(out, out / payload_name(model_path.name, encoding), envelope, Manifest.from_signed(signed))
+
+
+def payload_name(filename: str, encoding: str) -> str:
+    return filename + (".z" if encoding == "zlib" else "")
+
+
+def encode_payload(raw: bytes, min_gain: float = 0.1) -> tuple[bytes, str]:
+    """Deflate the model when that saves at least ``min_gain`` of its size: pruned weights are runs of
+    zeros, so an unstructured-pruned model's artifact shrinks with its sparsity."""
+    packed = zlib.compress(raw, 9)
+    return (packed, "zlib") if len(packed) <= (1 - min_gain) * len(raw) else (raw, "identity")
 
 
 def load_artifact(directory: Path) -> Artifact:
     envelope = json.loads((directory / "manifest.json").read_text())
     manifest = Manifest.from_signed(envelope["signed"])
-    return Artifact(directory, directory / manifest.filename, envelope, manifest)
+    return Artifact(directory, directory / payload_name(manifest.filename, manifest.encoding), envelope, manifest)

@@ -65,3 +65,23 @@ def test_tensors_round_trip():
     assert np.array_equal(decode_tensor(encode_tensor(a), "t"), a)
     with pytest.raises(ProtocolError, match="not a tensor"):
         decode_tensor({"dtype": "float32", "shape": [5], "data": "AAAA"}, "golden")
+
+
+def test_payload_decoding_refuses_bombs_and_wrong_hashes(tmp_path):
+    import dataclasses
+    import hashlib
+    import zlib
+
+    from device_agent.manifest import decode_payload
+
+    raw = bytes(1 << 20)  # 1 MiB of zeros deflates to ~1 KiB
+    src = tmp_path / "payload"
+    src.write_bytes(zlib.compress(raw, 9))
+    m = dataclasses.replace(Manifest.from_signed(body()), encoding="zlib", raw_length=len(raw),
+                            raw_sha256=hashlib.sha256(raw).hexdigest())
+    decode_payload(src, tmp_path / "ok", m)
+    assert (tmp_path / "ok").read_bytes() == raw
+    with pytest.raises(VerificationError, match="more than raw_length 4096"):
+        decode_payload(src, tmp_path / "bomb", dataclasses.replace(m, raw_length=4096))
+    with pytest.raises(VerificationError, match="decoded model"):
+        decode_payload(src, tmp_path / "bad", dataclasses.replace(m, raw_sha256="0" * 64))

@@ -5,8 +5,9 @@ from device_agent.slots import SlotStore
 def manifest(version, data: bytes, path):
     import hashlib
 
-    return Manifest("m", version, "rpi4", "now", None, "onnxruntime", "model.onnx", len(data),
-                    hashlib.sha256(data).hexdigest(), 32, -(-len(data) // 32), {}, {}, {}, {}, {})
+    digest = hashlib.sha256(data).hexdigest()
+    return Manifest("m", version, "rpi4", "now", None, "onnxruntime", "model.onnx", len(data), digest, 32,
+                    -(-len(data) // 32), {}, {}, {}, {}, {}, raw_length=len(data), raw_sha256=digest)
 
 
 def test_install_goes_to_the_inactive_slot_and_switch_is_atomic(tmp_path):
