@@ -77,7 +77,8 @@ class FinetuneConfig(Strict):
 
 class ExportConfig(Strict):
     format: Literal["onnx"] = "onnx"
-    opset: int = Field(17, ge=13, le=21)
+    opset: int = Field(17, ge=17, le=21)
+    simplify: bool = Field(True, description="run onnxslim, then check parity again")
     quantize: str = "none"
     calibration_samples: int = Field(256, ge=1)
     parity_atol: float = Field(1e-4, gt=0)

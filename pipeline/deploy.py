@@ -16,7 +16,7 @@ from .bundle import build_artifact, next_version, public_key_path
 from .compress_stage import compress
 from .config import DeployConfig
 from .errors import BudgetError, DeliveryError
-from .export import check_parity, export_model, quantize_model
+from .export import check_parity, export_model, quantize_model, simplify
 from .ota import LocalBroker, LocalFleet, deliver
 from .profile import host_threads, profile_model
 from .targets import TargetProfile, target_for_deploy
@@ -41,6 +41,11 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
         parity = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
         ui.info(f"parity vs PyTorch: max abs diff {parity['max_abs_diff']:.2e} (tolerance {parity['atol']:g}), "
                 f"accuracy {parity['accuracy_torch']:.2%} torch / {parity['accuracy_onnx']:.2%} onnxruntime")
+        if cfg.export.simplify:
+            fp32 = simplify(fp32, out / "model-fp32-slim.onnx")
+            slim = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
+            parity["simplified"] = slim
+            ui.info(f"onnxslim: parity max abs diff {slim['max_abs_diff']:.2e}, {fp32.stat().st_size:,} bytes")
         calib = data.x_train[: cfg.export.calibration_samples]
         final, qreport = quantize_model(cfg.export.quantize, fp32, out / "model.onnx", calib, data.x_test,
                                         data.y_test, cfg.export.max_accuracy_drop)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .onnx_export import EXPORTERS, export_model
+from .onnx_export import EXPORTERS, export_model, simplify
 from .parity import check_parity, ort_predict
 from .quantize import QUANTIZERS, quantize_model
 
@@ -25,4 +25,4 @@ class ExportResult:
     quantization_report: dict[str, Any] = field(default_factory=dict)
 
 
-__all__ = ["EXPORTERS", "QUANTIZERS", "ExportResult", "check_parity", "export_model", "ort_predict", "quantize_model"]
+__all__ = ["EXPORTERS", "QUANTIZERS", "ExportResult", "check_parity", "export_model", "ort_predict", "quantize_model", "simplify"]

@@ -46,5 +46,20 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opse
     return path
 
 
+def simplify(src: Path, dst: Path) -> Path:
+    """onnxslim: constant folding, dead-node removal and op fusion; the caller checks parity after it."""
+    import onnxslim
+
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            model = onnxslim.slim(str(src))
+        onnx.save(model, str(dst))
+        onnx.checker.check_model(str(dst))
+    except Exception as exc:
+        raise ExportError(f"onnxslim could not simplify {src.name}: {exc}") from None
+    return dst
+
+
 def export_model(fmt: str, model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int) -> Path:
     return EXPORTERS.get(fmt)(model, input_shape, path, opset)

@@ -30,12 +30,12 @@ def test_repo_deploy_yaml_loads_and_round_trips(base):
 
 @pytest.mark.parametrize("change, expected", [
     (lambda d: d["export"].update(colour="red"), "export.colour: unknown key"),
-    (lambda d: d["export"].update(opset=5), "export.opset: Input should be greater than or equal to 13"),
+    (lambda d: d["export"].update(opset=5), "export.opset: Input should be greater than or equal to 17"),
     (lambda d: d["fleet"].update(local_broker="rabbit"), "fleet.local_broker: got 'rabbit'"),
     (lambda d: d["compress"][0].update(sparsity=1.5), "compress[0] (magnitude)"),
     (lambda d: d["compress"][0].update(spars=0.5), "spars: unknown key"),
     (lambda d: d["compress"][0].update(method="voodoo"), "unknown compression method 'voodoo'; known: lottery, lowrank, magnitude, sensitivity"),
-    (lambda d: d["export"].update(quantize="int3"), "export.quantize: got 'int3'; allowed: ['int8-static', 'none']"),
+    (lambda d: d["export"].update(quantize="int3"), "export.quantize: got 'int3'; allowed: ['fp16', 'int8-dynamic', 'int8-static', 'none']"),
     (lambda d: d["model"].update(factory="a.b:c"), "exactly one of 'zoo'"),
     (lambda d: d.update(version=7), "version: got 7"),
     (lambda d: d["fleet"].update(topic_prefix="a/b"), "topic_prefix"),

@@ -67,3 +67,22 @@ def test_sqnr():
     a = np.ones(100)
     assert sqnr_db(a, a) == float("inf")
     assert sqnr_db(a, a * 1.1) == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("kind, min_ratio", [("int8-dynamic", 2.0), ("fp16", 1.8)])
+def test_other_quantizers_shrink_and_stay_close(cnn, x, tmp_path, kind, min_ratio):
+    src = export_model("onnx", cnn, (1, 8, 8), tmp_path / "m.onnx", 17)
+    y = ort_predict(src, x).argmax(1)
+    dst, report = quantize_model(kind, src, tmp_path / f"{kind}.onnx", x[:16], x, y, max_drop=0.1)
+    assert report["size_fp32_bytes"] / report["size_quantized_bytes"] > min_ratio
+    assert report["sqnr_db"] > (20 if kind == "int8-dynamic" else 40)
+    assert report["accuracy_quantized"] >= 0.9
+
+
+def test_simplified_model_keeps_parity(cnn, x, tmp_path):
+    from pipeline.export import simplify
+
+    src = export_model("onnx", cnn, (1, 8, 8), tmp_path / "m.onnx", 17)
+    slim = simplify(src, tmp_path / "slim.onnx")
+    y = cnn(torch.from_numpy(x)).argmax(1).numpy()
+    assert check_parity(cnn, slim, x, y, atol=1e-4)["max_abs_diff"] < 1e-4
