@@ -27,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--runtime", default="onnxruntime")
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--runs", type=int, default=100)
+    bench.add_argument("--sysfs", default="/sys", help="where to look for energy counters (RAPL, hwmon)")
     args = parser.parse_args(argv)
     if args.command == "bench":
         return _bench(args)
@@ -61,6 +62,7 @@ def _bench(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .health import benchmark
+    from .power import EnergyMeter
     from .runtimes import get_runtime
 
     try:
@@ -69,11 +71,17 @@ def _bench(args: argparse.Namespace) -> int:
         feeds = {i.name: rng.random([d if isinstance(d, int) and d > 0 else 1 for d in i.shape]).astype(i.dtype)
                  for i in session.inputs}
         result = benchmark(session, feeds, runs=args.runs)
+        meter = EnergyMeter.probe(Path(args.sysfs))
+        energy = None
+        if meter is not None:
+            repeats = max(args.runs, int(0.5 / max(result.latency_ms_p50 / 1e3, 1e-6)))  # >= ~0.5 s of work
+            energy = {"mj_per_inference": round(meter.measure(lambda: session.run(feeds), repeats), 5),
+                      "source": meter.source, "repeats": repeats}
     except AgentError as exc:
         print(f"device-agent: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"latency_ms_p50": result.latency_ms_p50, "latency_ms_p95": result.latency_ms_p95,
-                      "rss_mb": result.rss_mb, "runs": result.runs, "threads": args.threads}))
+                      "rss_mb": result.rss_mb, "runs": result.runs, "threads": args.threads, "energy": energy}))
     return 0
 
 

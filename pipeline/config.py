@@ -83,6 +83,8 @@ class ExportConfig(Strict):
     calibration_samples: int = Field(256, ge=1)
     parity_atol: float = Field(1e-4, gt=0)
     max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="int8 vs fp32, as a fraction")
+    min_speedup_fraction: float = Field(0.5, ge=0, le=2, description="a recipe with macs_reduction must run at "
+                                        "least this share of its MAC cut faster, measured; 0 turns the check off")
 
 
 class Budgets(Strict):

@@ -19,6 +19,7 @@ from .errors import BudgetError, DeliveryError
 from .export import check_parity, export_model, quantize_model, simplify
 from .ota import LocalBroker, LocalFleet, deliver
 from .profile import host_threads, profile_model
+from .profile.speed import speed_gate
 from .targets import TargetProfile, target_for_deploy
 from .ui import UI
 
@@ -34,6 +35,19 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
     with ui.stage(f"Compress ({cfg.data.name}, {len(cfg.compress)} step(s))"):
         result = compress(cfg, ui)
     model, data, summary = result.model, result.data, result.summary
+    if any("macs_reduction" in (s.params or {}) and s.params.get("macs_reduction") for s in result.steps) \
+            and cfg.export.min_speedup_fraction > 0:
+        with ui.stage("Check that fewer MACs means faster (onnxruntime, interleaved rounds)"):
+            try:
+                speed = speed_gate(result.dense, model, data.input_shape, summary["mac_ratio"], host_threads(target),
+                                   cfg.export.min_speedup_fraction, cfg.export.opset)
+                ui.info(f"{speed['mac_ratio']:.2f}x fewer MACs, {speed['speedup']:.2f}x faster "
+                        f"(required {speed['required']:.2f}x)")
+                report["speed"] = speed
+            except BudgetError as exc:
+                if not force:
+                    raise
+                ui.warn(f"{exc}\n  deploying anyway (--force)")
 
     out = workdir / "build" / f"{cfg.name}-{target.name}"
     with ui.stage(f"Export ({cfg.export.format}, quantize: {cfg.export.quantize})"):

@@ -61,3 +61,17 @@ def test_profile_measures_in_a_clean_process(model_path):
     assert m["rss_mb"] < 300  # onnxruntime and numpy only: torch is not in that process
     d = report.to_dict()
     assert {b["name"] for b in d["budgets"]} == {"latency_ms", "peak_memory_mb", "model_size_mb", "energy_mj"}
+
+
+def test_speed_gate_refuses_pruning_that_does_not_run_faster():
+    from pipeline.errors import BudgetError
+    from pipeline.profile.speed import speed_gate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(12 * 64, 10)).eval()
+    # the "pruned" model is the same network: claiming a 4x MAC cut, it cannot be 2x faster
+    with pytest.raises(BudgetError, match=r"cut MACs 4.00x but onnxruntime runs the pruned model only") as err:
+        speed_gate(model, model, (1, 8, 8), mac_ratio=4.0, threads=1, min_fraction=0.5)
+    assert "round_to" in str(err.value) and "0 (12)" in str(err.value)
+    result = speed_gate(model, model, (1, 8, 8), mac_ratio=1.0, threads=1, min_fraction=0.5)
+    assert result["required"] == 0.5 and 0.5 < result["speedup"] < 2
