@@ -56,12 +56,42 @@ def _nbytes(vi: onnx.ValueInfoProto) -> int:
     return int(np.prod(_shape(vi), dtype=np.int64)) * _BYTES.get(vi.type.tensor_type.elem_type, 4)
 
 
-def analyse(path: Path) -> StaticProfile:
+_RUNTIME_DOMAINS = {"com.microsoft"}  # onnxruntime's contrib ops: not in the ONNX standard, still runnable
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """Load and check a model file; a clear error for anything that is not a usable ONNX model."""
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    head = path.read_bytes()[:8]
+    if head[4:8] == b"TFL3":
+        raise ModelError(f"{path}: a TFLite flatbuffer; profile its ONNX source, or use a target whose runtime is "
+                         "tflite with the [tflite] extra installed")
     try:
         model = onnx.load(str(path))
-        model = shape_inference.infer_shapes(model)
+    except Exception:
+        raise ModelError(f"{path}: neither an ONNX model nor a TFLite flatbuffer") from None
+    if not model.graph.node:
+        raise ModelError(f"{path}: not an ONNX model (no graph nodes); is it another kind of file?")
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    unknown = []
+    for node in model.graph.node:
+        domain = node.domain or ""
+        if domain in _RUNTIME_DOMAINS:
+            continue
+        if not onnx.defs.has(node.op_type, domain):
+            unknown.append(f"{node.op_type} (node {node.name or '?'}, domain {domain or 'ai.onnx'})")
+    if unknown:
+        raise ModelError(f"{path}: unknown operator(s) {unknown[:5]}; no ONNX runtime can run them "
+                         f"(model opsets: {opsets})")
+    try:
+        return shape_inference.infer_shapes(model)
     except Exception as exc:
-        raise ModelError(f"{path}: not a readable ONNX model ({exc})") from None
+        raise ModelError(f"{path}: ONNX shape inference failed ({exc})") from None
+
+
+def analyse(path: Path) -> StaticProfile:
+    model = load_onnx(path)
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     values = {vi.name: vi for vi in [*g.input, *g.output, *g.value_info]}

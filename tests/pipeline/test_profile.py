@@ -75,3 +75,26 @@ def test_speed_gate_refuses_pruning_that_does_not_run_faster():
     assert "round_to" in str(err.value) and "0 (12)" in str(err.value)
     result = speed_gate(model, model, (1, 8, 8), mac_ratio=1.0, threads=1, min_fraction=0.5)
     assert result["required"] == 0.5 and 0.5 < result["speedup"] < 2
+
+
+def test_bad_model_files_get_clear_errors(tmp_path, model_path):
+    import onnx
+
+    from pipeline.errors import ModelError
+
+    junk = tmp_path / "weights.bin"
+    junk.write_bytes(b"\x00\x01garbage" * 100)
+    with pytest.raises(ModelError, match="neither an ONNX model nor a TFLite flatbuffer|not an ONNX model"):
+        analyse(junk)
+    tfl = tmp_path / "m.tflite"
+    tfl.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 64)
+    with pytest.raises(ModelError, match="TFLite flatbuffer"):
+        analyse(tfl)
+    model = onnx.load(str(model_path))
+    model.graph.node[1].op_type = "FluxCapacitor"
+    odd = tmp_path / "odd.onnx"
+    onnx.save(model, str(odd))
+    with pytest.raises(ModelError, match=r"unknown operator\(s\) \['FluxCapacitor"):
+        analyse(odd)
+    with pytest.raises(ModelError, match="no such model file"):
+        analyse(tmp_path / "missing.onnx")
