@@ -33,6 +33,8 @@ class Cpu(_Strict):
 class Memory(_Strict):
     ram_mb: float = Field(gt=0)
     bandwidth_gbs: float = Field(gt=0)
+    weights_in_flash: bool = Field(False, description="weights are read from flash in place (MCUs, TFLite Micro): "
+                                   "they do not count towards peak RAM")
 
 
 class Power(_Strict):

@@ -21,7 +21,8 @@ def predict(profile: StaticProfile, target: TargetProfile) -> dict[str, Any]:
         compute_bound += t_compute >= t_memory and node.macs > 0
         total_s += max(t_compute, t_memory) + eff.per_op_overhead_us * 1e-6
     latency_ms = total_s * 1e3
-    peak_memory_mb = target.runtime_overhead_mb + (profile.weight_bytes + profile.peak_activation_bytes) / 2**20
+    resident = profile.peak_activation_bytes + (0 if target.memory.weights_in_flash else profile.weight_bytes)
+    peak_memory_mb = target.runtime_overhead_mb + resident / 2**20
     energy_mj = latency_ms * target.power.active_w  # ms x W = mJ: the whole board while it infers
     return {
         "latency_ms": round(latency_ms, 4),
