@@ -14,6 +14,12 @@ interleaved rounds, median of per-round ratios), baseline (true for the referenc
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+# this folder holds profile.py, which would shadow the standard library's `profile`: put the repo first instead
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+
 import argparse
 import copy
 import json
@@ -25,8 +31,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.utils import prune
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.compress import CompressContext, build_recipe, run_recipe  # noqa: E402
 from pipeline.compress.base import prunable  # noqa: E402

@@ -27,17 +27,22 @@ def cmd_deploy(args: argparse.Namespace, ui) -> int:
     from .deploy import delivery_ok, run_deploy
 
     cfg = load_deploy(args.config)
-    try:
-        report = run_deploy(cfg, args.target, ui, force=args.force)
-    except BudgetError as exc:
-        if exc.report is not None:
-            exc.report["error"] = str(exc)
-            _write_report(args.report, exc.report)
-        raise
+    names = [t.strip() for t in args.target.split(",") if t.strip()]
+    reports = []
+    for name in names:  # one artifact per device class
+        try:
+            reports.append(run_deploy(cfg, name, ui, force=args.force))
+        except BudgetError as exc:
+            if exc.report is not None:
+                exc.report["error"] = str(exc)
+                reports.append(exc.report)
+                _write_report(args.report, reports[0] if len(names) == 1 else {"deployments": reports})
+            raise
+    report = reports[0] if len(names) == 1 else {"targets": names, "deployments": reports}
     _write_report(args.report, report)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
-    ok = delivery_ok(report)
+    ok = all(delivery_ok(r) for r in reports)
     ui.console.print("[bold green]deployed[/]" if ok else "[bold red]delivery incomplete: see the table above[/]")
     return 0 if ok else EXIT_DELIVERY
 
@@ -79,6 +84,24 @@ def _print_layers(ui, report: dict[str, Any]) -> None:
     ])
 
 
+def cmd_fit(args: argparse.Namespace, ui) -> int:
+    from .config import load_deploy
+    from .fit import print_fit, run_fit
+    from .targets import target_for_deploy
+
+    cfg = load_deploy(args.config)
+    target = target_for_deploy(cfg, args.target)
+    with ui.stage(f"Fit {cfg.name} to {target.name}"):
+        fitted = run_fit(cfg, target, ui, Path(args.out) if args.out else None)
+    print_fit(ui, fitted, target)
+    if args.json:
+        print(json.dumps(fitted.to_dict(), indent=2, default=str))
+    if fitted.best is None:
+        ui.console.print(f"[bold red]no candidate meets every budget of {target.name}[/]")
+        return BudgetError.exit_code
+    return 0
+
+
 def cmd_profile(args: argparse.Namespace, ui) -> int:
     from .deploy import _print_profile
     from .profile import profile_model
@@ -98,6 +121,8 @@ def cmd_profile(args: argparse.Namespace, ui) -> int:
 def cmd_targets(args: argparse.Namespace, ui) -> int:
     from .targets import known_targets, load_target
 
+    if args.action == "calibrate":
+        return cmd_calibrate(args, ui)
     profiles = [load_target(n) for n in known_targets()]
     if args.json:
         print(json.dumps([p.model_dump() for p in profiles], indent=2))
@@ -108,6 +133,23 @@ def cmd_targets(args: argparse.Namespace, ui) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace, ui) -> int:
+    from .profile.calibrate import calibrate, write_host_yaml
+    from .targets import targets_dir
+
+    out = Path(args.out) if args.out else targets_dir() / "host.yaml"
+    with ui.stage("Calibrate this machine as a target"):
+        result = calibrate(args.threads, args.models, progress=ui.info)
+        write_host_yaml(result, out)
+    ui.table("Op factors (latency = overhead + factor x roofline time)", ["category", "overhead us", "factor"],
+             [[c, f["overhead_us"], f["roofline_factor"]] for c, f in result["ops"].items()])
+    ui.info(f"fit on {result['fit']['models']} models: median error {result['fit']['median_abs_error_pct']}%, "
+            f"{result['fit']['within_10pct']:.0%} within 10%; wrote {out}")
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "host"}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description="Compress, profile and ship models to device fleets.")
     parser.add_argument("--version", action="version", version=__version__)
@@ -115,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("deploy", help="compress, export, profile, sign and deliver a model to one device class")
-    d.add_argument("--target", required=True, help="device class: a file in targets/ (e.g. rpi4)")
+    d.add_argument("--target", required=True, help="device class(es): a file in targets/ (e.g. rpi4, or rpi4,rpi5)")
     d.add_argument("--config", default="deploy.yaml", help="deployment file (default: deploy.yaml)")
     d.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     d.add_argument("--force", action="store_true", help="deploy even when a budget fails")
@@ -130,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compress)
 
+    f = sub.add_parser("fit", help="search compression x quantization for the most accurate model within budgets")
+    f.add_argument("--target", required=True)
+    f.add_argument("--config", default="deploy.yaml")
+    f.add_argument("--out", help="directory for candidates and pareto.png (default: WORKDIR/fit/TARGET)")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=cmd_fit)
+
     p = sub.add_parser("profile", help="profile a model file against a target's budgets")
     p.add_argument("model", help="an .onnx file")
     p.add_argument("--target", required=True)
@@ -137,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
 
-    t = sub.add_parser("targets", help="list the known device classes")
+    t = sub.add_parser("targets", help="list the known device classes, or calibrate this machine as one")
+    t.add_argument("action", nargs="?", choices=["list", "calibrate"], default="list")
     t.add_argument("--json", action="store_true")
+    t.add_argument("--out", help="calibrate: where to write (default: targets/host.yaml)")
+    t.add_argument("--threads", type=int, default=None, help="calibrate: threads (default: all cores)")
+    t.add_argument("--models", type=int, default=32, help="calibrate: random models to fit on")
     t.set_defaults(func=cmd_targets)
     return parser
 

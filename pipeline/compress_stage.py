@@ -20,7 +20,7 @@ from torch import nn
 
 from .compress import CompressContext, StepReport, build_recipe, model_stats, run_recipe
 from .compress.structured import count_macs
-from .config import DeployConfig
+from .config import CompressStep, DeployConfig
 from .data import Dataset, load_dataset
 from .pretrained import pretrained
 from .training import evaluate
@@ -41,11 +41,27 @@ def load_data(cfg: DeployConfig) -> Dataset:
     return load_dataset(d.name, d.train_size, d.test_size, d.seed, cfg.resolve(d.path) if d.path else None)
 
 
-def compress(cfg: DeployConfig, ui: UI, recipe: str | None = None) -> Compressed:
-    steps = build_recipe(cfg.recipe(recipe), key="compress" if recipe in (None, "default") else f"recipes.{recipe}")
+@dataclass
+class Prepared:
+    data: Dataset
+    model: nn.Module  # the dense, trained model
+    origin: dict[str, Any]
+
+
+def prepare(cfg: DeployConfig, ui: UI) -> Prepared:
     data = load_data(cfg)
     model, origin = pretrained(cfg, data, ui)
-    dense = copy.deepcopy(model)
+    return Prepared(data, model, origin)
+
+
+def compress(cfg: DeployConfig, ui: UI, recipe: str | None = None, steps: list[CompressStep] | None = None,
+             prepared: Prepared | None = None) -> Compressed:
+    """Run a recipe (by name, or the given steps) on a copy of the dense model."""
+    key = "compress" if recipe in (None, "default") else f"recipes.{recipe}"
+    methods = build_recipe(steps if steps is not None else cfg.recipe(recipe), key=key)
+    prepared = prepared or prepare(cfg, ui)
+    data = prepared.data
+    dense, model = prepared.model, copy.deepcopy(prepared.model)
     before, acc_before = model_stats(model), evaluate(model, data.x_test, data.y_test)
     example = torch.zeros((1, *data.input_shape))
     macs_before = count_macs(model, example)[0]
@@ -53,7 +69,7 @@ def compress(cfg: DeployConfig, ui: UI, recipe: str | None = None) -> Compressed
             f"on {len(data.x_test)} images")
     t0 = time.perf_counter()
     ctx = CompressContext(data, cfg.model.train, cfg.finetune, progress=ui.info)
-    reports = run_recipe(model, steps, ctx)
+    reports = run_recipe(model, methods, ctx)
     after, acc_after = model_stats(model), evaluate(model, data.x_test, data.y_test)
     macs_after = count_macs(model, example)[0]
     ui.info(f"compressed: {after['nonzero_params']:,} of {after['params']:,} parameters nonzero "
@@ -64,7 +80,7 @@ def compress(cfg: DeployConfig, ui: UI, recipe: str | None = None) -> Compressed
         "kept_fraction": round(after["nonzero_params"] / before["params"], 5),
         "macs_before": macs_before, "macs": macs_after, "mac_ratio": round(macs_before / macs_after, 3),
         "accuracy_before": acc_before, "accuracy_after": acc_after,
-        "wall_s": round(time.perf_counter() - t0, 2), "origin": origin, "layers": after["layers"],
+        "wall_s": round(time.perf_counter() - t0, 2), "origin": prepared.origin, "layers": after["layers"],
     }
     return Compressed(dense, model, data, reports, summary)
 

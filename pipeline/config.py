@@ -87,6 +87,33 @@ class ExportConfig(Strict):
                                         "least this share of its MAC cut faster, measured; 0 turns the check off")
 
 
+class FitConfig(Strict):
+    """`pipeline fit` / `fit: {enabled: true}`: search compression x quantization for the most accurate
+    model that meets every budget of the target."""
+
+    enabled: bool = Field(False, description="deploy the best fitting candidate instead of 'compress:'")
+    sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.75, 0.9], description="unstructured, global")
+    macs_reductions: list[float] = Field(default_factory=lambda: [1.5, 2.0, 3.0], description="structured")
+    quantizations: list[str] = Field(default_factory=lambda: ["none", "int8-static"])
+    steps: int = Field(2, ge=1, le=20)
+    finetune_epochs: int = Field(1, ge=0, le=50)
+    round_to: int | None = Field(8, ge=1)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if any(not 0 < r < 1 for r in v):
+            raise ValueError(f"sparsities must be in (0, 1), got {v}")
+        return v
+
+    @field_validator("macs_reductions")
+    @classmethod
+    def _reductions(cls, v: list[float]) -> list[float]:
+        if any(r <= 1 for r in v):
+            raise ValueError(f"macs_reductions must be > 1, got {v}")
+        return v
+
+
 class Budgets(Strict):
     latency_ms: float | None = Field(None, gt=0)
     peak_memory_mb: float | None = Field(None, gt=0)
@@ -135,6 +162,7 @@ class DeployConfig(Strict):
     compress: list[CompressStep] = Field(default_factory=list)
     recipes: dict[str, list[CompressStep]] = Field(default_factory=dict, description="named alternatives to 'compress'")
     finetune: FinetuneConfig = FinetuneConfig()
+    fit: FitConfig = FitConfig()
     export: ExportConfig = ExportConfig()
     targets: dict[str, TargetOverride] = Field(default_factory=dict)
     fleet: FleetConfig = FleetConfig()
@@ -187,6 +215,9 @@ def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
 
     if cfg.export.quantize not in QUANTIZERS:
         raise ConfigError(f"{where}: export.quantize: got {cfg.export.quantize!r}; allowed: {QUANTIZERS.names()}")
+    unknown = [q for q in cfg.fit.quantizations if q not in QUANTIZERS]
+    if unknown:
+        raise ConfigError(f"{where}: fit.quantizations: got {unknown}; allowed: {QUANTIZERS.names()}")
     return cfg
 
 

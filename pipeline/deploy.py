@@ -6,6 +6,7 @@ compress -> export/quantize -> profile vs budgets -> sign + bundle -> deliver ov
 from __future__ import annotations
 
 import contextlib
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from .bundle import build_artifact, next_version, public_key_path
 from .compress_stage import compress
 from .config import DeployConfig
 from .errors import BudgetError, DeliveryError
-from .export import check_parity, export_model, quantize_model, simplify
+from .fit import print_fit, require_best, run_fit
+from .export import ExportResult, check_parity, export_model, quantize_model, simplify
 from .ota import LocalBroker, LocalFleet, deliver
 from .profile import host_threads, profile_model
 from .profile.speed import speed_gate
@@ -32,8 +34,16 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
     workdir = cfg.resolve(cfg.workdir)
     report: dict[str, Any] = {"target": target.name, "name": cfg.name}
 
-    with ui.stage(f"Compress ({cfg.data.name}, {len(cfg.compress)} step(s))"):
-        result = compress(cfg, ui)
+    choice, prepared = None, None
+    if cfg.fit.enabled:
+        with ui.stage(f"Fit to {target.name}: compression x quantization against its budgets"):
+            fitted = run_fit(cfg, target, ui)
+            print_fit(ui, fitted, target)
+            choice, prepared = require_best(fitted, force), fitted.prepared
+            report["fit"] = fitted.to_dict()
+    steps = choice.steps if choice else None
+    with ui.stage(f"Compress ({cfg.data.name}, {len(steps if choice else cfg.compress)} step(s))"):
+        result = compress(cfg, ui, steps=steps, prepared=prepared)
     model, data, summary = result.model, result.data, result.summary
     if any("macs_reduction" in (s.params or {}) and s.params.get("macs_reduction") for s in result.steps) \
             and cfg.export.min_speedup_fraction > 0:
@@ -50,26 +60,11 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
                 ui.warn(f"{exc}\n  deploying anyway (--force)")
 
     out = workdir / "build" / f"{cfg.name}-{target.name}"
-    with ui.stage(f"Export ({cfg.export.format}, quantize: {cfg.export.quantize})"):
-        fp32 = export_model(cfg.export.format, model, data.input_shape, out / "model-fp32.onnx", cfg.export.opset)
-        parity = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
-        ui.info(f"parity vs PyTorch: max abs diff {parity['max_abs_diff']:.2e} (tolerance {parity['atol']:g}), "
-                f"accuracy {parity['accuracy_torch']:.2%} torch / {parity['accuracy_onnx']:.2%} onnxruntime")
-        if cfg.export.simplify:
-            fp32 = simplify(fp32, out / "model-fp32-slim.onnx")
-            slim = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
-            parity["simplified"] = slim
-            ui.info(f"onnxslim: parity max abs diff {slim['max_abs_diff']:.2e}, {fp32.stat().st_size:,} bytes")
-        calib = data.x_train[: cfg.export.calibration_samples]
-        final, qreport = quantize_model(cfg.export.quantize, fp32, out / "model.onnx", calib, data.x_test,
-                                        data.y_test, cfg.export.max_accuracy_drop)
-        if qreport:
-            ui.info(f"{qreport['kind']}: accuracy {qreport['accuracy_fp32']:.2%} -> {qreport['accuracy_quantized']:.2%}, "
-                    f"SQNR {qreport['sqnr_db']} dB, {qreport['size_fp32_bytes']:,} -> "
-                    f"{qreport['size_quantized_bytes']:,} bytes")
-        else:
-            final = fp32.replace(out / "model.onnx")
-        deployed_accuracy = qreport.get("accuracy_quantized", parity["accuracy_onnx"])
+    quantize = choice.quantize if choice else cfg.export.quantize
+    with ui.stage(f"Export ({cfg.export.format}, quantize: {quantize})"):
+        exported = export_stage(cfg, model, data, out, ui, quantize)
+    final, parity, qreport = exported.path, exported.parity, exported.quantization_report
+    deployed_accuracy = qreport.get("accuracy_quantized", parity["accuracy_onnx"])
 
     report["model"] = {
         **{k: summary[k] for k in ("params", "nonzero_params", "params_before", "macs", "macs_before",
@@ -77,8 +72,8 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
         "accuracy_deployed": deployed_accuracy, "size_bytes": final.stat().st_size,
     }
     report["compression"] = [vars(r) for r in result.steps]
-    report["export"] = {"format": cfg.export.format, "opset": cfg.export.opset, "parity": parity,
-                        "quantization": qreport or None}
+    report["export"] = {"format": cfg.export.format, "opset": cfg.export.opset, "simplified": cfg.export.simplify,
+                        "parity": parity, "quantization": qreport or None}
 
     with ui.stage(f"Profile against {target.name} ({target.description})"):
         prof = profile_model(final, target)
@@ -109,6 +104,28 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
     _print_delivery(ui, report["delivery"], prof.predicted)
     report["wall_s"] = round(time.perf_counter() - t_start, 2)
     return report
+
+
+def export_stage(cfg: DeployConfig, model, data, out: Path, ui: UI, quantize: str) -> ExportResult:
+    """Export, check parity with PyTorch, simplify (parity again), quantize (accuracy and SQNR vs fp32)."""
+    fp32 = export_model(cfg.export.format, model, data.input_shape, out / "model-fp32.onnx", cfg.export.opset)
+    parity = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
+    ui.info(f"parity vs PyTorch: max abs diff {parity['max_abs_diff']:.2e} (tolerance {parity['atol']:g}), "
+            f"accuracy {parity['accuracy_torch']:.2%} torch / {parity['accuracy_onnx']:.2%} onnxruntime")
+    if cfg.export.simplify:
+        fp32 = simplify(fp32, out / "model-fp32-slim.onnx")
+        slim = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
+        parity["simplified"] = slim
+        ui.info(f"onnxslim: parity max abs diff {slim['max_abs_diff']:.2e}, {fp32.stat().st_size:,} bytes")
+    calib = data.x_train[: cfg.export.calibration_samples]
+    final, qreport = quantize_model(quantize, fp32, out / "model.onnx", calib, data.x_test, data.y_test,
+                                    cfg.export.max_accuracy_drop)
+    if qreport:
+        ui.info(f"{qreport['kind']}: accuracy {qreport['accuracy_fp32']:.2%} -> {qreport['accuracy_quantized']:.2%}, "
+                f"SQNR {qreport['sqnr_db']} dB, {qreport['size_fp32_bytes']:,} -> {qreport['size_quantized_bytes']:,} bytes")
+    else:
+        final = shutil.copyfile(fp32, out / "model.onnx")
+    return ExportResult(Path(final), cfg.export.format, quantize, Path(final).stat().st_size, parity, qreport)
 
 
 def _deliver(cfg: DeployConfig, target: TargetProfile, artifact, workdir: Path, ui: UI):

@@ -42,10 +42,20 @@ class Power(_Strict):
     active_w: float = Field(gt=0)
 
 
+class OpFactor(_Strict):
+    """Calibrated cost of one op category: time = overhead_us + roofline_factor x roofline time."""
+
+    roofline_factor: float = Field(ge=0)
+    overhead_us: float = Field(ge=0)
+
+
 class Efficiency(_Strict):
     fp32: float = Field(gt=0, le=1)
     int8: float = Field(gt=0, le=1)
     per_op_overhead_us: float = Field(ge=0)
+    session_overhead_us: float = Field(0.0, ge=0, description="per inference, whatever the model")
+    #: per op category, fitted by `pipeline targets calibrate` on the device itself
+    ops: dict[str, OpFactor] | None = None
 
 
 class TargetProfile(_Strict):

@@ -96,3 +96,29 @@ def test_bad_config_is_one_clear_error(tmp_path):
     proc, _ = deploy(cfg)
     assert proc.returncode == 2
     assert "sparsty: unknown key" in proc.stderr and str(cfg) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_deploy_fits_and_ships_one_artifact_per_device_class(mosquitto, tmp_path):
+    cfg = config(tmp_path, broker={"host": "127.0.0.1", "port": mosquitto.port})
+    data = yaml.safe_load(cfg.read_text())
+    data["fit"] = {"enabled": True, "sparsities": [0.6], "macs_reductions": [2.0],
+                   "quantizations": ["none", "int8-static"], "finetune_epochs": 1, "steps": 1}
+    cfg.write_text(yaml.safe_dump(data))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", "--target", "rpi4,rpi5", "--config",
+                           str(cfg), "--report", str(tmp_path / "r.json")], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["targets"] == ["rpi4", "rpi5"]
+    by_target = {d["target"]: d for d in report["deployments"]}
+    assert set(by_target) == {"rpi4", "rpi5"}
+    for name, d in by_target.items():
+        best = d["fit"]["best"]
+        assert best["pass"] and best["accuracy"] == max(c["accuracy"] for c in d["fit"]["candidates"] if c["pass"])
+        assert d["export"]["quantization"] is None if best["quantize"] == "none" else \
+            d["export"]["quantization"]["kind"] == best["quantize"]
+        [delivery] = d["delivery"]
+        assert delivery["device_id"] == f"{name}-emu-0" and delivery["status"] == "activated"
+        assert delivery["active_version"] == d["artifact"]["version"]
+    assert by_target["rpi4"]["artifact"]["path"] != by_target["rpi5"]["artifact"]["path"]
+    assert "Fit to rpi5" in proc.stderr

@@ -33,13 +33,22 @@ class ProfileReport:
                 "measured_on_host": self.measured, "budgets": [r.to_dict() for r in self.budgets]}
 
 
+def calibrated_host(target: TargetProfile) -> TargetProfile | None:
+    """This machine's calibrated profile (targets/host.yaml), whose op factors transfer to other targets."""
+    from ..targets import known_targets, load_target
+
+    if target.name == HOST or HOST not in known_targets():
+        return None
+    return load_target(HOST)
+
+
 def host_threads(target: TargetProfile) -> int:
     return max(1, min(target.cpu.cores, os.cpu_count() or 1))
 
 
 def profile_model(path: Path, target: TargetProfile, runs: int = 100) -> ProfileReport:
     static = analyse(path)
-    predicted = predict(static, target)
+    predicted = predict(static, target, calibrated_host(target))
     measured = measure_on_host(path, threads=host_threads(target), runs=runs)
     measured["emulated"] = True
     measured["note"] = f"measured on this host with {host_threads(target)} thread(s), not on a {target.name}"

@@ -43,3 +43,27 @@ def compare_latency(paths: list[Path], input_shape: tuple[int, ...], threads: in
              "speedup": round(float(np.median(ratios[:, i])), 3),
              "speedup_spread": [round(float(ratios[:, i].min()), 3), round(float(ratios[:, i].max()), 3)],
              "threads": threads} for i, p in enumerate(paths)]
+
+
+def steady_latency_ms(path: Path, input_shape: tuple[int, ...], threads: int, rounds: int = 5, runs: int = 40,
+                      warmup: int = 10) -> float:
+    """The machine's steady latency for one model: the lowest of several round medians.
+
+    These machines shift between speed levels over seconds; the lowest round median is the figure
+    that repeats (the same model measured again lands within a few percent), where a single median
+    or a mean carries the shift.
+    """
+    s = _session(path, threads)
+    x = np.random.default_rng(0).random((1, *input_shape), dtype=np.float32)
+    feed = {s.get_inputs()[0].name: x}
+    for _ in range(warmup):
+        s.run(None, feed)
+    best = float("inf")
+    for _ in range(rounds):
+        t = np.empty(runs)
+        for k in range(runs):
+            t0 = time.perf_counter()
+            s.run(None, feed)
+            t[k] = time.perf_counter() - t0
+        best = min(best, float(np.median(t)))
+    return best * 1e3

@@ -18,6 +18,28 @@ _BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorPro
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
 
 
+CATEGORIES = ("conv", "conv_dw", "gemm", "pool", "elementwise", "qdq", "shape", "other")
+_CATEGORY = {
+    "Conv": "conv", "QLinearConv": "conv", "ConvInteger": "conv",
+    "Gemm": "gemm", "MatMul": "gemm", "QLinearMatMul": "gemm", "MatMulInteger": "gemm",
+    "MaxPool": "pool", "AveragePool": "pool", "GlobalAveragePool": "pool", "GlobalMaxPool": "pool",
+    "ReduceMean": "pool",
+    "QuantizeLinear": "qdq", "DequantizeLinear": "qdq", "DynamicQuantizeLinear": "qdq",
+    "Relu": "elementwise", "Clip": "elementwise", "Add": "elementwise", "Mul": "elementwise",
+    "Sub": "elementwise", "Div": "elementwise", "Sigmoid": "elementwise", "HardSwish": "elementwise",
+    "BatchNormalization": "elementwise", "Softmax": "elementwise", "Cast": "elementwise",
+    "Flatten": "shape", "Reshape": "shape", "Transpose": "shape", "Squeeze": "shape", "Unsqueeze": "shape",
+    "Concat": "shape", "Identity": "shape", "Shape": "shape", "Gather": "shape",
+}
+
+
+def category(node: onnx.NodeProto) -> str:
+    cat = _CATEGORY.get(node.op_type, "other")
+    if cat == "conv" and any(a.name == "group" and a.i > 1 for a in node.attribute):
+        return "conv_dw"
+    return cat
+
+
 @dataclass
 class NodeCost:
     name: str
@@ -25,6 +47,7 @@ class NodeCost:
     macs: int
     weight_bytes: int
     activation_bytes: int  # inputs read + outputs written, activations only
+    category: str = "other"
 
 
 @dataclass
@@ -129,7 +152,7 @@ def analyse(path: Path) -> StaticProfile:
             macs = int(np.prod(_shape(values[node.output[0]]))) * k
         act = sum(_nbytes(values[t]) for t in [*node.input, *node.output] if t in values and t not in constant)
         wbytes = sum(inits[t].ByteSize() for t in node.input if t in inits)
-        nodes.append(NodeCost(node.name or f"{node.op_type}_{idx}", node.op_type, macs, wbytes, act))
+        nodes.append(NodeCost(node.name or f"{node.op_type}_{idx}", node.op_type, macs, wbytes, act, category(node)))
 
     # liveness: an activation lives from its producer (graph inputs: step 0) to its last consumer
     graph_outputs = {o.name for o in g.output}

@@ -1,0 +1,232 @@
+"""``pipeline targets calibrate``: measure this machine and write it as a target (host.yaml).
+
+1. Facts: cores, clock, RAM, storage from the OS.
+2. Micro-benchmarks with onnxruntime: fp32 GEMM rate, int8 (QDQ) convolution rate, memory
+   bandwidth (a large copy), at the thread count the target will be profiled with.
+3. Op factors: a seeded family of small random CNNs and MLPs (fp32 and int8), each exported to ONNX
+   and timed; a non-negative least-squares fit of latency = session overhead + sum over op
+   categories of (nodes x overhead + factor x roofline time) gives each category's overhead and
+   roofline factor. The fit's own error on the calibration set is reported.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from torch import nn
+
+from ..export import export_model, quantize_model
+from ..targets import OpFactor, TargetProfile
+from .compare import steady_latency_ms
+from .predict import roofline_terms
+from .static import CATEGORIES, analyse
+
+
+def cpu_clock_ghz() -> float:
+    freq = psutil.cpu_freq()
+    if freq and (freq.max or freq.current):
+        return round((freq.max or freq.current) / 1000, 3)
+    try:
+        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+               if line.lower().startswith("cpu mhz")]
+        return round(max(mhz) / 1000, 3)
+    except (OSError, ValueError):
+        return 1.0
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _time(fn: Callable[[], Any], min_s: float = 0.3) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(5):
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < min_s / 5:
+            fn()
+            n += 1
+        best = min(best, (time.perf_counter() - t0) / n)
+    return best
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    o = ort.SessionOptions()
+    o.intra_op_num_threads = threads
+    o.log_severity_level = 3
+    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
+
+
+def measure_peaks(threads: int, tmp: Path) -> dict[str, float]:
+    """fp32 GFLOP/s of a large convolution, int8 GOP/s of its QDQ version, copy bandwidth GB/s."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(128, 256, 3, padding=1)).eval()
+    shape = (128, 28, 28)
+    macs = 256 * 128 * 9 * 28 * 28
+    fp32 = export_model("onnx", conv, shape, tmp / "peak.onnx", 17)
+    x = np.random.default_rng(0).random((8, *shape), dtype=np.float32)
+    int8, _ = quantize_model("int8-static", fp32, tmp / "peak-int8.onnx", x, x[:1], np.zeros(1, np.int64), 1.0)
+    out = {}
+    for key, path in (("gflops_fp32", fp32), ("gops_int8", int8)):
+        s = _session(path, threads)
+        feed = {s.get_inputs()[0].name: x[:1]}
+        out[key] = round(2 * macs / _time(lambda: s.run(None, feed)) / 1e9, 2)
+    a = np.ones(32 * 2**20, dtype=np.float32)  # 128 MiB: far beyond the caches
+    b = np.empty_like(a)
+    out["bandwidth_gbs"] = round(2 * a.nbytes / _time(lambda: np.copyto(b, a)) / 1e9, 2)  # read + write
+    return out
+
+
+def calibration_models(count: int, seed: int = 0) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
+    """Small random CNNs (dense and depthwise-separable blocks) and MLPs, reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    models = []
+    for i in range(count):
+        kind = ["cnn", "cnn", "dwcnn", "mlp"][i % 4]
+        torch.manual_seed(seed + i)
+        if kind == "mlp":
+            dims = [int(d) for d in rng.choice([64, 128, 256, 512, 1024], size=rng.integers(2, 5))]
+            layers: list[nn.Module] = [nn.Flatten()]
+            cin = 28 * 28
+            for d in dims:
+                layers += [nn.Linear(cin, d), nn.ReLU()]
+                cin = d
+            models.append((f"mlp{i}", nn.Sequential(*layers, nn.Linear(cin, 10)).eval(), (1, 28, 28)))
+            continue
+        c, size = 1, 28
+        layers = []
+        for _ in range(int(rng.integers(2, 5))):
+            w = int(rng.choice([8, 16, 24, 32, 48, 64, 96]))
+            if kind == "dwcnn" and c > 1:
+                layers += [nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU6(),
+                           nn.Conv2d(c, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU6()]
+            else:
+                k = int(rng.choice([1, 3, 5]))
+                layers += [nn.Conv2d(c, w, k, padding=k // 2, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            c = w
+            if size > 7 and rng.random() < 0.6:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10)]
+        models.append((f"{kind}{i}", nn.Sequential(*layers).eval(), (1, 28, 28)))
+    return models
+
+
+def features(profile, target: TargetProfile) -> np.ndarray:
+    terms = roofline_terms(profile, target)
+    row = [1.0]
+    for cat in CATEGORIES:
+        n, r = terms.get(cat, (0, 0.0))
+        row += [float(n), r]
+    return np.array(row)
+
+
+def fit_factors(rows: list[np.ndarray], times_s: list[float]) -> tuple[float, dict[str, OpFactor], np.ndarray]:
+    """NNLS, relative error weighting (each model counts equally, whatever its size)."""
+    from scipy.optimize import nnls
+
+    a, t = np.array(rows), np.array(times_s)
+    w = 1 / t
+    scale = np.maximum(np.abs(a).max(0), 1e-12)
+    coef, _ = nnls(a / scale * w[:, None], t * w)
+    coef = coef / scale
+    factors = {}
+    for i, cat in enumerate(CATEGORIES):
+        overhead, factor = coef[1 + 2 * i], coef[2 + 2 * i]
+        if a[:, 1 + 2 * i].any():
+            factors[cat] = OpFactor(roofline_factor=round(float(factor), 4), overhead_us=round(float(overhead) * 1e6, 3))
+    return float(coef[0]), factors, a @ coef
+
+
+def calibrate(threads: int | None = None, models: int = 32, progress: Callable[[str], None] = print) -> dict[str, Any]:
+    threads = threads or os.cpu_count() or 1
+    tmp = Path(tempfile.mkdtemp(prefix="calibrate-"))
+    try:
+        progress(f"micro-benchmarks at {threads} thread(s)")
+        peaks = measure_peaks(threads, tmp)
+        progress(f"fp32 {peaks['gflops_fp32']} GFLOP/s, int8 {peaks['gops_int8']} GOP/s, "
+                 f"copy {peaks['bandwidth_gbs']} GB/s")
+        host = host_profile(peaks, threads)
+        rows, times, names = [], [], []
+        calib_x = np.random.default_rng(1).random((16, 1, 28, 28), dtype=np.float32)
+        for i, (name, model, shape) in enumerate(calibration_models(models)):
+            fp32 = export_model("onnx", model, shape, tmp / f"{name}.onnx", 17)
+            variants = [(name, fp32)]
+            if i % 2 == 0:
+                q, _ = quantize_model("int8-static", fp32, tmp / f"{name}-int8.onnx", calib_x, calib_x[:1],
+                                      np.zeros(1, np.int64), 1.0)
+                variants.append((f"{name}-int8", q))
+            for vname, path in variants:
+                rows.append(features(analyse(path), host))
+                times.append(steady_latency_ms(path, shape, threads) / 1e3)
+                names.append(vname)
+            progress(f"calibration model {i + 1}/{models}: {name}")
+        session, factors, fitted = fit_factors(rows, times)
+        err = np.abs(fitted - np.array(times)) / np.array(times)
+        return {"peaks": peaks, "threads": threads, "session_overhead_us": round(session * 1e6, 3),
+                "ops": {k: v.model_dump() for k, v in factors.items()},
+                "fit": {"models": len(times), "median_abs_error_pct": round(float(np.median(err) * 100), 2),
+                        "within_10pct": round(float((err <= 0.1).mean()), 3)},
+                "host": host}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def host_profile(peaks: dict[str, float], threads: int) -> TargetProfile:
+    from ..config import Budgets
+    from ..targets import Cpu, Efficiency, Memory, Power
+
+    return TargetProfile(
+        name="host", description=f"this machine: {cpu_model()}", arch=platform.machine(),
+        cpu=Cpu(core=cpu_model(), cores=threads, clock_ghz=cpu_clock_ghz(), peak_gflops_fp32=peaks["gflops_fp32"],
+                peak_gops_int8=peaks["gops_int8"]),
+        memory=Memory(ram_mb=round(psutil.virtual_memory().total / 2**20), bandwidth_gbs=peaks["bandwidth_gbs"]),
+        storage_mb=round(shutil.disk_usage("/").total / 2**20), power=Power(idle_w=10.0, active_w=15.0 * threads),
+        runtimes=["onnxruntime"], efficiency=Efficiency(fp32=1.0, int8=1.0, per_op_overhead_us=5.0),
+        runtime_overhead_mb=45.0, budgets=Budgets(latency_ms=50, peak_memory_mb=1024, model_size_mb=64, energy_mj=1000),
+    )
+
+
+def write_host_yaml(result: dict[str, Any], path: Path) -> Path:
+    import yaml
+
+    h: TargetProfile = result["host"]
+    conv = result["ops"].get("conv", {}).get("roofline_factor") or 1.0
+    data = h.model_dump()
+    data["efficiency"] = {"fp32": round(min(1.0, 1 / conv), 4), "int8": round(min(1.0, 1 / conv), 4),
+                          "per_op_overhead_us": round(float(np.median([o["overhead_us"] for o in result["ops"].values()])), 3),
+                          "session_overhead_us": result["session_overhead_us"], "ops": result["ops"]}
+    today = dt.date.today().isoformat()
+    header = (
+        f"# This machine, measured by `pipeline targets calibrate` on {today} ({result['threads']} thread(s)).\n"
+        f"# cpu.peak_*: achieved by onnxruntime on a 128->256 3x3 convolution at 28x28 (fp32, and its int8 QDQ\n"
+        f"#   version); memory.bandwidth_gbs: a 128 MiB copy (read + write) with numpy.\n"
+        f"# efficiency.ops: per op category, latency = overhead_us + roofline_factor x roofline time, fitted by\n"
+        f"#   non-negative least squares on {result['fit']['models']} seeded random CNN/MLP models (fp32 and int8);\n"
+        f"#   fit error on them: median {result['fit']['median_abs_error_pct']}%, "
+        f"{result['fit']['within_10pct']:.0%} within 10%.\n"
+        f"# power: no energy counter on this machine; an estimate of {h.power.active_w:g} W for "
+        f"{result['threads']} busy core(s) - edit if you know better.\n"
+        f"# Re-run `pipeline targets calibrate` after moving to another machine.\n"
+    )
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    return path

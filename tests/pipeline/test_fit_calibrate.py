@@ -1,0 +1,94 @@
+"""Fit search and host calibration on tiny budgets; the numbers they promise, not their speed."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import REPO
+from pipeline.config import load_deploy
+from pipeline.errors import BudgetError
+from pipeline.fit import require_best, run_fit
+from pipeline.profile.calibrate import calibration_models, fit_factors
+from pipeline.profile.static import CATEGORIES
+from pipeline.targets import load_target_file, target_for_deploy
+from pipeline.ui import UI
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    d = yaml.safe_load((REPO / "deploy.yaml").read_text())
+    d["model"]["train"]["epochs"] = 2
+    d["data"] = {"name": "digits"}
+    d["fit"] = {"sparsities": [0.6], "macs_reductions": [2.0], "quantizations": ["none", "int8-static"],
+                "finetune_epochs": 1, "steps": 1}
+    d["workdir"] = str(tmp_path / "work")
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return load_deploy(path)
+
+
+def test_fit_picks_the_most_accurate_candidate_within_budgets(cfg, tmp_path):
+    target = target_for_deploy(cfg, "rpi4")
+    fit = run_fit(cfg, target, UI(quiet=True), tmp_path / "fit")
+    assert len(fit.candidates) == 3 * 2  # dense, magnitude 60%, structured 2x, each fp32 and int8
+    assert fit.best is not None and fit.best.passed
+    assert fit.best.accuracy == max(c.accuracy for c in fit.candidates if c.passed)
+    int8 = [c for c in fit.candidates if c.quantize == "int8-static"]
+    assert all(c.figures["model_size_mb"] < 0.5 * next(o for o in fit.candidates if o.label == c.label and
+                                                       o.quantize == "none").figures["model_size_mb"] for c in int8)
+    front = [c for c in fit.candidates if c.pareto]
+    assert front and all(not any(o.accuracy > c.accuracy and o.figures["latency_ms"] < c.figures["latency_ms"]
+                                 for o in fit.candidates) for c in front)
+    assert fit.plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # budgets nothing can meet: refused, unless forced (then the fewest failures)
+    tight = target.with_budgets(type(target.budgets)(latency_ms=1e-6, model_size_mb=1e-6))
+    impossible = run_fit(cfg, tight, UI(quiet=True), tmp_path / "fit2")
+    assert impossible.best is None
+    with pytest.raises(BudgetError, match="no candidate of the fit search meets every budget of rpi4"):
+        require_best(impossible, force=False)
+    assert require_best(impossible, force=True).failures
+
+
+def test_calibration_fit_recovers_known_costs():
+    rng = np.random.default_rng(0)
+    n = 40
+    true_session, true = 4e-6, {"conv": (2e-6, 3.0), "gemm": (1e-6, 1.5), "elementwise": (0.5e-6, 0.0)}
+    rows, times = [], []
+    for _ in range(n):
+        row, t = [1.0], true_session
+        for cat in CATEGORIES:
+            count, roof = (int(rng.integers(1, 8)), float(rng.uniform(1e-6, 5e-5))) if cat in true else (0, 0.0)
+            row += [count, roof]
+            if cat in true:
+                t += count * true[cat][0] + roof * true[cat][1]
+        rows.append(np.array(row))
+        times.append(t)
+    session, factors, fitted = fit_factors(rows, times)
+    assert session == pytest.approx(true_session, rel=1e-3)
+    assert factors["conv"].roofline_factor == pytest.approx(3.0, rel=1e-3)
+    assert factors["gemm"].overhead_us == pytest.approx(1.0, rel=1e-2)
+    assert set(factors) == set(true)  # categories never seen get no invented factor
+    assert np.allclose(fitted, times, rtol=1e-6)
+
+
+def test_calibration_models_are_reproducible_and_varied():
+    a, b = calibration_models(8, seed=3), calibration_models(8, seed=3)
+    assert [n for n, _, _ in a] == [n for n, _, _ in b]
+    assert {n.rstrip("0123456789") for n, _, _ in a} == {"cnn", "dwcnn", "mlp"}
+
+
+def test_targets_calibrate_writes_a_loadable_host_target(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "host.yaml"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "targets", "calibrate", "--models", "4",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    host = load_target_file(out)
+    assert host.name == "host" and host.cpu.peak_gflops_fp32 > 1 and host.memory.bandwidth_gbs > 0.5
+    assert host.efficiency.ops and "conv" in host.efficiency.ops
+    assert "measured by `pipeline targets calibrate`" in out.read_text()
