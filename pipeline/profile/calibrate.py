@@ -230,3 +230,127 @@ def write_host_yaml(result: dict[str, Any], path: Path) -> Path:
     )
     path.write_text(header + yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+# --------------------------------------------------------------------------- kernel-level calibration
+
+_CH = [1, 3, 8, 12, 16, 24, 32, 40, 48, 64, 80, 88, 96, 128, 160, 192]
+_DW = [16, 24, 32, 48, 64, 72, 96, 128, 144, 192, 256, 384]
+_FC_IN = [64, 84, 120, 128, 256, 400, 512, 784, 1024, 1568, 2048]
+_FC_OUT = [10, 32, 64, 84, 120, 128, 256, 512]
+
+
+def kernel_configs(seed: int = 0, scale: int = 1) -> list:
+    """Random single-kernel configurations spanning what small CNNs use."""
+    from .kernels import Kernel
+
+    rng = np.random.default_rng(seed)
+    pick = lambda xs: int(rng.choice(xs))  # noqa: E731
+    out = []
+    for _ in range(140 * scale):
+        h = pick([28, 28, 14, 14, 7, 4])
+        k = pick([1, 3, 3, 5])
+        out.append(Kernel("conv", False, pick(_CH), pick(_CH[2:]), k, pick([1, 1, 2]) if h >= 14 else 1, h, h))
+    for _ in range(50 * scale):
+        h = pick([28, 14, 14, 7, 4])
+        c = pick(_DW)
+        out.append(Kernel("dwconv", False, c, c, 3, pick([1, 1, 2]) if h >= 14 else 1, h, h))
+    for _ in range(50 * scale):
+        out.append(Kernel("gemm", False, pick(_FC_IN), pick(_FC_OUT), 1, 1, 1, 1))
+    for _ in range(25 * scale):
+        h = pick([28, 14, 10, 7])
+        c = pick(_CH[2:])
+        out.append(Kernel("pool", False, c, c, 2, 2, h, h))
+    for _ in range(20 * scale):
+        h = pick([7, 4, 2, 1])
+        c = pick(_CH[4:] + [256, 384])
+        out.append(Kernel("gpool", False, c, c, 1, 1, h, h))
+    for _ in range(25 * scale):
+        h = pick([28, 14, 7, 4])
+        c = pick(_CH[4:])
+        out.append(Kernel("add", False, c, c, 1, 1, h, h))
+    return out
+
+
+class _Add(nn.Module):
+    def forward(self, x):
+        return x + x
+
+
+def kernel_module(k) -> tuple[nn.Module, tuple[int, ...]]:
+    if k.kind == "conv":
+        m = nn.Sequential(nn.Conv2d(k.cin, k.cout, k.k, k.stride, k.k // 2, bias=False), nn.BatchNorm2d(k.cout),
+                          nn.ReLU())
+    elif k.kind == "dwconv":
+        m = nn.Sequential(nn.Conv2d(k.cin, k.cin, k.k, k.stride, k.k // 2, groups=k.cin, bias=False),
+                          nn.BatchNorm2d(k.cin), nn.ReLU6())
+    elif k.kind == "gemm":
+        return nn.Sequential(nn.Flatten(), nn.Linear(k.cin, k.cout), nn.ReLU()).eval(), (k.cin, 1, 1)
+    elif k.kind == "pool":
+        m = nn.MaxPool2d(k.k, k.stride)
+    elif k.kind == "gpool":
+        m = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    else:
+        m = _Add()
+    return m.eval(), (k.cin, k.h, k.w)
+
+
+def measure_kernels(threads: int, tmp: Path, progress: Callable[[str], None], seed: int = 0,
+                    scale: int = 1) -> tuple[list[dict[str, Any]], float]:
+    """Time each kernel alone (minus a near-empty model's time); int8 versions of the compute kernels."""
+    from dataclasses import replace
+
+    base_path = export_model("onnx", nn.Flatten().eval(), (1, 1, 1), tmp / "empty.onnx", 17)
+    base_us = steady_latency_ms(base_path, (1, 1, 1), threads) * 1e3
+    configs = kernel_configs(seed, scale)
+    samples = []
+    for i, k in enumerate(configs):
+        torch.manual_seed(i)
+        module, shape = kernel_module(k)
+        path = export_model("onnx", module, shape, tmp / f"k{i}.onnx", 17)
+        variants = [(k, path)]
+        if k.kind in ("conv", "dwconv", "gemm") and i % 2 == 0:
+            x = np.random.default_rng(i).random((4, *shape), dtype=np.float32)
+            q, _ = quantize_model("int8-static", path, tmp / f"k{i}q.onnx", x, x[:1], np.zeros(1, np.int64), 1.0)
+            variants.append((replace(k, int8=True), q))
+        for kern, p in variants:
+            us = steady_latency_ms(p, shape, threads, rounds=3, runs=30) * 1e3 - base_us
+            samples.append({"kernel": kern.to_dict(), "us": round(max(us, 0.05), 3)})
+        if (i + 1) % 50 == 0:
+            progress(f"kernels measured: {i + 1}/{len(configs)}")
+    return samples, base_us
+
+
+def fit_kernel_predictor(threads: int, tmp: Path, models: int, progress: Callable[[str], None]):
+    """Kernel forests from isolated measurements, then a per-precision linear correction fitted on whole
+    random models (feeds, fetches and boundary quantization are not in any single kernel)."""
+    from scipy.optimize import nnls
+
+    from .kernels import KernelPredictor
+
+    samples, base_us = measure_kernels(threads, tmp, progress)
+    predictor = KernelPredictor(samples)
+    calib_x = np.random.default_rng(1).random((16, 1, 28, 28), dtype=np.float32)
+    rows: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
+    times: dict[str, list[float]] = {"fp32": [], "int8": []}
+    for i, (name, model, shape) in enumerate(calibration_models(models, seed=100)):
+        fp32 = export_model("onnx", model, shape, tmp / f"w{name}.onnx", 17)
+        q, _ = quantize_model("int8-static", fp32, tmp / f"w{name}q.onnx", calib_x, calib_x[:1],
+                              np.zeros(1, np.int64), 1.0)
+        for key, path in (("fp32", fp32), ("int8", q)):
+            rows[key].append(predictor.kind_sums_us(path)[0])
+            times[key].append(steady_latency_ms(path, shape, threads) * 1e3)
+    correction, errors = {}, []
+    for key in rows:
+        a, t = np.array(rows[key]), np.array(times[key])
+        w = 1 / t
+        scale = np.maximum(a.max(0), 1e-9)
+        coef, _ = nnls(a / scale * w[:, None], t * w)
+        coef = coef / scale
+        correction[key] = [round(float(c), 5) for c in coef]
+        errors += list(np.abs(a @ coef - t) / t)
+    predictor.correction = correction
+    err = np.array(errors)
+    return predictor, {"kernels": len(samples), "empty_model_us": round(base_us, 3), "models": len(err),
+                       "median_abs_error_pct": round(float(np.median(err) * 100), 2),
+                       "within_10pct": round(float((err <= 0.1).mean()), 3)}
