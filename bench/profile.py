@@ -5,7 +5,9 @@
 Needs targets/host.yaml (``pipeline targets calibrate``), calibrated on random models that are not
 among the variants below. For each variant (zoo model x structured sparsity x quantization) the
 host's predicted latency is set against its measured steady latency (lowest of several round
-medians, onnxruntime, the host's thread count). The int8 section compares a trained small ResNet
+medians, onnxruntime, the host's thread count), normalised to the machine's speed at calibration
+time by a reference model timed just before and after it (these shared machines drift between
+speed levels for minutes; the raw figure and the factor are in the JSON too). The int8 section compares a trained small ResNet
 with its int8 static (QDQ) version: size ratio, speedup (interleaved rounds) and accuracy drop.
 """
 
@@ -33,8 +35,8 @@ from pipeline.config import CompressStep, TrainConfig  # noqa: E402
 from pipeline.data import load_dataset  # noqa: E402
 from pipeline.export import export_model, quantize_model  # noqa: E402
 from pipeline.models import zoo  # noqa: E402
-from pipeline.profile import analyse, predict  # noqa: E402
-from pipeline.profile.compare import compare_latency, steady_latency_ms  # noqa: E402
+from pipeline.profile import kernel_predictor, predict_model  # noqa: E402
+from pipeline.profile.compare import SpeedProbe, compare_latency, steady_latency_ms  # noqa: E402
 from pipeline.targets import load_target  # noqa: E402
 from pipeline.training import train  # noqa: E402
 
@@ -55,6 +57,11 @@ def main() -> None:
     data = load_dataset("mnist-5k", 4000, 1000, seed=0)
     tmp = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     calib = data.x_train[:128]
+    predictor = kernel_predictor(host)
+    if predictor is None or predictor.reference_ms is None:
+        sys.exit("targets/host.kernels.json is missing or predates the speed reference: run "
+                 "`pipeline targets calibrate` first")
+    probe, reference_ms = SpeedProbe(threads, tmp), predictor.reference_ms
     variants = []
     t0 = time.perf_counter()
     for name, make in ZOO.items():
@@ -68,11 +75,15 @@ def main() -> None:
             int8, _ = quantize_model("int8-static", fp32, tmp / f"{name}-{ratio}-int8.onnx", calib, data.x_test[:10],
                                      data.y_test[:10], 1.0)
             for quant, path in (("fp32", fp32), ("int8", int8)):
-                predicted = predict(analyse(path), host)["latency_ms"]
-                measured = steady_latency_ms(path, data.input_shape, threads)
+                predicted = predict_model(path, host)["latency_ms"]
+                before = probe.probe()
+                raw = steady_latency_ms(path, data.input_shape, threads)
+                speed = reference_ms / ((before + probe.probe()) / 2)
+                measured = raw * speed  # at the machine speed of calibration time
                 err = (predicted - measured) / measured
                 variants.append({"model": name, "structured_ratio": ratio, "quantization": quant,
                                  "predicted_ms": round(predicted, 4), "measured_ms": round(measured, 4),
+                                 "measured_raw_ms": round(raw, 4), "speed_factor": round(speed, 4),
                                  "error_pct": round(100 * err, 2)})
                 print(f"{name:18s} ratio {ratio:.1f} {quant}: predicted {predicted:8.4f} ms, measured "
                       f"{measured:8.4f} ms, error {100 * err:+6.1f}%", flush=True)

@@ -139,7 +139,7 @@ def cmd_calibrate(args: argparse.Namespace, ui) -> int:
 
     out = Path(args.out) if args.out else targets_dir() / "host.yaml"
     with ui.stage("Calibrate this machine as a target"):
-        result = calibrate(args.threads, args.models, progress=ui.info)
+        result = calibrate(args.threads, args.models, progress=ui.info, kernel_scale=args.kernel_scale)
         write_host_yaml(result, out)
     ui.table("Op factors (latency = overhead + factor x roofline time)", ["category", "overhead us", "factor"],
              [[c, f["overhead_us"], f["roofline_factor"]] for c, f in result["ops"].items()])
@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="calibrate: where to write (default: targets/host.yaml)")
     t.add_argument("--threads", type=int, default=None, help="calibrate: threads (default: all cores)")
     t.add_argument("--models", type=int, default=32, help="calibrate: random models to fit on")
+    t.add_argument("--kernel-scale", type=int, default=4,
+                   help="calibrate: x ~310 single kernels timed for the kernel-level predictor (0: skip)")
     t.set_defaults(func=cmd_targets)
     return parser
 

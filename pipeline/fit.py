@@ -17,7 +17,7 @@ from typing import Any
 from .compress_stage import Prepared, compress, prepare
 from .config import CompressStep, DeployConfig
 from .errors import BudgetError, CompressionError, ExportError
-from .profile import analyse, calibrated_host, predict
+from .profile import analyse, predict_model
 from .profile.budgets import evaluate, failures
 from .targets import TargetProfile
 from .ui import UI
@@ -84,7 +84,6 @@ def run_fit(cfg: DeployConfig, target: TargetProfile, ui: UI, out: Path | None =
 
     prepared = prepare(cfg, ui)
     out = out or cfg.resolve(cfg.workdir) / "fit" / target.name
-    host = calibrated_host(target)
     quiet = UI(quiet=True)
     cands: list[Candidate] = []
     space = search_space(cfg)
@@ -105,7 +104,7 @@ def run_fit(cfg: DeployConfig, target: TargetProfile, ui: UI, out: Path | None =
                 cands.append(c)
                 continue
             static = analyse(exported.path)
-            p = predict(static, target, host)
+            p = predict_model(exported.path, target, static)
             c.accuracy = exported.quantization_report.get("accuracy_quantized", exported.parity["accuracy_onnx"])
             c.figures = {"latency_ms": p["latency_ms"], "peak_memory_mb": p["peak_memory_mb"],
                          "model_size_mb": round(static.size_bytes / 2**20, 4), "energy_mj": p["energy_mj"]}

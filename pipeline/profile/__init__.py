@@ -46,9 +46,42 @@ def host_threads(target: TargetProfile) -> int:
     return max(1, min(target.cpu.cores, os.cpu_count() or 1))
 
 
+def kernel_predictor(target: TargetProfile):
+    """The kernel-level predictor of a target calibrated in person (targets/<name>.kernels.json), if any."""
+    from ..targets import targets_dir
+    from .kernels import KernelPredictor
+
+    path = targets_dir() / f"{target.name}.kernels.json"
+    if not path.is_file():
+        return None
+    cached = _KERNEL_CACHE.get(path)
+    if cached is None or cached[0] != path.stat().st_mtime_ns:
+        cached = _KERNEL_CACHE[path] = (path.stat().st_mtime_ns, KernelPredictor.load(path))
+    return cached[1]
+
+
+_KERNEL_CACHE: dict[Path, tuple[int, Any]] = {}
+
+
+def predict_model(path: Path, target: TargetProfile, static: StaticProfile | None = None) -> dict[str, Any]:
+    """Predicted figures for a model file: kernel-level latency where the target was calibrated in person,
+    else the roofline (with host-calibrated op factors where a host calibration exists)."""
+    static = static or analyse(path)
+    predicted = predict(static, target, calibrated_host(target))
+    kp = kernel_predictor(target)
+    if kp is not None:
+        latency = kp.predict_ms(path)
+        predicted["roofline_latency_ms"] = predicted["latency_ms"]
+        predicted["latency_ms"] = round(latency, 4)
+        predicted["energy_mj"] = round(latency * target.power.active_w, 4)
+        predicted["basis"] = (f"kernel-level predictor calibrated on {target.name} "
+                              f"({len(kp.samples)} kernels); energy at {target.power.active_w:g} W active")
+    return predicted
+
+
 def profile_model(path: Path, target: TargetProfile, runs: int = 100) -> ProfileReport:
     static = analyse(path)
-    predicted = predict(static, target, calibrated_host(target))
+    predicted = predict_model(path, target, static)
     measured = measure_on_host(path, threads=host_threads(target), runs=runs)
     measured["emulated"] = True
     measured["note"] = f"measured on this host with {host_threads(target)} thread(s), not on a {target.name}"
@@ -66,4 +99,4 @@ def profile_model(path: Path, target: TargetProfile, runs: int = 100) -> Profile
     return ProfileReport(target.name, static, predicted, measured, evaluate(target.budgets, figures))
 
 
-__all__ = ["ProfileReport", "analyse", "predict", "profile_model", "measure_on_host"]
+__all__ = ["ProfileReport", "analyse", "measure_on_host", "predict", "predict_model", "profile_model"]

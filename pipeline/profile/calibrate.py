@@ -157,7 +157,8 @@ def fit_factors(rows: list[np.ndarray], times_s: list[float]) -> tuple[float, di
     return float(coef[0]), factors, a @ coef
 
 
-def calibrate(threads: int | None = None, models: int = 32, progress: Callable[[str], None] = print) -> dict[str, Any]:
+def calibrate(threads: int | None = None, models: int = 32, progress: Callable[[str], None] = print,
+              kernel_scale: int = 4) -> dict[str, Any]:
     threads = threads or os.cpu_count() or 1
     tmp = Path(tempfile.mkdtemp(prefix="calibrate-"))
     try:
@@ -182,7 +183,14 @@ def calibrate(threads: int | None = None, models: int = 32, progress: Callable[[
             progress(f"calibration model {i + 1}/{models}: {name}")
         session, factors, fitted = fit_factors(rows, times)
         err = np.abs(fitted - np.array(times)) / np.array(times)
+        kernels, kernel_fit = None, None
+        if kernel_scale:
+            progress("kernel-level predictor: timing single kernels in context")
+            kernels, kernel_fit = fit_kernel_predictor(threads, tmp, max(models // 2, 4), progress, kernel_scale)
+            progress(f"kernel predictor: {kernel_fit['kernels']} kernels; on {kernel_fit['models']} whole models "
+                     f"median error {kernel_fit['median_abs_error_pct']}%, {kernel_fit['within_10pct']:.0%} within 10%")
         return {"peaks": peaks, "threads": threads, "session_overhead_us": round(session * 1e6, 3),
+                "kernels": kernels, "kernel_fit": kernel_fit,
                 "ops": {k: v.model_dump() for k, v in factors.items()},
                 "fit": {"models": len(times), "median_abs_error_pct": round(float(np.median(err) * 100), 2),
                         "within_10pct": round(float((err <= 0.1).mean()), 3)},
@@ -229,7 +237,15 @@ def write_host_yaml(result: dict[str, Any], path: Path) -> Path:
         f"# Re-run `pipeline targets calibrate` after moving to another machine.\n"
     )
     path.write_text(header + yaml.safe_dump(data, sort_keys=False))
+    if result.get("kernels") is not None:
+        result["kernels"].save(kernels_path(path), {**result["kernel_fit"], "threads": result["threads"],
+                                                    "date": today})
     return path
+
+
+def kernels_path(target_yaml: Path) -> Path:
+    """Where a calibrated target keeps its kernel measurements: beside its YAML."""
+    return target_yaml.with_name(target_yaml.stem + ".kernels.json")
 
 
 # --------------------------------------------------------------------------- kernel-level calibration
@@ -295,40 +311,61 @@ def kernel_module(k) -> tuple[nn.Module, tuple[int, ...]]:
     return m.eval(), (k.cin, k.h, k.w)
 
 
+def _prefix(k) -> nn.Module:
+    """A cheap first layer on the kernel's input: the kernel is then timed in context (the input already in
+    the runtime's internal layout, as it is inside a network), as T(prefix + kernel) - T(prefix)."""
+    if k.kind == "gemm":
+        return nn.ReLU()
+    return nn.Sequential(nn.Conv2d(k.cin, k.cin, 1, groups=k.cin, bias=False), nn.ReLU())
+
+
 def measure_kernels(threads: int, tmp: Path, progress: Callable[[str], None], seed: int = 0,
-                    scale: int = 1) -> tuple[list[dict[str, Any]], float]:
-    """Time each kernel alone (minus a near-empty model's time); int8 versions of the compute kernels."""
+                    scale: int = 1, probe=None, reference_ms: float | None = None) -> tuple[list[dict[str, Any]], float]:
+    """Time each kernel in context; int8 versions of the compute kernels (quantized with their prefix).
+    Every 20 kernels the speed reference is timed again and the samples are normalised to ``reference_ms``."""
     from dataclasses import replace
 
-    base_path = export_model("onnx", nn.Flatten().eval(), (1, 1, 1), tmp / "empty.onnx", 17)
-    base_us = steady_latency_ms(base_path, (1, 1, 1), threads) * 1e3
     configs = kernel_configs(seed, scale)
-    samples = []
+    samples, pending = [], []
+    factor = 1.0
     for i, k in enumerate(configs):
+        if probe is not None and i % 20 == 0:
+            factor = reference_ms / probe.probe()
         torch.manual_seed(i)
         module, shape = kernel_module(k)
-        path = export_model("onnx", module, shape, tmp / f"k{i}.onnx", 17)
-        variants = [(k, path)]
+        prefix = _prefix(k).eval()
+        pre = export_model("onnx", prefix, shape, tmp / f"p{i}.onnx", 17)
+        full = export_model("onnx", nn.Sequential(prefix, module).eval(), shape, tmp / f"k{i}.onnx", 17)
+        variants = [(k, pre, full)]
         if k.kind in ("conv", "dwconv", "gemm") and i % 2 == 0:
             x = np.random.default_rng(i).random((4, *shape), dtype=np.float32)
-            q, _ = quantize_model("int8-static", path, tmp / f"k{i}q.onnx", x, x[:1], np.zeros(1, np.int64), 1.0)
-            variants.append((replace(k, int8=True), q))
-        for kern, p in variants:
-            us = steady_latency_ms(p, shape, threads, rounds=3, runs=30) * 1e3 - base_us
-            samples.append({"kernel": kern.to_dict(), "us": round(max(us, 0.05), 3)})
+            qargs = (x, x[:1], np.zeros(1, np.int64), 1.0)
+            qpre, _ = quantize_model("int8-static", pre, tmp / f"p{i}q.onnx", *qargs)
+            qfull, _ = quantize_model("int8-static", full, tmp / f"k{i}q.onnx", *qargs)
+            variants.append((replace(k, int8=True), qpre, qfull))
+        for kern, p_pre, p_full in variants:
+            a = steady_latency_ms(p_pre, shape, threads, rounds=3, runs=30)
+            b = steady_latency_ms(p_full, shape, threads, rounds=3, runs=30)
+            samples.append({"kernel": kern.to_dict(), "us": round(max((b - a) * 1e3 * factor, 0.05), 3)})
         if (i + 1) % 50 == 0:
             progress(f"kernels measured: {i + 1}/{len(configs)}")
-    return samples, base_us
+    del pending
+    return samples, 0.0
 
 
-def fit_kernel_predictor(threads: int, tmp: Path, models: int, progress: Callable[[str], None]):
+def fit_kernel_predictor(threads: int, tmp: Path, models: int, progress: Callable[[str], None], scale: int = 1):
     """Kernel forests from isolated measurements, then a per-precision linear correction fitted on whole
-    random models (feeds, fetches and boundary quantization are not in any single kernel)."""
+    random models (feeds, fetches and boundary quantization are not in any single kernel). All timings
+    are normalised to the speed reference's latency at the start, so a drift of the machine's speed
+    during calibration does not bend the fit."""
     from scipy.optimize import nnls
 
+    from .compare import SpeedProbe
     from .kernels import KernelPredictor
 
-    samples, base_us = measure_kernels(threads, tmp, progress)
+    probe = SpeedProbe(threads, tmp)
+    reference_ms = probe.probe()
+    samples, base_us = measure_kernels(threads, tmp, progress, scale=scale, probe=probe, reference_ms=reference_ms)
     predictor = KernelPredictor(samples)
     calib_x = np.random.default_rng(1).random((16, 1, 28, 28), dtype=np.float32)
     rows: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
@@ -337,9 +374,10 @@ def fit_kernel_predictor(threads: int, tmp: Path, models: int, progress: Callabl
         fp32 = export_model("onnx", model, shape, tmp / f"w{name}.onnx", 17)
         q, _ = quantize_model("int8-static", fp32, tmp / f"w{name}q.onnx", calib_x, calib_x[:1],
                               np.zeros(1, np.int64), 1.0)
+        factor = reference_ms / probe.probe()
         for key, path in (("fp32", fp32), ("int8", q)):
             rows[key].append(predictor.kind_sums_us(path)[0])
-            times[key].append(steady_latency_ms(path, shape, threads) * 1e3)
+            times[key].append(steady_latency_ms(path, shape, threads) * 1e3 * factor)
     correction, errors = {}, []
     for key in rows:
         a, t = np.array(rows[key]), np.array(times[key])
@@ -351,6 +389,7 @@ def fit_kernel_predictor(threads: int, tmp: Path, models: int, progress: Callabl
         errors += list(np.abs(a @ coef - t) / t)
     predictor.correction = correction
     err = np.array(errors)
-    return predictor, {"kernels": len(samples), "empty_model_us": round(base_us, 3), "models": len(err),
+    predictor.reference_ms = round(reference_ms, 5)
+    return predictor, {"kernels": len(samples), "reference_ms": round(reference_ms, 5), "models": len(err),
                        "median_abs_error_pct": round(float(np.median(err) * 100), 2),
                        "within_10pct": round(float((err <= 0.1).mean()), 3)}

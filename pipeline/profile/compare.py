@@ -67,3 +67,27 @@ def steady_latency_ms(path: Path, input_shape: tuple[int, ...], threads: int, ro
             t[k] = time.perf_counter() - t0
         best = min(best, float(np.median(t)))
     return best * 1e3
+
+
+class SpeedProbe:
+    """This machine's current speed, from a fixed reference model timed now.
+
+    Shared machines drift between speed levels for seconds to minutes; timing the reference next to
+    each measurement lets figures taken at different moments be compared (``normalise``)."""
+
+    def __init__(self, threads: int, tmp: Path) -> None:
+        import torch
+        from torch import nn
+
+        from ..export import export_model
+
+        torch.manual_seed(1234)
+        model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                              nn.MaxPool2d(2), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Linear(32, 10)).eval()
+        self.shape = (1, 28, 28)
+        self.path = export_model("onnx", model, self.shape, tmp / "speed-reference.onnx", 17)
+        self.threads = threads
+
+    def probe(self) -> float:
+        return steady_latency_ms(self.path, self.shape, self.threads, rounds=3, runs=30)

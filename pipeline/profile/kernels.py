@@ -65,6 +65,20 @@ def _shape(values: dict[str, onnx.ValueInfoProto], name: str) -> list[int]:
     return [d.dim_value if d.HasField("dim_value") else 1 for d in vi.type.tensor_type.shape.dim]
 
 
+def qdq_kilo_elements(path: Path) -> float:
+    """Thousands of activation elements that pass through Quantize/DequantizeLinear nodes left in the graph
+    (around ops that have no int8 kernel, and at the model's edges): their cost is not in any kernel."""
+    model = load_onnx(path)
+    g = model.graph
+    values = {vi.name: vi for vi in [*g.input, *g.output, *g.value_info]}
+    inits = {t.name for t in g.initializer}
+    total = 0
+    for node in g.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[0] not in inits:
+            total += int(np.prod(_shape(values, node.input[0]) or [0]))
+    return total / 1e3
+
+
 def kernels_of(path: Path) -> list[Kernel]:
     """The kernels onnxruntime will run for a model, from its exported graph (BN and activations fused
     into the convolution or GEMM before them, Q/DQ pairs folded into int8 kernels, shape ops free)."""
@@ -120,9 +134,12 @@ class KernelPredictor:
     def __init__(self, samples: list[dict[str, Any]], correction: dict[str, list[float]] | None = None) -> None:
         from sklearn.ensemble import RandomForestRegressor
 
-        #: per precision, model latency = a + sum over kinds of b_kind x (kernel predictions of that kind),
-        #: fitted on whole models: [a, b_conv, b_dwconv, ...] in KINDS order
-        self.correction = correction or {p: [0.0] + [1.0] * len(KINDS) for p in ("fp32", "int8")}
+        #: per precision, model latency = a + sum over kinds of b_kind x (kernel predictions of that kind)
+        #: + c x (thousands of elements through activation Q/DQ), fitted on whole models:
+        #: [a, b_conv, b_dwconv, ..., c] in KINDS order
+        self.correction = correction or {p: [0.0] + [1.0] * len(KINDS) + [0.0] for p in ("fp32", "int8")}
+        #: the speed reference's latency when calibrated (see profile.compare.SpeedProbe)
+        self.reference_ms: float | None = None
         self.samples = samples
         self.forests: dict[tuple[str, bool], Any] = {}
         groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
@@ -145,11 +162,13 @@ class KernelPredictor:
         return out
 
     def kind_sums_us(self, path: Path) -> tuple[np.ndarray, bool]:
-        """[1, sum of conv kernels, sum of dwconv kernels, ...] in microseconds, and whether it is int8."""
+        """[1, sum of conv kernels, sum of dwconv kernels, ..., Q/DQ kilo-elements] (microseconds), and whether
+        the model is int8."""
         kernels = kernels_of(path)
         us = self.kernel_us(kernels)
         sums = [1.0] + [float(sum(u for k, u in zip(kernels, us) if k.kind == kind)) for kind in KINDS]
-        return np.array(sums), any(k.int8 for k in kernels)
+        int8 = any(k.int8 for k in kernels)
+        return np.array(sums + [qdq_kilo_elements(path) if int8 else 0.0]), int8
 
     def predict_ms(self, path: Path) -> float:
         sums, int8 = self.kind_sums_us(path)
@@ -160,9 +179,12 @@ class KernelPredictor:
                        and (k.kind, not k.int8) not in self.forests})
 
     def save(self, path: Path, meta: dict[str, Any]) -> None:
-        path.write_text(json.dumps({"meta": meta, "correction": self.correction, "samples": self.samples}))
+        path.write_text(json.dumps({"meta": meta, "reference_ms": self.reference_ms, "correction": self.correction,
+                                    "samples": self.samples}))
 
     @classmethod
     def load(cls, path: Path) -> "KernelPredictor":
         data = json.loads(path.read_text())
-        return cls(data["samples"], data["correction"])
+        predictor = cls(data["samples"], data["correction"])
+        predictor.reference_ms = data.get("reference_ms")
+        return predictor

@@ -86,9 +86,15 @@ def test_targets_calibrate_writes_a_loadable_host_target(tmp_path):
 
     out = tmp_path / "host.yaml"
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "targets", "calibrate", "--models", "4",
-                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--threads", "1", "--kernel-scale", "1", "--out", str(out)], capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     host = load_target_file(out)
     assert host.name == "host" and host.cpu.peak_gflops_fp32 > 1 and host.memory.bandwidth_gbs > 0.5
     assert host.efficiency.ops and "conv" in host.efficiency.ops
     assert "measured by `pipeline targets calibrate`" in out.read_text()
+    from pipeline.profile.kernels import KernelPredictor
+
+    kernels = KernelPredictor.load(tmp_path / "host.kernels.json")
+    assert len(kernels.samples) > 300 and kernels.reference_ms > 0
+    assert {"conv", "dwconv", "gemm", "pool", "gpool", "add"} <= {s["kernel"]["kind"] for s in kernels.samples}

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -98,3 +99,24 @@ def test_bad_model_files_get_clear_errors(tmp_path, model_path):
         analyse(odd)
     with pytest.raises(ModelError, match="no such model file"):
         analyse(tmp_path / "missing.onnx")
+
+
+def test_kernels_of_a_residual_int8_network(tmp_path):
+    from pipeline.export import quantize_model
+    from pipeline.models import zoo
+    from pipeline.profile.kernels import kernels_of, qdq_kilo_elements
+
+    torch.manual_seed(0)
+    model = zoo.resnet_small((1, 8, 8), 10, widths=(8, 16, 32), blocks=1).eval()
+    fp32 = export_model("onnx", model, (1, 8, 8), tmp_path / "r.onnx", 17)
+    kinds = [k.kind for k in kernels_of(fp32)]
+    # stem, 3 blocks x 2 convs, 2 projection shortcuts; 3 residual adds; global pool; classifier
+    assert kinds.count("conv") == 1 + 6 + 2 and kinds.count("add") == 3
+    assert kinds.count("gpool") == 1 and kinds.count("gemm") == 1
+    x = np.random.default_rng(0).random((8, 1, 8, 8), dtype=np.float32)
+    q, _ = quantize_model("int8-static", fp32, tmp_path / "q.onnx", x, x[:1], np.zeros(1, np.int64), 1.0)
+    kq = kernels_of(q)
+    assert [k.kind for k in kq] == kinds and all(k.int8 for k in kq)
+    assert qdq_kilo_elements(q) > 0 and qdq_kilo_elements(fp32) == 0
+    first = kq[0]
+    assert (first.cin, first.cout, first.k, first.h) == (1, 8, 3, 8)
