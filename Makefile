@@ -3,11 +3,13 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml .ci/constraints.txt | sha1sum | cut -c1-12)
+HASH := $(shell cat pyproject.toml .ci/constraints.txt | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(HASH)
+TFLITE_STAMP := $(VENV)/.installed-tflite-$(HASH)
 # pip must never resolve a torch other than the CPU wheel pinned here (another one is a multi-GB CUDA build)
 TORCH := torch==2.13.0
 
-.PHONY: all install system-deps demo test clean
+.PHONY: all install install-tflite system-deps demo test clean
 
 all: demo
 
@@ -21,6 +23,12 @@ $(STAMP): pyproject.toml .ci/constraints.txt | $(BIN)/python
 	$(BIN)/pip install --quiet -c .ci/constraints.txt -e '.[dev]'
 	@$(BIN)/python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'torch {v} was installed instead of 2.13.0')"
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+# The TFLite converter (litert-torch, ~1.2 GB with jax) is an extra: the tests need it, the demo does not.
+$(TFLITE_STAMP): $(STAMP)
+	@echo "== installing the [tflite] extra (litert-torch, ai-edge-litert; about 1.2 GB)"
+	$(BIN)/pip install --quiet -c .ci/constraints.txt -e '.[dev,tflite]'
 	touch $@
 
 # System programs: Mosquitto (the local broker and the tests' broker).
@@ -37,10 +45,12 @@ system-deps:
 
 install: $(STAMP) system-deps
 
+install-tflite: $(TFLITE_STAMP) system-deps
+
 demo: install
 	$(BIN)/pipeline deploy --target rpi4 --config deploy.yaml --report demo-report.json
 
-test: install
+test: install-tflite
 	$(BIN)/python -m pytest -q -ra
 
 clean:

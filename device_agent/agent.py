@@ -26,7 +26,7 @@ from .protocol import (
     DEFAULT_WINDOW, Event, Job, Leaf, Metrics, ResultCode, State, Status, decode, decode_chunk, encode, parse_topic,
     topic,
 )
-from .runtimes import Session, get_runtime, known_runtimes
+from .runtimes import Session, available_runtimes, get_runtime
 from .slots import SlotStore
 from .storage import atomic_write_json, read_json
 
@@ -201,8 +201,8 @@ class Agent:
             raise VerificationError(f"version {m.version} is not newer than {highest} already accepted "
                                     "(replayed or stale manifest)", ResultCode.UPDATE_FAILED)
         m.check_expiry()
-        if m.runtime not in known_runtimes():
-            raise VerificationError(f"runtime {m.runtime!r} is not on this device (has {known_runtimes()})",
+        if m.runtime not in available_runtimes():
+            raise VerificationError(f"runtime {m.runtime!r} is not on this device (has {available_runtimes()})",
                                     ResultCode.UNSUPPORTED_PACKAGE)
         free = shutil.disk_usage(self.root).free
         if free < 2 * m.length:

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     show.add_argument("--config", required=True)
     bench = sub.add_parser("bench", help="time a model file on this device and print JSON")
     bench.add_argument("model")
-    bench.add_argument("--runtime", default="onnxruntime")
+    bench.add_argument("--runtime", default=None, help="default: by the file's suffix (.onnx, .tflite)")
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--runs", type=int, default=100)
     bench.add_argument("--sysfs", default="/sys", help="where to look for energy counters (RAPL, hwmon)")
@@ -63,10 +63,10 @@ def _bench(args: argparse.Namespace) -> int:
 
     from .health import benchmark
     from .power import EnergyMeter
-    from .runtimes import get_runtime
+    from .runtimes import get_runtime, runtime_for
 
     try:
-        session = get_runtime(args.runtime).load(Path(args.model), args.threads)
+        session = get_runtime(args.runtime or runtime_for(Path(args.model))).load(Path(args.model), args.threads)
         rng = np.random.default_rng(0)
         feeds = {i.name: rng.random([d if isinstance(d, int) and d > 0 else 1 for d in i.shape]).astype(i.dtype)
                  for i in session.inputs}
@@ -77,7 +77,7 @@ def _bench(args: argparse.Namespace) -> int:
             repeats = max(args.runs, int(0.5 / max(result.latency_ms_p50 / 1e3, 1e-6)))  # >= ~0.5 s of work
             energy = {"mj_per_inference": round(meter.measure(lambda: session.run(feeds), repeats), 5),
                       "source": meter.source, "repeats": repeats}
-    except AgentError as exc:
+    except (AgentError, ValueError) as exc:
         print(f"device-agent: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps({"latency_ms_p50": result.latency_ms_p50, "latency_ms_p95": result.latency_ms_p95,

@@ -76,7 +76,7 @@ class FinetuneConfig(Strict):
 
 
 class ExportConfig(Strict):
-    format: Literal["onnx"] = "onnx"
+    format: Literal["onnx", "tflite"] = "onnx"
     opset: int = Field(17, ge=17, le=21)
     simplify: bool = Field(True, description="run onnxslim, then check parity again")
     quantize: str = "none"
@@ -215,6 +215,9 @@ def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
 
     if cfg.export.quantize not in QUANTIZERS:
         raise ConfigError(f"{where}: export.quantize: got {cfg.export.quantize!r}; allowed: {QUANTIZERS.names()}")
+    if cfg.export.format == "tflite" and cfg.export.quantize not in ("none", "int8-static"):
+        raise ConfigError(f"{where}: export.quantize: got {cfg.export.quantize!r}; with format tflite: "
+                          "['int8-static', 'none'] (int8-static is full-integer there)")
     unknown = [q for q in cfg.fit.quantizations if q not in QUANTIZERS]
     if unknown:
         raise ConfigError(f"{where}: fit.quantizations: got {unknown}; allowed: {QUANTIZERS.names()}")

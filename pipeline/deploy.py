@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.config import BrokerConfig
+from device_agent.runtimes import runtime_for
 
 from .bundle import build_artifact, next_version, public_key_path
 from .compress_stage import compress
 from .config import DeployConfig
-from .errors import BudgetError, DeliveryError
+from .errors import BudgetError, ConfigError, DeliveryError
 from .fit import print_fit, require_best, run_fit
-from .export import ExportResult, check_parity, export_model, quantize_model, simplify
+from .export import ExportResult, check_parity, export_model, quantization_report, quantize_model, simplify
 from .ota import LocalBroker, LocalFleet, deliver
 from .profile import host_threads, profile_model
 from .profile.speed import speed_gate
@@ -33,6 +34,10 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
     target = target_for_deploy(cfg, target_name)
     workdir = cfg.resolve(cfg.workdir)
     report: dict[str, Any] = {"target": target.name, "name": cfg.name}
+    runtime = {"onnx": "onnxruntime", "tflite": "tflite"}[cfg.export.format]
+    if runtime not in target.runtimes:
+        raise ConfigError(f"export.format {cfg.export.format!r} needs the {runtime} runtime, which {target.name} does "
+                          f"not list (its runtimes: {target.runtimes}); choose another format or target")
 
     choice, prepared = None, None
     if cfg.fit.enabled:
@@ -76,7 +81,7 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
                         "parity": parity, "quantization": qreport or None}
 
     with ui.stage(f"Profile against {target.name} ({target.description})"):
-        prof = profile_model(final, target)
+        prof = profile_model(final, target, analysis=exported.analysis_path)
         _print_profile(ui, prof, target)
         report["profile"] = prof.to_dict()
         report["budgets"] = [r.to_dict() for r in prof.budgets]
@@ -92,7 +97,7 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
         budgets = {r.name: r.limit for r in prof.budgets}
         artifact = build_artifact(
             final, workdir / "artifacts", name=cfg.name, version=next_version(workdir), target=target.name,
-            runtime="onnxruntime", golden_inputs=data.x_test[:GOLDEN_CASES], budgets=budgets,
+            runtime=runtime_for(final), golden_inputs=data.x_test[:GOLDEN_CASES], budgets=budgets,
             predicted=prof.predicted, health={"max_rss_mb": None, "max_latency_ms": None, "runs": 20},
             key_dir=key_dir,
         )
@@ -108,9 +113,16 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
 
 def export_stage(cfg: DeployConfig, model, data, out: Path, ui: UI, quantize: str) -> ExportResult:
     """Export, check parity with PyTorch, simplify (parity again), quantize (accuracy and SQNR vs fp32)."""
-    fp32 = export_model(cfg.export.format, model, data.input_shape, out / "model-fp32.onnx", cfg.export.opset)
+    onnx_result = _export_onnx(cfg, model, data, out, ui, quantize)
+    if cfg.export.format == "onnx":
+        return onnx_result
+    return _export_tflite(cfg, model, data, out, ui, quantize, onnx_result)
+
+
+def _export_onnx(cfg: DeployConfig, model, data, out: Path, ui: UI, quantize: str) -> ExportResult:
+    fp32 = export_model("onnx", model, data.input_shape, out / "model-fp32.onnx", cfg.export.opset)
     parity = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
-    ui.info(f"parity vs PyTorch: max abs diff {parity['max_abs_diff']:.2e} (tolerance {parity['atol']:g}), "
+    ui.info(f"ONNX parity vs PyTorch: max abs diff {parity['max_abs_diff']:.2e} (tolerance {parity['atol']:g}), "
             f"accuracy {parity['accuracy_torch']:.2%} torch / {parity['accuracy_onnx']:.2%} onnxruntime")
     if cfg.export.simplify:
         fp32 = simplify(fp32, out / "model-fp32-slim.onnx")
@@ -125,7 +137,27 @@ def export_stage(cfg: DeployConfig, model, data, out: Path, ui: UI, quantize: st
                 f"SQNR {qreport['sqnr_db']} dB, {qreport['size_fp32_bytes']:,} -> {qreport['size_quantized_bytes']:,} bytes")
     else:
         final = shutil.copyfile(fp32, out / "model.onnx")
-    return ExportResult(Path(final), cfg.export.format, quantize, Path(final).stat().st_size, parity, qreport)
+    return ExportResult(Path(final), "onnx", quantize, Path(final).stat().st_size, parity, qreport, Path(final))
+
+
+def _export_tflite(cfg: DeployConfig, model, data, out: Path, ui: UI, quantize: str,
+                   onnx_twin: ExportResult) -> ExportResult:
+    from .export.tflite_export import export_tflite_int8
+
+    fp32 = export_model("tflite", model, data.input_shape, out / "model-fp32.tflite", 0)
+    parity = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
+    ui.info(f"TFLite parity vs PyTorch: max abs diff {parity['max_abs_diff']:.2e}, accuracy "
+            f"{parity['accuracy_onnx']:.2%} on the TFLite interpreter")
+    if quantize == "none":
+        final, qreport = Path(shutil.copyfile(fp32, out / "model.tflite")), {}
+    else:
+        calib = data.x_train[: cfg.export.calibration_samples]
+        final = export_tflite_int8(model, data.input_shape, out / "model.tflite", calib)
+        qreport = quantization_report("int8 full-integer (TFLite)", fp32, final, data.x_test, data.y_test,
+                                      cfg.export.max_accuracy_drop)
+        ui.info(f"TFLite int8: accuracy {qreport['accuracy_fp32']:.2%} -> {qreport['accuracy_quantized']:.2%}, "
+                f"SQNR {qreport['sqnr_db']} dB, {qreport['size_fp32_bytes']:,} -> {qreport['size_quantized_bytes']:,} bytes")
+    return ExportResult(final, "tflite", quantize, final.stat().st_size, parity, qreport, onnx_twin.path)
 
 
 def _deliver(cfg: DeployConfig, target: TargetProfile, artifact, workdir: Path, ui: UI):

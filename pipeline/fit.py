@@ -103,8 +103,10 @@ def run_fit(cfg: DeployConfig, target: TargetProfile, ui: UI, out: Path | None =
                 c.error = str(exc).splitlines()[0]
                 cands.append(c)
                 continue
-            static = analyse(exported.path)
-            p = predict_model(exported.path, target, static)
+            twin = exported.analysis_path or exported.path
+            static = analyse(twin)
+            static.size_bytes = exported.path.stat().st_size
+            p = predict_model(twin, target, static)
             c.accuracy = exported.quantization_report.get("accuracy_quantized", exported.parity["accuracy_onnx"])
             c.figures = {"latency_ms": p["latency_ms"], "peak_memory_mb": p["peak_memory_mb"],
                          "model_size_mb": round(static.size_bytes / 2**20, 4), "energy_mj": p["energy_mj"]}

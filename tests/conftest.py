@@ -25,6 +25,15 @@ def require(available: bool, what: str) -> None:
 
 
 @pytest.fixture
+def tflite():
+    """litert-torch (conversion) and a TFLite interpreter: the [tflite] extra, which `make test` installs."""
+    import importlib.util
+
+    require(importlib.util.find_spec("litert_torch") is not None
+            and importlib.util.find_spec("ai_edge_litert") is not None, "the [tflite] extra (litert-torch)")
+
+
+@pytest.fixture
 def mosquitto(tmp_path):
     from pipeline.ota.broker import LocalBroker, mosquitto_binary
 

@@ -122,3 +122,24 @@ def test_one_deploy_fits_and_ships_one_artifact_per_device_class(mosquitto, tmp_
         assert delivery["active_version"] == d["artifact"]["version"]
     assert by_target["rpi4"]["artifact"]["path"] != by_target["rpi5"]["artifact"]["path"]
     assert "Fit to rpi5" in proc.stderr
+
+
+def test_deploy_a_full_integer_tflite_model(mosquitto, tmp_path, tflite):
+    cfg = config(tmp_path, broker={"host": "127.0.0.1", "port": mosquitto.port})
+    data = yaml.safe_load(cfg.read_text())
+    data["export"]["format"] = "tflite"
+    cfg.write_text(yaml.safe_dump(data))
+    proc, report = deploy(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert report["export"]["format"] == "tflite"
+    q = report["export"]["quantization"]
+    assert q["kind"].startswith("int8 full-integer") and q["accuracy_quantized"] > q["accuracy_fp32"] - 0.05
+    assert report["export"]["parity"]["max_abs_diff"] < 1e-4
+    [d] = report["delivery"]
+    assert d["status"] == "activated" and d["metrics"]["latency_ms_p50"] > 0  # the agent ran it with LiteRT
+    assert "TFLite int8" in proc.stderr
+
+    data["export"]["quantize"] = "fp16"
+    cfg.write_text(yaml.safe_dump(data))
+    proc, _ = deploy(cfg)
+    assert proc.returncode == 2 and "with format tflite" in proc.stderr

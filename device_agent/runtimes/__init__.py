@@ -36,6 +36,11 @@ class Session(ABC):
 class Runtime(ABC):
     name: str
 
+    @classmethod
+    def available(cls) -> bool:
+        """Whether the library behind this runtime is installed on this device."""
+        return True
+
     @abstractmethod
     def load(self, path: Path, threads: int | None = None) -> Session: ...
 
@@ -43,7 +48,10 @@ class Runtime(ABC):
 RUNTIMES: Registry[type[Runtime]] = Registry("runtime")
 
 # name -> module that registers it; imported on first use
-_BACKENDS = {"onnxruntime": "device_agent.runtimes.onnxruntime_backend"}
+_BACKENDS = {"onnxruntime": "device_agent.runtimes.onnxruntime_backend",
+             "tflite": "device_agent.runtimes.tflite_backend"}
+#: the runtime that reads a model file, by its suffix
+BY_SUFFIX = {".onnx": "onnxruntime", ".tflite": "tflite"}
 
 
 def get_runtime(name: str) -> Runtime:
@@ -54,5 +62,26 @@ def get_runtime(name: str) -> Runtime:
     return RUNTIMES.get(name)()
 
 
+def available_runtimes() -> list[str]:
+    """The runtimes this device can actually run (their libraries import)."""
+    out = []
+    for name in known_runtimes():
+        try:
+            if name not in RUNTIMES:
+                importlib.import_module(_BACKENDS[name])
+            if RUNTIMES.get(name).available():
+                out.append(name)
+        except ImportError:
+            continue
+    return out
+
+
 def known_runtimes() -> list[str]:
     return sorted(set(RUNTIMES.names()) | set(_BACKENDS))
+
+
+def runtime_for(path: Path) -> str:
+    try:
+        return BY_SUFFIX[path.suffix]
+    except KeyError:
+        raise ValueError(f"{path}: no runtime reads {path.suffix!r} files (known: {sorted(BY_SUFFIX)})") from None

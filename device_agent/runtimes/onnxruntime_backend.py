@@ -30,6 +30,12 @@ class OrtSession(Session):
 class OnnxRuntime(Runtime):
     name = "onnxruntime"
 
+    @classmethod
+    def available(cls) -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec("onnxruntime") is not None
+
     def load(self, path: Path, threads: int | None = None) -> Session:
         import onnxruntime as ort
 

@@ -74,16 +74,16 @@ def build_artifact(
     golden_inputs: np.ndarray, budgets: dict[str, Any], predicted: dict[str, Any], health: dict[str, Any],
     key_dir: Path, expires_days: float | None = 30, chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Artifact:
-    from ..export.parity import ort_session
+    from device_agent.runtimes import get_runtime
 
     key = load_or_create(key_dir)
     raw = model_path.read_bytes()
     data, encoding = encode_payload(raw)
-    sess = ort_session(model_path)
-    io = {"inputs": [{"name": i.name, "shape": i.shape, "dtype": i.type} for i in sess.get_inputs()],
-          "outputs": [{"name": o.name, "shape": o.shape, "dtype": o.type} for o in sess.get_outputs()]}
-    input_name = sess.get_inputs()[0].name
-    cases, atol = golden_cases(lambda inp: sess.run(None, {input_name: inp})[0], golden_inputs)
+    sess = get_runtime(runtime).load(model_path)  # the agent's own runtime computes the golden outputs
+    io = {"inputs": [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in sess.inputs],
+          "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype} for o in sess.outputs]}
+    input_name = sess.inputs[0].name
+    cases, atol = golden_cases(lambda inp: sess.run({input_name: inp})[0], golden_inputs)
     for case in cases:
         case["inputs"] = {input_name: case["inputs"]["input"]}
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

@@ -12,7 +12,7 @@ from typing import Any
 
 from .onnx_export import EXPORTERS, export_model, simplify
 from .parity import check_parity, ort_predict
-from .quantize import QUANTIZERS, quantize_model
+from .quantize import QUANTIZERS, quantization_report, quantize_model
 
 
 @dataclass
@@ -23,6 +23,8 @@ class ExportResult:
     size_bytes: int
     parity: dict[str, Any]
     quantization_report: dict[str, Any] = field(default_factory=dict)
+    #: an ONNX twin of the same model and precision, for static analysis when ``path`` is not ONNX
+    analysis_path: Path | None = None
 
 
-__all__ = ["EXPORTERS", "QUANTIZERS", "ExportResult", "check_parity", "export_model", "ort_predict", "quantize_model", "simplify"]
+__all__ = ["EXPORTERS", "QUANTIZERS", "ExportResult", "check_parity", "export_model", "ort_predict", "quantization_report", "quantize_model", "simplify"]

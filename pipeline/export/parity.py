@@ -23,9 +23,20 @@ def ort_session(path: Path, threads: int | None = None):
 
 
 def ort_predict(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Outputs of a model file for ``x``, run by the device agent's runtime for its format (.onnx, .tflite)."""
+    if path.suffix != ".onnx":
+        return runtime_predict(path, x)
     sess = ort_session(path)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
+
+
+def runtime_predict(path: Path, x: np.ndarray) -> np.ndarray:
+    from device_agent.runtimes import get_runtime, runtime_for
+
+    session = get_runtime(runtime_for(path)).load(path)
+    name = session.inputs[0].name
+    return np.concatenate([session.run({name: x[i:i + 1]})[0] for i in range(len(x))])
 
 
 @torch.no_grad()
@@ -42,7 +53,8 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 def check_parity(model: nn.Module, path: Path, x: np.ndarray, y: np.ndarray, atol: float) -> dict[str, Any]:
-    """Compare ONNX Runtime with PyTorch on the test set; raise once listing every output that differs."""
+    """Compare the exported model (ONNX Runtime or TFLite) with PyTorch on the test set; raise once listing
+    every output that differs."""
     ref = torch_predict(model, x)
     got = ort_predict(path, x)
     problems = []

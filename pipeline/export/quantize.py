@@ -93,6 +93,12 @@ def quantize_model(kind: str, src: Path, dst: Path, calibration: np.ndarray, x_t
     if fn is None:
         return src, {}
     fn(src, dst, calibration)
+    return dst, quantization_report(kind, src, dst, x_test, y_test, max_drop)
+
+
+def quantization_report(kind: str, src: Path, dst: Path, x_test: np.ndarray, y_test: np.ndarray,
+                        max_drop: float) -> dict[str, Any]:
+    """Accuracy, SQNR and max abs diff of a quantized model file against its fp32 source (any format)."""
     ref, got = ort_predict(src, x_test), ort_predict(dst, x_test)
     report = {
         "kind": kind, "max_abs_diff": float(np.max(np.abs(ref - got))),
@@ -108,4 +114,4 @@ def quantize_model(kind: str, src: Path, dst: Path, calibration: np.ndarray, x_t
             f"{kind}: accuracy fell {drop:.2%} ({report['accuracy_fp32']:.2%} -> {report['accuracy_quantized']:.2%}), "
             f"more than export.max_accuracy_drop {max_drop:.2%}; use more calibration_samples or quantize: none"
         )
-    return dst, report
+    return report

@@ -79,9 +79,12 @@ def predict_model(path: Path, target: TargetProfile, static: StaticProfile | Non
     return predicted
 
 
-def profile_model(path: Path, target: TargetProfile, runs: int = 100) -> ProfileReport:
-    static = analyse(path)
-    predicted = predict_model(path, target, static)
+def profile_model(path: Path, target: TargetProfile, runs: int = 100, analysis: Path | None = None) -> ProfileReport:
+    """``analysis``: an ONNX twin of ``path`` (same model and precision) when ``path`` is not ONNX; static
+    figures and predictions come from it, measurements and the file size from ``path`` itself."""
+    static = analyse(analysis or path)
+    static.size_bytes = path.stat().st_size
+    predicted = predict_model(analysis or path, target, static)
     measured = measure_on_host(path, threads=host_threads(target), runs=runs)
     measured["emulated"] = True
     measured["note"] = f"measured on this host with {host_threads(target)} thread(s), not on a {target.name}"

@@ -200,6 +200,8 @@ def calibrate(threads: int | None = None, models: int = 32, progress: Callable[[
 
 
 def host_profile(peaks: dict[str, float], threads: int) -> TargetProfile:
+    from device_agent.runtimes import available_runtimes
+
     from ..config import Budgets
     from ..targets import Cpu, Efficiency, Memory, Power
 
@@ -209,7 +211,7 @@ def host_profile(peaks: dict[str, float], threads: int) -> TargetProfile:
                 peak_gops_int8=peaks["gops_int8"]),
         memory=Memory(ram_mb=round(psutil.virtual_memory().total / 2**20), bandwidth_gbs=peaks["bandwidth_gbs"]),
         storage_mb=round(shutil.disk_usage("/").total / 2**20), power=Power(idle_w=10.0, active_w=15.0 * threads),
-        runtimes=["onnxruntime"], efficiency=Efficiency(fp32=1.0, int8=1.0, per_op_overhead_us=5.0),
+        runtimes=available_runtimes(), efficiency=Efficiency(fp32=1.0, int8=1.0, per_op_overhead_us=5.0),
         runtime_overhead_mb=45.0, budgets=Budgets(latency_ms=50, peak_memory_mb=1024, model_size_mb=64, energy_mj=1000),
     )
 

@@ -14,9 +14,10 @@ from typing import Any
 from ..errors import ModelError
 
 
-def measure_on_host(path: Path, threads: int, runs: int = 100, runtime: str = "onnxruntime") -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "device_agent.cli", "bench", str(path), "--runtime", runtime,
-           "--threads", str(threads), "--runs", str(runs)]
+def measure_on_host(path: Path, threads: int, runs: int = 100, runtime: str | None = None) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "device_agent.cli", "bench", str(path), "--threads", str(threads), "--runs", str(runs)]
+    if runtime:
+        cmd += ["--runtime", runtime]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if proc.returncode != 0:
         raise ModelError(f"{path}: benchmark on this host failed: {proc.stderr.strip()[-500:]}")

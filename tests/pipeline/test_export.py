@@ -86,3 +86,22 @@ def test_simplified_model_keeps_parity(cnn, x, tmp_path):
     slim = simplify(src, tmp_path / "slim.onnx")
     y = cnn(torch.from_numpy(x)).argmax(1).numpy()
     assert check_parity(cnn, slim, x, y, atol=1e-4)["max_abs_diff"] < 1e-4
+
+
+def test_tflite_fp32_and_full_integer_int8(cnn, x, tmp_path, tflite):
+    from pipeline.export import quantization_report
+    from pipeline.export.tflite_export import export_tflite_int8
+
+    from device_agent.runtimes import get_runtime
+
+    fp32 = export_model("tflite", cnn, (1, 8, 8), tmp_path / "m.tflite", 0)
+    y = cnn(torch.from_numpy(x)).argmax(1).numpy()
+    parity = check_parity(cnn, fp32, x, y, atol=1e-4)
+    assert parity["max_abs_diff"] < 1e-4 and parity["accuracy_onnx"] == 1.0
+    int8 = export_tflite_int8(cnn, (1, 8, 8), tmp_path / "q.tflite", x[:32])
+    report = quantization_report("int8", fp32, int8, x, y, max_drop=0.1)
+    assert report["sqnr_db"] > 15 and report["accuracy_quantized"] >= 0.9
+    assert report["size_fp32_bytes"] / report["size_quantized_bytes"] > 2
+    session = get_runtime("tflite").load(int8)
+    assert session._in[0]["dtype"] == np.int8  # full integer: the interpreter takes int8
+    assert session.run({session.inputs[0].name: x[:1]})[0].dtype == np.float32  # the session speaks float
