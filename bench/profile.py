@@ -51,6 +51,7 @@ ZOO = {
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "profile.json"))
+    ap.add_argument("--int8-only", action="store_true", help="re-run only the int8 section, keep the variants")
     args = ap.parse_args()
     host = load_target("host")
     threads = max(1, min(host.cpu.cores, os.cpu_count() or 1))
@@ -64,7 +65,8 @@ def main() -> None:
     probe, reference_ms = SpeedProbe(threads, tmp), predictor.reference_ms
     variants = []
     t0 = time.perf_counter()
-    for name, make in ZOO.items():
+    previous = json.loads(Path(args.out).read_text()) if args.int8_only else None
+    for name, make in ({} if args.int8_only else ZOO).items():
         for ratio in (0.0, 0.5):
             torch.manual_seed(0)
             model = make().eval()
@@ -87,6 +89,8 @@ def main() -> None:
                                  "error_pct": round(100 * err, 2)})
                 print(f"{name:18s} ratio {ratio:.1f} {quant}: predicted {predicted:8.4f} ms, measured "
                       f"{measured:8.4f} ms, error {100 * err:+6.1f}%", flush=True)
+    if previous is not None:
+        variants = previous["variants"]
     errors = np.array([abs(v["error_pct"]) for v in variants])
 
     # int8 vs fp32 on a model big enough to be compute-bound, trained

@@ -19,7 +19,7 @@ from .compress_stage import compress
 from .config import DeployConfig
 from .errors import BudgetError, ConfigError, DeliveryError
 from .fit import print_fit, require_best, run_fit
-from .export import ExportResult, check_parity, export_model, quantization_report, quantize_model, simplify
+from .export import ExportResult, check_parity, minify, export_model, quantization_report, quantize_model, simplify
 from .ota import LocalBroker, LocalFleet, deliver
 from .profile import host_threads, profile_model
 from .profile.speed import speed_gate
@@ -136,7 +136,7 @@ def _export_onnx(cfg: DeployConfig, model, data, out: Path, ui: UI, quantize: st
         ui.info(f"{qreport['kind']}: accuracy {qreport['accuracy_fp32']:.2%} -> {qreport['accuracy_quantized']:.2%}, "
                 f"SQNR {qreport['sqnr_db']} dB, {qreport['size_fp32_bytes']:,} -> {qreport['size_quantized_bytes']:,} bytes")
     else:
-        final = shutil.copyfile(fp32, out / "model.onnx")
+        final = minify(Path(shutil.copyfile(fp32, out / "model.onnx")))
     return ExportResult(Path(final), "onnx", quantize, Path(final).stat().st_size, parity, qreport, Path(final))
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .onnx_export import EXPORTERS, export_model, simplify
+from .onnx_export import EXPORTERS, export_model, minify, simplify
 from .parity import check_parity, ort_predict
 from .quantize import QUANTIZERS, quantization_report, quantize_model
 
@@ -27,4 +27,4 @@ class ExportResult:
     analysis_path: Path | None = None
 
 
-__all__ = ["EXPORTERS", "QUANTIZERS", "ExportResult", "check_parity", "export_model", "ort_predict", "quantization_report", "quantize_model", "simplify"]
+__all__ = ["EXPORTERS", "QUANTIZERS", "ExportResult", "check_parity", "export_model", "minify", "ort_predict", "quantization_report", "quantize_model", "simplify"]

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import ExportError
 from ..registry import Registry
+from .onnx_export import minify
 from .parity import ort_predict, sqnr_db
 
 #: (fp32 model, output path, calibration inputs) -> quantized model path
@@ -93,6 +94,7 @@ def quantize_model(kind: str, src: Path, dst: Path, calibration: np.ndarray, x_t
     if fn is None:
         return src, {}
     fn(src, dst, calibration)
+    minify(dst)
     return dst, quantization_report(kind, src, dst, x_test, y_test, max_drop)
 
 

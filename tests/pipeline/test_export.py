@@ -105,3 +105,18 @@ def test_tflite_fp32_and_full_integer_int8(cnn, x, tmp_path, tflite):
     session = get_runtime("tflite").load(int8)
     assert session._in[0]["dtype"] == np.int8  # full integer: the interpreter takes int8
     assert session.run({session.inputs[0].name: x[:1]})[0].dtype == np.float32  # the session speaks float
+
+
+def test_minify_keeps_io_and_outputs(cnn, x, tmp_path):
+    import onnx
+
+    from pipeline.export import minify
+
+    src = export_model("onnx", cnn, (1, 8, 8), tmp_path / "m.onnx", 17)
+    before = ort_predict(src, x)
+    size = src.stat().st_size
+    minify(src)
+    g = onnx.load(str(src)).graph
+    assert [i.name for i in g.input] == ["input"] and [o.name for o in g.output] == ["logits"]
+    assert all(not n.name for n in g.node) and not g.value_info
+    assert np.array_equal(ort_predict(src, x), before) and src.stat().st_size < size
