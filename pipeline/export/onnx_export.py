@@ -87,5 +87,13 @@ def minify(path: Path) -> Path:
     return path
 
 
+#: exporters whose heavy dependencies load only when asked for
+_LAZY = {"tflite": "pipeline.export.tflite_export"}
+
+
 def export_model(fmt: str, model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int) -> Path:
+    if fmt not in EXPORTERS and fmt in _LAZY:
+        import importlib
+
+        importlib.import_module(_LAZY[fmt])
     return EXPORTERS.get(fmt)(model, input_shape, path, opset)

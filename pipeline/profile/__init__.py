@@ -69,7 +69,7 @@ def predict_model(path: Path, target: TargetProfile, static: StaticProfile | Non
     static = static or analyse(path)
     predicted = predict(static, target, calibrated_host(target))
     kp = kernel_predictor(target)
-    if kp is not None:
+    if kp is not None and path.suffix == ".onnx":
         latency = kp.predict_ms(path)
         predicted["roofline_latency_ms"] = predicted["latency_ms"]
         predicted["latency_ms"] = round(latency, 4)

@@ -86,10 +86,8 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     """Load and check a model file; a clear error for anything that is not a usable ONNX model."""
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
-    head = path.read_bytes()[:8]
-    if head[4:8] == b"TFL3":
-        raise ModelError(f"{path}: a TFLite flatbuffer; profile its ONNX source, or use a target whose runtime is "
-                         "tflite with the [tflite] extra installed")
+    if is_tflite(path):
+        raise ModelError(f"{path}: a TFLite flatbuffer, not ONNX")
     try:
         model = onnx.load(str(path))
     except Exception:
@@ -113,7 +111,17 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         raise ModelError(f"{path}: ONNX shape inference failed ({exc})") from None
 
 
+def is_tflite(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8)[4:8] == b"TFL3"
+
+
 def analyse(path: Path) -> StaticProfile:
+    """Static profile of an ONNX model or a TFLite flatbuffer (by content, not by name)."""
+    if path.is_file() and is_tflite(path):
+        from .static_tflite import analyse_tflite
+
+        return analyse_tflite(path)
     model = load_onnx(path)
     g = model.graph
     inits = {t.name: t for t in g.initializer}

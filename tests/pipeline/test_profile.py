@@ -89,7 +89,7 @@ def test_bad_model_files_get_clear_errors(tmp_path, model_path):
         analyse(junk)
     tfl = tmp_path / "m.tflite"
     tfl.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 64)
-    with pytest.raises(ModelError, match="TFLite flatbuffer"):
+    with pytest.raises(ModelError, match="not a readable TFLite model"):
         analyse(tfl)
     model = onnx.load(str(model_path))
     model.graph.node[1].op_type = "FluxCapacitor"
@@ -120,3 +120,17 @@ def test_kernels_of_a_residual_int8_network(tmp_path):
     assert qdq_kilo_elements(q) > 0 and qdq_kilo_elements(fp32) == 0
     first = kq[0]
     assert (first.cin, first.cout, first.k, first.h) == (1, 8, 3, 8)
+
+
+def test_tflite_static_profile_matches_the_onnx_one(model_path, tmp_path, tflite):
+    from pipeline.profile.static import analyse
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
+    onnx_path = export_model("onnx", m, (1, 8, 8), tmp_path / "m.onnx", 17)
+    tfl = export_model("tflite", m, (1, 8, 8), tmp_path / "m.tflite", 0)
+    a, b = analyse(onnx_path), analyse(tfl)
+    assert b.macs == a.macs == 4 * 8 * 8 * 9 + 10 * 256
+    assert b.params == a.params and not b.quantized
+    report = profile_model(tfl, load_target("rpi4"), runs=10)
+    assert report.measured["latency_ms_p50"] > 0 and report.predicted["latency_ms"] > 0
