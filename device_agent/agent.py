@@ -12,6 +12,7 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,7 @@ from .health import Benchmark, benchmark, health_check
 from .manifest import Manifest, decode_payload, file_sha256, keyid, load_public_key, verify_envelope
 from .mqtt import MqttLink, Will
 from .protocol import (
-    DEFAULT_WINDOW, Event, Job, Leaf, Metrics, ResultCode, State, Status, decode, decode_chunk, encode, parse_topic,
+    DEFAULT_WINDOW, CorruptChunk, Event, Job, Leaf, Metrics, ResultCode, State, Status, decode, decode_chunk, encode, parse_topic,
     topic,
 )
 from .runtimes import Session, available_runtimes, get_runtime
@@ -59,17 +60,21 @@ class Agent:
         self.state: dict[str, Any] = read_json(self._state_path, {"highest_version": 0, "state": State.IDLE.value})
         self.session: Session | None = None
         self.last_bench: Benchmark | None = None
-        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, bytes, Callable[[], Any] | None]] = queue.Queue()
         self._stop = threading.Event()
         self._transfer: _Transfer | None = None
+        self._pending_events: list[tuple[str, str, str | None]] = []  # to publish once connected
         self.link = MqttLink(
             config.broker,
             client_id=f"agent-{config.device_id}",
-            on_message=lambda t, p: self._inbox.put((t, p)),
+            on_message=lambda t, p, ack: self._inbox.put((t, p, ack)),
             subscriptions=[(self._t(Leaf.JOB), 1), (self._t(Leaf.STREAM_DATA), 1),
                            (self._t(Leaf.STREAM_REJECTED), 1), (self._t(Leaf.CMD), 1)],
             will=Will(self._t(Leaf.ONLINE), b"offline"),
-            on_connect=lambda: self._inbox.put(("", b"connected")),
+            on_connect=lambda: self._inbox.put(("", b"connected", None)),
+            # the broker keeps our chunks while we are away, and redelivers any we had not yet written
+            # to disk: a message is acknowledged only after it was durably handled
+            persistent=True, manual_ack=True,
         )
 
     # ------------------------------------------------------------------------------ plumbing
@@ -108,17 +113,40 @@ class Agent:
             return
         self.session = get_runtime(self.cfg.runtime).load(active.path, self.cfg.threads)
 
+    def resume_from_disk(self) -> None:
+        """Pick an interrupted download back up before connecting, so chunks the broker kept for us and
+        delivers first are not dropped for want of a transfer to put them in."""
+        job_id = self.state.get("job_id")
+        if self.state.get("state") != State.DOWNLOADING.value or not job_id:
+            return
+        saved = read_json(self.root / "downloads" / job_id / "job.json")
+        if not saved:
+            return
+        try:
+            manifest = Manifest.from_signed(verify_envelope(saved["manifest"], self.trusted))
+        except (VerificationError, ProtocolError) as exc:
+            log.warning("cannot resume job %s: %s", job_id, exc)
+            return
+        dl = Download(self.root / "downloads", job_id, manifest.length, manifest.chunk_size, manifest.chunks)
+        self._transfer = _Transfer(job_id, manifest, saved["manifest"], dl, set(dl.requested), time.monotonic())
+        self._pending_events.append(("resumed", f"download resumes at {dl.resumed}/{manifest.chunks} chunks after a "
+                                                f"restart", job_id))
+
     def run(self, connect_timeout: float = 10.0) -> None:
         self.load_active()
+        self.resume_from_disk()
         self.link.start(timeout=connect_timeout)
         last_metrics = time.monotonic()
         try:
             while not self._stop.is_set():
                 try:
-                    name, payload = self._inbox.get(timeout=0.5)
-                    self._dispatch(name, payload)
+                    name, payload, ack = self._inbox.get(timeout=0.5)
                 except queue.Empty:
                     pass
+                else:
+                    self._dispatch(name, payload)
+                    if ack is not None:
+                        ack()
                 self._tick()
                 if self.cfg.metrics_interval_s and time.monotonic() - last_metrics >= self.cfg.metrics_interval_s:
                     last_metrics = time.monotonic()
@@ -135,11 +163,17 @@ class Agent:
     def _dispatch(self, name: str, payload: bytes) -> None:
         if name == "":  # (re)connected: announce ourselves
             self.link.publish(self._t(Leaf.ONLINE), b"online", qos=1, retain=True)
+            while self._pending_events:
+                kind, message, job_id = self._pending_events.pop(0)
+                self._event(kind, message, job_id=job_id)
             state = State(self.state.get("state", State.IDLE.value))
             self._publish_status(state if state in (State.ACTIVATED, State.ROLLED_BACK, State.FAILED) else State.IDLE,
                                  job_id=self.state.get("job_id"), version=self.state.get("version"))
             if self._transfer is not None:
-                self._request_more(self._transfer, again=True)
+                if self.link.session_present:  # what we asked for is still queued for us: give it time
+                    self._transfer.last_progress = time.monotonic()
+                else:
+                    self._request_more(self._transfer, again=True)
             return
         try:
             _, leaf = parse_topic(self.cfg.topic_prefix, name)
@@ -181,6 +215,7 @@ class Agent:
             self._transfer.download.discard()
             self._event("superseded", f"job {self._transfer.job_id} replaced by {job.job_id}")
         dl = Download(self.root / "downloads", job.job_id, manifest.length, manifest.chunk_size, manifest.chunks)
+        atomic_write_json(dl.dir / "job.json", {"job_id": job.job_id, "manifest": job.manifest})
         self._transfer = _Transfer(job.job_id, manifest, job.manifest, dl, set(), time.monotonic())
         self._save_state(state=State.DOWNLOADING.value, job_id=job.job_id, version=manifest.version, reason=None)
         self._publish_status(State.DOWNLOADING, job_id=job.job_id, version=manifest.version,
@@ -189,6 +224,10 @@ class Agent:
             self._event("resumed", f"download resumes at {dl.resumed}/{manifest.chunks} chunks", job_id=job.job_id)
         if dl.complete:
             self._finish(self._transfer)
+        elif self.link.session_present and dl.requested:
+            # the broker kept our session: what we had asked for is still on its way; wait for it (the retry
+            # timer asks again if it never comes) instead of making the host send it twice
+            self._transfer.outstanding = set(dl.requested)
         else:
             self._request_more(self._transfer)
 
@@ -216,17 +255,26 @@ class Agent:
             return
         want = tr.download.missing(DEFAULT_WINDOW)
         tr.outstanding = set(want)
+        tr.download.note_requested(want)
         tr.last_progress = time.monotonic()
         self.link.publish(self._t(Leaf.STREAM_GET), encode({"job_id": tr.job_id, "chunks": want}), qos=1)
+
+    def _request_resend(self, tr: _Transfer, index: int) -> None:
+        self.link.publish(self._t(Leaf.STREAM_GET), encode({"job_id": tr.job_id, "chunks": [index], "resend": True}),
+                          qos=1)
 
     def _on_chunk(self, frame: bytes) -> None:
         tr = self._transfer
         try:
             job_id, index, data = decode_chunk(frame)
-        except ProtocolError as exc:
-            if tr is not None:  # corrupt in transit: ask for the window again
+        except CorruptChunk as exc:
+            if tr is not None and exc.job_id == tr.job_id:  # damaged in transit: ask for exactly that one again
                 self._event("chunk_corrupt", str(exc), job_id=tr.job_id)
-                self._request_more(tr, again=True)
+                self._request_resend(tr, exc.index)
+            return
+        except ProtocolError as exc:
+            if tr is not None:
+                self._event("chunk_corrupt", str(exc), job_id=tr.job_id)
             return
         if tr is None or job_id != tr.job_id or not 0 <= index < tr.manifest.chunks:
             return
@@ -234,13 +282,13 @@ class Agent:
             self._event("chunk_corrupt", f"chunk {index}: {len(data)} bytes, expected "
                                          f"{tr.download.expected_size(index)}", job_id=job_id)
             return
-        tr.download.write(index, data)
+        if tr.download.write(index, data):
+            tr.download.checkpoint()  # on disk before the broker is told we have it
         tr.outstanding.discard(index)
         tr.last_progress, tr.retries = time.monotonic(), 0
         if tr.download.complete:
             self._finish(tr)
         elif not tr.outstanding:
-            tr.download.checkpoint()
             self._publish_status(State.DOWNLOADING, job_id=tr.job_id, version=tr.manifest.version,
                                  progress=round(len(tr.download.have) / tr.manifest.chunks, 4))
             self._request_more(tr)

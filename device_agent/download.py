@@ -20,7 +20,10 @@ class Download:
         self.path = self.dir / "data.part"
         self.length, self.chunk_size, self.chunks = length, chunk_size, chunks
         saved = read_json(self.dir / "have.json", {})
-        self.have: set[int] = set(saved.get("have", [])) if saved.get("length") == length else set()
+        ok = saved.get("length") == length
+        self.have: set[int] = set(saved.get("have", [])) if ok else set()
+        #: chunks asked for and not yet received when the file was last written (the broker may hold them)
+        self.requested: set[int] = set(saved.get("requested", [])) - self.have if ok else set()
         self._unsynced = 0
         mode = "r+b" if self.path.exists() else "w+b"
         self._file = open(self.path, mode)
@@ -51,12 +54,17 @@ class Download:
         self._unsynced += 1
         return True
 
-    def checkpoint(self) -> None:
-        if self._unsynced:
+    def checkpoint(self, force: bool = False) -> None:
+        if self._unsynced or force:
             self._file.flush()
             os.fsync(self._file.fileno())
-            atomic_write_json(self.dir / "have.json", {"length": self.length, "have": sorted(self.have)})
+            atomic_write_json(self.dir / "have.json", {"length": self.length, "have": sorted(self.have),
+                                                       "requested": sorted(self.requested - self.have)})
             self._unsynced = 0
+
+    def note_requested(self, chunks: list[int]) -> None:
+        self.requested = set(chunks)
+        self.checkpoint(force=True)
 
     @property
     def complete(self) -> bool:

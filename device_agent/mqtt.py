@@ -34,23 +34,34 @@ class Will:
 
 
 class MqttLink:
+    """``persistent``: the broker keeps this client's subscriptions and queues its QoS 1 messages while it
+    is away (clean_session false / MQTT 5 session expiry). ``manual_ack``: ``on_message`` receives a third
+    argument, a callable that acknowledges the message; until it is called the broker redelivers it on
+    the next connection, so a message is only let go once it has been durably handled."""
+
     def __init__(
         self,
         broker: BrokerConfig,
         client_id: str,
-        on_message: Callable[[str, bytes], None],
+        on_message: Callable[..., None],
         subscriptions: list[tuple[str, int]] | None = None,
         will: Will | None = None,
         on_connect: Callable[[], None] | None = None,
+        persistent: bool = False,
+        manual_ack: bool = False,
+        session_expiry_s: int = 7 * 24 * 3600,
     ) -> None:
         self.broker = broker
         self.client_id = client_id
+        self.persistent, self.manual_ack, self.session_expiry_s = persistent, manual_ack, session_expiry_s
         self._on_message = on_message
         self._on_connect_hook = on_connect
         self.subscriptions = list(subscriptions or [])
         self.will = will
         self.protocol: str | None = None
         self.connected = threading.Event()
+        #: the broker still held this client's session at the last connection (persistent links only)
+        self.session_present = False
         self._client: mqtt.Client | None = None
         self._refused: str | None = None
         self._answered = threading.Event()
@@ -64,7 +75,17 @@ class MqttLink:
             self._answered.clear()
             client = self._make_client(proto)
             try:
-                client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
+                if proto == "5":
+                    from paho.mqtt.packettypes import PacketTypes
+                    from paho.mqtt.properties import Properties
+
+                    props = Properties(PacketTypes.CONNECT)
+                    if self.persistent:
+                        props.SessionExpiryInterval = self.session_expiry_s
+                    client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive,
+                                   clean_start=not self.persistent, properties=props)
+                else:
+                    client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
             except OSError as exc:
                 raise ConnectError(
                     f"MQTT broker {self.broker.host}:{self.broker.port} unreachable ({exc.strerror or exc}); "
@@ -85,7 +106,9 @@ class MqttLink:
         raise ConnectError(f"MQTT broker {self.broker.host}:{self.broker.port} refused {self.client_id}: {last}")
 
     def _make_client(self, proto: str) -> mqtt.Client:
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=_PROTOCOLS[proto])
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=_PROTOCOLS[proto],
+                             clean_session=(not self.persistent) if proto == "3.1.1" else None,
+                             manual_ack=self.manual_ack)
         client.max_inflight_messages_set(64)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=1, max_delay=30)
@@ -101,7 +124,8 @@ class MqttLink:
             self._refused = str(reason_code)
             self._answered.set()
             return
-        for topic, qos in self.subscriptions:
+        self.session_present = bool(self.persistent and flags.session_present)
+        for topic, qos in self.subscriptions:  # also on a kept session: subscribing again brings retained jobs
             client.subscribe(topic, qos)
         self.connected.set()
         self._answered.set()
@@ -115,7 +139,11 @@ class MqttLink:
 
     def _handle_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         try:
-            self._on_message(message.topic, message.payload)
+            if self.manual_ack:
+                mid, qos = message.mid, message.qos
+                self._on_message(message.topic, message.payload, lambda: client.ack(mid, qos))
+            else:
+                self._on_message(message.topic, message.payload)
         except Exception:  # a bad message must never kill the network thread
             log.exception("%s: handler failed for a message on %s", self.client_id, message.topic)
 

@@ -153,8 +153,12 @@ class Job:
 
 @dataclass(frozen=True)
 class StreamGet:
+    """Chunks a device still needs. The host skips chunks it sent moments ago (they may still be queued
+    for the device) unless ``resend`` is set: the device saw those arrive corrupt."""
+
     job_id: str
     chunks: list[int]
+    resend: bool = False
 
     @classmethod
     def parse(cls, payload: bytes) -> "StreamGet":
@@ -162,7 +166,7 @@ class StreamGet:
         chunks = require(body, "chunks", list, "stream/get")
         if not all(isinstance(i, int) and i >= 0 for i in chunks):
             raise ProtocolError("stream/get: 'chunks' must be a list of non-negative integers")
-        return cls(require(body, "job_id", str, "stream/get"), chunks)
+        return cls(require(body, "job_id", str, "stream/get"), chunks, bool(body.get("resend", False)))
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,14 @@ def encode_chunk(job_id: str, index: int, data: bytes) -> bytes:
     return _HEAD.pack(_MAGIC, len(header)) + header + data
 
 
+class CorruptChunk(ProtocolError):
+    """A chunk whose header parsed but whose bytes do not match their hash: ask for it again."""
+
+    def __init__(self, message: str, job_id: str, index: int) -> None:
+        super().__init__(message)
+        self.job_id, self.index = job_id, index
+
+
 def decode_chunk(frame: bytes) -> tuple[str, int, bytes]:
     """Return (job_id, index, data); raise ProtocolError when the frame or its hash is wrong."""
     if len(frame) < _HEAD.size:
@@ -232,5 +244,5 @@ def decode_chunk(frame: bytes) -> tuple[str, int, bytes]:
         raise ProtocolError(f"stream/data: unreadable header ({exc})") from None
     data = frame[_HEAD.size + hlen:]
     if hashlib.sha256(data).hexdigest() != digest:
-        raise ProtocolError(f"stream/data: chunk {index} of job {job_id} is corrupt (sha256 mismatch)")
+        raise CorruptChunk(f"stream/data: chunk {index} of job {job_id} is corrupt (sha256 mismatch)", job_id, index)
     return job_id, index, data

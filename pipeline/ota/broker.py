@@ -77,11 +77,12 @@ class LocalBroker:
     def config(self) -> BrokerConfig:
         return BrokerConfig(host="127.0.0.1", port=self.port, protocol=self.protocol)
 
-    def start(self, timeout: float = 15.0) -> "LocalBroker":
+    def start(self, timeout: float = 15.0, port: int | None = None) -> "LocalBroker":
+        """Start on a free loopback port, or on ``port`` (a restart keeps the address clients know)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         errors = []
-        for _ in range(3):  # another process may grab the free port between probe and bind
-            self.port = free_port()
+        for _ in range(1 if port else 3):  # another process may grab the free port between probe and bind
+            self.port = port or free_port()
             cmd, self.protocol = BROKERS.get(self.kind)(self.workdir, self.port)
             logfile = open(self.workdir / f"{self.kind}.log", "wb")
             self.proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -100,6 +101,11 @@ class LocalBroker:
             errors.append(f"port {self.port}: {tail.strip() or 'no answer'}")
             self.stop()
         raise DeliveryError(f"local {self.kind} broker did not start: " + " | ".join(errors))
+
+    def restart(self, timeout: float = 15.0) -> "LocalBroker":
+        """Stop and start again on the same port: clients see their connection drop and come back."""
+        self.stop()
+        return self.start(timeout, port=self.port)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -37,13 +37,20 @@ class DeviceResult:
     result_code: int | None = None
     metrics: dict[str, Any] | None = None
     chunks_served: int = 0
+    chunks_resent: int = 0
+    bytes_sent: int = 0
     states: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"device_id": self.device_id, "status": self.status, "active_version": self.active_version,
                 "reason": self.reason, "result_code": self.result_code, "metrics": self.metrics,
-                "chunks_served": self.chunks_served, "states": self.states, "events": self.events}
+                "chunks_served": self.chunks_served, "chunks_resent": self.chunks_resent,
+                "bytes_sent": self.bytes_sent, "states": self.states, "events": self.events}
+
+
+#: a chunk sent this recently is not sent again on a plain request: it may still be queued for the device
+RESEND_AFTER_S = 3.0
 
 
 def deliver(
@@ -101,6 +108,8 @@ def deliver(
     link = MqttLink(broker, f"host-{uuid.uuid4().hex[:10]}", on_message, subs).start()
     stop = threading.Event()
 
+    sent_at: dict[str, dict[int, float]] = {d: {} for d in devices}
+
     def serve() -> None:
         with open(artifact.model_path, "rb") as f:
             while not stop.is_set():
@@ -108,15 +117,23 @@ def deliver(
                     device_id, req = requests.get(timeout=0.2)
                 except queue.Empty:
                     continue
+                r, last = results[device_id], sent_at[device_id]
                 for index in req.chunks:
                     if index >= artifact.manifest.chunks:
                         link.publish(topic(prefix, device_id, Leaf.STREAM_REJECTED),
                                      encode({"job_id": job_id, "reason": f"chunk {index} out of range"}))
                         break
+                    now = time.monotonic()
+                    if not req.resend and now - last.get(index, -1e9) < RESEND_AFTER_S:
+                        continue
                     f.seek(index * chunk_size)
-                    link.publish(topic(prefix, device_id, Leaf.STREAM_DATA),
-                                 encode_chunk(job_id, index, f.read(chunk_size)), qos=1)
-                    results[device_id].chunks_served += 1
+                    frame = encode_chunk(job_id, index, f.read(chunk_size))
+                    link.publish(topic(prefix, device_id, Leaf.STREAM_DATA), frame, qos=1)
+                    r.chunks_served += 1
+                    r.bytes_sent += len(frame)
+                    if index in last:
+                        r.chunks_resent += 1
+                    last[index] = now
 
     server = threading.Thread(target=serve, name="chunk-server", daemon=True)
     server.start()

@@ -60,13 +60,8 @@ class LocalFleet:
                            [(topic(self.prefix, d, Leaf.ONLINE), 1) for d in self.device_ids]).start()
         try:
             for device_id in self.device_ids:
-                cfg = self.write_config(device_id)
-                log = open(cfg.parent / "agent.log", "ab")
-                self.procs[device_id] = subprocess.Popen(
-                    [sys.executable, "-m", "device_agent.cli", "run", "--config", str(cfg)],
-                    stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                )
-                log.close()
+                self.write_config(device_id)
+                self.spawn(device_id)
             deadline = time.monotonic() + timeout
             while not seen.wait(0.2):
                 dead = [d for d, p in self.procs.items() if p.poll() is not None]
@@ -80,6 +75,16 @@ class LocalFleet:
         finally:
             watcher.stop()
         return self
+
+    def spawn(self, device_id: str) -> subprocess.Popen:
+        """Start (or restart, after a crash) one agent process on its existing config and state."""
+        cfg = self.config_path(device_id)
+        with open(cfg.parent / "agent.log", "ab") as log:
+            self.procs[device_id] = subprocess.Popen(
+                [sys.executable, "-m", "device_agent.cli", "run", "--config", str(cfg)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )
+        return self.procs[device_id]
 
     def log_tail(self, device_id: str, chars: int = 600) -> str:
         path = self.config_path(device_id).parent / "agent.log"
