@@ -25,6 +25,9 @@ class BrokerConfig:
     port: int = 1883
     protocol: str = "auto"  # "auto" tries MQTT 5 and falls back to 3.1.1
     keepalive: int = 30
+    ca_file: Path | None = None  # TLS: the fleet CA; with cert_file and key_file, this client's identity
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,7 @@ class AgentConfig:
         d = dataclasses.asdict(self)
         d["state_dir"] = str(self.state_dir)
         d["trusted_keys"] = [str(p) for p in self.trusted_keys]
+        d["broker"] = {k: str(v) if isinstance(v, Path) else v for k, v in d["broker"].items() if v is not None}
         return d
 
 
@@ -80,11 +84,22 @@ def parse_config(data: Any, where: str, base_dir: Path | None = None) -> AgentCo
     if not isinstance(broker_data, dict):
         raise ConfigError(f"{where}: 'broker' must be a mapping with {sorted(_fields(BrokerConfig))}")
     _check_keys(broker_data, BrokerConfig, f"{where}: broker")
+    tls = {}
+    for key in ("ca_file", "cert_file", "key_file"):
+        if broker_data.get(key) is not None:
+            path = (base_dir / _typed(where, f"broker.{key}", broker_data[key], str)).resolve()
+            if not path.is_file():
+                raise ConfigError(f"{where}: broker.{key} {path} does not exist")
+            tls[key] = path
+    if tls and ("ca_file" not in tls or ("cert_file" in tls) != ("key_file" in tls)):
+        raise ConfigError(f"{where}: TLS needs broker.ca_file, and broker.cert_file with broker.key_file for a "
+                          "client certificate")
     broker = BrokerConfig(
         host=_typed(where, "broker.host", broker_data.get("host", "127.0.0.1"), str),
         port=_typed(where, "broker.port", broker_data.get("port", 1883), int),
         protocol=str(broker_data.get("protocol", "auto")),
         keepalive=_typed(where, "broker.keepalive", broker_data.get("keepalive", 30), int),
+        **tls,
     )
     if broker.protocol not in PROTOCOLS:
         raise ConfigError(f"{where}: broker.protocol {broker.protocol!r} is not one of {list(PROTOCOLS)}")

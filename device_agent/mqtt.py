@@ -7,6 +7,7 @@ every reconnect, reconnects with bounded exponential backoff, and hands messages
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,9 @@ class MqttLink:
                                    clean_start=not self.persistent, properties=props)
                 else:
                     client.connect(self.broker.host, self.broker.port, keepalive=self.broker.keepalive)
+            except ssl.SSLError as exc:
+                raise ConnectError(f"MQTT broker {self.broker.host}:{self.broker.port}: TLS handshake failed "
+                                   f"({exc.reason or exc}); check ca_file, cert_file and key_file") from None
             except OSError as exc:
                 raise ConnectError(
                     f"MQTT broker {self.broker.host}:{self.broker.port} unreachable ({exc.strerror or exc}); "
@@ -109,6 +113,10 @@ class MqttLink:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=_PROTOCOLS[proto],
                              clean_session=(not self.persistent) if proto == "3.1.1" else None,
                              manual_ack=self.manual_ack)
+        if self.broker.ca_file is not None:
+            b = self.broker
+            client.tls_set(ca_certs=str(b.ca_file), certfile=str(b.cert_file) if b.cert_file else None,
+                           keyfile=str(b.key_file) if b.key_file else None)
         client.max_inflight_messages_set(64)
         client.max_queued_messages_set(0)
         client.reconnect_delay_set(min_delay=1, max_delay=30)

@@ -150,6 +150,33 @@ def cmd_calibrate(args: argparse.Namespace, ui) -> int:
     return 0
 
 
+def cmd_broker(args: argparse.Namespace, ui) -> int:
+    from .ota.security import write_broker_config
+
+    devices = list(args.device or [])
+    prefix = "edgefleet"
+    if Path(args.config).is_file():
+        from .config import load_deploy
+
+        cfg = load_deploy(args.config)
+        devices = devices or list(cfg.fleet.devices)
+        prefix = cfg.fleet.topic_prefix
+    try:
+        made = write_broker_config(Path(args.out), devices, args.port, prefix, args.host or None)
+    except ValueError as exc:
+        raise PipelineError(f"broker config: {exc}") from None
+    ui.info(f"wrote {made['config']} (TLS on port {args.port}, client certificates required) and {made['acl']}")
+    ui.info(f"CA {made['ca']}; host identity {made['host'].cert}; {len(devices)} device identit"
+            f"{'y' if len(devices) == 1 else 'ies'}: {', '.join(devices) or '(none: pass --device ID)'}")
+    ui.info(f"run it: mosquitto -c {made['config']}")
+    if args.json:
+        print(json.dumps({"config": str(made["config"]), "acl": str(made["acl"]), "ca": str(made["ca"]),
+                          "host": {"cert": str(made["host"].cert), "key": str(made["host"].key)},
+                          "devices": {d: {"cert": str(i.cert), "key": str(i.key)} for d, i in made["devices"].items()}},
+                         indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description="Compress, profile and ship models to device fleets.")
     parser.add_argument("--version", action="version", version=__version__)
@@ -185,6 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_profile)
+
+    b = sub.add_parser("broker", help="write a Mosquitto configuration for a fleet: TLS, client certificates, ACL")
+    b.add_argument("action", choices=["config"])
+    b.add_argument("--out", required=True, help="directory for mosquitto.conf, acl and certificates")
+    b.add_argument("--port", type=int, default=8883)
+    b.add_argument("--device", action="append", help="a device id (repeatable; default: fleet.devices)")
+    b.add_argument("--host", action="append", help="a name or address the broker is reached at (repeatable)")
+    b.add_argument("--config", default="deploy.yaml")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_broker)
 
     t = sub.add_parser("targets", help="list the known device classes, or calibrate this machine as one")
     t.add_argument("action", nargs="?", choices=["list", "calibrate"], default="list")

@@ -129,6 +129,9 @@ class BrokerAddress(Strict):
     host: str
     port: int = Field(1883, gt=0, lt=65536)
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    ca_file: Path | None = Field(None, description="TLS: the fleet CA (from `pipeline broker config`)")
+    cert_file: Path | None = Field(None, description="TLS: the host's client certificate")
+    key_file: Path | None = None
 
 
 class FleetConfig(Strict):

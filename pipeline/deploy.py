@@ -164,7 +164,10 @@ def _deliver(cfg: DeployConfig, target: TargetProfile, artifact, workdir: Path, 
     fleet = cfg.fleet
     with contextlib.ExitStack() as stack:
         if fleet.broker is not None:
-            broker = BrokerConfig(fleet.broker.host, fleet.broker.port, fleet.broker.protocol)
+            b = fleet.broker
+            broker = BrokerConfig(b.host, b.port, b.protocol,
+                                  **{k: cfg.resolve(getattr(b, k)) for k in ("ca_file", "cert_file", "key_file")
+                                     if getattr(b, k) is not None})
             broker_info = {"kind": "external", "host": broker.host, "port": broker.port}
         else:
             local = stack.enter_context(LocalBroker(fleet.local_broker, workdir / "broker"))

@@ -1,0 +1,96 @@
+"""`pipeline broker config` on a real Mosquitto: TLS with client certificates, and per-device ACLs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from conftest import make_artifact, require
+from device_agent.agent import Agent
+from device_agent.config import AgentConfig, BrokerConfig
+from device_agent.mqtt import ConnectError, MqttLink
+from pipeline.ota import deliver
+from pipeline.ota.broker import free_port, mosquitto_binary
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tls_broker(tmp_path):
+    require(mosquitto_binary() is not None, "mosquitto")
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "broker", "config", "--out", str(tmp_path / "b"),
+                          "--port", str(port), "--device", "dev-a", "--device", "dev-b", "--config",
+                          str(tmp_path / "none.yaml"), "--json"], capture_output=True, text=True, check=True)
+    made = json.loads(out.stdout)
+    proc = subprocess.Popen([mosquitto_binary(), "-c", made["config"]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "TLS broker did not start"
+            time.sleep(0.1)
+    base = BrokerConfig(host="127.0.0.1", port=port)
+
+    def identity(name: str) -> BrokerConfig:
+        ident = made["host"] if name == "host" else made["devices"][name]
+        return dataclasses.replace(base, ca_file=made["ca"], cert_file=ident["cert"], key_file=ident["key"])
+
+    yield base, identity, made
+    proc.terminate()
+    proc.wait(5)
+
+
+def test_a_client_without_a_certificate_is_refused(tls_broker, tmp_path):
+    base, identity, made = tls_broker
+    with pytest.raises(ConnectError):
+        MqttLink(base, "anonymous", lambda t, p: None).start(timeout=3)
+    no_cert = dataclasses.replace(base, ca_file=made["ca"], cert_file=None, key_file=None)
+    with pytest.raises(ConnectError):
+        MqttLink(dataclasses.replace(no_cert), "cert-less", lambda t, p: None).start(timeout=3)
+    acl = (tmp_path / "b" / "acl").read_text()
+    assert "pattern write edgefleet/v1/%u/status" in acl and "user host" in acl
+
+
+def test_a_device_publishes_only_on_its_own_topics(tls_broker):
+    _, identity, _ = tls_broker
+    got, seen = [], threading.Event()
+    host = MqttLink(identity("host"), "host", lambda t, p: (got.append((t, p)), seen.set()),
+                    [("edgefleet/v1/+/status", 1)]).start()
+    a = MqttLink(identity("dev-a"), "dev-a", lambda t, p: None).start()
+    try:
+        a.publish("edgefleet/v1/dev-b/status", b"forged", qos=1)  # another device's topic: dropped
+        a.publish("edgefleet/v1/dev-a/job", b"self-made job", qos=1)  # only the host publishes jobs
+        a.publish("edgefleet/v1/dev-a/status", b"mine", qos=1)
+        assert seen.wait(5)
+        time.sleep(1.0)  # anything forged would have arrived by now
+        assert got == [("edgefleet/v1/dev-a/status", b"mine")]
+    finally:
+        a.stop()
+        host.stop()
+
+
+def test_delivery_over_tls(tls_broker, tiny_onnx, key_dir, tmp_path):
+    _, identity, _ = tls_broker
+    cfg = AgentConfig(device_id="dev-a", target="rpi4", state_dir=tmp_path / "state",
+                      trusted_keys=(key_dir / "signing.pub",), broker=identity("dev-a"), benchmark_runs=5)
+    agent = Agent(cfg)
+    t = threading.Thread(target=agent.run, daemon=True)
+    t.start()
+    try:
+        [r] = deliver(identity("host"), "edgefleet", make_artifact(tiny_onnx, tmp_path / "a", key_dir, version=50),
+                      ["dev-a"], 60)
+        assert r.status == "activated" and r.active_version == 50
+    finally:
+        agent.stop()
+        t.join(10)
