@@ -28,7 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--threads", type=int, default=None)
     bench.add_argument("--runs", type=int, default=100)
     bench.add_argument("--sysfs", default="/sys", help="where to look for energy counters (RAPL, hwmon)")
+    unit = sub.add_parser("unit", help="print the systemd unit file for this agent")
+    unit.add_argument("--config", default="/etc/edgefleet/agent.yaml")
+    unit.add_argument("--exec", default=None, help="device-agent executable (default: this one)")
     args = parser.parse_args(argv)
+    if args.command == "unit":
+        return _unit(args)
     if args.command == "bench":
         return _bench(args)
 
@@ -53,6 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     except AgentError as exc:
         print(f"device-agent: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _unit(args: argparse.Namespace) -> int:
+    """The shipped unit, with this installation's executable and the given config filled in."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent / "systemd" / "edgefleet-agent.service").read_text()
+    exe = args.exec or str(Path(sys.executable).parent / "device-agent")
+    text = text.replace("/opt/edgefleet/venv/bin/device-agent", exe).replace("/etc/edgefleet/agent.yaml", args.config)
+    print(text, end="")
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -47,3 +47,16 @@ def test_bad_broker_and_ids(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_systemd_unit_is_shipped_and_filled_in(tmp_path):
+    import configparser
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "device_agent.cli", "unit", "--config", "/srv/agent.yaml",
+                          "--exec", "/venv/bin/device-agent"], capture_output=True, text=True, check=True).stdout
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read_string(out)
+    assert unit["Service"]["ExecStart"] == "/venv/bin/device-agent run --config /srv/agent.yaml"
+    assert unit["Service"]["Restart"] == "always" and unit["Install"]["WantedBy"] == "multi-user.target"
