@@ -84,6 +84,43 @@ def _print_layers(ui, report: dict[str, Any]) -> None:
     ])
 
 
+def cmd_rollback(args: argparse.Namespace, ui) -> int:
+    from .config import load_deploy
+    from .rollback import run_rollback
+
+    cfg = load_deploy(args.config)
+    report = run_rollback(cfg, args.target, ui, args.to)
+    _write_report(args.report, report)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    ok = all(d["status"] in ("rolled_back", "activated") for d in report["delivery"])
+    return 0 if ok else EXIT_DELIVERY
+
+
+def cmd_history(args: argparse.Namespace, ui) -> int:
+    from .config import load_deploy
+    from .fleet import FleetStore
+
+    cfg = load_deploy(args.config)
+    store = FleetStore(cfg.resolve(cfg.workdir) / "fleet.db")
+    try:
+        rows = store.history(args.target, args.limit)
+        for r in rows:
+            r["devices"] = store.results(r["id"])
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        import datetime as dt
+
+        ui.table("Deployments", ["when", "target", "kind", "version", "status", "devices", "reason"],
+                 [[dt.datetime.fromtimestamp(r["ts"]).strftime("%Y-%m-%d %H:%M:%S"), r["target"], r["kind"],
+                   r["version"], r["status"], ", ".join(f"{d['device_id']}={d['status']}" for d in r["devices"]),
+                   (r["reason"] or "")[:50]] for r in rows])
+    return 0
+
+
 def cmd_fit(args: argparse.Namespace, ui) -> int:
     from .config import load_deploy
     from .fit import print_fit, run_fit
@@ -198,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=1, help="onnxruntime threads for the latency comparison")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compress)
+
+    rb = sub.add_parser("rollback", help="bring a device class back to its previous model (or to --to VERSION)")
+    rb.add_argument("--target", required=True)
+    rb.add_argument("--to", type=int, default=None, help="an earlier version: signed again as a new one")
+    rb.add_argument("--config", default="deploy.yaml")
+    rb.add_argument("--report", metavar="FILE.json")
+    rb.add_argument("--json", action="store_true")
+    rb.set_defaults(func=cmd_rollback)
+
+    h = sub.add_parser("history", help="deployments and rollbacks recorded in the fleet store")
+    h.add_argument("--target", default=None)
+    h.add_argument("--limit", type=int, default=20)
+    h.add_argument("--config", default="deploy.yaml")
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(func=cmd_history)
 
     f = sub.add_parser("fit", help="search compression x quantization for the most accurate model within budgets")
     f.add_argument("--target", required=True)

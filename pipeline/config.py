@@ -134,6 +134,13 @@ class BrokerAddress(Strict):
     key_file: Path | None = None
 
 
+class RolloutConfig(Strict):
+    canary_fraction: float = Field(0.2, gt=0, le=1, description="share of the devices updated first")
+    canary_min: int = Field(1, ge=1)
+    max_failure_fraction: float = Field(0.0, ge=0, le=1, description="canary failures tolerated before aborting")
+    abort_on_latency: bool = Field(True, description="abort when a canary's measured p95 exceeds the latency budget")
+
+
 class FleetConfig(Strict):
     broker: BrokerAddress | None = None
     local_broker: Literal["auto", "mosquitto", "amqtt"] = "auto"
@@ -141,6 +148,7 @@ class FleetConfig(Strict):
     local_agents: int = Field(1, ge=0, le=64)
     devices: list[str] = Field(default_factory=list, description="device ids of a real fleet")
     timeout_s: float = Field(120, gt=0)
+    rollout: RolloutConfig = RolloutConfig()
 
     @field_validator("topic_prefix")
     @classmethod

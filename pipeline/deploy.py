@@ -20,7 +20,9 @@ from .config import DeployConfig
 from .errors import BudgetError, ConfigError, DeliveryError
 from .fit import print_fit, require_best, run_fit
 from .export import ExportResult, check_parity, minify, export_model, quantization_report, quantize_model, simplify
-from .ota import LocalBroker, LocalFleet, deliver
+from .fleet import FleetStore
+from .ota import LocalBroker, LocalFleet
+from .ota.rollout import RolloutPolicy, rollout
 from .profile import host_threads, profile_model
 from .profile.speed import speed_gate
 from .targets import TargetProfile, target_for_deploy
@@ -105,7 +107,7 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
                 f"{artifact.manifest.chunks} chunk(s), signed with {public_key_path(key_dir)}")
         report["artifact"] = artifact.to_dict()
 
-    report["delivery"], report["broker"] = _deliver(cfg, target, artifact, workdir, ui)
+    report["delivery"], report["broker"] = _deliver(cfg, target, artifact, workdir, ui, force=force)
     _print_delivery(ui, report["delivery"], prof.predicted)
     report["wall_s"] = round(time.perf_counter() - t_start, 2)
     return report
@@ -160,33 +162,56 @@ def _export_tflite(cfg: DeployConfig, model, data, out: Path, ui: UI, quantize: 
     return ExportResult(final, "tflite", quantize, final.stat().st_size, parity, qreport, onnx_twin.path)
 
 
-def _deliver(cfg: DeployConfig, target: TargetProfile, artifact, workdir: Path, ui: UI):
+def open_fleet(cfg: DeployConfig, target: TargetProfile, workdir: Path, stack: contextlib.ExitStack, ui: UI,
+               trusted_key: Path) -> tuple[BrokerConfig, dict[str, Any], list[str]]:
+    """The broker (deploy.yaml's, or a local one started here) and the device ids of ``target``'s class
+    (fleet.devices, or local agents standing in for it, started here)."""
     fleet = cfg.fleet
+    if fleet.broker is not None:
+        b = fleet.broker
+        broker = BrokerConfig(b.host, b.port, b.protocol,
+                              **{k: cfg.resolve(getattr(b, k)) for k in ("ca_file", "cert_file", "key_file")
+                                 if getattr(b, k) is not None})
+        broker_info = {"kind": "external", "host": broker.host, "port": broker.port}
+    else:
+        local = stack.enter_context(LocalBroker(fleet.local_broker, workdir / "broker"))
+        broker = local.config
+        broker_info = {"kind": local.kind, "host": broker.host, "port": broker.port, "local": True}
+        ui.info(f"local {local.kind} broker on {broker.host}:{broker.port} (MQTT {local.protocol})")
+    devices = list(fleet.devices)
+    if not devices:
+        if fleet.local_agents == 0:
+            raise DeliveryError("deploy.yaml names no fleet.devices and fleet.local_agents is 0: nowhere to deliver")
+        local_fleet = stack.enter_context(LocalFleet(
+            workdir / "devices", broker, target.name, fleet.local_agents, trusted_key, fleet.topic_prefix,
+            threads=host_threads(target)))
+        devices = local_fleet.device_ids
+        ui.info(f"{len(devices)} local agent(s) emulating {target.name}: {', '.join(devices)}")
+    return broker, broker_info, devices
+
+
+def _deliver(cfg: DeployConfig, target: TargetProfile, artifact, workdir: Path, ui: UI, kind: str = "deploy",
+             force: bool = False):
+    fleet = cfg.fleet
+    r = fleet.rollout
+    policy = RolloutPolicy(r.canary_fraction, r.canary_min, r.max_failure_fraction,
+                           target.budgets.latency_ms if r.abort_on_latency and not force else None)
     with contextlib.ExitStack() as stack:
-        if fleet.broker is not None:
-            b = fleet.broker
-            broker = BrokerConfig(b.host, b.port, b.protocol,
-                                  **{k: cfg.resolve(getattr(b, k)) for k in ("ca_file", "cert_file", "key_file")
-                                     if getattr(b, k) is not None})
-            broker_info = {"kind": "external", "host": broker.host, "port": broker.port}
-        else:
-            local = stack.enter_context(LocalBroker(fleet.local_broker, workdir / "broker"))
-            broker = local.config
-            broker_info = {"kind": local.kind, "host": broker.host, "port": broker.port, "local": True}
-            ui.info(f"local {local.kind} broker on {broker.host}:{broker.port} (MQTT {local.protocol})")
-        devices = list(fleet.devices)
-        if not devices:
-            if fleet.local_agents == 0:
-                raise DeliveryError("deploy.yaml names no fleet.devices and fleet.local_agents is 0: nowhere to deliver")
-            local_fleet = stack.enter_context(LocalFleet(
-                workdir / "devices", broker, target.name, fleet.local_agents,
-                artifact.dir / "signing.pub", fleet.topic_prefix, threads=host_threads(target)))
-            devices = local_fleet.device_ids
-            ui.info(f"{len(devices)} local agent(s) emulating {target.name}: {', '.join(devices)}")
-        with ui.stage(f"Deliver v{artifact.version} over MQTT to {len(devices)} device(s)"):
-            results = deliver(broker, fleet.topic_prefix, artifact, devices, fleet.timeout_s,
-                              progress=lambda state, r: ui.info(f"{r.device_id}: {state}"))
-    return [r.to_dict() for r in results], broker_info
+        broker, broker_info, devices = open_fleet(cfg, target, workdir, stack, ui, artifact.dir / "signing.pub")
+        with ui.stage(f"Deliver v{artifact.version} over MQTT to {len(devices)} device(s), canaries first"):
+            result = rollout(broker, fleet.topic_prefix, artifact, devices, fleet.timeout_s, policy,
+                             progress=lambda state, d: ui.info(f"{d.device_id}: {state}"), note=ui.info)
+    delivery = [{**d.to_dict(), "phase": result.phases.get(d.device_id)} for d in result.results]
+    ok = not result.aborted and all(d["status"] == "activated" for d in delivery)
+    store = FleetStore(workdir / "fleet.db")
+    try:
+        store.record(name=artifact.manifest.name, target=target.name, version=artifact.version,
+                     sha256=artifact.sha256, artifact=str(artifact.dir), kind=kind,
+                     status="succeeded" if ok else ("aborted" if result.aborted else "failed"), reason=result.reason,
+                     results=delivery, rollout=result.to_dict())
+    finally:
+        store.close()
+    return delivery, {**broker_info, "rollout": result.to_dict()}
 
 
 def _print_profile(ui: UI, prof, target: TargetProfile) -> None:
