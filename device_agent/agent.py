@@ -19,6 +19,7 @@ from typing import Any
 from . import __version__
 from .config import AgentConfig
 from .download import Download
+from .faults import crash_point
 from .errors import AgentError, HealthCheckError, ProtocolError, RuntimeBackendError, VerificationError
 from .health import Benchmark, benchmark, health_check
 from .manifest import Manifest, decode_payload, file_sha256, keyid, load_public_key, verify_envelope
@@ -206,6 +207,8 @@ class Agent:
         try:
             signed = verify_envelope(job.manifest, self.trusted)
             manifest = Manifest.from_signed(signed)
+            if self._already_active(job, manifest):
+                return
             self._check_manifest(manifest)
         except VerificationError as exc:
             return self._refuse(job.job_id, None, str(exc), exc.result_code)
@@ -230,6 +233,19 @@ class Agent:
             self._transfer.outstanding = set(dl.requested)
         else:
             self._request_more(self._transfer)
+
+    def _already_active(self, job: Job, m: Manifest) -> bool:
+        """A crash between the switch and its bookkeeping: the new model is active; finish the record."""
+        active = self.store.verify_active()
+        if active is None or active.version != m.version or active.sha256 != m.raw_sha256:
+            return False
+        self._save_state(state=State.ACTIVATED.value, job_id=job.job_id, version=m.version,
+                         highest_version=max(m.version, int(self.state.get("highest_version", 0))), reason=None)
+        self._publish_status(State.ACTIVATED, job_id=job.job_id, version=m.version, result_code=int(ResultCode.SUCCESS))
+        self._event("activated", f"v{m.version} was already active (recovered after a restart)", job_id=job.job_id,
+                    version=m.version)
+        self._report_metrics()
+        return True
 
     def _check_manifest(self, m: Manifest) -> None:
         if m.target != self.cfg.target:
@@ -321,6 +337,7 @@ class Agent:
         m = tr.manifest
         tr.download.close()
         self._save_state(state=State.VERIFYING.value)
+        crash_point("verifying")
         self._publish_status(State.VERIFYING, job_id=tr.job_id, version=m.version, progress=1.0)
         size, digest = tr.download.path.stat().st_size, file_sha256(tr.download.path)
         if size != m.length or digest != m.sha256:
@@ -337,9 +354,12 @@ class Agent:
         slot = self.store.inactive_slot()
         self._save_state(state=State.INSTALLING.value, slot=slot)
         self._publish_status(State.INSTALLING, job_id=tr.job_id, version=m.version)
+        crash_point("installing")
         path = self.store.install(slot, decoded, m, tr.envelope)
+        crash_point("installed")
         tr.download.discard()
         self._save_state(state=State.TESTING.value)
+        crash_point("testing")
         self._publish_status(State.TESTING, job_id=tr.job_id, version=m.version)
         try:
             session = get_runtime(m.runtime).load(path, self.cfg.threads)
@@ -353,6 +373,7 @@ class Agent:
                         job_id=tr.job_id, version=m.version, result_code=int(ResultCode.UPDATE_FAILED))
             return
         self.store.activate(slot, m)
+        crash_point("activated")
         self.session, self.last_bench = session, bench
         self._save_state(state=State.ACTIVATED.value, highest_version=m.version, reason=None)
         self._publish_status(State.ACTIVATED, job_id=tr.job_id, version=m.version,

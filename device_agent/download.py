@@ -20,7 +20,8 @@ class Download:
         self.path = self.dir / "data.part"
         self.length, self.chunk_size, self.chunks = length, chunk_size, chunks
         saved = read_json(self.dir / "have.json", {})
-        ok = saved.get("length") == length
+        # the bitmap only counts while the file it describes is there (a crash may have moved it on)
+        ok = saved.get("length") == length and self.path.is_file()
         self.have: set[int] = set(saved.get("have", [])) if ok else set()
         #: chunks asked for and not yet received when the file was last written (the broker may hold them)
         self.requested: set[int] = set(saved.get("requested", [])) - self.have if ok else set()

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .faults import crash_point
 from .manifest import Manifest, file_sha256
 from .storage import atomic_write_json, fsync_dir, read_json
 
@@ -66,6 +67,7 @@ class SlotStore:
             raise ValueError(f"refusing to overwrite the active slot {slot}")
         d = self.slot_dir(slot)
         atomic_write_json(d / "slot.json", {"status": "installing", "version": manifest.version})
+        crash_point("slot-marked")
         for child in d.iterdir():
             if child.name != "slot.json":
                 shutil.rmtree(child) if child.is_dir() else child.unlink()

@@ -76,13 +76,14 @@ class LocalFleet:
             watcher.stop()
         return self
 
-    def spawn(self, device_id: str) -> subprocess.Popen:
+    def spawn(self, device_id: str, env: dict[str, str] | None = None) -> subprocess.Popen:
         """Start (or restart, after a crash) one agent process on its existing config and state."""
         cfg = self.config_path(device_id)
         with open(cfg.parent / "agent.log", "ab") as log:
             self.procs[device_id] = subprocess.Popen(
                 [sys.executable, "-m", "device_agent.cli", "run", "--config", str(cfg)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env={**os.environ, **env} if env else None,
             )
         return self.procs[device_id]
 
