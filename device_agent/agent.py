@@ -237,7 +237,8 @@ class Agent:
     def _already_active(self, job: Job, m: Manifest) -> bool:
         """A crash between the switch and its bookkeeping: the new model is active; finish the record."""
         active = self.store.verify_active()
-        if active is None or active.version != m.version or active.sha256 != m.raw_sha256:
+        if active is None or active.version != m.version or active.sha256 != m.raw_sha256 \
+                or int(self.state.get("highest_version", 0)) >= m.version:  # that is a replay, not a recovery
             return False
         self._save_state(state=State.ACTIVATED.value, job_id=job.job_id, version=m.version,
                          highest_version=max(m.version, int(self.state.get("highest_version", 0))), reason=None)
