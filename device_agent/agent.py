@@ -48,6 +48,7 @@ class _Transfer:
     outstanding: set[int]
     last_progress: float
     retries: int = 0
+    http: Any = None  # an HttpFetch when the manifest names a URL
 
 
 class Agent:
@@ -162,6 +163,8 @@ class Agent:
         self._stop.set()
 
     def _dispatch(self, name: str, payload: bytes) -> None:
+        if name == "" and payload.startswith(b"http-done:"):
+            return self._on_http_done(payload[len(b"http-done:"):].decode())
         if name == "":  # (re)connected: announce ourselves
             self.link.publish(self._t(Leaf.ONLINE), b"online", qos=1, retain=True)
             while self._pending_events:
@@ -170,7 +173,10 @@ class Agent:
             state = State(self.state.get("state", State.IDLE.value))
             self._publish_status(state if state in (State.ACTIVATED, State.ROLLED_BACK, State.FAILED) else State.IDLE,
                                  job_id=self.state.get("job_id"), version=self.state.get("version"))
-            if self._transfer is not None:
+            if self._transfer is not None and self._transfer.manifest.url:
+                if self._transfer.http is None:
+                    self._start_http(self._transfer)
+            elif self._transfer is not None:
                 if self.link.session_present:  # what we asked for is still queued for us: give it time
                     self._transfer.last_progress = time.monotonic()
                 else:
@@ -227,6 +233,8 @@ class Agent:
             self._event("resumed", f"download resumes at {dl.resumed}/{manifest.chunks} chunks", job_id=job.job_id)
         if dl.complete:
             self._finish(self._transfer)
+        elif manifest.url:
+            self._start_http(self._transfer)
         elif self.link.session_present and dl.requested:
             # the broker kept our session: what we had asked for is still on its way; wait for it (the retry
             # timer asks again if it never comes) instead of making the host send it twice
@@ -276,6 +284,29 @@ class Agent:
         tr.last_progress = time.monotonic()
         self.link.publish(self._t(Leaf.STREAM_GET), encode({"job_id": tr.job_id, "chunks": want}), qos=1)
 
+    def _start_http(self, tr: _Transfer) -> None:
+        from .http_fetch import HttpFetch
+
+        def done(error: str | None) -> None:
+            self._inbox.put(("", b"http-done:" + (error or "").encode(), None))
+
+        tr.http = HttpFetch(tr.manifest.url, tr.download, done, ca_file=self.cfg.broker.ca_file)
+        tr.http.start()
+
+    def _on_http_done(self, error: str) -> None:
+        tr = self._transfer
+        if tr is None:
+            return
+        if error:
+            self._transfer = None
+            tr.download.close()
+            self._refuse(tr.job_id, tr.manifest.version, f"{error}; download kept for resumption",
+                         ResultCode.CONNECTION_LOST)
+            self.state["job_id"] = None  # the same retained job resumes later
+            self._save_state()
+        elif tr.download.complete:
+            self._finish(tr)
+
     def _request_resend(self, tr: _Transfer, index: int) -> None:
         self.link.publish(self._t(Leaf.STREAM_GET), encode({"job_id": tr.job_id, "chunks": [index], "resend": True}),
                           qos=1)
@@ -320,7 +351,7 @@ class Agent:
 
     def _tick(self) -> None:
         tr = self._transfer
-        if tr is None or time.monotonic() - tr.last_progress < RETRY_S:
+        if tr is None or tr.manifest.url or time.monotonic() - tr.last_progress < RETRY_S:
             return
         tr.retries += 1
         if tr.retries > MAX_RETRIES:

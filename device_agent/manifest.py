@@ -129,6 +129,7 @@ class Manifest:
     encoding: str = "identity"  # or "zlib": the payload is the model file deflated
     raw_length: int = 0  # of the model file once decoded
     raw_sha256: str = ""
+    url: str | None = None  # optional HTTP(S) source of the payload, fetched with Range requests
 
     @classmethod
     def from_signed(cls, signed: dict[str, Any]) -> "Manifest":
@@ -147,12 +148,14 @@ class Manifest:
                 io=dict(signed["io"]), golden=dict(signed["golden"]), health=dict(signed.get("health", {})),
                 budgets=dict(signed.get("budgets", {})), predicted=dict(signed.get("predicted", {})),
                 encoding=str(art.get("encoding", "identity")), raw_length=int(art.get("raw_length", art["length"])),
-                raw_sha256=str(art.get("raw_sha256", art["sha256"])),
+                raw_sha256=str(art.get("raw_sha256", art["sha256"])), url=art.get("url"),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"manifest: missing or bad field ({exc!r})") from None
         if m.chunk_size <= 0 or m.chunks != -(-m.length // m.chunk_size) or m.length <= 0:
             raise ProtocolError(f"manifest: length {m.length} / chunk_size {m.chunk_size} / chunks {m.chunks} disagree")
+        if m.url is not None and not str(m.url).startswith(("http://", "https://")):
+            raise ProtocolError(f"manifest: url {m.url!r} must be http:// or https://")
         if m.encoding not in ENCODINGS:
             raise ProtocolError(f"manifest: encoding {m.encoding!r} unknown; this agent reads {list(ENCODINGS)}")
         if "/" in m.filename or m.filename.startswith("."):

@@ -141,6 +141,15 @@ class RolloutConfig(Strict):
     abort_on_latency: bool = Field(True, description="abort when a canary's measured p95 exceeds the latency budget")
 
 
+class HttpConfig(Strict):
+    """Payloads over HTTP(S) with Range requests instead of MQTT chunks (large models)."""
+
+    serve: bool = Field(False, description="serve WORKDIR/artifacts from this host while delivering")
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, lt=65536, description="0: a free port")
+    base_url: str | None = Field(None, description="where you publish WORKDIR/artifacts yourself (a CDN, S3)")
+
+
 class FleetConfig(Strict):
     broker: BrokerAddress | None = None
     local_broker: Literal["auto", "mosquitto", "amqtt"] = "auto"
@@ -149,6 +158,7 @@ class FleetConfig(Strict):
     devices: list[str] = Field(default_factory=list, description="device ids of a real fleet")
     timeout_s: float = Field(120, gt=0)
     rollout: RolloutConfig = RolloutConfig()
+    http: HttpConfig = HttpConfig()
 
     @field_validator("topic_prefix")
     @classmethod

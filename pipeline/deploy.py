@@ -22,6 +22,8 @@ from .fit import print_fit, require_best, run_fit
 from .export import ExportResult, check_parity, minify, export_model, quantization_report, quantize_model, simplify
 from .fleet import FleetStore
 from .ota import LocalBroker, LocalFleet
+from .ota.broker import free_port
+from .ota.http_server import ArtifactServer
 from .ota.rollout import RolloutPolicy, rollout
 from .profile import host_threads, profile_model
 from .profile.speed import speed_gate
@@ -97,8 +99,13 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
     with ui.stage("Sign and bundle"):
         key_dir = cfg.resolve(cfg.signing.key_dir)
         budgets = {r.name: r.limit for r in prof.budgets}
+        http = cfg.fleet.http
+        if http.serve and not http.port:
+            http = http.model_copy(update={"port": free_port()})
+        url_base = http.base_url or (f"http://{http.host}:{http.port}" if http.serve else None)
         artifact = build_artifact(
             final, workdir / "artifacts", name=cfg.name, version=next_version(workdir), target=target.name,
+            url_base=url_base,
             runtime=runtime_for(final), golden_inputs=data.x_test[:GOLDEN_CASES], budgets=budgets,
             predicted=prof.predicted, health={"max_rss_mb": None, "max_latency_ms": None, "runs": 20},
             key_dir=key_dir,
@@ -107,7 +114,8 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
                 f"{artifact.manifest.chunks} chunk(s), signed with {public_key_path(key_dir)}")
         report["artifact"] = artifact.to_dict()
 
-    report["delivery"], report["broker"] = _deliver(cfg, target, artifact, workdir, ui, force=force)
+    report["delivery"], report["broker"] = _deliver(cfg, target, artifact, workdir, ui, force=force,
+                                                    serve_http=http if http.serve else None)
     _print_delivery(ui, report["delivery"], prof.predicted)
     report["wall_s"] = round(time.perf_counter() - t_start, 2)
     return report
@@ -191,13 +199,16 @@ def open_fleet(cfg: DeployConfig, target: TargetProfile, workdir: Path, stack: c
 
 
 def _deliver(cfg: DeployConfig, target: TargetProfile, artifact, workdir: Path, ui: UI, kind: str = "deploy",
-             force: bool = False):
+             force: bool = False, serve_http=None):
     fleet = cfg.fleet
     r = fleet.rollout
     policy = RolloutPolicy(r.canary_fraction, r.canary_min, r.max_failure_fraction,
                            target.budgets.latency_ms if r.abort_on_latency and not force else None)
     with contextlib.ExitStack() as stack:
         broker, broker_info, devices = open_fleet(cfg, target, workdir, stack, ui, artifact.dir / "signing.pub")
+        if serve_http is not None:
+            server = stack.enter_context(ArtifactServer(workdir / "artifacts", serve_http.host, serve_http.port))
+            ui.info(f"serving artifacts over HTTP at {server.base_url} (devices fetch with Range requests)")
         with ui.stage(f"Deliver v{artifact.version} over MQTT to {len(devices)} device(s), canaries first"):
             result = rollout(broker, fleet.topic_prefix, artifact, devices, fleet.timeout_s, policy,
                              progress=lambda state, d: ui.info(f"{d.device_id}: {state}"), note=ui.info)

@@ -143,3 +143,12 @@ def test_deploy_a_full_integer_tflite_model(mosquitto, tmp_path, tflite):
     cfg.write_text(yaml.safe_dump(data))
     proc, _ = deploy(cfg)
     assert proc.returncode == 2 and "with format tflite" in proc.stderr
+
+
+def test_deploy_with_payload_over_http(mosquitto, tmp_path):
+    cfg = config(tmp_path, broker={"host": "127.0.0.1", "port": mosquitto.port}, http={"serve": True})
+    proc, report = deploy(cfg)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [d] = report["delivery"]
+    assert d["status"] == "activated" and d["chunks_served"] == 0  # the payload came over HTTP, not MQTT
+    assert "serving artifacts over HTTP" in proc.stderr

@@ -73,7 +73,10 @@ def build_artifact(
     model_path: Path, out_root: Path, *, name: str, version: int, target: str, runtime: str,
     golden_inputs: np.ndarray, budgets: dict[str, Any], predicted: dict[str, Any], health: dict[str, Any],
     key_dir: Path, expires_days: float | None = 30, chunk_size: int = DEFAULT_CHUNK_SIZE,
+    url_base: str | None = None,
 ) -> Artifact:
+    """``url_base``: where the artifact directory will be served over HTTP(S); its payload's URL is then
+    signed into the manifest and devices fetch it with Range requests instead of MQTT chunks."""
     from device_agent.runtimes import get_runtime
 
     key = load_or_create(key_dir)
@@ -99,9 +102,11 @@ def build_artifact(
         "golden": {"cases": cases, "atol": atol, "rtol": 1e-3},
         "health": health, "budgets": budgets, "predicted": predicted,
     }
+    out = out_root / f"{name}-{target}-v{version}"
+    if url_base:
+        signed["artifact"]["url"] = f"{url_base.rstrip('/')}/{out.name}/{payload_name(model_path.name, encoding)}"
     signed = json.loads(json.dumps(signed))  # exactly what a receiver will parse and re-serialise
     envelope = sign_envelope(signed, key)
-    out = out_root / f"{name}-{target}-v{version}"
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
