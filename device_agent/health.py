@@ -19,6 +19,8 @@ class Benchmark:
     latency_ms_p95: float
     rss_mb: float
     runs: int
+    latency_ms_p99: float = 0.0
+    throughput_ips: float = 0.0  # inferences per second, back to back
 
 
 def rss_mb() -> float:
@@ -38,6 +40,8 @@ def benchmark(session: Session, feeds: dict[str, np.ndarray], runs: int, warmup:
         latency_ms_p95=round(float(np.percentile(times, 95)), 4),
         rss_mb=round(rss_mb(), 2),
         runs=runs,
+        latency_ms_p99=round(float(np.percentile(times, 99)), 4),
+        throughput_ips=round(1e3 * runs / float(times.sum()), 1),
     )
 
 

@@ -68,3 +68,15 @@ def _readable(path: Path) -> bool:
 def _chip(chip: Path) -> str:
     name = chip / "name"
     return name.read_text().strip() if name.exists() else chip.name
+
+
+def temperature_c(sysfs: Path = Path("/sys")) -> float | None:
+    """The hottest thermal zone in degrees Celsius, or None where the device exposes none."""
+    best = None
+    for zone in (sysfs / "class" / "thermal").glob("thermal_zone*"):
+        try:
+            value = int((zone / "temp").read_text().strip()) / 1000
+        except (OSError, ValueError):
+            continue
+        best = value if best is None else max(best, value)
+    return best

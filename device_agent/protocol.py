@@ -194,6 +194,16 @@ class Metrics:
     rss_mb: float
     runs: int
     emulated: bool
+    latency_ms_p99: float = 0.0
+    throughput_ips: float = 0.0
+    errors: int = 0  # inference errors since the agent started
+    cpu_percent: float | None = None
+    temperature_c: float | None = None  # hottest thermal zone, where the device has one
+    energy_mj: float | None = None  # per inference
+    energy_source: str | None = None  # "measured:<counter>" or "predicted"
+    slot: str | None = None
+    uptime_s: float = 0.0
+    state: str | None = None
     ts: float = field(default_factory=now)
 
 

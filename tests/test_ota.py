@@ -44,6 +44,9 @@ def test_agent_accepts_good_and_refuses_bad_updates(mosquitto, fleet, tiny_onnx,
     assert r.status == "activated" and r.active_version == 10
     assert r.metrics["latency_ms_p50"] > 0 and r.metrics["rss_mb"] > 10 and r.metrics["emulated"] is True
     assert r.states[:2] == ["downloading", "verifying"] and r.states[-1] == "activated"
+    m = r.metrics
+    assert m["latency_ms_p99"] >= m["latency_ms_p95"] and m["throughput_ips"] > 0 and m["slot"] == "a"
+    assert m["energy_source"] in ("predicted", None) or m["energy_source"].startswith("measured:")
 
     # 1. a flipped byte in the model: hash mismatch, refused, v10 stays active, refusal reported
     flipped = tmp_path / "flipped.onnx"

@@ -41,3 +41,14 @@ def test_hwmon_energy_and_power(tmp_path):
 
 def test_no_counter_means_none(tmp_path):
     assert EnergyMeter.probe(tmp_path) is None
+
+
+def test_hottest_thermal_zone(tmp_path):
+    from device_agent.power import temperature_c
+
+    assert temperature_c(tmp_path) is None
+    for i, milli in enumerate((41000, 57500, 12000)):
+        zone = tmp_path / "class" / "thermal" / f"thermal_zone{i}"
+        zone.mkdir(parents=True)
+        (zone / "temp").write_text(f"{milli}\n")
+    assert temperature_c(tmp_path) == 57.5
