@@ -17,7 +17,20 @@ MIGRATIONS = [
         deployment_id INTEGER NOT NULL REFERENCES deployments(id), device_id TEXT NOT NULL, phase TEXT,
         status TEXT NOT NULL, active_version INTEGER, reason TEXT, metrics TEXT)""",
     "CREATE INDEX device_results_by_device ON device_results(device_id)",
+    """CREATE TABLE devices (
+        device_id TEXT PRIMARY KEY, target TEXT, online INTEGER, last_seen REAL, active_version INTEGER,
+        slot TEXT, state TEXT)""",
+    """CREATE TABLE metrics (
+        device_id TEXT NOT NULL, ts REAL NOT NULL, version INTEGER, latency_ms_p50 REAL, latency_ms_p95 REAL,
+        latency_ms_p99 REAL, throughput_ips REAL, rss_mb REAL, cpu_percent REAL, temperature_c REAL,
+        energy_mj REAL, energy_source TEXT, emulated INTEGER, UNIQUE (device_id, ts))""",
+    """CREATE TABLE events (
+        device_id TEXT NOT NULL, ts REAL NOT NULL, kind TEXT NOT NULL, message TEXT, job_id TEXT, version INTEGER,
+        UNIQUE (device_id, ts, kind))""",
 ]
+
+METRIC_COLUMNS = ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "throughput_ips", "rss_mb", "cpu_percent",
+                  "temperature_c", "energy_mj", "energy_source")
 
 
 class FleetStore:
@@ -72,6 +85,60 @@ class FleetStore:
     def results(self, deployment_id: int) -> list[dict[str, Any]]:
         return [dict(r) for r in self.db.execute("SELECT * FROM device_results WHERE deployment_id = ?",
                                                  (deployment_id,)).fetchall()]
+
+    def ingest(self, messages: list[tuple[str, str, dict[str, Any]]]) -> int:
+        """Store a batch of (device_id, kind, body) in one transaction; duplicates (QoS 1 redeliveries) are
+        ignored. Returns the rows written."""
+        written = 0
+        with self.db:
+            self.db.execute("BEGIN")
+            for device, kind, b in messages:
+                ts = float(b.get("ts") or time.time())
+                if kind == "metrics":
+                    cur = self.db.execute(
+                        f"INSERT OR IGNORE INTO metrics (device_id, ts, version, {', '.join(METRIC_COLUMNS)}, emulated)"
+                        f" VALUES (?,?,?,{','.join('?' * len(METRIC_COLUMNS))},?)",
+                        (device, ts, b.get("version"), *[b.get(c) for c in METRIC_COLUMNS], int(bool(b.get("emulated")))))
+                    written += cur.rowcount
+                    self._seen(device, ts, active_version=b.get("version"), slot=b.get("slot"), state=b.get("state"))
+                elif kind == "status":
+                    self._seen(device, ts, target=b.get("target"), active_version=b.get("active_version"),
+                               slot=b.get("active_slot"), state=b.get("state"))
+                    written += 1
+                elif kind == "events":
+                    cur = self.db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?)",
+                                          (device, ts, b.get("kind"), b.get("message"), b.get("job_id"),
+                                           b.get("version")))
+                    written += cur.rowcount
+                elif kind == "online":
+                    self.db.execute("INSERT INTO devices (device_id, online, last_seen) VALUES (?,?,?) "
+                                    "ON CONFLICT(device_id) DO UPDATE SET online = excluded.online",
+                                    (device, int(b.get("online", False)), ts))
+        return written
+
+    def _seen(self, device: str, ts: float, **fields: Any) -> None:
+        fields = {k: v for k, v in fields.items() if v is not None}
+        cols = ", ".join(["device_id", "last_seen", *fields])
+        updates = ", ".join(["last_seen = max(coalesce(last_seen, 0), excluded.last_seen)",
+                             *[f"{k} = excluded.{k}" for k in fields]])
+        self.db.execute(f"INSERT INTO devices ({cols}) VALUES ({','.join('?' * (2 + len(fields)))}) "
+                        f"ON CONFLICT(device_id) DO UPDATE SET {updates}", (device, ts, *fields.values()))
+
+    def devices(self) -> list[dict[str, Any]]:
+        rows = self.db.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
+        out = []
+        for r in rows:
+            d = dict(r)
+            last = self.db.execute("SELECT * FROM metrics WHERE device_id = ? ORDER BY ts DESC LIMIT 1",
+                                   (d["device_id"],)).fetchone()
+            d["metrics"] = dict(last) if last else None
+            out.append(d)
+        return out
+
+    def count(self, table: str) -> int:
+        if table not in ("metrics", "events", "devices", "deployments"):
+            raise ValueError(table)
+        return int(self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
     def close(self) -> None:
         self.db.close()
