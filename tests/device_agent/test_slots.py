@@ -29,13 +29,18 @@ def test_install_goes_to_the_inactive_slot_and_switch_is_atomic(tmp_path):
     assert store.verify_active().version == 2
 
 
-def test_damaged_active_model_is_detected(tmp_path):
+def store_with_active_model(tmp_path):
     store = SlotStore(tmp_path)
     src = tmp_path / "dl"
     src.write_bytes(b"model")
     m = manifest(1, b"model", src)
     store.install("a", src, m, {"signed": {}})
     store.activate("a", m)
+    return store, src, m
+
+
+def test_damaged_active_model_is_detected(tmp_path):
+    store, _, _ = store_with_active_model(tmp_path)
     (tmp_path / "slots" / "a" / "model.onnx").write_bytes(b"modeL")
     assert store.verify_active() is None
 
@@ -43,12 +48,7 @@ def test_damaged_active_model_is_detected(tmp_path):
 def test_install_refuses_the_active_slot(tmp_path):
     import pytest
 
-    store = SlotStore(tmp_path)
-    src = tmp_path / "dl"
-    src.write_bytes(b"model")
-    m = manifest(1, b"model", src)
-    store.install("a", src, m, {"signed": {}})
-    store.activate("a", m)
+    store, src, m = store_with_active_model(tmp_path)
     src.write_bytes(b"again")
     with pytest.raises(ValueError, match="active slot"):
         store.install("a", src, m, {"signed": {}})
