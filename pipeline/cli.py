@@ -121,61 +121,6 @@ def cmd_history(args: argparse.Namespace, ui) -> int:
     return 0
 
 
-def _fleet_db(args) -> Path:
-    if args.db:
-        return Path(args.db)
-    from .config import load_deploy
-
-    cfg = load_deploy(args.config)
-    return cfg.resolve(cfg.workdir) / "fleet.db"
-
-
-def cmd_fleet(args: argparse.Namespace, ui) -> int:
-    from .fleet import FleetStore
-
-    if args.action == "ingest":
-        import signal
-
-        from device_agent.config import BrokerConfig
-
-        from .fleet.ingest import Ingester
-
-        host, _, port = (args.broker or "").rpartition(":")
-        if not host or not port.isdigit():
-            raise PipelineError(f"--broker: expected HOST:PORT, got {args.broker!r}")
-        ingester = Ingester(BrokerConfig(host, int(port)), _fleet_db(args), args.prefix, args.group,
-                            shared=not args.no_shared)
-        signal.signal(signal.SIGTERM, lambda *_: ingester.stop())
-        ui.info(f"ingesting {args.prefix}/v1/+/{{metrics,status,events,online}} from {args.broker} into "
-                f"{_fleet_db(args)} (Ctrl-C stops)")
-        try:
-            ingester.run()
-        except KeyboardInterrupt:
-            pass
-        ui.info(f"stored {ingester.stored} row(s)")
-        return 0
-    store = FleetStore(_fleet_db(args))
-    try:
-        devices = store.devices()
-    finally:
-        store.close()
-    if args.json:
-        print(json.dumps(devices, indent=2, default=str))
-        return 0
-    import datetime as dt
-
-    rows = []
-    for d in devices:
-        m = d["metrics"] or {}
-        seen = dt.datetime.fromtimestamp(d["last_seen"]).strftime("%H:%M:%S") if d["last_seen"] else "-"
-        rows.append([d["device_id"], d.get("target") or "-", "online" if d.get("online") else "offline",
-                     d.get("active_version") or "-", d.get("slot") or "-", d.get("state") or "-", seen,
-                     m.get("latency_ms_p95", "-"), m.get("rss_mb", "-"), m.get("energy_mj", "-")])
-    ui.table("Fleet", ["device", "class", "link", "version", "slot", "state", "last seen", "p95 ms", "RSS MB",
-                       "energy mJ"], rows)
-    return 0
-
-
 def cmd_fit(args: argparse.Namespace, ui) -> int:
     from .config import load_deploy
     from .fit import print_fit, run_fit
@@ -291,16 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_compress)
 
-    fl = sub.add_parser("fleet", help="ingest fleet telemetry into the store, or show the fleet")
-    fl.add_argument("action", choices=["status", "ingest"])
-    fl.add_argument("--config", default="deploy.yaml")
-    fl.add_argument("--db", help="fleet store (default: WORKDIR/fleet.db)")
-    fl.add_argument("--broker", help="ingest: HOST:PORT")
-    fl.add_argument("--prefix", default="edgefleet")
-    fl.add_argument("--group", default="ingest", help="ingest: shared-subscription group")
-    fl.add_argument("--no-shared", action="store_true", help="ingest: plain subscriptions (brokers without $share)")
-    fl.add_argument("--json", action="store_true")
-    fl.set_defaults(func=cmd_fleet)
+    from .fleet_cli import add_parsers
+
+    add_parsers(sub)
 
     rb = sub.add_parser("rollback", help="bring a device class back to its previous model (or to --to VERSION)")
     rb.add_argument("--target", required=True)

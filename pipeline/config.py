@@ -150,6 +150,35 @@ class HttpConfig(Strict):
     base_url: str | None = Field(None, description="where you publish WORKDIR/artifacts yourself (a CDN, S3)")
 
 
+class RetentionConfig(Strict):
+    """Telemetry kept raw for ``raw``, then one row per device and ``bucket``; rollups and events go after
+    ``keep``. Durations: 30s, 5m, 12h, 7d."""
+
+    raw: str = "7d"
+    bucket: str = "5m"
+    keep: str = "90d"
+
+    @model_validator(mode="after")
+    def _check(self) -> "RetentionConfig":
+        try:
+            self.policy()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def policy(self):
+        from .fleet.retention import RetentionPolicy, parse_duration
+
+        return RetentionPolicy(parse_duration(self.raw, "fleet.retention.raw"),
+                               parse_duration(self.bucket, "fleet.retention.bucket"),
+                               parse_duration(self.keep, "fleet.retention.keep"))
+
+
+class DashboardConfig(Strict):
+    host: str = Field("127.0.0.1", description="bind address; beyond loopback a token is required")
+    port: int = Field(8600, ge=0, lt=65536)
+
+
 class FleetConfig(Strict):
     broker: BrokerAddress | None = None
     local_broker: Literal["auto", "mosquitto", "amqtt"] = "auto"
@@ -159,6 +188,8 @@ class FleetConfig(Strict):
     timeout_s: float = Field(120, gt=0)
     rollout: RolloutConfig = RolloutConfig()
     http: HttpConfig = HttpConfig()
+    retention: RetentionConfig = RetentionConfig()
+    dashboard: DashboardConfig = DashboardConfig()
 
     @field_validator("topic_prefix")
     @classmethod

@@ -22,7 +22,7 @@ from .fit import print_fit, require_best, run_fit
 from .export import ExportResult, check_parity, minify, export_model, quantization_report, quantize_model, simplify
 from .fleet import FleetStore
 from .ota import LocalBroker, LocalFleet
-from .ota.broker import free_port
+from .ota.broker import external_broker, free_port
 from .ota.http_server import ArtifactServer
 from .ota.rollout import RolloutPolicy, rollout
 from .profile import host_threads, profile_model
@@ -175,11 +175,9 @@ def open_fleet(cfg: DeployConfig, target: TargetProfile, workdir: Path, stack: c
     """The broker (deploy.yaml's, or a local one started here) and the device ids of ``target``'s class
     (fleet.devices, or local agents standing in for it, started here)."""
     fleet = cfg.fleet
-    if fleet.broker is not None:
-        b = fleet.broker
-        broker = BrokerConfig(b.host, b.port, b.protocol,
-                              **{k: cfg.resolve(getattr(b, k)) for k in ("ca_file", "cert_file", "key_file")
-                                 if getattr(b, k) is not None})
+    external = external_broker(cfg)
+    if external is not None:
+        broker = external
         broker_info = {"kind": "external", "host": broker.host, "port": broker.port}
     else:
         local = stack.enter_context(LocalBroker(fleet.local_broker, workdir / "broker"))

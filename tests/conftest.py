@@ -33,6 +33,44 @@ def tflite():
             and importlib.util.find_spec("ai_edge_litert") is not None, "the [tflite] extra (litert-torch)")
 
 
+@pytest.fixture(scope="session")
+def chromium():
+    """Headless Chromium (the Debian package the Makefile installs) driven by Playwright; never Playwright's own
+    browser download, which cannot work offline."""
+    import importlib.util
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    require(exe is not None, "chromium (apt-get install chromium)")
+    require(importlib.util.find_spec("playwright") is not None, "playwright (pip)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=exe, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
+        yield browser
+        browser.close()
+
+
+OUTPUT = REPO / "tests" / "_output"  # screenshots and logs a person may want to look at after a run
+
+
+def small_deploy_config(tmp_path: Path, **fleet) -> Path:
+    """The repo's deploy.yaml, scaled down to seconds: digits, 3 epochs, one magnitude step."""
+    import yaml
+
+    data = yaml.safe_load((REPO / "deploy.yaml").read_text())
+    data["model"]["train"]["epochs"] = 3
+    data["data"] = {"name": "digits", "train_size": 1400, "test_size": 397}
+    data["compress"] = [{"method": "magnitude", "scope": "global", "sparsity": 0.6, "steps": 2, "finetune_epochs": 1}]
+    data["export"]["max_accuracy_drop"] = 0.05
+    data["fleet"].update(timeout_s=60, **fleet)
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
 @pytest.fixture
 def mosquitto(tmp_path):
     from pipeline.ota.broker import LocalBroker, mosquitto_binary

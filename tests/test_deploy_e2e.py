@@ -10,21 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import small_deploy_config
 
 pytestmark = pytest.mark.slow
 
 
 def config(tmp_path: Path, **fleet) -> Path:
-    data = yaml.safe_load((REPO / "deploy.yaml").read_text())
-    data["model"]["train"]["epochs"] = 3
-    data["data"] = {"name": "digits", "train_size": 1400, "test_size": 397}
-    data["compress"] = [{"method": "magnitude", "scope": "global", "sparsity": 0.6, "steps": 2, "finetune_epochs": 1}]
-    data["export"]["max_accuracy_drop"] = 0.05
-    data["fleet"].update(timeout_s=60, **fleet)
-    path = tmp_path / "deploy.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return small_deploy_config(tmp_path, **fleet)
 
 
 def deploy(cfg: Path, *extra: str) -> tuple[subprocess.CompletedProcess, dict | None]:

@@ -18,6 +18,7 @@ from device_agent.config import BrokerConfig
 from device_agent.mqtt import MqttLink
 from device_agent.protocol import PROTOCOL_VERSION, Leaf, ProtocolError, decode, parse_topic
 
+from .retention import RetentionPolicy, apply_retention
 from .store import FleetStore
 
 log = logging.getLogger(__name__)
@@ -26,14 +27,18 @@ LEAVES = (Leaf.METRICS, Leaf.STATUS, Leaf.EVENTS, Leaf.ONLINE)
 
 class Ingester:
     def __init__(self, broker: BrokerConfig, db: Path, prefix: str = "edgefleet", group: str = "ingest",
-                 shared: bool = True, batch: int = 500, flush_s: float = 0.5, client_id: str | None = None) -> None:
+                 shared: bool = True, batch: int = 500, flush_s: float = 0.5, client_id: str | None = None,
+                 retention: RetentionPolicy | None = None, retention_every_s: float = 3600) -> None:
         self.db, self.prefix, self.batch, self.flush_s = db, prefix, batch, flush_s
+        self.retention, self.retention_every_s = retention, retention_every_s
         share = f"$share/{group}/" if shared else ""
         subs = [(f"{share}{prefix}/v{PROTOCOL_VERSION}/+/{leaf.value}", 1) for leaf in LEAVES]
         self._inbox: queue.Queue[tuple[str, bytes, Callable[[], None]]] = queue.Queue()
         self.link = MqttLink(broker, client_id or f"ingest-{group}", lambda t, p, ack: self._inbox.put((t, p, ack)),
                              subs, persistent=True, manual_ack=True)
-        self.stored = 0
+        self.stored = 0  # rows written
+        self.received = 0  # messages taken from the broker
+        self.dropped = 0  # messages that were not protocol messages
         self._stop = threading.Event()
 
     def stop(self) -> None:
@@ -45,16 +50,22 @@ class Ingester:
         pending: list[tuple[str, str, dict]] = []
         acks: list[Callable[[], None]] = []
         last = time.monotonic()
+        retained = float("-inf")
         try:
             while not self._stop.is_set() and not (until and until()):
+                if self.retention and time.monotonic() - retained >= self.retention_every_s:
+                    retained = time.monotonic()
+                    log.info("retention: %s", apply_retention(store, self.retention))
                 try:
                     name, payload, ack = self._inbox.get(timeout=0.1)
                     acks.append(ack)
+                    self.received += 1
                     try:
                         device, leaf = parse_topic(self.prefix, name)
                         body = {"online": payload == b"online"} if leaf is Leaf.ONLINE else decode(payload, leaf.value)
                         pending.append((device, leaf.value, body))
                     except ProtocolError as exc:
+                        self.dropped += 1
                         log.warning("dropped a bad message on %s: %s", name, exc)
                 except queue.Empty:
                     pass

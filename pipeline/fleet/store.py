@@ -27,21 +27,49 @@ MIGRATIONS = [
     """CREATE TABLE events (
         device_id TEXT NOT NULL, ts REAL NOT NULL, kind TEXT NOT NULL, message TEXT, job_id TEXT, version INTEGER,
         UNIQUE (device_id, ts, kind))""",
+    "ALTER TABLE metrics ADD COLUMN errors INTEGER",
+    "ALTER TABLE metrics ADD COLUMN uptime_s REAL",
+    "ALTER TABLE devices ADD COLUMN job_id TEXT",
+    "ALTER TABLE devices ADD COLUMN job_version INTEGER",
+    "ALTER TABLE devices ADD COLUMN progress REAL",
+    "ALTER TABLE devices ADD COLUMN agent_version TEXT",
+    "ALTER TABLE devices ADD COLUMN reason TEXT",
+    "CREATE INDEX metrics_by_ts ON metrics(ts)",
+    "CREATE INDEX events_by_ts ON events(ts)",
+    # raw metrics older than the retention window, averaged (or maxed: tails, memory, heat) per time bucket
+    """CREATE TABLE metrics_rollup (
+        device_id TEXT NOT NULL, ts REAL NOT NULL, bucket_s REAL NOT NULL, samples INTEGER NOT NULL,
+        version INTEGER, latency_ms_p50 REAL, latency_ms_p95 REAL, latency_ms_p99 REAL, throughput_ips REAL,
+        rss_mb REAL, cpu_percent REAL, temperature_c REAL, energy_mj REAL, errors INTEGER, emulated INTEGER,
+        PRIMARY KEY (device_id, ts))""",
 ]
 
 METRIC_COLUMNS = ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "throughput_ips", "rss_mb", "cpu_percent",
-                  "temperature_c", "energy_mj", "energy_source")
+                  "temperature_c", "energy_mj", "energy_source", "errors", "uptime_s")
+#: the series a chart can draw, from raw rows and rollups alike
+SERIES_COLUMNS = ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "throughput_ips", "rss_mb", "cpu_percent",
+                  "temperature_c", "energy_mj", "errors")
 
 
 class FleetStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, readonly: bool = False) -> None:
+        """``readonly``: a reader beside a writer (the dashboard's request threads); it never migrates."""
         self.path = path
+        if readonly:
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                      check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self._migrate()
+
+    def data_version(self) -> int:
+        """Changes whenever another connection commits: what live views poll."""
+        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
     def _migrate(self) -> None:
         self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (v INTEGER NOT NULL)")
@@ -103,7 +131,9 @@ class FleetStore:
                     self._seen(device, ts, active_version=b.get("version"), slot=b.get("slot"), state=b.get("state"))
                 elif kind == "status":
                     self._seen(device, ts, target=b.get("target"), active_version=b.get("active_version"),
-                               slot=b.get("active_slot"), state=b.get("state"))
+                               slot=b.get("active_slot"), state=b.get("state"), job_id=b.get("job_id"),
+                               job_version=b.get("version"), progress=b.get("progress"),
+                               agent_version=b.get("agent_version"), reason=b.get("reason"))
                     written += 1
                 elif kind == "events":
                     cur = self.db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?)",
@@ -116,8 +146,11 @@ class FleetStore:
                                     (device, int(b.get("online", False)), ts))
         return written
 
+    #: status fields that describe the current job: cleared, not kept, when a status leaves them out
+    _JOB_FIELDS = ("job_id", "job_version", "progress", "reason")
+
     def _seen(self, device: str, ts: float, **fields: Any) -> None:
-        fields = {k: v for k, v in fields.items() if v is not None}
+        fields = {k: v for k, v in fields.items() if v is not None or k in self._JOB_FIELDS}
         cols = ", ".join(["device_id", "last_seen", *fields])
         updates = ", ".join(["last_seen = max(coalesce(last_seen, 0), excluded.last_seen)",
                              *[f"{k} = excluded.{k}" for k in fields]])
@@ -135,8 +168,22 @@ class FleetStore:
             out.append(d)
         return out
 
+    def series(self, device: str, since: float = 0.0, limit: int = 5000) -> list[dict[str, Any]]:
+        """One device's metrics over time, oldest first: rollups (older) then raw rows, ``limit`` newest points."""
+        cols = ", ".join(SERIES_COLUMNS)
+        rows = self.db.execute(
+            f"SELECT * FROM (SELECT ts, version, {cols}, emulated, 1 AS samples, 0 AS bucket_s FROM metrics "
+            f"WHERE device_id = ? AND ts >= ? UNION ALL SELECT ts, version, {cols}, emulated, samples, bucket_s "
+            f"FROM metrics_rollup WHERE device_id = ? AND ts >= ?) ORDER BY ts DESC LIMIT ?",
+            (device, since, device, since, limit)).fetchall()
+        return [dict(r) for r in reversed(rows)]
+
+    def events(self, limit: int = 100, device: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM events" + (" WHERE device_id = ?" if device else "") + " ORDER BY ts DESC LIMIT ?"
+        return [dict(r) for r in self.db.execute(sql, ((device, limit) if device else (limit,))).fetchall()]
+
     def count(self, table: str) -> int:
-        if table not in ("metrics", "events", "devices", "deployments"):
+        if table not in ("metrics", "metrics_rollup", "events", "devices", "deployments"):
             raise ValueError(table)
         return int(self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 

@@ -25,6 +25,16 @@ log = logging.getLogger(__name__)
 BROKERS: Registry[Callable[[Path, int], tuple[list[str], str]]] = Registry("local broker")
 
 
+def external_broker(cfg) -> BrokerConfig | None:
+    """deploy.yaml's ``fleet.broker`` as the agent library's BrokerConfig (paths resolved), or None."""
+    b = cfg.fleet.broker
+    if b is None:
+        return None
+    return BrokerConfig(b.host, b.port, b.protocol, **{k: cfg.resolve(getattr(b, k))
+                                                      for k in ("ca_file", "cert_file", "key_file")
+                                                      if getattr(b, k) is not None})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

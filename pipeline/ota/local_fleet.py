@@ -24,8 +24,9 @@ from ..errors import DeliveryError
 
 class LocalFleet:
     def __init__(self, workdir: Path, broker: BrokerConfig, target: str, count: int, trusted_key: Path,
-                 prefix: str, threads: int | None = None) -> None:
+                 prefix: str, threads: int | None = None, metrics_interval_s: float = 0.0) -> None:
         self.workdir, self.broker, self.target = workdir, broker, target
+        self.metrics_interval_s = metrics_interval_s
         self.trusted_key, self.prefix, self.threads = trusted_key, prefix, threads
         self.device_ids = [f"{target}-emu-{i}" for i in range(count)]
         self.procs: dict[str, subprocess.Popen] = {}
@@ -41,6 +42,7 @@ class LocalFleet:
             "trusted_keys": [str(self.trusted_key)], "topic_prefix": self.prefix,
             "broker": {"host": self.broker.host, "port": self.broker.port, "protocol": self.broker.protocol},
             "threads": self.threads, "emulated": True, "benchmark_runs": 100,
+            "metrics_interval_s": self.metrics_interval_s,
         }
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path

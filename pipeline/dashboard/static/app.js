@@ -1,0 +1,193 @@
+// The dashboard: fetches /api/*, redraws on every `change` the server streams (a commit to the fleet store).
+"use strict";
+
+const state = {selected: null, refreshing: false, again: false};
+
+const $ = id => document.getElementById(id);
+
+function td(text, cls, attrs) {
+  const cell = document.createElement("td");
+  if (text instanceof Node) cell.appendChild(text); else cell.textContent = text ?? "–";
+  if (cls) cell.className = cls;
+  for (const [k, v] of Object.entries(attrs || {})) cell.setAttribute(k, v);
+  return cell;
+}
+
+function badge(text, cls) {
+  const b = document.createElement("span");
+  b.className = `badge ${cls || text}`;
+  b.textContent = text;
+  return b;
+}
+
+function num(v, digits) {
+  return v === null || v === undefined ? "–" : Number(v).toFixed(digits);
+}
+
+function ago(ts, now) {
+  if (!ts) return "never";
+  const s = Math.max(0, now - ts);
+  if (s < 60) return `${s.toFixed(0)} s ago`;
+  if (s < 3600) return `${(s / 60).toFixed(0)} min ago`;
+  return new Date(ts * 1000).toLocaleString();
+}
+
+function when(ts) {
+  return new Date(ts * 1000).toLocaleString();
+}
+
+async function api(path) {
+  const r = await fetch(path, {credentials: "same-origin", cache: "no-store"});
+  if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
+  return r.json();
+}
+
+function renderFleet(overview) {
+  const c = overview.counts;
+  $("count-devices").textContent = c.devices;
+  $("count-online").textContent = c.online;
+  $("count-over").textContent = c.over_budget;
+  $("count-updating").textContent = c.updating;
+  const body = $("fleet").tBodies[0];
+  const rows = overview.devices.map(d => {
+    const m = d.metrics || {};
+    const tr = document.createElement("tr");
+    tr.dataset.device = d.device_id;
+    tr.dataset.testid = `device-${d.device_id}`;
+    if (d.device_id === state.selected) tr.className = "selected";
+    tr.appendChild(td(d.device_id));
+    tr.appendChild(td(d.target));
+    tr.appendChild(td(badge(d.online ? "online" : "offline"), null, {"data-testid": `online-${d.device_id}`}));
+    const model = d.active_version === null || d.active_version === undefined ? "none"
+      : `v${d.active_version}` + (d.slot ? ` (slot ${d.slot})` : "");
+    tr.appendChild(td(model, null, {"data-testid": `version-${d.device_id}`,
+                                    "data-value": String(d.active_version ?? "")}));
+    const st = document.createElement("span");
+    st.textContent = d.state || "–";
+    if (d.job_id && d.progress !== null && d.progress !== undefined) {
+      const p = document.createElement("progress");
+      p.max = 1; p.value = d.progress;
+      p.title = `v${d.job_version}: ${(100 * d.progress).toFixed(0)}%`;
+      st.append(" ", p);
+    }
+    tr.appendChild(td(st, null, {"data-testid": `state-${d.device_id}`}));
+    tr.appendChild(td(ago(d.last_seen, overview.generated_at)));
+    tr.appendChild(td(num(m.latency_ms_p95, 2), "num",
+                      {"data-testid": `p95-${d.device_id}`, "data-value": String(m.latency_ms_p95 ?? "")}));
+    tr.appendChild(td(num(m.rss_mb, 1), "num",
+                      {"data-testid": `rss-${d.device_id}`, "data-value": String(m.rss_mb ?? "")}));
+    const energy = document.createElement("span");
+    energy.textContent = num(m.energy_mj, 3);
+    if (m.energy_source) {
+      const tag = document.createElement("span");
+      tag.className = "tag";
+      tag.textContent = m.energy_source.startsWith("measured") ? " measured" : " predicted";
+      energy.appendChild(tag);
+    }
+    tr.appendChild(td(energy, "num", {"data-testid": `energy-${d.device_id}`, "data-value": String(m.energy_mj ?? "")}));
+    const b = d.budget;
+    const label = b.status === "over" ? `over: ${b.over.join(", ")}` : b.status;
+    tr.appendChild(td(badge(label, b.status), null, {"data-testid": `budget-${d.device_id}`}));
+    tr.addEventListener("click", () => select(d.device_id));
+    return tr;
+  });
+  body.replaceChildren(...rows);
+  $("fleet-empty").hidden = rows.length > 0;
+  if (!state.selected && overview.devices.length) select(overview.devices[0].device_id, false);
+}
+
+async function renderDevice() {
+  if (!state.selected) return;
+  const d = await api(`/api/devices/${encodeURIComponent(state.selected)}`);
+  $("device").hidden = false;
+  $("device-name").textContent = d.device_id;
+  $("device-target").textContent = d.target ? `class ${d.target}` : "";
+  const s = d.series;
+  const pts = key => s.filter(p => p[key] !== null && p[key] !== undefined).map(p => [p.ts, p[key]]);
+  const b = d.budgets || {};
+  lineChart($("chart-latency"), [
+    {name: "p50", color: "#2257a8", points: pts("latency_ms_p50")},
+    {name: "p95", color: "#b26a00", points: pts("latency_ms_p95")},
+    {name: "p99", color: "#7b1fa2", points: pts("latency_ms_p99")},
+  ], b.latency_ms ?? null);
+  lineChart($("chart-memory"), [{name: "RSS", color: "#2257a8", points: pts("rss_mb")}], b.peak_memory_mb ?? null);
+  lineChart($("chart-energy"), [{name: "mJ", color: "#1a7f37", points: pts("energy_mj")}], b.energy_mj ?? null);
+}
+
+function renderDeployments(rows) {
+  $("deployments").tBodies[0].replaceChildren(...rows.map(r => {
+    const tr = document.createElement("tr");
+    tr.dataset.testid = `deployment-${r.id}`;
+    tr.appendChild(td(when(r.ts)));
+    tr.appendChild(td(r.target));
+    tr.appendChild(td(r.kind));
+    tr.appendChild(td(`v${r.version}`, "num"));
+    tr.appendChild(td(badge(r.status)));
+    const p = r.progress;
+    const cell = document.createElement("span");
+    const bar = document.createElement("progress");
+    bar.max = Math.max(1, p.total); bar.value = p.succeeded;
+    cell.append(bar, ` ${p.succeeded}/${p.total} `);
+    const phases = [...new Set(r.devices.map(x => x.phase).filter(Boolean))];
+    if (phases.length) cell.append(`(${phases.join(" → ")})`);
+    tr.appendChild(td(cell, null, {"data-testid": `deployment-progress-${r.id}`}));
+    tr.appendChild(td(r.reason || "", "msg"));
+    return tr;
+  }));
+}
+
+function renderEvents(rows) {
+  $("events").tBodies[0].replaceChildren(...rows.map(e => {
+    const tr = document.createElement("tr");
+    tr.appendChild(td(when(e.ts)));
+    tr.appendChild(td(e.device_id));
+    tr.appendChild(td(badge(e.kind, ["rolled_back", "refused", "chunk_corrupt", "inference_error"].includes(e.kind)
+                                     ? "failed" : "unknown")));
+    tr.appendChild(td(e.message, "msg"));
+    return tr;
+  }));
+}
+
+function select(device, redraw = true) {
+  state.selected = device;
+  for (const tr of $("fleet").tBodies[0].rows) tr.classList.toggle("selected", tr.dataset.device === device);
+  if (redraw) renderDevice().catch(showError);
+}
+
+function showError(err) {
+  $("live-text").textContent = String(err.message || err);
+}
+
+// One refresh at a time; a change that arrives during one schedules exactly one more.
+async function refresh() {
+  if (state.refreshing) { state.again = true; return; }
+  state.refreshing = true;
+  try {
+    const [overview, deployments, events] = await Promise.all(
+      [api("/api/overview"), api("/api/deployments?limit=20"), api("/api/events?limit=50")]);
+    renderFleet(overview);
+    await renderDevice();
+    renderDeployments(deployments);
+    renderEvents(events);
+    $("updated").textContent = new Date().toLocaleTimeString();
+    document.body.dataset.refreshed = String(Date.now());
+  } catch (err) {
+    showError(err);
+  } finally {
+    state.refreshing = false;
+    if (state.again) { state.again = false; refresh(); }
+  }
+}
+
+function connect() {
+  const stream = new EventSource("/api/stream");
+  stream.addEventListener("open", () => { $("live-dot").classList.add("on"); $("live-text").textContent = "live"; });
+  stream.addEventListener("change", refresh);
+  stream.addEventListener("error", () => {  // EventSource reconnects by itself
+    $("live-dot").classList.remove("on");
+    $("live-text").textContent = "reconnecting";
+  });
+}
+
+refresh();
+connect();

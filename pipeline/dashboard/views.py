@@ -1,0 +1,104 @@
+"""What the dashboard, its JSON API and ``/metrics`` show, computed from the fleet store alone.
+
+Budgets come from each device's target class (``targets/*.yaml`` with deploy.yaml's overrides); a device is
+over budget when its latest p95 latency, RSS or energy per inference exceeds the class's limit."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ConfigError
+from ..fleet.store import FleetStore
+
+#: budget name -> (metric it limits, unit)
+BUDGET_METRICS = {"latency_ms": ("latency_ms_p95", "ms"), "peak_memory_mb": ("rss_mb", "MB"),
+                  "energy_mj": ("energy_mj", "mJ")}
+
+
+@dataclass
+class BudgetBook:
+    """Budgets per target class, resolved once; an unknown class has none (shown as 'unknown', not an error)."""
+
+    resolve: Callable[[str], dict[str, float | None]]
+    _cache: dict[str, dict[str, float | None] | None] = field(default_factory=dict)
+
+    def get(self, target: str | None) -> dict[str, float | None] | None:
+        if not target:
+            return None
+        if target not in self._cache:
+            try:
+                self._cache[target] = self.resolve(target)
+            except ConfigError:
+                self._cache[target] = None
+        return self._cache[target]
+
+    @classmethod
+    def from_config(cls, cfg=None) -> "BudgetBook":
+        from ..targets import load_target, target_for_deploy
+
+        if cfg is None:
+            return cls(lambda name: load_target(name).budgets.model_dump())
+        return cls(lambda name: target_for_deploy(cfg, name).budgets.model_dump())
+
+
+def budget_status(metrics: dict[str, Any] | None, budgets: dict[str, float | None] | None) -> dict[str, Any]:
+    if not metrics or not budgets:
+        return {"status": "unknown", "over": []}
+    over = [name for name, (metric, _) in BUDGET_METRICS.items()
+            if budgets.get(name) is not None and metrics.get(metric) is not None and metrics[metric] > budgets[name]]
+    return {"status": "over" if over else "ok", "over": over}
+
+
+class FleetView:
+    def __init__(self, store: FleetStore, budgets: BudgetBook, offline_after_s: float = 120.0) -> None:
+        self.store, self.budgets, self.offline_after_s = store, budgets, offline_after_s
+
+    def online(self, device: dict[str, Any], now: float) -> bool:
+        """The retained online/offline message (the broker's last will) when there is one, else freshness."""
+        if device.get("online") is not None:
+            return bool(device["online"])
+        return bool(device.get("last_seen")) and now - device["last_seen"] <= self.offline_after_s
+
+    def overview(self, now: float | None = None) -> dict[str, Any]:
+        now = time.time() if now is None else now
+        devices = []
+        for d in self.store.devices():
+            budgets = self.budgets.get(d.get("target"))
+            d["online"] = self.online(d, now)
+            d["budgets"] = budgets
+            d["budget"] = budget_status(d["metrics"], budgets)
+            devices.append(d)
+        return {"generated_at": now, "devices": devices,
+                "counts": {"devices": len(devices), "online": sum(d["online"] for d in devices),
+                           "over_budget": sum(d["budget"]["status"] == "over" for d in devices),
+                           "updating": sum(d.get("job_id") is not None for d in devices)}}
+
+    def device(self, device_id: str, since: float = 0.0) -> dict[str, Any] | None:
+        row = next((d for d in self.store.devices() if d["device_id"] == device_id), None)
+        if row is None:
+            return None
+        return {"device_id": device_id, "target": row.get("target"), "budgets": self.budgets.get(row.get("target")),
+                "series": self.store.series(device_id, since), "events": self.store.events(50, device_id)}
+
+    def deployments(self, limit: int = 20) -> list[dict[str, Any]]:
+        out = []
+        for dep in self.store.history(limit=limit):
+            results = self.store.results(dep["id"])
+            dep["rollout"] = json.loads(dep["rollout"]) if dep.get("rollout") else None
+            dep["devices"] = [{k: r[k] for k in ("device_id", "phase", "status", "active_version", "reason")}
+                              for r in results]
+            by_status: dict[str, int] = {}
+            for r in results:
+                by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+            # a deployment is recorded when it ends; devices still updating show in the overview (job, progress)
+            dep["progress"] = {"total": len(results), "by_status": by_status,
+                               "succeeded": by_status.get("activated", 0) + by_status.get("rolled_back", 0)}
+            out.append(dep)
+        return out
+
+    def events(self, limit: int = 100, device: str | None = None) -> list[dict[str, Any]]:
+        return self.store.events(limit, device)

@@ -1,0 +1,193 @@
+"""``pipeline fleet {status,ingest,retain}`` and ``pipeline dashboard``: the fleet as the store sees it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+from .errors import PipelineError
+
+
+def _context(args: argparse.Namespace):
+    """(deploy config or None, fleet store path). ``--db`` alone works without a deploy.yaml."""
+    from .config import load_deploy
+
+    if args.db and not Path(args.config).is_file():
+        return None, Path(args.db)
+    cfg = load_deploy(args.config)
+    return cfg, Path(args.db) if args.db else cfg.resolve(cfg.workdir) / "fleet.db"
+
+
+def _broker(args: argparse.Namespace, cfg):
+    from device_agent.config import BrokerConfig
+
+    from .ota.broker import external_broker
+
+    if args.broker:
+        host, _, port = args.broker.rpartition(":")
+        if not host or not port.isdigit():
+            raise PipelineError(f"--broker: expected HOST:PORT, got {args.broker!r}")
+        return BrokerConfig(host, int(port))
+    return external_broker(cfg) if cfg is not None else None
+
+
+def _retention(cfg):
+    from .config import RetentionConfig
+
+    return (cfg.fleet.retention if cfg is not None else RetentionConfig()).policy()
+
+
+def _prefix(args: argparse.Namespace, cfg) -> str:
+    return args.prefix or (cfg.fleet.topic_prefix if cfg is not None else "edgefleet")
+
+
+def cmd_fleet(args: argparse.Namespace, ui) -> int:
+    cfg, db = _context(args)
+    if args.action == "ingest":
+        return _ingest(args, ui, cfg, db)
+    if args.action == "retain":
+        return _retain(args, ui, cfg, db)
+    from .dashboard import BudgetBook, FleetView
+    from .fleet import FleetStore
+
+    store = FleetStore(db)
+    try:
+        devices = FleetView(store, BudgetBook.from_config(cfg)).overview()["devices"]
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(devices, indent=2, default=str))
+        return 0
+    import datetime as dt
+
+    rows, styles = [], []
+    for d in devices:
+        m = d["metrics"] or {}
+        seen = dt.datetime.fromtimestamp(d["last_seen"]).strftime("%H:%M:%S") if d["last_seen"] else "-"
+        state = d.get("state") or "-"
+        if d.get("job_id") and d.get("progress") is not None:
+            state += f" v{d['job_version']} {d['progress']:.0%}"
+        b = d["budget"]
+        rows.append([d["device_id"], d.get("target") or "-", "online" if d["online"] else "offline",
+                     d.get("active_version") or "-", d.get("slot") or "-", state, seen,
+                     m.get("latency_ms_p95", "-"), m.get("rss_mb", "-"), m.get("energy_mj", "-"),
+                     "over: " + ", ".join(b["over"]) if b["over"] else b["status"]])
+        styles.append("red" if b["over"] or not d["online"] else None)
+    ui.table("Fleet", ["device", "class", "link", "version", "slot", "state", "last seen", "p95 ms", "RSS MB",
+                       "energy mJ", "budgets"], rows, styles)
+    return 0
+
+
+def _ingest(args: argparse.Namespace, ui, cfg, db: Path) -> int:
+    from .fleet.ingest import Ingester
+
+    broker = _broker(args, cfg)
+    if broker is None:
+        raise PipelineError("fleet ingest: no broker; pass --broker HOST:PORT or set fleet.broker in deploy.yaml")
+    prefix = _prefix(args, cfg)
+    ingester = Ingester(broker, db, prefix, args.group, shared=not args.no_shared, client_id=args.client_id,
+                        retention=_retention(cfg))
+    signal.signal(signal.SIGTERM, lambda *_: ingester.stop())
+    ui.info(f"ingesting {prefix}/v1/+/{{metrics,status,events,online}} from {broker.host}:{broker.port} into "
+            f"{db} (Ctrl-C stops)")
+    try:
+        ingester.run()
+    except KeyboardInterrupt:
+        pass
+    ui.info(f"stored {ingester.stored} row(s)")
+    return 0
+
+
+def _retain(args: argparse.Namespace, ui, cfg, db: Path) -> int:
+    from .fleet import FleetStore
+    from .fleet.retention import RetentionPolicy, apply_retention, parse_duration
+
+    base = _retention(cfg)
+    policy = RetentionPolicy(parse_duration(args.raw, "--raw") if args.raw else base.raw_s,
+                             parse_duration(args.bucket, "--bucket") if args.bucket else base.bucket_s,
+                             parse_duration(args.keep, "--keep") if args.keep else base.rollup_s)
+    store = FleetStore(db)
+    try:
+        done = apply_retention(store, policy)
+    finally:
+        store.close()
+    if args.json:
+        print(json.dumps(done))
+    else:
+        ui.info(f"rolled {done['raw_rolled_up']} raw row(s) older than {policy.raw_s:g} s into "
+                f"{policy.bucket_s:g} s buckets ({done['buckets_added']} new); dropped {done['rollups_dropped']} "
+                f"rollup(s) and {done['events_dropped']} event(s) older than {policy.rollup_s:g} s")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace, ui) -> int:
+    from .dashboard import BudgetBook, Dashboard, new_token
+    from .dashboard.server import is_loopback
+    from .fleet.ingest import Ingester
+
+    cfg, db = _context(args)
+    host = args.host or (cfg.fleet.dashboard.host if cfg is not None else "127.0.0.1")
+    port = args.port if args.port is not None else (cfg.fleet.dashboard.port if cfg is not None else 8600)
+    token = args.token or os.environ.get("EDGEFLEET_DASHBOARD_TOKEN")
+    if not token and not is_loopback(host):
+        token = new_token()  # beyond loopback, never without one
+    broker = None if args.no_ingest else _broker(args, cfg)
+    ingester = None
+    if broker is not None:
+        ingester = Ingester(broker, db, _prefix(args, cfg), args.group, client_id=f"dashboard-{args.group}",
+                            retention=_retention(cfg))
+    dash = Dashboard(db, host, port, token, BudgetBook.from_config(cfg), ingester)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with dash:
+        url = dash.url + (f"?token={token}" if token else "")
+        if args.json:
+            print(json.dumps({"url": dash.url, "token": token, "db": str(db),
+                              "ingest": f"{broker.host}:{broker.port}" if broker else None}), flush=True)
+        ui.info(f"dashboard: {url}")
+        ui.info(f"Prometheus: {dash.url}metrics" + (" (Authorization: Bearer <token>)" if token else ""))
+        ui.info(f"ingesting from {broker.host}:{broker.port}" if broker else
+                "not ingesting (no broker: --broker HOST:PORT or fleet.broker); showing the store as it is")
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def add_parsers(sub) -> None:
+    fl = sub.add_parser("fleet", help="ingest fleet telemetry into the store, show the fleet, apply retention")
+    fl.add_argument("action", choices=["status", "ingest", "retain"])
+    fl.add_argument("--config", default="deploy.yaml")
+    fl.add_argument("--db", help="fleet store (default: WORKDIR/fleet.db)")
+    fl.add_argument("--broker", help="ingest: HOST:PORT (default: fleet.broker)")
+    fl.add_argument("--prefix", default=None, help="topic prefix (default: fleet.topic_prefix)")
+    fl.add_argument("--group", default="ingest", help="ingest: shared-subscription group")
+    fl.add_argument("--client-id", default=None,
+                    help="ingest: MQTT client id, stable across restarts (default: ingest-GROUP); "
+                         "give each ingester of a group its own")
+    fl.add_argument("--no-shared", action="store_true", help="ingest: plain subscriptions (brokers without $share)")
+    fl.add_argument("--raw", help="retain: keep raw metrics this long (default: fleet.retention.raw, 7d)")
+    fl.add_argument("--bucket", help="retain: then one row per device and bucket (default 5m)")
+    fl.add_argument("--keep", help="retain: drop rollups and events older than this (default 90d)")
+    fl.add_argument("--json", action="store_true")
+    fl.set_defaults(func=cmd_fleet)
+
+    d = sub.add_parser("dashboard", help="serve the live fleet dashboard and /metrics, ingesting telemetry beside it")
+    d.add_argument("--config", default="deploy.yaml")
+    d.add_argument("--db", help="fleet store (default: WORKDIR/fleet.db)")
+    d.add_argument("--host", default=None, help="bind address (default: fleet.dashboard.host, 127.0.0.1)")
+    d.add_argument("--port", type=int, default=None, help="port (default: fleet.dashboard.port, 8600; 0: any free)")
+    d.add_argument("--token", default=None, help="required from clients (default: EDGEFLEET_DASHBOARD_TOKEN; "
+                                                 "made up and printed when binding beyond loopback)")
+    d.add_argument("--broker", help="ingest from HOST:PORT (default: fleet.broker)")
+    d.add_argument("--no-ingest", action="store_true", help="only show the store; another process ingests")
+    d.add_argument("--prefix", default=None)
+    d.add_argument("--group", default="ingest", help="shared-subscription group, shared with `fleet ingest`")
+    d.add_argument("--json", action="store_true", help="print the URL and token as one JSON line on start")
+    d.set_defaults(func=cmd_dashboard)

@@ -1,0 +1,208 @@
+"""The dashboard's server, API, /metrics and the store's retention, over a real HTTP socket and SQLite file."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import urllib.error
+import urllib.request
+
+import pytest
+
+from pipeline.dashboard import BudgetBook, Dashboard, FleetView
+from pipeline.errors import ConfigError
+from pipeline.fleet import FleetStore
+from pipeline.fleet.retention import RetentionPolicy, apply_retention, parse_duration
+from pipeline.fleet.store import MIGRATIONS
+
+T0 = 1_699_999_800.0  # a bucket boundary for 300 s buckets
+
+
+def metrics(device: str, ts: float, p50: float, p95: float, rss: float = 80.0, energy: float | None = 2.0,
+            **kw) -> tuple[str, str, dict]:
+    return device, "metrics", {"device_id": device, "version": 3, "latency_ms_p50": p50, "latency_ms_p95": p95,
+                               "latency_ms_p99": p95 * 1.2, "rss_mb": rss, "energy_mj": energy,
+                               "energy_source": "predicted", "errors": 0, "uptime_s": 10.0, "ts": ts, **kw}
+
+
+def status(device: str, target: str, **kw) -> tuple[str, str, dict]:
+    return device, "status", {"device_id": device, "state": "idle", "target": target, "active_version": 3,
+                              "active_slot": "a", "ts": T0, **kw}
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = FleetStore(tmp_path / "fleet.db")
+    yield s
+    s.close()
+
+
+def get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *a, **kw):
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+# -- retention --------------------------------------------------------------------------------------------------
+def test_retention_rolls_old_rows_into_buckets_and_keeps_recent_ones_raw(store):
+    now = T0 + 10 * 86400
+    old = [metrics("d1", T0 + i * 60, p50=1.0 + i, p95=2.0 + i, rss=50.0 + i) for i in range(10)]  # 2 buckets
+    recent = [metrics("d1", now - 60 * i, p50=9.0, p95=9.5) for i in range(3)]
+    store.ingest(old + recent)
+    done = apply_retention(store, RetentionPolicy(raw_s=86400, bucket_s=300, rollup_s=30 * 86400), now=now)
+    assert done["raw_rolled_up"] == 10 and done["buckets_added"] == 2
+    assert store.count("metrics") == 3 and store.count("metrics_rollup") == 2
+
+    first, second = [dict(r) for r in store.db.execute("SELECT * FROM metrics_rollup ORDER BY ts")]
+    assert (first["ts"], first["samples"], first["bucket_s"]) == (T0, 5, 300)
+    assert first["latency_ms_p50"] == pytest.approx(3.0)  # mean of 1..5
+    assert first["latency_ms_p95"] == 6.0 and first["rss_mb"] == 54.0  # worst of the bucket
+    assert (second["ts"], second["samples"], second["latency_ms_p50"]) == (T0 + 300, 5, pytest.approx(8.0))
+
+    series = store.series("d1")
+    assert [p["samples"] for p in series] == [5, 5, 1, 1, 1]
+    assert [p["ts"] for p in series] == sorted(p["ts"] for p in series)
+
+    # a second pass changes nothing; a late raw row for a rolled-up bucket merges into it
+    assert apply_retention(store, RetentionPolicy(86400, 300, 30 * 86400), now=now)["raw_rolled_up"] == 0
+    store.ingest([metrics("d1", T0 + 30, p50=3.0, p95=100.0)])
+    apply_retention(store, RetentionPolicy(86400, 300, 30 * 86400), now=now)
+    merged = dict(store.db.execute("SELECT * FROM metrics_rollup ORDER BY ts").fetchone())
+    assert merged["samples"] == 6 and merged["latency_ms_p95"] == 100.0
+    assert merged["latency_ms_p50"] == pytest.approx((3.0 * 5 + 3.0) / 6)
+
+    # past the rollup window, rollups and events go
+    store.ingest([("d1", "events", {"kind": "activated", "message": "v3", "ts": T0})])
+    done = apply_retention(store, RetentionPolicy(86400, 300, 2 * 86400), now=now)
+    assert done["rollups_dropped"] == 2 and done["events_dropped"] == 1 and store.count("metrics") == 3
+
+
+def test_retention_policy_and_durations_are_checked():
+    assert parse_duration("7d", "x") == 7 * 86400 and parse_duration("5m", "x") == 300 and parse_duration(30, "x") == 30
+    with pytest.raises(ConfigError, match="fleet.retention.raw: expected a duration"):
+        parse_duration("a week", "fleet.retention.raw")
+    with pytest.raises(ConfigError, match="bucket"):
+        RetentionPolicy(raw_s=60, bucket_s=300, rollup_s=600)
+
+
+def test_an_old_store_is_migrated_in_place_without_losing_rows(tmp_path):
+    db = tmp_path / "fleet.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE schema_version (v INTEGER NOT NULL)")
+    con.execute("INSERT INTO schema_version VALUES (6)")
+    for sql in MIGRATIONS[:6]:
+        con.execute(sql)
+    con.execute("INSERT INTO metrics (device_id, ts, version, latency_ms_p50) VALUES ('d1', 1.0, 1, 4.0)")
+    con.commit()
+    con.close()
+    s = FleetStore(db)
+    try:
+        assert s.db.execute("SELECT v FROM schema_version").fetchone()[0] == len(MIGRATIONS)
+        [row] = s.series("d1")
+        assert row["latency_ms_p50"] == 4.0 and row["errors"] is None
+    finally:
+        s.close()
+
+
+# -- views and /metrics -----------------------------------------------------------------------------------------
+def fill(store) -> None:
+    store.ingest([status("fast", "rpi4"), status("slow", "rpi4", job_id="j9", version=4, progress=0.5,
+                                                 state="downloading"),
+                  metrics("fast", T0 + 1, p50=3.0, p95=4.0), metrics("slow", T0 + 1, p50=60.0, p95=75.0),
+                  ("fast", "online", {"online": True, "ts": T0}), ("slow", "online", {"online": False, "ts": T0})])
+
+
+def test_the_overview_flags_a_device_over_its_class_budget(store):
+    fill(store)
+    overview = FleetView(store, BudgetBook.from_config(None)).overview(now=T0 + 5)
+    by_id = {d["device_id"]: d for d in overview["devices"]}
+    assert by_id["fast"]["budget"] == {"status": "ok", "over": []}
+    assert by_id["slow"]["budget"] == {"status": "over", "over": ["latency_ms"]}  # rpi4: p95 <= 50 ms
+    assert by_id["fast"]["online"] and not by_id["slow"]["online"]
+    assert (by_id["slow"]["job_version"], by_id["slow"]["progress"]) == (4, 0.5)
+    assert overview["counts"] == {"devices": 2, "online": 1, "over_budget": 1, "updating": 1}
+    # the next status without a job clears it
+    store.ingest([status("slow", "rpi4", ts=T0 + 2)])
+    assert FleetView(store, BudgetBook.from_config(None)).overview()["counts"]["updating"] == 0
+
+
+def test_metrics_endpoint_speaks_prometheus_in_base_units(store, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fill(store)
+    store.record(name="m", target="rpi4", version=3, sha256="0" * 64, artifact="a", kind="deploy",
+                 status="succeeded", reason=None, results=[{"device_id": "fast", "status": "activated"}])
+    with Dashboard(store.path, port=0) as dash:
+        code, headers, body = get(dash.url + "metrics")
+    assert code == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    assert samples[("edgefleet_inference_latency_seconds", (("device", "slow"), ("quantile", "0.95")))] == 0.075
+    assert samples[("edgefleet_device_memory_rss_bytes", (("device", "fast"),))] == 80 * 1024 * 1024
+    assert samples[("edgefleet_device_up", (("device", "slow"), ("target", "rpi4")))] == 0
+    assert samples[("edgefleet_device_budget_exceeded", (("budget", "latency_ms"), ("device", "slow")))] == 1
+    assert samples[("edgefleet_device_budget_exceeded", (("budget", "latency_ms"), ("device", "fast")))] == 0
+    assert samples[("edgefleet_target_latency_budget_seconds", (("target", "rpi4"),))] == 0.05
+    assert samples[("edgefleet_device_update_progress_ratio", (("device", "slow"),))] == 0.5
+    assert samples[("edgefleet_deployments_total", (("status", "succeeded"), ("target", "rpi4")))] == 1
+    assert families["edgefleet_deployments"].type == "counter"
+    # no label whose values grow with traffic
+    labels = {k for f in families.values() for s in f.samples for k in s.labels}
+    assert labels <= {"device", "target", "quantile", "budget", "status", "source"}
+
+
+# -- the HTTP server and its guard ------------------------------------------------------------------------------
+def test_loopback_needs_no_token_but_refuses_foreign_host_names(store):
+    fill(store)
+    with Dashboard(store.path, port=0) as dash:
+        code, _, body = get(dash.url + "api/overview")
+        assert code == 200 and json.loads(body)["counts"]["devices"] == 2
+        assert get(dash.url + "api/overview", {"Host": "attacker.example:8600"})[0] == 403  # DNS rebinding
+        assert get(dash.url + "api/devices/nope")[0] == 404
+        assert get(dash.url + "api/events?limit=x")[0] == 400
+        code, _, body = get(dash.url)
+        assert code == 200 and b'src="/static/app.js"' in body and b"//cdn" not in body
+        for asset in ("app.js", "chart.js", "style.css"):
+            assert get(dash.url + "static/" + asset)[0] == 200
+        assert get(dash.url + "static/../server.py")[0] == 404
+
+
+def test_beyond_loopback_every_request_needs_the_token(store):
+    with pytest.raises(ConfigError, match="needs a token"):
+        Dashboard(store.path, host="0.0.0.0", port=0)
+    with Dashboard(store.path, host="0.0.0.0", port=0, token="s3cret") as dash:
+        port = dash.httpd.server_address[1]
+        base = f"http://127.0.0.1:{port}/"
+        assert get(base + "healthz")[0] == 200
+        assert get(base + "api/overview")[0] == 401
+        assert get(base + "metrics", {"Authorization": "Bearer wrong"})[0] == 401
+        assert get(base + "metrics", {"Authorization": "Bearer s3cret"})[0] == 200
+        code, headers, _ = get(base + "?token=s3cret&x=1")
+        assert code == 303 and headers["Location"] == "/?x=1"
+        cookie = headers["Set-Cookie"].split(";")[0]
+        assert "HttpOnly" in headers["Set-Cookie"] and cookie == "edgefleet_token=s3cret"
+        assert get(base + "api/overview", {"Cookie": cookie})[0] == 200
+        assert get(base + "api/overview", {"Cookie": "edgefleet_token=nope"})[0] == 401
+
+
+def test_the_stream_announces_each_commit(store):
+    import http.client
+
+    with Dashboard(store.path, port=0, stream_poll_s=0.05) as dash:
+        host, port = dash.httpd.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=10)
+        conn.request("GET", "/api/stream")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.headers["Content-Type"] == "text/event-stream"
+        assert resp.readline() == b"event: change\n"  # the initial state
+        resp.readline(), resp.readline()
+        fill(store)  # another connection commits
+        assert resp.readline() == b"event: change\n"
+        conn.close()
