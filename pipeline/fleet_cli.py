@@ -69,7 +69,7 @@ def cmd_fleet(args: argparse.Namespace, ui) -> int:
         m = d["metrics"] or {}
         seen = dt.datetime.fromtimestamp(d["last_seen"]).strftime("%H:%M:%S") if d["last_seen"] else "-"
         state = d.get("state") or "-"
-        if d.get("job_id") and d.get("progress") is not None:
+        if d["updating"] and d.get("progress") is not None:
             state += f" v{d['job_version']} {d['progress']:.0%}"
         b = d["budget"]
         rows.append([d["device_id"], d.get("target") or "-", "online" if d["online"] else "offline",

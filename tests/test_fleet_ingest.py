@@ -37,11 +37,11 @@ def test_a_killed_ingester_loses_no_acknowledged_message(mosquitto, tmp_path):
     proc = ingester(mosquitto, db)
     time.sleep(2.0)  # its persistent session and subscriptions now exist on the broker
     pub = MqttLink(mosquitto.config, "simulated-devices", lambda t, p: None).start()
-    sent = 0
+    sent, t0 = 0, time.time()  # recent: older rows would be rolled up by the ingester's retention
     try:
         for i in range(600):
             device = f"sim-{i % 3}"
-            m = Metrics(device, 1, 1.0 + i % 7, 2.0, 80.0, 10, True, ts=1_000_000 + i)
+            m = Metrics(device, 1, 1.0 + i % 7, 2.0, 80.0, 10, True, ts=t0 + i / 1000)
             pub.publish(f"edgefleet/v1/{device}/metrics", encode(m), qos=1).wait_for_publish(5)
             sent += 1
             if i == 300:

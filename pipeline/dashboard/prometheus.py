@@ -56,7 +56,7 @@ def render(view: FleetView, ingest: dict[str, int] | None = None) -> str:
     out.family("edgefleet_device_model_version", "gauge", "Version of the model active on the device.",
                [({"device": d["device_id"]}, d.get("active_version")) for d in devices])
     out.family("edgefleet_device_update_progress_ratio", "gauge", "Progress of the device's current OTA job, 0-1.",
-               [({"device": d["device_id"]}, d.get("progress")) for d in devices if d.get("job_id")])
+               [({"device": d["device_id"]}, d.get("progress")) for d in devices if d["updating"]])
     out.family("edgefleet_inference_latency_seconds", "gauge",
                "Inference latency percentiles over the device's last metrics window.",
                [s for q, key in (("0.5", "latency_ms_p50"), ("0.95", "latency_ms_p95"), ("0.99", "latency_ms_p99"))

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from device_agent.protocol import TERMINAL_STATES, State
+
 from ..errors import ConfigError
 from ..fleet.store import FleetStore
 
@@ -53,6 +55,9 @@ def budget_status(metrics: dict[str, Any] | None, budgets: dict[str, float | Non
     return {"status": "over" if over else "ok", "over": over}
 
 
+_SETTLED = {s.value for s in TERMINAL_STATES} | {State.IDLE.value}
+
+
 class FleetView:
     def __init__(self, store: FleetStore, budgets: BudgetBook, offline_after_s: float = 120.0) -> None:
         self.store, self.budgets, self.offline_after_s = store, budgets, offline_after_s
@@ -69,13 +74,14 @@ class FleetView:
         for d in self.store.devices():
             budgets = self.budgets.get(d.get("target"))
             d["online"] = self.online(d, now)
+            d["updating"] = bool(d.get("job_id")) and d.get("state") not in _SETTLED
             d["budgets"] = budgets
             d["budget"] = budget_status(d["metrics"], budgets)
             devices.append(d)
         return {"generated_at": now, "devices": devices,
                 "counts": {"devices": len(devices), "online": sum(d["online"] for d in devices),
                            "over_budget": sum(d["budget"]["status"] == "over" for d in devices),
-                           "updating": sum(d.get("job_id") is not None for d in devices)}}
+                           "updating": sum(d["updating"] for d in devices)}}
 
     def device(self, device_id: str, since: float = 0.0) -> dict[str, Any] | None:
         row = next((d for d in self.store.devices() if d["device_id"] == device_id), None)

@@ -64,7 +64,7 @@ function renderFleet(overview) {
                                     "data-value": String(d.active_version ?? "")}));
     const st = document.createElement("span");
     st.textContent = d.state || "–";
-    if (d.job_id && d.progress !== null && d.progress !== undefined) {
+    if (d.updating && d.progress !== null && d.progress !== undefined) {
       const p = document.createElement("progress");
       p.max = 1; p.value = d.progress;
       p.title = `v${d.job_version}: ${(100 * d.progress).toFixed(0)}%`;

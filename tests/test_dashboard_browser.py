@@ -1,0 +1,140 @@
+"""The dashboard in a real headless Chromium, fed by real agents through a real Mosquitto: a deploy shows up
+live, the numbers on the page are the store's, and the agents going offline shows without a reload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+import yaml
+
+from conftest import OUTPUT, small_deploy_config
+from pipeline.fleet import FleetStore
+from pipeline.ota import LocalFleet
+
+pytestmark = pytest.mark.slow
+DEVICES = ["rpi4-emu-0", "rpi4-emu-1"]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def series(db, device: str) -> list[dict]:
+    s = FleetStore(db, readonly=True)
+    try:
+        return s.series(device)
+    finally:
+        s.close()
+
+
+def latest(db, device: str) -> dict:
+    return series(db, device)[-1]
+
+
+def test_the_dashboard_shows_a_live_fleet_as_the_store_has_it(mosquitto, key_dir, chromium, tmp_path):
+    cfg = small_deploy_config(tmp_path, broker={"host": "127.0.0.1", "port": mosquitto.port}, devices=DEVICES)
+    data = yaml.safe_load(cfg.read_text())
+    data["signing"] = {"key_dir": str(key_dir)}
+    cfg.write_text(yaml.safe_dump(data))
+    db = tmp_path / ".edgefleet" / "fleet.db"
+
+    dash = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "dashboard", "--config", str(cfg), "--port", "0",
+                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        started = json.loads(dash.stdout.readline())
+        url = started["url"]
+        assert started["ingest"] == f"127.0.0.1:{mosquitto.port}" and started["token"] is None
+        page = chromium.new_page(viewport={"width": 1400, "height": 1300})
+        page.goto(url)
+        page.wait_for_selector("[data-testid=live]:text('live')", timeout=15_000)
+
+        with LocalFleet(tmp_path / "devices", mosquitto.config, "rpi4", 2, key_dir / "signing.pub", "edgefleet",
+                        metrics_interval_s=1.0) as fleet:
+            assert fleet.device_ids == DEVICES
+            # the devices appear, online, before any model reached them (live: no reload)
+            for d in DEVICES:
+                page.wait_for_selector(f"[data-testid=online-{d}] :text('online')", timeout=20_000)
+            deploy = subprocess.run([sys.executable, "-m", "pipeline.cli", "deploy", "--target", "rpi4", "--config",
+                                     str(cfg), "--report", str(tmp_path / "report.json")],
+                                    capture_output=True, text=True, timeout=300, cwd=tmp_path)
+            assert deploy.returncode == 0, deploy.stderr[-3000:]
+            version = json.loads((tmp_path / "report.json").read_text())["artifact"]["version"]
+            for d in DEVICES:  # a few periodic reports after the activation
+                wait_for(lambda d=d: sum(p["version"] == version for p in series(db, d)) >= 3, 30,
+                         f"metrics of v{version} from {d}")
+                page.wait_for_selector(f"[data-testid=version-{d}][data-value='{version}']", timeout=15_000)
+        # the agents stopped: their last will reaches the page through the broker, the ingester and the stream
+        for d in DEVICES:
+            page.wait_for_selector(f"[data-testid=online-{d}] :text('offline')", timeout=20_000)
+        page.wait_for_timeout(1500)  # the last redraw settles
+
+        # per-device charts with the class's budget lines: targets/rpi4.yaml with deploy.yaml's overrides
+        from pipeline.config import load_deploy
+        from pipeline.targets import target_for_deploy
+
+        budgets = target_for_deploy(load_deploy(cfg), "rpi4").budgets
+        for d in DEVICES:  # what the page shows is what the store holds
+            m = latest(db, d)
+            for key, testid, digits in (("latency_ms_p95", "p95", 2), ("rss_mb", "rss", 1), ("energy_mj", "energy", 3)):
+                cell = page.locator(f"[data-testid={testid}-{d}]")
+                assert float(cell.get_attribute("data-value")) == pytest.approx(m[key], rel=1e-9), (d, key)
+                assert cell.inner_text().startswith(f"{m[key]:.{digits}f}"), (d, key, cell.inner_text())
+            over = [name for name, key in (("latency_ms", "latency_ms_p95"), ("peak_memory_mb", "rss_mb"),
+                                           ("energy_mj", "energy_mj")) if m[key] > getattr(budgets, name)]
+            assert page.locator(f"[data-testid=budget-{d}]").inner_text() == ("over: " + ", ".join(over) if over else "ok")
+        assert page.locator("[data-testid=count-devices]").inner_text() == "2"
+        assert page.locator("[data-testid=count-online]").inner_text() == "0"
+
+        # per-device charts
+        page.locator(f"tr[data-device={DEVICES[1]}]").click()
+        page.wait_for_selector(f"[data-testid=device-name]:text('{DEVICES[1]}')")
+        points = series(db, DEVICES[1])
+        latency = page.locator("[data-testid=chart-latency]")
+        assert int(latency.get_attribute("data-points")) == 3 * len(points)  # p50, p95 and p99 of every report
+        assert float(latency.locator("[data-testid=budget-line]").get_attribute("data-value")) == budgets.latency_ms
+        p95_path = latency.locator("path[data-series=p95]")
+        assert float(p95_path.get_attribute("data-last")) == pytest.approx(points[-1]["latency_ms_p95"])
+        memory = page.locator("[data-testid=chart-memory]")
+        assert float(memory.locator("[data-testid=budget-line]").get_attribute("data-value")) == budgets.peak_memory_mb
+
+        # the deployment and its rollout, and the agents' events
+        deployments = page.locator("[data-testid=deployments] tbody tr")
+        assert deployments.count() == 1
+        row = deployments.first.inner_text()
+        assert f"v{version}" in row and "succeeded" in row and "2/2" in row and "canary" in row
+        events = page.locator("[data-testid=events] tbody").inner_text()
+        assert events.count("activated") >= 2 and all(d in events for d in DEVICES)
+
+        OUTPUT.mkdir(parents=True, exist_ok=True)
+        for where in (tmp_path / "dashboard.png", OUTPUT / "dashboard.png"):
+            page.screenshot(path=str(where), full_page=True)
+        assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+        # Prometheus sees the same fleet
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = urllib.request.urlopen(url + "metrics", timeout=10).read().decode()
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        for d in DEVICES:
+            assert samples[("edgefleet_device_model_version", (("device", d),))] == version
+            assert samples[("edgefleet_inference_latency_seconds", (("device", d), ("quantile", "0.95")))] == \
+                pytest.approx(latest(db, d)["latency_ms_p95"] / 1000)
+        assert samples[("edgefleet_ingest_messages_total", ())] > 0
+    finally:
+        dash.terminate()
+        try:
+            dash.wait(15)
+        except subprocess.TimeoutExpired:
+            dash.kill()
