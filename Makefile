@@ -32,14 +32,21 @@ $(TFLITE_STAMP): $(STAMP)
 	touch $@
 
 # System programs: Mosquitto (the local broker and the tests' broker).
+# System pieces: mosquitto (a real broker), chromium (the dashboard test), openssh-server (the provisioning
+# test's sshd). Installed with apt-get when this is root; otherwise the list to install by hand is printed.
+# The demo needs none of them (it falls back to the embedded broker); the tests need all three.
+SYSTEM_BINS := mosquitto:/usr/sbin/mosquitto chromium:/usr/bin/chromium openssh-server:/usr/sbin/sshd
 system-deps:
-	@if command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ]; then :; \
+	@missing=""; for pair in $(SYSTEM_BINS); do pkg=$${pair%%:*}; bin=$${pair#*:}; \
+		[ -x "$$bin" ] || command -v "$$(basename $$bin)" >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "== installing mosquitto with apt-get"; \
-		(apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+		echo "== installing$$missing with apt-get"; \
+		(apt-get update -qq || true) && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	else \
-		echo "!! mosquitto is missing and this is not root: install it by hand (sudo apt-get install mosquitto)."; \
-		echo "   Without it the demo falls back to the embedded amqtt broker; the tests need it."; \
+		echo "!! missing system packages:$$missing; this is not root, install them by hand:"; \
+		echo "   sudo apt-get install$$missing"; \
+		echo "   Without mosquitto the demo uses the embedded amqtt broker; the tests need all of them."; \
 		[ "$(MAKECMDGOALS)" != "test" ]; \
 	fi
 

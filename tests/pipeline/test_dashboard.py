@@ -206,3 +206,21 @@ def test_the_stream_announces_each_commit(store):
         fill(store)  # another connection commits
         assert resp.readline() == b"event: change\n"
         conn.close()
+
+
+def test_the_grafana_dashboard_queries_only_metrics_we_export(store):
+    import re
+
+    from conftest import REPO
+    from pipeline.dashboard import prometheus
+
+    fill(store)
+    exported = set(re.findall(r"^# TYPE (\w+) (\w+)", prometheus.render(FleetView(store, BudgetBook.from_config(None)),
+                                                                        {"received": 1, "stored": 1, "dropped": 0}),
+                              re.M))
+    names = {n + "_total" if kind == "counter" else n for n, kind in exported}
+    grafana = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
+    queries = [t["expr"] for p in grafana["panels"] for t in p["targets"]]
+    queries += [v["query"] for v in grafana["templating"]["list"] if v["type"] == "query"]
+    used = {m for q in queries for m in re.findall(r"\bedgefleet_\w+", q)}
+    assert len(grafana["panels"]) >= 10 and used and used <= names, used - names
