@@ -5,4 +5,9 @@ It also owns the wire protocol (topics, message and manifest schemas, signatures
 which the host imports from here so that both ends share one definition.
 """
 
-__version__ = "0.1.0"
+try:  # written into the wheel `pipeline provision` builds: a hash of these sources, so each build is told apart
+    from ._build import BUILD
+except ImportError:  # a source checkout or an editable install
+    BUILD = None
+
+__version__ = "0.1.0" + (f"+{BUILD}" if BUILD else "")

@@ -196,7 +196,7 @@ def cmd_broker(args: argparse.Namespace, ui) -> int:
         from .config import load_deploy
 
         cfg = load_deploy(args.config)
-        devices = devices or list(cfg.fleet.devices)
+        devices = devices or cfg.fleet.device_ids()
         prefix = cfg.fleet.topic_prefix
     try:
         made = write_broker_config(Path(args.out), devices, args.port, prefix, args.host or None)
@@ -237,8 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compress)
 
     from .fleet_cli import add_parsers
+    from .provision.cli import add_parsers as add_provision_parsers
 
     add_parsers(sub)
+    add_provision_parsers(sub)
 
     rb = sub.add_parser("rollback", help="bring a device class back to its previous model (or to --to VERSION)")
     rb.add_argument("--target", required=True)

@@ -179,17 +179,76 @@ class DashboardConfig(Strict):
     port: int = Field(8600, ge=0, lt=65536)
 
 
+class DeviceSpec(Strict):
+    """One device of the inventory: what `pipeline provision` reaches over SSH and `deploy` delivers to."""
+
+    id: str
+    target: str | None = Field(None, description="its device class (targets/*.yaml); deploy --target picks by it")
+    host: str | None = Field(None, description="[user@]address for SSH; none: provisioned by other means")
+    port: int = Field(22, gt=0, lt=65536)
+    user: str | None = Field(None, description="SSH user (default: the one in host, else yours)")
+    key: Path | None = Field(None, description="SSH private key (default: your agent and ~/.ssh keys)")
+    groups: list[str] = Field(default_factory=list)
+    install_dir: str | None = Field(None, description="on the device (default: /opt/edgefleet as root, "
+                                                      "else ~/.edgefleet-agent)")
+    python: str = Field("python3", description="the device's Python interpreter")
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        from device_agent.protocol import ProtocolError, check_id
+
+        try:
+            return check_id(v, "device id")
+        except ProtocolError as exc:
+            raise ValueError(str(exc)) from None
+
+
+class ProvisionConfig(Strict):
+    broker_host: str | None = Field(None, description="the broker's address as devices reach it "
+                                                      "(default: fleet.broker.host)")
+    metrics_interval_s: float = Field(30.0, ge=0, description="how often provisioned agents report metrics")
+    parallel: int = Field(8, ge=1, le=64, description="hosts provisioned at once")
+    online_timeout_s: float = Field(60.0, gt=0, description="wait this long for a new agent to report online")
+    min_free_mb: float = Field(300.0, ge=0, description="free disk space a device needs for an install")
+
+
 class FleetConfig(Strict):
     broker: BrokerAddress | None = None
     local_broker: Literal["auto", "mosquitto", "amqtt"] = "auto"
     topic_prefix: str = "edgefleet"
     local_agents: int = Field(1, ge=0, le=64)
-    devices: list[str] = Field(default_factory=list, description="device ids of a real fleet")
+    devices: list[DeviceSpec] = Field(default_factory=list,
+                                      description="the inventory: device ids, or {id, target, host, ...} each")
+    provision: ProvisionConfig = ProvisionConfig()
     timeout_s: float = Field(120, gt=0)
     rollout: RolloutConfig = RolloutConfig()
     http: HttpConfig = HttpConfig()
     retention: RetentionConfig = RetentionConfig()
     dashboard: DashboardConfig = DashboardConfig()
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _devices(cls, v: Any) -> Any:
+        """A bare string is a device id (the short form); ids are unique."""
+        if isinstance(v, list):
+            v = [{"id": d} if isinstance(d, str) else d for d in v]
+            ids = [d.get("id") for d in v if isinstance(d, dict)]
+            dupes = sorted({i for i in ids if ids.count(i) > 1 and i is not None})
+            if dupes:
+                raise ValueError(f"device ids must be unique; repeated: {dupes}")
+        return v
+
+    def device_ids(self, target: str | None = None) -> list[str]:
+        """The inventory's ids; with ``target``, those of that class (and those whose class is not given)."""
+        return [d.id for d in self.devices if target is None or d.target in (None, target)]
+
+    def device(self, device_id: str) -> DeviceSpec:
+        for d in self.devices:
+            if d.id == device_id:
+                return d
+        raise ConfigError(f"fleet.devices has no device {device_id!r}; it has: "
+                          f"{', '.join(d.id for d in self.devices) or '(none)'}")
 
     @field_validator("topic_prefix")
     @classmethod

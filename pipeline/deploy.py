@@ -184,7 +184,10 @@ def open_fleet(cfg: DeployConfig, target: TargetProfile, workdir: Path, stack: c
         broker = local.config
         broker_info = {"kind": local.kind, "host": broker.host, "port": broker.port, "local": True}
         ui.info(f"local {local.kind} broker on {broker.host}:{broker.port} (MQTT {local.protocol})")
-    devices = list(fleet.devices)
+    devices = fleet.device_ids(target.name)
+    if fleet.devices and not devices:
+        raise DeliveryError(f"fleet.devices has no device of class {target.name} (classes there: "
+                            f"{', '.join(sorted({d.target or '?' for d in fleet.devices}))})")
     if not devices:
         if fleet.local_agents == 0:
             raise DeliveryError("deploy.yaml names no fleet.devices and fleet.local_agents is 0: nowhere to deliver")

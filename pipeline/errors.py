@@ -45,3 +45,9 @@ class DeliveryError(PipelineError):
 
 class CompressionError(PipelineError):
     """A recipe cannot be applied to this model (it would remove a layer, the model cannot be traced...)."""
+
+
+class ProvisionError(PipelineError):
+    """A device could not be provisioned over SSH (unreachable, refused, unsupported, no space, failed upgrade)."""
+
+    exit_code = 5

@@ -7,6 +7,7 @@ but fails it under CI=true: CI must never go green by skipping.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,55 @@ def chromium():
             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"])
         yield browser
         browser.close()
+
+
+@dataclass(frozen=True)
+class Sshd:
+    port: int
+    user: str
+    key: Path  # authorized
+    wrong_key: Path  # not authorized
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A real OpenSSH server on a free loopback port: its own host key, key-only authentication, SFTP."""
+    import getpass
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    from pipeline.ota.broker import free_port
+
+    exe = shutil.which("sshd") or "/usr/sbin/sshd"
+    require(Path(exe).is_file() and shutil.which("ssh-keygen") is not None, "openssh-server (sshd, ssh-keygen)")
+    d = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "client_key", "other_key"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "client_key.pub").read_text())
+    (d / "authorized_keys").chmod(0o600)
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host_key'}\nPidFile {d / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
+        "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n"
+        "Subsystem sftp internal-sftp\nLogLevel ERROR\n")
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege-separation directory
+    proc = subprocess.Popen([exe, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "wb"))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()[-1000:]}")
+            time.sleep(0.1)
+    yield Sshd(port, getpass.getuser(), d / "client_key", d / "other_key")
+    proc.terminate()
+    proc.wait(10)
 
 
 OUTPUT = REPO / "tests" / "_output"  # screenshots and logs a person may want to look at after a run

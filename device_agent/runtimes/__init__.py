@@ -50,6 +50,8 @@ RUNTIMES: Registry[type[Runtime]] = Registry("runtime")
 # name -> module that registers it; imported on first use
 _BACKENDS = {"onnxruntime": "device_agent.runtimes.onnxruntime_backend",
              "tflite": "device_agent.runtimes.tflite_backend"}
+#: what pip installs for each runtime on a device (`pipeline provision` picks the target's first that has a wheel)
+PIP_REQUIREMENTS = {"onnxruntime": ["onnxruntime>=1.17"], "tflite": ["ai-edge-litert>=1.0"]}
 #: the runtime that reads a model file, by its suffix
 BY_SUFFIX = {".onnx": "onnxruntime", ".tflite": "tflite"}
 
