@@ -211,6 +211,8 @@ class ProvisionConfig(Strict):
     parallel: int = Field(8, ge=1, le=64, description="hosts provisioned at once")
     online_timeout_s: float = Field(60.0, gt=0, description="wait this long for a new agent to report online")
     min_free_mb: float = Field(300.0, ge=0, description="free disk space a device needs for an install")
+    strict_host_keys: bool = Field(False, description="only hosts already in ~/.ssh/known_hosts (default: accept "
+                                                     "unknown host keys, refuse changed ones)")
 
 
 class FleetConfig(Strict):

@@ -180,6 +180,13 @@ def test_each_bad_host_gets_its_own_clear_error(mosquitto, sshd, key_dir, tmp_pa
         assert error.startswith(f"{sshd.user}@127.0.0.1:"), error
     assert "error:" in err and err.count("error:") == 5
 
+    # strict host keys: this sshd's key is in no known_hosts
+    from pipeline.errors import ProvisionError
+    from pipeline.provision.remote import Remote
+
+    with pytest.raises(ProvisionError, match=r":\d+: unknown host key \(strict host keys"):
+        Remote("127.0.0.1", sshd.user, sshd.port, sshd.key, strict_host_keys=True).open()
+
     # a device that passes every check but lacks the disk space for an install
     cfg = write_config(tmp_path, mosquitto, key_dir, [{**base, "id": "full-disk"}], min_free_mb=1e9)
     code, [result], err = cli(cfg, "provision", "--device", "full-disk", "--install-dir", str(tmp_path / "x"))

@@ -46,7 +46,7 @@ def _plans(args: argparse.Namespace, cfg) -> list:
             raise ConfigError(f"fleet.devices: {d.id} has no target (its device class); add target: or pass --target")
         user, host = _split_host(d.host)
         plans.append(HostPlan(d.id, target_for_deploy(cfg, target), host, args.port or d.port, d.user or user,
-                              key or (cfg.resolve(d.key) if d.key else None), args.install_dir or d.install_dir,
+                              key or (cfg.resolve(d.key.expanduser()) if d.key else None), args.install_dir or d.install_dir,
                               args.python or d.python))
     return plans
 
@@ -76,7 +76,8 @@ def _fleet_side(args: argparse.Namespace, cfg):
                      prefix=cfg.fleet.topic_prefix, signing_pub=public_key_path(key_dir),
                      ca_dir=cfg.resolve(ca_file).parent if ca_file else None,
                      metrics_interval_s=p.metrics_interval_s,
-                     online_timeout_s=args.timeout or p.online_timeout_s, min_free_mb=p.min_free_mb)
+                     online_timeout_s=args.timeout or p.online_timeout_s, min_free_mb=p.min_free_mb,
+                     strict_host_keys=p.strict_host_keys)
 
 
 class _Progress:

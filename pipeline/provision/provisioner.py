@@ -74,6 +74,7 @@ class FleetSide:
     metrics_interval_s: float = 30.0
     online_timeout_s: float = 60.0
     min_free_mb: float = 300.0
+    strict_host_keys: bool = False
 
 
 @dataclass
@@ -210,7 +211,7 @@ def provision_host(plan: HostPlan, fleet: FleetSide, wheel: Path, version: str,
 
     try:
         step("connecting")
-        with Remote(plan.host, plan.user, plan.port, plan.key) as remote:
+        with Remote(plan.host, plan.user, plan.port, plan.key, strict_host_keys=fleet.strict_host_keys) as remote:
             step("probing")
             probe = remote.probe(plan.python, plan.install_dir)
             result.machine, result.os = probe.machine, probe.os

@@ -85,7 +85,11 @@ class Probe:
 class Remote:
     """``with Remote(host, user, port, key) as r: r.run("...")``: a Fabric connection that explains failures."""
 
-    def __init__(self, host: str, user: str | None, port: int, key: Path | None, timeout_s: float = 10) -> None:
+    def __init__(self, host: str, user: str | None, port: int, key: Path | None, timeout_s: float = 10,
+                 strict_host_keys: bool = False) -> None:
+        """``strict_host_keys``: only hosts already in known_hosts (Fabric's default accepts unknown ones; a
+        known host whose key changed is refused either way)."""
+        import paramiko
         from fabric import Connection
 
         self.where = f"{user + '@' if user else ''}{host}:{port}"
@@ -96,6 +100,9 @@ class Remote:
                 raise ProvisionError(f"{self.where}: SSH key {key} does not exist")
             connect_kwargs.update(key_filename=str(key), look_for_keys=False, allow_agent=False)
         self.conn = Connection(host, user=user, port=port, connect_timeout=timeout_s, connect_kwargs=connect_kwargs)
+        self.strict = strict_host_keys
+        if strict_host_keys:
+            self.conn.client.set_missing_host_key_policy(paramiko.RejectPolicy())
 
     def __enter__(self) -> "Remote":
         self.open()
@@ -121,7 +128,13 @@ class Remote:
             raise ProvisionError(f"{self.where}: unknown host ({exc.strerror})") from None
         except OSError as exc:
             raise ProvisionError(f"{self.where}: unreachable ({exc.strerror or exc})") from None
+        except paramiko.BadHostKeyException as exc:
+            raise ProvisionError(f"{self.where}: the host key changed ({exc}); if that is expected, remove the old "
+                                 "one from ~/.ssh/known_hosts") from None
         except paramiko.SSHException as exc:
+            if self.strict and "not found in known_hosts" in str(exc):
+                raise ProvisionError(f"{self.where}: unknown host key (strict host keys: add it to "
+                                     "~/.ssh/known_hosts first, e.g. with ssh-keyscan)") from None
             raise ProvisionError(f"{self.where}: SSH failed ({exc})") from None
 
     def run(self, command: str, what: str, timeout_s: float = 600) -> str:
