@@ -38,6 +38,11 @@ def test_repo_deploy_yaml_loads_and_round_trips(base):
     (lambda d: d["export"].update(quantize="int3"), "export.quantize: got 'int3'; allowed: ['fp16', 'int8-dynamic', 'int8-static', 'none']"),
     (lambda d: d["model"].update(factory="a.b:c"), "exactly one of 'zoo'"),
     (lambda d: d.update(version=7), "version: got 7"),
+    (lambda d: d["fleet"].update(devices=["a", {"id": "a", "host": "pi@h"}]), "device ids must be unique; repeated: ['a']"),
+    (lambda d: d["fleet"].update(devices=[{"id": "bad/id"}]), "fleet.devices.0.id"),
+    (lambda d: d["fleet"].update(devices=[{"id": "a", "hots": "x"}]), "hots: unknown key"),
+    (lambda d: d["fleet"].update(retention={"raw": "1h", "bucket": "2h"}), "bucket (7200 s) <= raw (3600 s)"),
+    (lambda d: d["fleet"].update(retention={"raw": "a week"}), "fleet.retention.raw: expected a duration"),
     (lambda d: d["fleet"].update(topic_prefix="a/b"), "topic_prefix"),
 ])
 def test_errors_name_file_field_and_allowed(tmp_path, base, change, expected):
@@ -77,3 +82,14 @@ def test_bad_target_file_names_the_field(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_target_file(path)
     assert "cpu.cores" in str(err.value) and "cpu.turbo: unknown key" in str(err.value)
+
+
+def test_the_inventory_takes_ids_or_entries_and_selects_by_class(tmp_path, base):
+    base["fleet"]["devices"] = ["plain", {"id": "pi-1", "target": "rpi4", "host": "pi@10.0.0.5", "groups": ["lab"]},
+                                {"id": "pi5-1", "target": "rpi5", "host": "10.0.0.6", "port": 2222}]
+    cfg = load_deploy(write(tmp_path, base))
+    assert cfg.fleet.device_ids() == ["plain", "pi-1", "pi5-1"]
+    assert cfg.fleet.device_ids("rpi4") == ["plain", "pi-1"]  # an entry without a class goes to any
+    assert cfg.fleet.device("pi5-1").port == 2222 and cfg.fleet.device("pi-1").groups == ["lab"]
+    with pytest.raises(ConfigError, match="fleet.devices has no device 'nope'; it has: plain, pi-1, pi5-1"):
+        cfg.fleet.device("nope")
