@@ -96,15 +96,28 @@ def measure_peaks(threads: int, tmp: Path) -> dict[str, float]:
     return out
 
 
+class _Residual(nn.Module):
+    def __init__(self, body: nn.Module, relu: bool) -> None:
+        super().__init__()
+        self.body, self.relu = body, relu
+
+    def forward(self, x):
+        y = x + self.body(x)
+        return torch.relu(y) if self.relu else y
+
+
 def calibration_models(count: int, seed: int = 0) -> list[tuple[str, nn.Module, tuple[int, ...]]]:
-    """Small random CNNs (dense and depthwise-separable blocks) and MLPs, reproducible from ``seed``."""
+    """Small random networks, reproducible from ``seed``: plain CNNs, CNNs with residual blocks,
+    depthwise-separable CNNs, MobileNetV2-style inverted residuals, and MLPs; widths include the odd
+    ones structured pruning leaves, first layers vary in kernel size and stride."""
     rng = np.random.default_rng(seed)
+    widths = [6, 8, 12, 16, 20, 24, 32, 40, 48, 64, 96]
     models = []
     for i in range(count):
-        kind = ["cnn", "cnn", "dwcnn", "mlp"][i % 4]
+        kind = ["cnn", "rescnn", "dwcnn", "invres", "mlp"][i % 5]
         torch.manual_seed(seed + i)
         if kind == "mlp":
-            dims = [int(d) for d in rng.choice([64, 128, 256, 512, 1024], size=rng.integers(2, 5))]
+            dims = [int(d) for d in rng.choice([42, 64, 120, 128, 256, 512, 1024], size=rng.integers(2, 5))]
             layers: list[nn.Module] = [nn.Flatten()]
             cin = 28 * 28
             for d in dims:
@@ -114,9 +127,28 @@ def calibration_models(count: int, seed: int = 0) -> list[tuple[str, nn.Module, 
             continue
         c, size = 1, 28
         layers = []
+        if kind in ("rescnn", "invres"):
+            c = int(rng.choice(widths))
+            k, stride = int(rng.choice([3, 5])), int(rng.choice([1, 2]))
+            layers += [nn.Conv2d(1, c, k, stride, k // 2, bias=False), nn.BatchNorm2d(c), nn.ReLU()]
+            size = -(-size // stride)
         for _ in range(int(rng.integers(2, 5))):
-            w = int(rng.choice([8, 16, 24, 32, 48, 64, 96]))
-            if kind == "dwcnn" and c > 1:
+            w = int(rng.choice(widths))
+            if kind == "rescnn":
+                body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                     nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+                layers.append(_Residual(body, relu=True))
+                if w != c:
+                    layers += [nn.Conv2d(c, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU()]
+            elif kind == "invres":
+                e = c * int(rng.choice([2, 4, 6]))
+                body = nn.Sequential(nn.Conv2d(c, e, 1, bias=False), nn.BatchNorm2d(e), nn.ReLU6(),
+                                     nn.Conv2d(e, e, 3, padding=1, groups=e, bias=False), nn.BatchNorm2d(e), nn.ReLU6(),
+                                     nn.Conv2d(e, c, 1, bias=False), nn.BatchNorm2d(c))
+                layers.append(_Residual(body, relu=False))
+                if w != c:
+                    layers += [nn.Conv2d(c, w, 1, bias=False), nn.BatchNorm2d(w)]
+            elif kind == "dwcnn" and c > 1:
                 layers += [nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c), nn.ReLU6(),
                            nn.Conv2d(c, w, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU6()]
             else:
@@ -186,7 +218,7 @@ def calibrate(threads: int | None = None, models: int = 32, progress: Callable[[
         kernels, kernel_fit = None, None
         if kernel_scale:
             progress("kernel-level predictor: timing single kernels in context")
-            kernels, kernel_fit = fit_kernel_predictor(threads, tmp, max(models // 2, 4), progress, kernel_scale)
+            kernels, kernel_fit = fit_kernel_predictor(threads, tmp, max(models, 4), progress, kernel_scale)
             progress(f"kernel predictor: {kernel_fit['kernels']} kernels; on {kernel_fit['models']} whole models "
                      f"median error {kernel_fit['median_abs_error_pct']}%, {kernel_fit['within_10pct']:.0%} within 10%")
         return {"peaks": peaks, "threads": threads, "session_overhead_us": round(session * 1e6, 3),
@@ -269,12 +301,24 @@ def kernel_configs(seed: int = 0, scale: int = 1) -> list:
         h = pick([28, 28, 14, 14, 7, 4])
         k = pick([1, 3, 3, 5])
         out.append(Kernel("conv", False, pick(_CH), pick(_CH[2:]), k, pick([1, 1, 2]) if h >= 14 else 1, h, h))
+    # first layers: one or three input channels on a full-size input, every output width including the odd
+    # ones structured pruning leaves (their int8 kernels are im2col-bound and much slower than MACs say)
+    for _ in range(30 * scale):
+        h = pick([28, 28, 14])
+        out.append(Kernel("conv", False, pick([1, 1, 3]), pick([3, 4, 6, 8, 12, 16, 24, 32, 48, 64]),
+                          pick([3, 5, 5, 7]), pick([1, 1, 2]), h, h))
+    for _ in range(20 * scale):  # pruned widths in the body
+        h = pick([14, 10, 7, 4])
+        out.append(Kernel("conv", False, pick([3, 5, 6, 8, 11, 12, 20, 24]), pick([4, 6, 8, 11, 12, 16, 20, 24]),
+                          pick([3, 5]), 1, h, h))
     for _ in range(50 * scale):
         h = pick([28, 14, 14, 7, 4])
         c = pick(_DW)
         out.append(Kernel("dwconv", False, c, c, 3, pick([1, 1, 2]) if h >= 14 else 1, h, h))
     for _ in range(50 * scale):
         out.append(Kernel("gemm", False, pick(_FC_IN), pick(_FC_OUT), 1, 1, 1, 1))
+    for _ in range(15 * scale):  # the small heads of pruned networks
+        out.append(Kernel("gemm", False, pick([42, 60, 64, 100, 200, 392, 400]), pick([10, 21, 42, 60, 64]), 1, 1, 1, 1))
     for _ in range(25 * scale):
         h = pick([28, 14, 10, 7])
         c = pick(_CH[2:])
@@ -339,7 +383,7 @@ def measure_kernels(threads: int, tmp: Path, progress: Callable[[str], None], se
         pre = export_model("onnx", prefix, shape, tmp / f"p{i}.onnx", 17)
         full = export_model("onnx", nn.Sequential(prefix, module).eval(), shape, tmp / f"k{i}.onnx", 17)
         variants = [(k, pre, full)]
-        if k.kind in ("conv", "dwconv", "gemm") and i % 2 == 0:
+        if k.kind in ("conv", "dwconv", "gemm") and (i % 2 == 0 or k.cin <= 3 or k.cout < 16):
             x = np.random.default_rng(i).random((4, *shape), dtype=np.float32)
             qargs = (x, x[:1], np.zeros(1, np.int64), 1.0)
             qpre, _ = quantize_model("int8-static", pre, tmp / f"p{i}q.onnx", *qargs)

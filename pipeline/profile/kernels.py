@@ -49,9 +49,12 @@ class Kernel:
 
     def features(self) -> list[float]:
         ho, wo = -(-self.h // self.stride), -(-self.w // self.stride)
+        # besides sizes: output pixels and the im2col row (cin x k x k) drive int8 kernels with few input
+        # channels (a network's first layer), which are im2col-bound rather than MAC-bound
         return [self.cin, self.cout, self.k, self.stride, self.h, self.w, np.log1p(self.macs),
                 np.log1p(self.cin * self.h * self.w), np.log1p(self.cout * ho * wo),
-                self.cin % 16, self.cout % 16]
+                self.cin % 16, self.cout % 16, np.log1p(ho * wo), self.cin * self.k * self.k,
+                np.log1p(self.cout)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "int8": self.int8, "cin": self.cin, "cout": self.cout, "k": self.k,
@@ -105,7 +108,13 @@ def kernels_of(path: Path) -> list[Kernel]:
             group = int(attrs.get("group", 1))
             stride = int(attrs.get("strides", [1])[0])
             kind = "dwconv" if group > 1 else "conv"
-            out.append(Kernel(kind, int8, x[1], w[0], w[2], stride, x[2], x[3]))
+            # kernels are sampled with "same" padding: a convolution without it computes the outputs of one
+            # on the input size that gives its output size
+            pads = list(attrs.get("pads", [0, 0, 0, 0])) or [0, 0, 0, 0]
+            ho = (x[2] + pads[0] + pads[2] - w[2]) // stride + 1
+            wo = (x[3] + pads[1] + pads[3] - w[3]) // stride + 1
+            h, wd = (x[2], x[3]) if -(-x[2] // stride) == ho and -(-x[3] // stride) == wo else (ho * stride, wo * stride)
+            out.append(Kernel(kind, int8, x[1], w[0], w[2], stride, h, wd))
         elif op in ("Gemm", "MatMul"):
             w = inits.get(source(node.input[1])) or _shape(values, node.input[1])
             if len(w) != 2:

@@ -75,9 +75,13 @@ def test_calibration_fit_recovers_known_costs():
 
 
 def test_calibration_models_are_reproducible_and_varied():
-    a, b = calibration_models(8, seed=3), calibration_models(8, seed=3)
+    import torch
+
+    a, b = calibration_models(10, seed=3), calibration_models(10, seed=3)
     assert [n for n, _, _ in a] == [n for n, _, _ in b]
-    assert {n.rstrip("0123456789") for n, _, _ in a} == {"cnn", "dwcnn", "mlp"}
+    assert {n.rstrip("0123456789") for n, _, _ in a} == {"cnn", "rescnn", "dwcnn", "invres", "mlp"}
+    for name, model, shape in a:  # every one runs
+        assert model(torch.zeros(1, *shape)).shape == (1, 10), name
 
 
 def test_targets_calibrate_writes_a_loadable_host_target(tmp_path):
