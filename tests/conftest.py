@@ -103,6 +103,47 @@ def sshd(tmp_path_factory):
     proc.wait(10)
 
 
+@pytest.fixture
+def tls_broker(tmp_path):
+    """Mosquitto as `pipeline broker config` sets it up: TLS, client certificates (host, dev-a, dev-b), ACL.
+    Yields (address without TLS, identity(name) -> BrokerConfig with that identity, what the command wrote)."""
+    import dataclasses
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from device_agent.config import BrokerConfig
+    from pipeline.ota.broker import free_port, mosquitto_binary
+
+    require(mosquitto_binary() is not None, "mosquitto")
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "broker", "config", "--out", str(tmp_path / "b"),
+                          "--port", str(port), "--device", "dev-a", "--device", "dev-b", "--config",
+                          str(tmp_path / "none.yaml"), "--json"], capture_output=True, text=True, check=True)
+    made = json.loads(out.stdout)
+    proc = subprocess.Popen([mosquitto_binary(), "-c", made["config"]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "TLS broker did not start"
+            time.sleep(0.1)
+    base = BrokerConfig(host="127.0.0.1", port=port)
+
+    def identity(name: str) -> BrokerConfig:
+        ident = made["host"] if name == "host" else made["devices"][name]
+        return dataclasses.replace(base, ca_file=made["ca"], cert_file=ident["cert"], key_file=ident["key"])
+
+    yield base, identity, made
+    proc.terminate()
+    proc.wait(5)
+
+
 OUTPUT = REPO / "tests" / "_output"  # screenshots and logs a person may want to look at after a run
 
 

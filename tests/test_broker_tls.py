@@ -3,52 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
-from conftest import make_artifact, require
+from conftest import make_artifact
 from device_agent.agent import Agent
-from device_agent.config import AgentConfig, BrokerConfig
+from device_agent.config import AgentConfig
 from device_agent.mqtt import ConnectError, MqttLink
 from pipeline.ota import deliver
-from pipeline.ota.broker import free_port, mosquitto_binary
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def tls_broker(tmp_path):
-    require(mosquitto_binary() is not None, "mosquitto")
-    port = free_port()
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "broker", "config", "--out", str(tmp_path / "b"),
-                          "--port", str(port), "--device", "dev-a", "--device", "dev-b", "--config",
-                          str(tmp_path / "none.yaml"), "--json"], capture_output=True, text=True, check=True)
-    made = json.loads(out.stdout)
-    proc = subprocess.Popen([mosquitto_binary(), "-c", made["config"]], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "TLS broker did not start"
-            time.sleep(0.1)
-    base = BrokerConfig(host="127.0.0.1", port=port)
-
-    def identity(name: str) -> BrokerConfig:
-        ident = made["host"] if name == "host" else made["devices"][name]
-        return dataclasses.replace(base, ca_file=made["ca"], cert_file=ident["cert"], key_file=ident["key"])
-
-    yield base, identity, made
-    proc.terminate()
-    proc.wait(5)
 
 
 def test_a_client_without_a_certificate_is_refused(tls_broker, tmp_path):

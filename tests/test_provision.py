@@ -19,9 +19,10 @@ from conftest import make_artifact
 pytestmark = pytest.mark.slow
 
 
-def write_config(tmp_path: Path, mosquitto, key_dir: Path, devices: list[dict], **provision) -> Path:
+def write_config(tmp_path: Path, mosquitto, key_dir: Path, devices: list[dict], broker: dict | None = None,
+                 **provision) -> Path:
     data = yaml.safe_load((Path(__file__).parent.parent / "deploy.yaml").read_text())
-    data["fleet"] = {"broker": {"host": "127.0.0.1", "port": mosquitto.port}, "devices": devices,
+    data["fleet"] = {"broker": broker or {"host": "127.0.0.1", "port": mosquitto.port}, "devices": devices,
                      "provision": {"metrics_interval_s": 1.0, "online_timeout_s": 60, **provision}}
     data["signing"] = {"key_dir": str(key_dir)}
     data["workdir"] = str(tmp_path / "work")
@@ -62,10 +63,10 @@ def live(cfg: Path, device_id: str = "edge-1") -> dict:
     return next(r for r in rows if r["device_id"] == device_id)
 
 
-def wait_live(cfg: Path, check, what: str, timeout: float = 30) -> dict:
+def wait_live(cfg: Path, check, what: str, timeout: float = 30, device_id: str = "edge-1") -> dict:
     deadline = time.monotonic() + timeout
     while True:
-        row = live(cfg)
+        row = live(cfg, device_id)
         if check(row):
             return row
         if time.monotonic() > deadline:
@@ -192,3 +193,30 @@ def test_each_bad_host_gets_its_own_clear_error(mosquitto, sshd, key_dir, tmp_pa
     code, [result], err = cli(cfg, "provision", "--device", "full-disk", "--install-dir", str(tmp_path / "x"))
     assert code == 5 and "no disk space:" in result["error"] and "1000000000 MB needed" in result["error"]
     assert not (tmp_path / "x").exists()  # nothing was written
+
+
+def test_provision_over_tls_gives_the_device_its_own_certificate(tls_broker, sshd, key_dir, tmp_path):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    base, identity, made = tls_broker
+    host = identity("host")
+    broker = {"host": base.host, "port": base.port, "ca_file": str(host.ca_file), "cert_file": str(host.cert_file),
+              "key_file": str(host.key_file)}
+    install = tmp_path / "remote" / "edge-tls"
+    cfg = write_config(tmp_path, None, key_dir, [device(sshd, install, id="edge-tls")], broker=broker)
+    try:
+        code, [result], err = cli(cfg, "provision", "--all")
+        assert code == 0 and result["status"] == "installed", result["error"] or err[-2000:]
+        cert = x509.load_pem_x509_certificate((install / "tls" / "device.crt").read_bytes())
+        assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "edge-tls"  # the ACL's %u
+        assert (install / "tls" / "device.key").stat().st_mode & 0o777 == 0o600
+        agent = yaml.safe_load((install / "agent.yaml").read_text())
+        assert agent["broker"]["ca_file"] == "tls/ca.crt" and agent["broker"]["port"] == base.port
+        row = wait_live(cfg, lambda r: r["online"], "online over TLS", device_id="edge-tls")
+        assert row["agent_version"] == result["agent_version"]
+    finally:
+        if (install / "agentctl").exists():
+            subprocess.run(["sh", str(install / "agentctl"), "stop"], timeout=30)
+        for pid in agent_processes(install):
+            subprocess.run(["kill", "-9", str(pid)])
