@@ -221,9 +221,28 @@ def _deliver(cfg: DeployConfig, target: TargetProfile, artifact, workdir: Path, 
                      sha256=artifact.sha256, artifact=str(artifact.dir), kind=kind,
                      status="succeeded" if ok else ("aborted" if result.aborted else "failed"), reason=result.reason,
                      results=delivery, rollout=result.to_dict())
+        store.ingest(_telemetry(delivery, target.name, local=not fleet.devices))
     finally:
         store.close()
     return delivery, {**broker_info, "rollout": result.to_dict()}
+
+
+def _telemetry(delivery: list[dict[str, Any]], target: str, local: bool) -> list[tuple[str, str, dict[str, Any]]]:
+    """What the devices reported during the delivery, as fleet telemetry: the fleet view and dashboard show a
+    fleet right after a deploy even when no ingester ran. Local agents stopped with the deploy: offline."""
+    now = time.time()
+    out: list[tuple[str, str, dict[str, Any]]] = []
+    for d in delivery:
+        device = d["device_id"]
+        out.append((device, "status", {"target": target, "active_version": d.get("active_version"),
+                                       "state": d["status"], "ts": now}))
+        if d.get("metrics"):
+            out.append((device, "metrics", {**d["metrics"], "version": d.get("active_version"),
+                                            "ts": d["metrics"].get("ts") or now}))
+        out += [(device, "events", {**e, "version": d.get("active_version")}) for e in d.get("events") or []]
+        if local:
+            out.append((device, "online", {"online": False, "ts": now}))
+    return out
 
 
 def _print_profile(ui: UI, prof, target: TargetProfile) -> None:

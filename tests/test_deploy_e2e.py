@@ -53,6 +53,14 @@ def test_deploy_through_a_mosquitto_the_user_runs(mosquitto, tmp_path):
     check_report(first)
     assert first["broker"]["kind"] == "external" and first["model"]["origin"]["source"] == "trained"
     assert "Budgets for rpi4" in proc.stderr and "emulated" in proc.stderr
+    # what the device reported during the delivery is in the fleet store, even with no ingester running
+    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "fleet", "status", "--config", str(cfg), "--json"],
+                            capture_output=True, text=True, check=True, cwd=cfg.parent)
+    [device] = json.loads(status.stdout)
+    [d] = first["delivery"]
+    assert device["device_id"] == d["device_id"] and device["active_version"] == first["artifact"]["version"]
+    assert device["metrics"]["latency_ms_p95"] == d["metrics"]["latency_ms_p95"] and device["target"] == "rpi4"
+    assert device["online"] is False  # the local agent stopped with the deploy
 
     # a second deploy: the trained model comes from the cache, the same agent (its state kept) upgrades
     proc, second = deploy(cfg)

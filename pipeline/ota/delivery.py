@@ -96,7 +96,8 @@ def deliver(
                 if r.status == State.ACTIVATED.value and body.get("version") == artifact.version:
                     r.metrics = {k: body.get(k) for k in (
                         "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "throughput_ips", "rss_mb", "runs",
-                        "cpu_percent", "temperature_c", "energy_mj", "energy_source", "slot", "emulated")}
+                        "cpu_percent", "temperature_c", "energy_mj", "energy_source", "slot", "emulated", "errors",
+                        "uptime_s", "ts")}
                     done[device_id].set()
             elif leaf is Leaf.EVENTS:
                 body = decode(payload, "event")
