@@ -16,8 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psutil
-
 from . import __version__
 from .config import AgentConfig
 from .download import Download
@@ -39,14 +37,12 @@ from .manifest import (
     verify_envelope,
 )
 from .mqtt import MqttLink, Will
-from .power import EnergyMeter, temperature_c
 from .protocol import (
     DEFAULT_WINDOW,
     CorruptChunk,
     Event,
     Job,
     Leaf,
-    Metrics,
     ResultCode,
     State,
     Status,
@@ -59,6 +55,7 @@ from .protocol import (
 from .runtimes import Session, available_runtimes, get_runtime
 from .slots import SlotStore
 from .storage import atomic_write_json, read_json
+from .telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -94,11 +91,7 @@ class Agent:
         self._stop = threading.Event()
         self._transfer: _Transfer | None = None
         self._pending_events: list[tuple[str, str, str | None]] = []  # to publish once connected
-        self._started = time.monotonic()
-        self._proc = psutil.Process()
-        self._proc.cpu_percent(interval=None)  # starts the CPU accounting window
-        self._meter = EnergyMeter.probe()
-        self.errors = 0
+        self.telemetry = Telemetry(config.device_id, config.emulated)
         self.link = MqttLink(
             config.broker,
             client_id=f"agent-{config.device_id}",
@@ -133,28 +126,9 @@ class Agent:
         log.info("%s: %s", kind, message)
         self.link.publish(self._t(Leaf.EVENTS), encode(Event(self.cfg.device_id, kind, message, **fields)), qos=1)
 
-    def _energy(self, bench: Benchmark) -> tuple[float | None, str | None]:
-        """Energy per inference: measured where the device has a counter, else the manifest's prediction."""
-        if self._meter is not None and self.session is not None:
-            manifest = self.store.active_manifest()
-            if manifest is not None:
-                feeds = manifest.golden_pairs()[0][0]
-                repeats = max(20, int(0.2 / max(bench.latency_ms_p50 / 1e3, 1e-6)))
-                return round(self._meter.measure(lambda: self.session.run(feeds), repeats), 5), \
-                    f"measured:{self._meter.source}"
-        manifest = self.store.active_manifest()
-        predicted = manifest.predicted.get("energy_mj") if manifest else None
-        return (predicted, "predicted") if predicted is not None else (None, None)
-
     def _publish_metrics(self, bench: Benchmark) -> None:
-        active = self.store.active()
-        energy, source = self._energy(bench)
-        m = Metrics(self.cfg.device_id, active.version if active else None, bench.latency_ms_p50,
-                    bench.latency_ms_p95, bench.rss_mb, bench.runs, self.cfg.emulated,
-                    latency_ms_p99=bench.latency_ms_p99, throughput_ips=bench.throughput_ips, errors=self.errors,
-                    cpu_percent=round(self._proc.cpu_percent(interval=None), 1), temperature_c=temperature_c(),
-                    energy_mj=energy, energy_source=source, slot=active.slot if active else None,
-                    uptime_s=round(time.monotonic() - self._started, 1), state=self.state.get("state"))
+        m = self.telemetry.metrics(bench, self.store.active(), self.session, self.store.active_manifest(),
+                                   self.state.get("state"))
         self.link.publish(self._t(Leaf.METRICS), encode(m), qos=1)
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -473,7 +447,7 @@ class Agent:
         try:
             self.last_bench = benchmark(self.session, feeds, self.cfg.benchmark_runs)
         except RuntimeBackendError as exc:
-            self.errors += 1
+            self.telemetry.errors += 1
             self._event("inference_error", str(exc))
             return
         self._publish_metrics(self.last_bench)
