@@ -205,22 +205,41 @@ def _deliver(cfg: DeployConfig, target: TargetProfile, artifact, workdir: Path, 
     r = fleet.rollout
     policy = RolloutPolicy(r.canary_fraction, r.canary_min, r.max_failure_fraction,
                            target.budgets.latency_ms if r.abort_on_latency and not force else None)
+    db = workdir / "fleet.db"
     with contextlib.ExitStack() as stack:
         broker, broker_info, devices = open_fleet(cfg, target, workdir, stack, ui, artifact.dir / "signing.pub")
         if serve_http is not None:
             server = stack.enter_context(ArtifactServer(workdir / "artifacts", serve_http.host, serve_http.port))
             ui.info(f"serving artifacts over HTTP at {server.base_url} (devices fetch with Range requests)")
+        store = FleetStore(db)
+        try:
+            dep = store.start(name=artifact.manifest.name, target=target.name, version=artifact.version,
+                              sha256=artifact.sha256, artifact=str(artifact.dir), kind=kind, devices=devices)
+        finally:
+            store.close()
+
+        def progress(state: str, d) -> None:
+            ui.info(f"{d.device_id}: {state}")
+            FleetStore.progress(db, dep, d.device_id, state)  # live in `pipeline dashboard`
+
         with ui.stage(f"Deliver v{artifact.version} over MQTT to {len(devices)} device(s), canaries first"):
-            result = rollout(broker, fleet.topic_prefix, artifact, devices, fleet.timeout_s, policy,
-                             progress=lambda state, d: ui.info(f"{d.device_id}: {state}"), note=ui.info)
+            try:
+                result = rollout(broker, fleet.topic_prefix, artifact, devices, fleet.timeout_s, policy,
+                                 progress=progress, note=ui.info)
+            except BaseException as exc:  # the deployment's record ends, whatever stopped it
+                store = FleetStore(db)
+                try:
+                    store.finish(dep, status="failed", reason=f"{type(exc).__name__}: {exc}", results=[])
+                finally:
+                    store.close()
+                raise
     delivery = [{**d.to_dict(), "phase": result.phases.get(d.device_id)} for d in result.results]
     ok = not result.aborted and all(d["status"] == "activated" for d in delivery)
-    store = FleetStore(workdir / "fleet.db")
+    store = FleetStore(db)
     try:
-        store.record(name=artifact.manifest.name, target=target.name, version=artifact.version,
-                     sha256=artifact.sha256, artifact=str(artifact.dir), kind=kind,
-                     status="succeeded" if ok else ("aborted" if result.aborted else "failed"), reason=result.reason,
-                     results=delivery, rollout=result.to_dict())
+        # devices a rollout never reached (it stopped after the canaries) keep no row
+        store.finish(dep, status="succeeded" if ok else ("aborted" if result.aborted else "failed"),
+                     reason=result.reason, results=delivery, rollout=result.to_dict())
         store.ingest(_telemetry(delivery, target.name, local=not fleet.devices))
     finally:
         store.close()

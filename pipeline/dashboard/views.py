@@ -56,6 +56,8 @@ def budget_status(metrics: dict[str, Any] | None, budgets: dict[str, float | Non
 
 
 _SETTLED = {s.value for s in TERMINAL_STATES} | {State.IDLE.value}
+#: a device's outcome in a deployment, once it has one
+_RESULTS_SETTLED = {s.value for s in TERMINAL_STATES} | {"timeout", "skipped"}
 
 
 class FleetView:
@@ -100,8 +102,9 @@ class FleetView:
             by_status: dict[str, int] = {}
             for r in results:
                 by_status[r["status"]] = by_status.get(r["status"], 0) + 1
-            # a deployment is recorded when it ends; devices still updating show in the overview (job, progress)
+            # a running deployment (status in_progress) has a row per device, updated as each moves on
             dep["progress"] = {"total": len(results), "by_status": by_status,
+                               "done": sum(n for st, n in by_status.items() if st in _RESULTS_SETTLED),
                                "succeeded": by_status.get("activated", 0) + by_status.get("rolled_back", 0)}
             out.append(dep)
         return out

@@ -100,6 +100,43 @@ class FleetStore:
                   json.dumps(r.get("metrics")) if r.get("metrics") else None) for r in results])
         return int(dep)
 
+    def start(self, *, name: str, target: str, version: int, sha256: str, artifact: str, kind: str,
+              devices: list[str]) -> int:
+        """A deployment as it begins: ``in_progress``, every device ``pending``; ``progress`` and ``finish``
+        follow. What the dashboard shows while a rollout runs."""
+        with self.db:
+            self.db.execute("BEGIN")
+            dep = self.db.execute(
+                "INSERT INTO deployments (ts, name, target, version, sha256, artifact, kind, status)"
+                " VALUES (?,?,?,?,?,?,?,?)", (time.time(), name, target, version, sha256, artifact, kind,
+                                              "in_progress")).lastrowid
+            self.db.executemany("INSERT INTO device_results (deployment_id, device_id, status) VALUES (?,?,?)",
+                                [(dep, d, "pending") for d in devices])
+        return int(dep)
+
+    @staticmethod
+    def progress(path: Path, deployment_id: int, device_id: str, status: str) -> None:
+        """One device's state in a running deployment. Its own short connection: rollouts report from the
+        network thread."""
+        store = FleetStore(path)
+        try:
+            store.db.execute("UPDATE device_results SET status = ? WHERE deployment_id = ? AND device_id = ?",
+                             (status, deployment_id, device_id))
+        finally:
+            store.close()
+
+    def finish(self, deployment_id: int, *, status: str, reason: str | None, results: list[dict[str, Any]],
+               rollout: dict[str, Any] | None = None) -> None:
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute("UPDATE deployments SET status = ?, reason = ?, rollout = ? WHERE id = ?",
+                            (status, reason, json.dumps(rollout) if rollout else None, deployment_id))
+            self.db.execute("DELETE FROM device_results WHERE deployment_id = ?", (deployment_id,))
+            self.db.executemany(
+                "INSERT INTO device_results VALUES (?,?,?,?,?,?,?)",
+                [(deployment_id, r["device_id"], r.get("phase"), r["status"], r.get("active_version"), r.get("reason"),
+                  json.dumps(r.get("metrics")) if r.get("metrics") else None) for r in results])
+
     def history(self, target: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         sql = "SELECT * FROM deployments" + (" WHERE target = ?" if target else "") + " ORDER BY id DESC LIMIT ?"
         rows = self.db.execute(sql, ((target, limit) if target else (limit,))).fetchall()

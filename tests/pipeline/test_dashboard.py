@@ -224,3 +224,23 @@ def test_the_grafana_dashboard_queries_only_metrics_we_export(store):
     queries += [v["query"] for v in grafana["templating"]["list"] if v["type"] == "query"]
     used = {m for q in queries for m in re.findall(r"\bedgefleet_\w+", q)}
     assert len(grafana["panels"]) >= 10 and used and used <= names, used - names
+
+
+def test_a_running_deployment_shows_each_device_as_it_moves_on(store):
+    view = FleetView(store, BudgetBook.from_config(None))
+    dep = store.start(name="m", target="rpi4", version=9, sha256="0" * 64, artifact="a", kind="deploy",
+                      devices=["d1", "d2", "d3"])
+    [row] = view.deployments()
+    assert row["status"] == "in_progress" and row["progress"] == {
+        "total": 3, "by_status": {"pending": 3}, "done": 0, "succeeded": 0}
+    FleetStore.progress(store.path, dep, "d1", "activated")
+    FleetStore.progress(store.path, dep, "d2", "downloading")
+    [row] = view.deployments()
+    assert row["progress"]["done"] == 1 and row["progress"]["by_status"] == {"activated": 1, "downloading": 1,
+                                                                               "pending": 1}
+    store.finish(dep, status="succeeded", reason=None, rollout={"canaries": ["d1"]},
+                 results=[{"device_id": d, "status": "activated", "phase": "canary" if d == "d1" else "rollout",
+                           "active_version": 9} for d in ("d1", "d2", "d3")])
+    [row] = view.deployments()
+    assert row["status"] == "succeeded" and row["progress"]["succeeded"] == 3 and row["rollout"] == {"canaries": ["d1"]}
+    assert [d["phase"] for d in row["devices"]] == ["canary", "rollout", "rollout"]

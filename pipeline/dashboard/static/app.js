@@ -128,6 +128,7 @@ function renderDeployments(rows) {
     const bar = document.createElement("progress");
     bar.max = Math.max(1, p.total); bar.value = p.succeeded;
     cell.append(bar, ` ${p.succeeded}/${p.total} `);
+    if (r.status === "in_progress") cell.append(`(${p.total - p.done} updating) `);
     const phases = [...new Set(r.devices.map(x => x.phase).filter(Boolean))];
     if (phases.length) cell.append(`(${phases.join(" → ")})`);
     tr.appendChild(td(cell, null, {"data-testid": `deployment-progress-${r.id}`}));
