@@ -51,10 +51,13 @@ class MqttLink:
         persistent: bool = False,
         manual_ack: bool = False,
         session_expiry_s: int = 7 * 24 * 3600,
+        fresh_only: bool = False,
     ) -> None:
+        """``fresh_only``: drop retained messages (the broker's memory of the past), deliver only live ones."""
         self.broker = broker
         self.client_id = client_id
         self.persistent, self.manual_ack, self.session_expiry_s = persistent, manual_ack, session_expiry_s
+        self.fresh_only = fresh_only
         self._on_message = on_message
         self._on_connect_hook = on_connect
         self.subscriptions = list(subscriptions or [])
@@ -147,6 +150,10 @@ class MqttLink:
 
     def _handle_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
         try:
+            if self.fresh_only and message.retain:
+                if self.manual_ack:
+                    client.ack(message.mid, message.qos)
+                return
             if self.manual_ack:
                 mid, qos = message.mid, message.qos
                 self._on_message(message.topic, message.payload, lambda: client.ack(mid, qos))

@@ -98,6 +98,10 @@ def _ingest(args: argparse.Namespace, ui, cfg, db: Path) -> int:
         ingester.run()
     except KeyboardInterrupt:
         pass
+    except Exception as exc:
+        from .errors import DeliveryError
+
+        raise DeliveryError(f"fleet ingest stopped: {exc}") from None
     ui.info(f"stored {ingester.stored} row(s)")
     return 0
 
@@ -152,9 +156,13 @@ def cmd_dashboard(args: argparse.Namespace, ui) -> int:
         ui.info(f"Prometheus: {dash.url}metrics" + (" (Authorization: Bearer <token>)" if token else ""))
         ui.info(f"ingesting from {broker.host}:{broker.port}" if broker else
                 "not ingesting (no broker: --broker HOST:PORT or fleet.broker); showing the store as it is")
+        warned = False
         try:
             while not stop.wait(0.5):
-                pass
+                if ingester is not None and ingester.error and not warned:
+                    ui.warn(f"the ingester stopped ({ingester.error}); the dashboard shows the store as it is "
+                            "(/healthz answers 503)")
+                    warned = True
         except KeyboardInterrupt:
             pass
     return 0

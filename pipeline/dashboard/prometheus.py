@@ -92,11 +92,14 @@ def render(view: FleetView, ingest: dict[str, int] | None = None) -> str:
         out.family(f"edgefleet_target_{metric}_budget_{unit}", "gauge", help_text,
                    [({"target": t}, _scaled(budgets[t].get(name), factor)) for t in targets])
     deployments: dict[tuple[str, str], int] = {}
-    for row in view.store.db.execute("SELECT target, status, count(*) AS n FROM deployments GROUP BY target, status"):
+    for row in view.store.db.execute("SELECT target, status, count(*) AS n FROM deployments "
+                                     "WHERE status != 'in_progress' GROUP BY target, status"):
         deployments[(row["target"], row["status"])] = row["n"]
     out.family("edgefleet_deployments", "counter", "Deployments and rollbacks recorded, by target and outcome.",
                [({"target": t, "status": s}, n) for (t, s), n in sorted(deployments.items())])
     if ingest is not None:
+        out.family("edgefleet_ingest_up", "gauge", "1 while this process's ingester runs, 0 after it stopped.",
+                   [({}, ingest.get("up", 1))])
         out.family("edgefleet_ingest_messages", "counter", "Telemetry messages this ingester took from the broker.",
                    [({}, ingest["received"])])
         out.family("edgefleet_ingest_rows_stored", "counter", "Rows this ingester committed to the store.",

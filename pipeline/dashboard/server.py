@@ -75,7 +75,13 @@ class Dashboard:
 
     def start(self) -> "Dashboard":
         if self.ingester is not None:
-            self._threads.append(threading.Thread(target=self.ingester.run, name="ingest", daemon=True))
+            def ingest() -> None:
+                try:
+                    self.ingester.run()
+                except Exception:  # recorded in ingester.error: /healthz and /metrics say so
+                    pass
+
+            self._threads.append(threading.Thread(target=ingest, name="ingest", daemon=True))
         self._threads.append(threading.Thread(target=self.httpd.serve_forever, name="http", daemon=True))
         for t in self._threads:
             t.start()
@@ -101,7 +107,8 @@ class Dashboard:
 
     def ingest_counters(self) -> dict[str, int] | None:
         i = self.ingester
-        return None if i is None else {"received": i.received, "stored": i.stored, "dropped": i.dropped}
+        return None if i is None else {"received": i.received, "stored": i.stored, "dropped": i.dropped,
+                                       "up": int(i.error is None)}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -156,6 +163,9 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path, query = url.path, parse_qs(url.query)
         if path == "/healthz":
+            error = self.app.ingester.error if self.app.ingester is not None else None
+            if error:
+                return self._send(503, f"ingester stopped: {error}\n".encode(), "text/plain")
             return self._send(200, b"ok\n", "text/plain")
         ok = self._authorized(query)
         if ok is False:
@@ -185,6 +195,8 @@ class _Handler(BaseHTTPRequestHandler):
                 view.store.close()
             return self._send(200, text.encode(), prometheus.CONTENT_TYPE)
         if path == "/api/stream":
+            if self.command == "HEAD":
+                return self._send(200, b"", "text/event-stream")
             return self._stream()
         if not path.startswith("/api/"):
             return self._error(404, f"no such page: {path}")

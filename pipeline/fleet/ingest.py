@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -38,15 +39,38 @@ class Ingester:
                              subs, persistent=True, manual_ack=True)
         self.stored = 0  # rows written
         self.received = 0  # messages taken from the broker
-        self.dropped = 0  # messages that were not protocol messages
+        self.dropped = 0  # messages that were not protocol messages, or that the store refused
+        self.error: str | None = None  # why run() stopped, when it failed
         self._stop = threading.Event()
 
     def stop(self) -> None:
         self._stop.set()
 
+    def _commit(self, store: FleetStore, pending: list[tuple[str, str, dict]]) -> None:
+        """One transaction for the batch; if the database refuses it, message by message, dropping (and
+        counting) only those it refuses: one bad message never stops the fleet's telemetry."""
+        try:
+            self.stored += store.ingest(pending)
+        except sqlite3.Error as batch_error:
+            log.warning("batch of %d refused (%s); storing message by message", len(pending), batch_error)
+            for message in pending:
+                try:
+                    self.stored += store.ingest([message])
+                except sqlite3.Error as exc:
+                    self.dropped += 1
+                    log.warning("dropped a message from %s (%s): %s", message[0], message[1], exc)
+
     def run(self, until: Callable[[], bool] | None = None) -> None:
-        store = FleetStore(self.db)
+        try:
+            self._run(until)
+        except Exception as exc:  # the dashboard shows it (healthz, /metrics) instead of a silent dead thread
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("ingester stopped: %s", self.error)
+            raise
+
+    def _run(self, until: Callable[[], bool] | None) -> None:
         self.link.start()
+        store = FleetStore(self.db)
         pending: list[tuple[str, str, dict]] = []
         acks: list[Callable[[], None]] = []
         last = time.monotonic()
@@ -70,14 +94,16 @@ class Ingester:
                 except queue.Empty:
                     pass
                 if acks and (len(acks) >= self.batch or time.monotonic() - last >= self.flush_s):
-                    self.stored += store.ingest(pending)  # committed ...
+                    self._commit(store, pending)  # committed ...
                     for a in acks:  # ... and only then acknowledged
                         a()
                     pending, acks, last = [], [], time.monotonic()
         finally:
-            if acks:
-                self.stored += store.ingest(pending)
-                for a in acks:
-                    a()
-            self.link.stop()
-            store.close()
+            try:
+                if acks:
+                    self._commit(store, pending)
+                    for a in acks:
+                        a()
+            finally:
+                self.link.stop()
+                store.close()

@@ -51,6 +51,26 @@ SERIES_COLUMNS = ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "through
                   "temperature_c", "energy_mj", "errors")
 
 
+_NUMBERS = {"ts", "version", "active_version", "progress", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99",
+            "throughput_ips", "rss_mb", "cpu_percent", "temperature_c", "energy_mj", "errors", "uptime_s"}
+_TEXTS = {"target", "state", "slot", "active_slot", "job_id", "reason", "agent_version", "kind", "message",
+          "energy_source"}
+
+
+def clean(body: dict[str, Any]) -> dict[str, Any]:
+    """A message's fields as the store's columns take them: a number that is not a finite number, or a text
+    that is not text, becomes unknown (None) rather than a crash or a value no view can compare."""
+    out = dict(body)
+    for k in _NUMBERS & out.keys():
+        v = out[k]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
+        out[k] = v if ok else None
+    for k in _TEXTS & out.keys():
+        if not isinstance(out[k], str):
+            out[k] = None
+    return out
+
+
 class FleetStore:
     def __init__(self, path: Path, readonly: bool = False) -> None:
         """``readonly``: a reader beside a writer (the dashboard's request threads); it never migrates."""
@@ -72,16 +92,19 @@ class FleetStore:
         return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
     def _migrate(self) -> None:
-        self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (v INTEGER NOT NULL)")
-        row = self.db.execute("SELECT v FROM schema_version").fetchone()
-        current = row["v"] if row else 0
-        if not row:
-            self.db.execute("INSERT INTO schema_version VALUES (0)")
-        for i, sql in enumerate(MIGRATIONS[current:], start=current + 1):
-            with self.db:
-                self.db.execute("BEGIN")
+        """Numbered migrations, all pending ones in one immediate transaction: of several processes opening a
+        store at once, one migrates and the others then find it done."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (v INTEGER NOT NULL)")
+            row = self.db.execute("SELECT v FROM schema_version").fetchone()
+            current = row["v"] if row else 0
+            if not row:
+                self.db.execute("INSERT INTO schema_version VALUES (0)")
+            for sql in MIGRATIONS[current:]:
                 self.db.execute(sql)
-                self.db.execute("UPDATE schema_version SET v = ?", (i,))
+            if current < len(MIGRATIONS):
+                self.db.execute("UPDATE schema_version SET v = ?", (len(MIGRATIONS),))
 
     def record(self, *, name: str, target: str, version: int, sha256: str, artifact: str, kind: str, status: str,
                reason: str | None, results: list[dict[str, Any]], rollout: dict[str, Any] | None = None) -> int:
@@ -153,12 +176,13 @@ class FleetStore:
 
     def ingest(self, messages: list[tuple[str, str, dict[str, Any]]]) -> int:
         """Store a batch of (device_id, kind, body) in one transaction; duplicates (QoS 1 redeliveries) are
-        ignored. Returns the rows written."""
+        ignored, fields of the wrong type are stored as unknown (see ``clean``). Returns the rows written."""
         written = 0
         with self.db:
             self.db.execute("BEGIN")
             for device, kind, b in messages:
-                ts = float(b.get("ts") or time.time())
+                b = clean(b)
+                ts = b.get("ts") or time.time()
                 if kind == "metrics":
                     cur = self.db.execute(
                         f"INSERT OR IGNORE INTO metrics (device_id, ts, version, {', '.join(METRIC_COLUMNS)}, emulated)"
@@ -187,10 +211,13 @@ class FleetStore:
     _JOB_FIELDS = ("job_id", "job_version", "progress", "reason")
 
     def _seen(self, device: str, ts: float, **fields: Any) -> None:
+        """Upsert what a device said at ``ts``; an older message (shared-subscription ingesters commit out of
+        order) never overwrites a newer one's fields."""
         fields = {k: v for k, v in fields.items() if v is not None or k in self._JOB_FIELDS}
         cols = ", ".join(["device_id", "last_seen", *fields])
-        updates = ", ".join(["last_seen = max(coalesce(last_seen, 0), excluded.last_seen)",
-                             *[f"{k} = excluded.{k}" for k in fields]])
+        newer = "excluded.last_seen >= coalesce(devices.last_seen, 0)"
+        updates = ", ".join([*[f"{k} = CASE WHEN {newer} THEN excluded.{k} ELSE devices.{k} END" for k in fields],
+                             "last_seen = max(coalesce(last_seen, 0), excluded.last_seen)"])
         self.db.execute(f"INSERT INTO devices ({cols}) VALUES ({','.join('?' * (2 + len(fields)))}) "
                         f"ON CONFLICT(device_id) DO UPDATE SET {updates}", (device, ts, *fields.values()))
 

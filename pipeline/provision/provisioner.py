@@ -184,8 +184,9 @@ class _OnlineWatch:
             except ProtocolError:
                 pass
 
+        # live statuses only: the retained one is the agent that ran before the restart, even at the same version
         self.link = MqttLink(fleet.host_broker, f"provision-{device_id}-{os.getpid()}-{threading.get_ident() % 10**6}",
-                             on_message, [(topic(fleet.prefix, device_id, Leaf.STATUS), 1)])
+                             on_message, [(topic(fleet.prefix, device_id, Leaf.STATUS), 1)], fresh_only=True)
 
     def __enter__(self) -> "_OnlineWatch":
         from device_agent.mqtt import ConnectError

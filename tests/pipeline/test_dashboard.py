@@ -244,3 +244,33 @@ def test_a_running_deployment_shows_each_device_as_it_moves_on(store):
     [row] = view.deployments()
     assert row["status"] == "succeeded" and row["progress"]["succeeded"] == 3 and row["rollout"] == {"canaries": ["d1"]}
     assert [d["phase"] for d in row["devices"]] == ["canary", "rollout", "rollout"]
+
+
+def test_malformed_and_late_telemetry_neither_crashes_nor_rewinds(store):
+    # wrong types become unknown instead of breaking the batch or every later view
+    written = store.ingest([metrics("d1", T0 + 1, p50=1.0, p95=2.0, rss=[1], latency_ms_p95="big"),
+                            ("d1", "status", {"state": 7, "target": "rpi4", "ts": "abc"})])
+    assert written == 2
+    [d] = FleetView(store, BudgetBook.from_config(None)).overview()["devices"]
+    assert d["metrics"]["latency_ms_p95"] is None and d["metrics"]["rss_mb"] is None and d["state"] is None
+    # an older status committed after a newer one (shared-subscription ingesters) does not win
+    store.ingest([status("d2", "rpi4", state="activated", ts=T0 + 10)])
+    store.ingest([status("d2", "rpi4", state="downloading", job_id="j1", progress=0.2, ts=T0 + 5)])
+    [row] = [r for r in store.devices() if r["device_id"] == "d2"]
+    assert row["state"] == "activated" and row["job_id"] is None and row["last_seen"] == T0 + 10
+
+
+def test_processes_opening_a_new_store_together_migrate_it_once(tmp_path):
+    import subprocess
+    import sys
+
+    db = tmp_path / "fleet.db"
+    code = f"from pipeline.fleet import FleetStore; FleetStore(__import__('pathlib').Path({str(db)!r})).close()"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE) for _ in range(4)]
+    errors = [p.communicate(timeout=60)[1].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), errors
+    s = FleetStore(db)
+    try:
+        assert [tuple(r) for r in s.db.execute("SELECT v FROM schema_version")] == [(len(MIGRATIONS),)]
+    finally:
+        s.close()
