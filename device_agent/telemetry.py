@@ -4,16 +4,20 @@ inference (measured where the device has a power counter, else the manifest's pr
 
 from __future__ import annotations
 
+import logging
 import time
 
 import psutil
 
+from .errors import AgentError
 from .health import Benchmark
 from .manifest import Manifest
 from .power import EnergyMeter, temperature_c
 from .protocol import Metrics
 from .runtimes import Session
 from .slots import ActiveModel
+
+log = logging.getLogger(__name__)
 
 
 class Telemetry:
@@ -31,7 +35,13 @@ class Telemetry:
         if self._meter is not None and session is not None and manifest is not None:
             feeds = manifest.golden_pairs()[0][0]
             repeats = max(20, int(0.2 / max(bench.latency_ms_p50 / 1e3, 1e-6)))
-            return round(self._meter.measure(lambda: session.run(feeds), repeats), 5), f"measured:{self._meter.source}"
+            try:
+                return (round(self._meter.measure(lambda: session.run(feeds), repeats), 5),
+                        f"measured:{self._meter.source}")
+            except (AgentError, OSError, ValueError) as exc:  # a flaky counter or a failing run: predicted instead
+                log.warning("energy measurement failed (%s); reporting the prediction", exc)
+                if isinstance(exc, AgentError):
+                    self.errors += 1
         predicted = manifest.predicted.get("energy_mj") if manifest else None
         return (predicted, "predicted") if predicted is not None else (None, None)
 

@@ -253,14 +253,16 @@ def _telemetry(delivery: list[dict[str, Any]], target: str, local: bool) -> list
     out: list[tuple[str, str, dict[str, Any]]] = []
     for d in delivery:
         device = d["device_id"]
+        if local:
+            out.append((device, "online", {"online": False, "ts": now}))
+        if d["status"] == "timeout":  # it never answered: nothing it said to record, and no sign of life
+            continue
         out.append((device, "status", {"target": target, "active_version": d.get("active_version"),
                                        "state": d["status"], "ts": now}))
         if d.get("metrics"):
             out.append((device, "metrics", {**d["metrics"], "version": d.get("active_version"),
                                             "ts": d["metrics"].get("ts") or now}))
         out += [(device, "events", {**e, "version": d.get("active_version")}) for e in d.get("events") or []]
-        if local:
-            out.append((device, "online", {"online": False, "ts": now}))
     return out
 
 

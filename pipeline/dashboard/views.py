@@ -105,7 +105,9 @@ class FleetView:
             # a running deployment (status in_progress) has a row per device, updated as each moves on
             dep["progress"] = {"total": len(results), "by_status": by_status,
                                "done": sum(n for st, n in by_status.items() if st in _RESULTS_SETTLED),
-                               "succeeded": by_status.get("activated", 0) + by_status.get("rolled_back", 0)}
+                               # a rollback succeeds by rolling back; a deploy only by activating
+                               "succeeded": by_status.get("rolled_back" if dep["kind"] == "rollback" else "activated",
+                                                          0)}
             out.append(dep)
         return out
 

@@ -28,6 +28,12 @@ def _plans(args: argparse.Namespace, cfg) -> list:
             raise ConfigError("provision --host needs --target (the device class, e.g. rpi4)")
         user, host = _split_host(args.host)
         device_id = args.id or re.sub(r"[^A-Za-z0-9_-]", "-", f"{args.target}-{host}")
+        from device_agent.protocol import ProtocolError, check_id
+
+        try:
+            check_id(device_id, "--id")
+        except ProtocolError as exc:
+            raise ConfigError(str(exc)) from None
         return [HostPlan(device_id, target_for_deploy(cfg, args.target), host, args.port or 22, user, key,
                          args.install_dir, args.python or "python3")]
     if not (args.all or args.device):

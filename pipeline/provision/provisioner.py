@@ -17,6 +17,7 @@ touches nothing.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shlex
 import threading
@@ -40,6 +41,7 @@ from .wheel import agent_requirements, agent_version, build_agent_wheel
 from .wheelhouse import Platform, fetch_wheels
 
 AGENT_PYTHON = (3, 11)  # the agent wheel's Requires-Python
+RESERVED_IDS = {"host", "broker"}  # identities `pipeline broker config` issues for itself
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,9 @@ def _identity(fleet: FleetSide, device_id: str) -> dict[str, Path]:
     from ..ota.security import CertificateAuthority
 
     assert fleet.ca_dir is not None
+    if device_id in RESERVED_IDS:
+        raise ProvisionError(f"device id {device_id!r} is reserved for the {device_id}'s own TLS identity; "
+                             "give the device another id")
     if not (fleet.ca_dir / "ca.key").is_file():
         raise ProvisionError(f"TLS: {fleet.ca_dir / 'ca.key'} is needed to issue {device_id}'s certificate "
                              "(the CA `pipeline broker config` wrote)")
@@ -244,9 +249,13 @@ def _install(remote: Remote, plan: HostPlan, probe: Probe, fleet: FleetSide, ser
     q = shlex.quote
     root, release = q(lay.root), q(f"{lay.root}/releases/{version}")
     config = agent_config(plan, fleet, runtime)
-    current_config = remote.conn.run(f"cat {q(lay.config)} 2>/dev/null || true", hide=True, warn=True,
-                                     in_stream=False).stdout
-    if probe.release == version and current_config == config and remote.ok(service.active(lay)):
+    identity = _identity(fleet, plan.device_id) if fleet.ca_dir is not None else {}
+    # everything the device gets besides the release: a rotated signing key or certificate is a change too
+    digest = hashlib.sha256(config.encode() + fleet.signing_pub.read_bytes()
+                            + b"".join(path.read_bytes() for _, path in sorted(identity.items()))).hexdigest()
+    installed = remote.conn.run(f"cat {root}/PROVISIONED 2>/dev/null || true", hide=True, warn=True,
+                                in_stream=False).stdout.strip()
+    if probe.release == version and installed == digest and remote.ok(service.active(lay)):
         return "unchanged"
 
     remote.run(f"mkdir -p {root}/releases {root}/wheels {root}/keys {root}/state {root}/tls && chmod 700 {root}/tls",
@@ -273,9 +282,8 @@ def _install(remote: Remote, plan: HostPlan, probe: Probe, fleet: FleetSide, ser
 
     step("configuring")
     remote.write(f"{lay.root}/keys/signing.pub", fleet.signing_pub.read_text())
-    if fleet.ca_dir is not None:
-        for name, path in _identity(fleet, plan.device_id).items():
-            remote.write(f"{lay.root}/tls/{name}", path.read_text(), 0o600 if name.endswith(".key") else 0o644)
+    for name, path in identity.items():
+        remote.write(f"{lay.root}/tls/{name}", path.read_text(), 0o600 if name.endswith(".key") else 0o644)
     remote.write(f"{lay.config}.new", config, 0o600)
     # the new agent reads the new configuration before anything switches
     remote.run(f"{release}/venv/bin/device-agent status --config {q(lay.config + '.new')} >/dev/null",
@@ -288,17 +296,22 @@ def _install(remote: Remote, plan: HostPlan, probe: Probe, fleet: FleetSide, ser
     switch = (f"cp -f {q(lay.config)} {q(lay.config + '.prev')} 2>/dev/null; "
               f"mv -f {q(lay.config + '.new')} {q(lay.config)} && "
               f"ln -sfn releases/{q(version)} {root}/current.new && mv -Tf {root}/current.new {root}/current")
+    kept = f"restored the previous agent ({probe.release})" if previous else "left nothing running"
     with _OnlineWatch(fleet, plan.device_id, version) as watch:
-        remote.run(switch, "switching to the new release")
-        remote.run(service.restart(lay), f"starting the agent ({service.name})")
+        try:
+            remote.run(switch, "switching to the new release")
+            remote.run(service.restart(lay), f"starting the agent ({service.name})")
+        except ProvisionError as exc:
+            _restore(remote, lay, service, previous)
+            raise ProvisionError(f"{exc}; {kept}") from None
         step("waiting online")
         if not watch.seen.wait(fleet.online_timeout_s):
             log_tail = remote.conn.run(f"tail -n 5 {q(lay.log)} 2>/dev/null", hide=True, warn=True,
                                        in_stream=False).stdout.strip().replace("\n", " | ")
             _restore(remote, lay, service, previous)
-            kept = f"restored the previous agent ({probe.release})" if previous else "left nothing running"
             raise ProvisionError(f"{plan.where}: agent {version} did not report online within "
                                  f"{fleet.online_timeout_s:.0f} s; {kept}" + (f"; its log: {log_tail}" if log_tail else ""))
+    remote.run(f"echo {digest} > {root}/PROVISIONED", "recording what was provisioned")
     # keep the running release and the one before it (to go back to), nothing older
     keep = {version, Path(previous).name} if previous else {version}
     remote.run(f"cd {root}/releases && for r in *; do case \" {' '.join(keep)} \" in *\" $r \"*) ;; "

@@ -18,6 +18,7 @@ root = os.path.expanduser(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1] else
 uid = os.getuid()
 if not root:
     root = "/opt/edgefleet" if uid == 0 else os.path.expanduser("~/.edgefleet-agent")
+root = os.path.abspath(root)
 probe = root
 while not os.path.exists(probe):
     probe = os.path.dirname(probe) or "/"

@@ -124,14 +124,26 @@ group_alive() {{
   done
   return 1
 }}
-running() {{ [ -f "$PID" ] && PG=$(cat "$PID") && group_alive; }}
+# the pid file holds the supervisor's pid (its process group) and start time: after a reboot the pid may
+# belong to some other process, which must never be taken for the agent, let alone signalled
+start_time() {{
+  read -r s <"/proc/$1/stat" 2>/dev/null || return 1
+  s=${{s##*) }}
+  set -- $s
+  echo "${{20}}"
+}}
+running() {{
+  [ -f "$PID" ] || return 1
+  read -r PG START <"$PID" || return 1
+  [ -n "$PG" ] && [ "$(start_time "$PG")" = "$START" ] && group_alive
+}}
 case "$1" in
   start)
     running && exit 0
     cd "$D" || exit 1
     setsid sh -c 'while :; do "$0/current/venv/bin/device-agent" run --config "$0/agent.yaml"; sleep 3; done' \\
       "$D" >>"$D/agent.log" 2>&1 </dev/null &
-    echo $! >"$PID" ;;
+    echo "$! $(start_time $!)" >"$PID" ;;
   stop)
     if running; then
       kill -TERM "-$PG" 2>/dev/null
