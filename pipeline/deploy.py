@@ -258,7 +258,8 @@ def _telemetry(delivery: list[dict[str, Any]], target: str, local: bool) -> list
         if d["status"] == "timeout":  # it never answered: nothing it said to record, and no sign of life
             continue
         out.append((device, "status", {"target": target, "active_version": d.get("active_version"),
-                                       "state": d["status"], "ts": now}))
+                                       "active_slot": (d.get("metrics") or {}).get("slot"), "state": d["status"],
+                                       "ts": now}))
         if d.get("metrics"):
             out.append((device, "metrics", {**d["metrics"], "version": d.get("active_version"),
                                             "ts": d["metrics"].get("ts") or now}))

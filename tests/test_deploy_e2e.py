@@ -60,7 +60,7 @@ def test_deploy_through_a_mosquitto_the_user_runs(mosquitto, tmp_path):
     [d] = first["delivery"]
     assert device["device_id"] == d["device_id"] and device["active_version"] == first["artifact"]["version"]
     assert device["metrics"]["latency_ms_p95"] == d["metrics"]["latency_ms_p95"] and device["target"] == "rpi4"
-    assert device["online"] is False  # the local agent stopped with the deploy
+    assert device["online"] is False and device["slot"] == d["metrics"]["slot"]  # the local agent stopped with it
 
     # a second deploy: the trained model comes from the cache, the same agent (its state kept) upgrades
     proc, second = deploy(cfg)
