@@ -52,6 +52,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "profile.json"))
     ap.add_argument("--int8-only", action="store_true", help="re-run only the int8 section, keep the variants")
+    ap.add_argument("--repeats", type=int, default=3, help="passes over the variants; each one's median is used")
     args = ap.parse_args()
     host = load_target("host")
     threads = max(1, min(host.cpu.cores, os.cpu_count() or 1))
@@ -66,6 +67,7 @@ def main() -> None:
     variants = []
     t0 = time.perf_counter()
     previous = json.loads(Path(args.out).read_text()) if args.int8_only else None
+    built = []  # (model, ratio, quantization, path, predicted ms)
     for name, make in ({} if args.int8_only else ZOO).items():
         for ratio in (0.0, 0.5):
             torch.manual_seed(0)
@@ -77,18 +79,26 @@ def main() -> None:
             int8, _ = quantize_model("int8-static", fp32, tmp / f"{name}-{ratio}-int8.onnx", calib, data.x_test[:10],
                                      data.y_test[:10], 1.0)
             for quant, path in (("fp32", fp32), ("int8", int8)):
-                predicted = predict_model(path, host)["latency_ms"]
-                before = probe.probe()
-                raw = steady_latency_ms(path, data.input_shape, threads)
-                speed = reference_ms / ((before + probe.probe()) / 2)
-                measured = raw * speed  # at the machine speed of calibration time
-                err = (predicted - measured) / measured
-                variants.append({"model": name, "structured_ratio": ratio, "quantization": quant,
-                                 "predicted_ms": round(predicted, 4), "measured_ms": round(measured, 4),
-                                 "measured_raw_ms": round(raw, 4), "speed_factor": round(speed, 4),
-                                 "error_pct": round(100 * err, 2)})
-                print(f"{name:18s} ratio {ratio:.1f} {quant}: predicted {predicted:8.4f} ms, measured "
-                      f"{measured:8.4f} ms, error {100 * err:+6.1f}%", flush=True)
+                built.append((name, ratio, quant, path, predict_model(path, host)["latency_ms"]))
+    # every variant measured in each of --repeats passes over the whole list, so one variant's measurements are
+    # minutes apart; the median of them is its figure (one pass is at the mercy of a noisy minute on a shared VM)
+    passes: list[list[tuple[float, float, float]]] = [[] for _ in built]
+    for _ in range(args.repeats):
+        for i, (_, _, _, path, _) in enumerate(built):
+            before = probe.probe()
+            raw = steady_latency_ms(path, data.input_shape, threads)
+            speed = reference_ms / ((before + probe.probe()) / 2)
+            passes[i].append((raw * speed, raw, speed))  # at the machine speed of calibration time
+    for (name, ratio, quant, _, predicted), runs in zip(built, passes):
+        measured, raw, speed = sorted(runs)[len(runs) // 2]
+        err = (predicted - measured) / measured
+        variants.append({"model": name, "structured_ratio": ratio, "quantization": quant,
+                         "predicted_ms": round(predicted, 4), "measured_ms": round(measured, 4),
+                         "measured_passes_ms": [round(r[0], 4) for r in runs],
+                         "measured_raw_ms": round(raw, 4), "speed_factor": round(speed, 4),
+                         "error_pct": round(100 * err, 2)})
+        print(f"{name:18s} ratio {ratio:.1f} {quant}: predicted {predicted:8.4f} ms, measured "
+              f"{measured:8.4f} ms (median of {len(runs)}), error {100 * err:+6.1f}%", flush=True)
     if previous is not None:
         variants = previous["variants"]
     errors = np.array([abs(v["error_pct"]) for v in variants])
