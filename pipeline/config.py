@@ -179,6 +179,16 @@ class DashboardConfig(Strict):
     port: int = Field(8600, ge=0, lt=65536)
 
 
+def _topic_id(value: str, what: str) -> str:
+    """A name that becomes an MQTT topic level (the protocol's rule), as a pydantic validation error."""
+    from device_agent.protocol import ProtocolError, check_id
+
+    try:
+        return check_id(value, what)
+    except ProtocolError as exc:
+        raise ValueError(str(exc)) from None
+
+
 class DeviceSpec(Strict):
     """One device of the inventory: what `pipeline provision` reaches over SSH and `deploy` delivers to."""
 
@@ -196,12 +206,7 @@ class DeviceSpec(Strict):
     @field_validator("id")
     @classmethod
     def _id(cls, v: str) -> str:
-        from device_agent.protocol import ProtocolError, check_id
-
-        try:
-            return check_id(v, "device id")
-        except ProtocolError as exc:
-            raise ValueError(str(exc)) from None
+        return _topic_id(v, "device id")
 
 
 class ProvisionConfig(Strict):
@@ -255,12 +260,7 @@ class FleetConfig(Strict):
     @field_validator("topic_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
-        from device_agent.protocol import ProtocolError, check_id
-
-        try:
-            return check_id(v, "topic_prefix")
-        except ProtocolError as exc:
-            raise ValueError(str(exc)) from None
+        return _topic_id(v, "topic_prefix")
 
 
 class SigningConfig(Strict):

@@ -54,6 +54,22 @@ def chromium():
         browser.close()
 
 
+def wait_for_port(port: int, proc, what, timeout: float = 10.0) -> None:
+    """Until a server child process accepts connections on loopback ``port``; fails naming ``what()``."""
+    import socket
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"did not start: {what()}")
+            time.sleep(0.1)
+
+
 @dataclass(frozen=True)
 class Sshd:
     port: int
@@ -67,9 +83,7 @@ def sshd(tmp_path_factory):
     """A real OpenSSH server on a free loopback port: its own host key, key-only authentication, SFTP."""
     import getpass
     import shutil
-    import socket
     import subprocess
-    import time
 
     from pipeline.ota.broker import free_port
 
@@ -89,15 +103,7 @@ def sshd(tmp_path_factory):
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # its privilege-separation directory
     proc = subprocess.Popen([exe, "-D", "-e", "-f", str(d / "sshd_config")], stderr=open(d / "sshd.log", "wb"))
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()[-1000:]}")
-            time.sleep(0.1)
+    wait_for_port(port, proc, lambda: f"sshd: {(d / 'sshd.log').read_text()[-1000:]}")
     yield Sshd(port, getpass.getuser(), d / "client_key", d / "other_key")
     proc.terminate()
     proc.wait(10)
@@ -109,10 +115,8 @@ def tls_broker(tmp_path):
     Yields (address without TLS, identity(name) -> BrokerConfig with that identity, what the command wrote)."""
     import dataclasses
     import json
-    import socket
     import subprocess
     import sys
-    import time
 
     from device_agent.config import BrokerConfig
     from pipeline.ota.broker import free_port, mosquitto_binary
@@ -125,14 +129,7 @@ def tls_broker(tmp_path):
     made = json.loads(out.stdout)
     proc = subprocess.Popen([mosquitto_binary(), "-c", made["config"]], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            break
-        except OSError:
-            assert time.monotonic() < deadline, "TLS broker did not start"
-            time.sleep(0.1)
+    wait_for_port(port, proc, lambda: "the TLS broker (mosquitto)")
     base = BrokerConfig(host="127.0.0.1", port=port)
 
     def identity(name: str) -> BrokerConfig:

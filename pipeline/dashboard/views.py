@@ -86,10 +86,10 @@ class FleetView:
                            "updating": sum(d["updating"] for d in devices)}}
 
     def device(self, device_id: str, since: float = 0.0) -> dict[str, Any] | None:
-        row = next((d for d in self.store.devices() if d["device_id"] == device_id), None)
+        row = self.store.db.execute("SELECT target FROM devices WHERE device_id = ?", (device_id,)).fetchone()
         if row is None:
             return None
-        return {"device_id": device_id, "target": row.get("target"), "budgets": self.budgets.get(row.get("target")),
+        return {"device_id": device_id, "target": row["target"], "budgets": self.budgets.get(row["target"]),
                 "series": self.store.series(device_id, since), "events": self.store.events(50, device_id)}
 
     def deployments(self, limit: int = 20) -> list[dict[str, Any]]:

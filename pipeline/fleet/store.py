@@ -222,15 +222,12 @@ class FleetStore:
                         f"ON CONFLICT(device_id) DO UPDATE SET {updates}", (device, ts, *fields.values()))
 
     def devices(self) -> list[dict[str, Any]]:
-        rows = self.db.execute("SELECT * FROM devices ORDER BY device_id").fetchall()
-        out = []
-        for r in rows:
-            d = dict(r)
-            last = self.db.execute("SELECT * FROM metrics WHERE device_id = ? ORDER BY ts DESC LIMIT 1",
-                                   (d["device_id"],)).fetchone()
-            d["metrics"] = dict(last) if last else None
-            out.append(d)
-        return out
+        """Every device with its latest raw metrics (or None), in two queries whatever the fleet's size."""
+        latest = {r["device_id"]: dict(r) for r in self.db.execute(
+            "SELECT m.* FROM metrics m JOIN (SELECT device_id, max(ts) AS ts FROM metrics GROUP BY device_id) l "
+            "ON m.device_id = l.device_id AND m.ts = l.ts")}
+        return [{**dict(r), "metrics": latest.get(r["device_id"])}
+                for r in self.db.execute("SELECT * FROM devices ORDER BY device_id")]
 
     def series(self, device: str, since: float = 0.0, limit: int = 5000) -> list[dict[str, Any]]:
         """One device's metrics over time, oldest first: rollups (older) then raw rows, ``limit`` newest points."""
