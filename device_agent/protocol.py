@@ -183,6 +183,10 @@ class Status:
     result_code: int = int(ResultCode.INITIAL)
     agent_version: str | None = None
     ts: float = field(default_factory=now)
+    #: the device's own order of what it said: ``boot`` counts agent starts (persisted), ``seq`` counts messages
+    #: within one start. The host orders a device's messages by (boot, seq), never by comparing clocks.
+    boot: int | None = None
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +209,8 @@ class Metrics:
     uptime_s: float = 0.0
     state: str | None = None
     ts: float = field(default_factory=now)
+    boot: int | None = None
+    seq: int | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +222,8 @@ class Event:
     version: int | None = None
     result_code: int | None = None
     ts: float = field(default_factory=now)
+    boot: int | None = None
+    seq: int | None = None
 
 
 # --------------------------------------------------------------------------- binary chunk frame
