@@ -18,10 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import inputs
 from .compress import CompressContext, StepReport, build_recipe, model_stats, run_recipe
 from .compress.structured import count_macs
 from .config import CompressStep, DeployConfig
-from .data import Dataset, load_dataset
+from .data import Dataset
 from .pretrained import pretrained
 from .training import evaluate
 from .ui import UI
@@ -37,8 +38,8 @@ class Compressed:
 
 
 def load_data(cfg: DeployConfig) -> Dataset:
-    d = cfg.data
-    return load_dataset(d.name, d.train_size, d.test_size, d.seed, cfg.resolve(d.path) if d.path else None)
+    """The configured dataset; a problem with the user's data file is a ConfigError naming deploy.yaml."""
+    return inputs.load_data(cfg)
 
 
 @dataclass
@@ -49,7 +50,9 @@ class Prepared:
 
 
 def prepare(cfg: DeployConfig, ui: UI) -> Prepared:
+    """The data and the dense trained model; the user's files are checked first (exit 2, never a traceback)."""
     data = load_data(cfg)
+    inputs.check_model(cfg, data)
     model, origin = pretrained(cfg, data, ui)
     return Prepared(data, model, origin)
 

@@ -284,6 +284,8 @@ class DeployConfig(Strict):
 
     #: the directory deploy.yaml lives in; relative paths resolve against it
     base_dir: Path = Field(default=Path("."), exclude=True)
+    #: the file it was read from, for errors found later (a checkpoint or data file it names)
+    source: str = Field(default="deploy.yaml", exclude=True)
 
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
@@ -297,54 +299,141 @@ class DeployConfig(Strict):
         return list(self.recipes[name])
 
 
+def _short(text: str, limit: int = 80) -> str:
+    """User input echoed in an error stays bounded."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
+
+
 def _format(exc: ValidationError, where: str) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        loc = ".".join(_short(str(p), 40) for p in err["loc"]) or "(top level)"
+        msg = _short(err["msg"], 300)
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         if err["type"] == "literal_error":
-            msg = f"got {err.get('input')!r}; {msg.lower()}"
+            msg = f"got {_short(repr(err.get('input')))}; {msg.lower()}"
         lines.append(f"  {loc}: {msg}")
     return f"{where}: invalid configuration\n" + "\n".join(lines)
 
 
-def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(data).__name__}")
-    if data.get("version") != CONFIG_VERSION:
-        raise ConfigError(f"{where}: version: got {data.get('version')!r}, this pipeline reads version {CONFIG_VERSION}")
-    try:
-        cfg = DeployConfig.model_validate({**data, "base_dir": base_dir})
-    except ValidationError as exc:
-        raise ConfigError(_format(exc, where)) from None
+def _known_classes(base_dir: Path) -> list[str]:
+    """Device classes: the YAML files in targets/ (and in deploy.yaml's own targets/, which wins)."""
+    from .targets import known_targets  # noqa: PLC0415 - targets.py imports this module
+
+    local = base_dir / "targets"
+    return sorted(set(known_targets()) | (set(known_targets(local)) if local.is_dir() else set()))
+
+
+def _check_names(cfg: DeployConfig) -> list[str]:
+    """Names deploy.yaml uses that a registry (or targets/) must know; one line per problem."""
     from .compress import validate_recipe  # noqa: PLC0415 - the registry is the authority on step keys
-
-    validate_recipe(cfg.compress, where)
-    for name, steps in cfg.recipes.items():
-        validate_recipe(steps, where, f"recipes.{name}")
+    from .data import DATASETS
     from .export.quantize import QUANTIZERS
+    from .models import MODELS
 
+    problems = []
+    for key, steps in [("compress", cfg.compress), *((f"recipes.{n}", s) for n, s in cfg.recipes.items())]:
+        try:
+            validate_recipe(steps, "", key)
+        except ConfigError as exc:
+            problems.append(str(exc).removeprefix(": ").replace("\n  ", "\n    "))
+    if cfg.model.zoo is not None and cfg.model.zoo not in MODELS:
+        problems.append(f"model.zoo: got {cfg.model.zoo!r}; known: {', '.join(MODELS.names())} "
+                        "(or model.factory: 'package.module:function' for your own)")
+    datasets = [*DATASETS.names(), "npz"]
+    if cfg.data.name not in datasets:
+        problems.append(f"data.name: got {cfg.data.name!r}; known: {', '.join(datasets)}")
+    elif cfg.data.name == "npz" and cfg.data.path is None:
+        problems.append("data.path: required with data.name npz (a .npz file with x_train, y_train, x_test, y_test)")
+    elif cfg.data.name != "npz" and cfg.data.path is not None:
+        problems.append(f"data.path: only read with data.name npz; data.name is {cfg.data.name!r}")
+    classes = _known_classes(cfg.base_dir)
+    allowed = f"known device classes: {', '.join(classes) or '(none)'} (one YAML file each in targets/)"
+    problems += [f"targets.{name}: unknown device class {name!r}; {allowed}" for name in cfg.targets
+                 if name not in classes]
+    problems += [f"fleet.devices.{i}.target: unknown device class {d.target!r}; {allowed}"
+                 for i, d in enumerate(cfg.fleet.devices) if d.target is not None and d.target not in classes]
     if cfg.export.quantize not in QUANTIZERS:
-        raise ConfigError(f"{where}: export.quantize: got {cfg.export.quantize!r}; allowed: {QUANTIZERS.names()}")
-    if cfg.export.format == "tflite" and cfg.export.quantize not in ("none", "int8-static"):
-        raise ConfigError(f"{where}: export.quantize: got {cfg.export.quantize!r}; with format tflite: "
-                          "['int8-static', 'none'] (int8-static is full-integer there)")
+        problems.append(f"export.quantize: got {cfg.export.quantize!r}; allowed: {QUANTIZERS.names()}")
+    elif cfg.export.format == "tflite" and cfg.export.quantize not in ("none", "int8-static"):
+        problems.append(f"export.quantize: got {cfg.export.quantize!r}; with format tflite: "
+                        "['int8-static', 'none'] (int8-static is full-integer there)")
     unknown = [q for q in cfg.fit.quantizations if q not in QUANTIZERS]
     if unknown:
-        raise ConfigError(f"{where}: fit.quantizations: got {unknown}; allowed: {QUANTIZERS.names()}")
+        problems.append(f"fit.quantizations: got {unknown}; allowed: {QUANTIZERS.names()}")
+    return problems
+
+
+def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
+    """deploy.yaml's data (already parsed) into a DeployConfig, or one ConfigError listing every problem."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level (version: 1, model: ..., ...), "
+                          f"got {type(data).__name__}")
+    if data.get("version") != CONFIG_VERSION or isinstance(data.get("version"), bool):
+        raise ConfigError(f"{where}: version: got {_short(repr(data.get('version')))}, this pipeline reads version {CONFIG_VERSION}")
+    internal = [k for k in ("base_dir", "source") if k in data]
+    if internal:
+        raise ConfigError(f"{where}: {internal[0]}: unknown key (set by the pipeline, not in deploy.yaml)")
+    try:
+        cfg = DeployConfig.model_validate({**data, "base_dir": base_dir, "source": where})
+    except ValidationError as exc:
+        raise ConfigError(_format(exc, where)) from None
+    problems = _check_names(cfg)
+    if len(problems) == 1:
+        raise ConfigError(f"{where}: {problems[0]}")
+    if problems:
+        raise ConfigError(f"{where}: invalid configuration\n" + "\n".join(f"  {p}" for p in problems))
     return cfg
 
 
+#: deploy.yaml is read whole; anything bigger or deeper than these is refused before it is validated
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 32
+MAX_CONFIG_NODES = 100_000
+
+
+def _check_shape(data: Any, where: str) -> None:
+    """Bound the parsed document: depth and node count (YAML aliases can make a small file a huge tree)."""
+    stack, nodes = [(data, 1)], 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_CONFIG_NODES:
+            raise ConfigError(f"{where}: more than {MAX_CONFIG_NODES:,} values (aliases included); "
+                              "a deploy.yaml is a few hundred")
+        if depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{where}: nested deeper than {MAX_CONFIG_DEPTH} levels")
+        if isinstance(value, dict):
+            stack += [(v, depth + 1) for kv in value.items() for v in kv]
+        elif isinstance(value, (list, tuple)):
+            stack += [(v, depth + 1) for v in value]
+
+
 def load_deploy(path: str | Path) -> DeployConfig:
+    """Read, bound and validate a deployment file; every problem is a ConfigError naming the file."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror}); pass --config PATH") from None
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc}); pass --config PATH") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES // 1024} KiB; is it a deployment file?")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "a deployment file is YAML in UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # e.g. a date like 2024-13-01, a float like 1e999999 key
+        raise ConfigError(f"{path}: not valid YAML ({type(exc).__name__}: {exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels") from None
+    _check_shape(data, str(path))
     return parse_deploy(data, str(path), path.resolve().parent)
 
 

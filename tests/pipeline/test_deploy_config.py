@@ -24,7 +24,7 @@ def base():
 def test_repo_deploy_yaml_loads_and_round_trips(base):
     cfg = load_deploy(REPO / "deploy.yaml")
     assert cfg.compress[0].method == "magnitude" and cfg.export.quantize == "int8-static"
-    again = parse_deploy(dump_deploy(cfg), "roundtrip", cfg.base_dir)
+    again = parse_deploy(dump_deploy(cfg), cfg.source, cfg.base_dir)
     assert again == cfg
 
 
