@@ -2,10 +2,18 @@
 
 All MQTT callbacks only enqueue; one worker thread does the work, so the network thread never
 blocks on disk or inference. State is persisted before every side effect (``state.json``).
+
+Handling a message is total (``handle``): decoders raise only ProtocolError, anything else that escapes is
+caught at the boundary, logged and reported as one bounded event, and the message is acknowledged; a
+message that was being handled when the process died is recognised after the restart (device_agent.guard).
+Only a verified, signed manifest that the device accepts changes ``state.json`` or the retained status;
+refusals of anything else are rate-limited events.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
 import queue
@@ -27,6 +35,7 @@ from .errors import (
     VerificationError,
 )
 from .faults import crash_point
+from .guard import PoisonGuard, RateLimit
 from .health import Benchmark, benchmark, health_check
 from .manifest import (
     Manifest,
@@ -39,6 +48,7 @@ from .manifest import (
 from .mqtt import MqttLink, Will
 from .protocol import (
     DEFAULT_WINDOW,
+    MAX_JOB_BYTES,
     CorruptChunk,
     Event,
     Job,
@@ -46,10 +56,12 @@ from .protocol import (
     ResultCode,
     State,
     Status,
+    check_id,
     decode,
     decode_chunk,
     encode,
     parse_topic,
+    short,
     topic,
 )
 from .runtimes import Session, available_runtimes, get_runtime
@@ -62,6 +74,10 @@ log = logging.getLogger(__name__)
 #: Seconds without a chunk before the device asks again, and how many unanswered asks abort.
 RETRY_S = 5.0
 MAX_RETRIES = 12
+#: Messages waiting for the worker; past this the network thread waits (the broker holds the rest).
+INBOX_SIZE = 1000
+#: Characters of an event's message; untrusted text in it is already quoted short.
+MAX_EVENT_TEXT = 512
 
 
 @dataclass
@@ -85,9 +101,16 @@ class Agent:
         self.trusted = {keyid(k): k for k in (load_public_key(p) for p in config.trusted_keys)}
         self._state_path = self.root / "state.json"
         self.state: dict[str, Any] = read_json(self._state_path, {"highest_version": 0, "state": State.IDLE.value})
+        # the device's own order of what it says (never a clock): agent starts, then messages within one start
+        self.boot = int(self.state.get("boot", 0)) + 1
+        self._save_state(boot=self.boot)
+        self._seq = itertools.count(1)
+        self.guard = PoisonGuard(self.root)
+        self.limit = RateLimit()
+        self.dropped = 0  # messages refused before the worker saw them (oversized)
         self.session: Session | None = None
         self.last_bench: Benchmark | None = None
-        self._inbox: queue.Queue[tuple[str, bytes, Callable[[], Any] | None]] = queue.Queue()
+        self._inbox: queue.Queue[tuple[str, bytes, Callable[[], Any] | None]] = queue.Queue(INBOX_SIZE)
         self._stop = threading.Event()
         self._transfer: _Transfer | None = None
         self._pending_events: list[tuple[str, str, str | None]] = []  # to publish once connected
@@ -95,7 +118,7 @@ class Agent:
         self.link = MqttLink(
             config.broker,
             client_id=f"agent-{config.device_id}",
-            on_message=lambda t, p, ack: self._inbox.put((t, p, ack)),
+            on_message=self._receive,
             subscriptions=[(self._t(Leaf.JOB), 1), (self._t(Leaf.STREAM_DATA), 1),
                            (self._t(Leaf.STREAM_REJECTED), 1), (self._t(Leaf.CMD), 1)],
             will=Will(self._t(Leaf.ONLINE), b"offline"),
@@ -106,6 +129,15 @@ class Agent:
         )
 
     # ------------------------------------------------------------------------------ plumbing
+    def _receive(self, name: str, payload: bytes, ack: Callable[[], Any]) -> None:
+        """On the network thread: only bound and enqueue."""
+        if len(payload) > MAX_JOB_BYTES:  # no message of the protocol is this large: never queued, never parsed
+            self.dropped += 1
+            ack()
+            self._inbox.put(("", b"dropped:" + f"{len(payload)} bytes on {short(name)}".encode(), None))
+            return
+        self._inbox.put((name, payload, ack))
+
     def _t(self, leaf: Leaf) -> str:
         return topic(self.cfg.topic_prefix, self.cfg.device_id, leaf)
 
@@ -118,18 +150,28 @@ class Agent:
         status = Status(
             device_id=self.cfg.device_id, state=state.value, target=self.cfg.target,
             active_version=active.version if active else None, active_slot=active.slot if active else None,
-            agent_version=__version__, **fields,
+            agent_version=__version__, boot=self.boot, seq=next(self._seq), **fields,
         )
         self.link.publish(self._t(Leaf.STATUS), encode(status), qos=1, retain=True)
 
-    def _event(self, kind: str, message: str, **fields: Any) -> None:
+    def _event(self, kind: str, message: str, limited: bool = False, **fields: Any) -> None:
+        """``limited``: an answer to unauthenticated input, subject to the rate limit."""
+        if limited and not self.limit.allow():
+            log.debug("%s (suppressed): %s", kind, message[:MAX_EVENT_TEXT])
+            return
+        if limited and self.limit.suppressed:
+            message = f"{message[:MAX_EVENT_TEXT - 60]} (+{self.limit.suppressed} similar events suppressed)"
+            self.limit.suppressed = 0
+        message = message if len(message) <= MAX_EVENT_TEXT else message[:MAX_EVENT_TEXT - 3] + "..."
         log.info("%s: %s", kind, message)
-        self.link.publish(self._t(Leaf.EVENTS), encode(Event(self.cfg.device_id, kind, message, **fields)), qos=1)
+        event = Event(self.cfg.device_id, kind, message, boot=self.boot, seq=next(self._seq), **fields)
+        self.link.publish(self._t(Leaf.EVENTS), encode(event), qos=1)
 
     def _publish_metrics(self, bench: Benchmark) -> None:
         m = self.telemetry.metrics(bench, self.store.active(), self.session, self.store.active_manifest(),
                                    self.state.get("state"))
-        self.link.publish(self._t(Leaf.METRICS), encode(m), qos=1)
+        self.link.publish(self._t(Leaf.METRICS), encode(dataclasses.replace(m, boot=self.boot, seq=next(self._seq))),
+                          qos=1)
 
     # ------------------------------------------------------------------------------ lifecycle
     def load_active(self) -> None:
@@ -146,12 +188,12 @@ class Agent:
         job_id = self.state.get("job_id")
         if self.state.get("state") != State.DOWNLOADING.value or not job_id:
             return
-        saved = read_json(self.root / "downloads" / job_id / "job.json")
-        if not saved:
-            return
         try:
+            saved = read_json(self.root / "downloads" / job_id / "job.json")
+            if not saved:
+                return
             manifest = Manifest.from_signed(verify_envelope(saved["manifest"], self.trusted))
-        except (VerificationError, ProtocolError) as exc:
+        except (VerificationError, ProtocolError, ValueError, KeyError, TypeError) as exc:
             log.warning("cannot resume job %s: %s", job_id, exc)
             return
         dl = Download(self.root / "downloads", job_id, manifest.length, manifest.chunk_size, manifest.chunks)
@@ -171,14 +213,19 @@ class Agent:
                 except queue.Empty:
                     pass
                 else:
-                    self._dispatch(name, payload)
+                    self.handle(name, payload)
                     if ack is not None:
                         ack()
-                self._tick()
-                if self.cfg.metrics_interval_s and time.monotonic() - last_metrics >= self.cfg.metrics_interval_s:
-                    last_metrics = time.monotonic()
-                    self._report_metrics()
+                try:
+                    self._tick()
+                    if self.cfg.metrics_interval_s and time.monotonic() - last_metrics >= self.cfg.metrics_interval_s:
+                        last_metrics = time.monotonic()
+                        self._report_metrics()
+                except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure
+                    log.exception("periodic work failed")
+                    self._event("agent_error", f"periodic work: {type(exc).__name__}: {short(str(exc))}", limited=True)
         finally:
+            self.guard.close()
             if self._transfer is not None:
                 self._transfer.download.close()
             self.link.publish(self._t(Leaf.ONLINE), b"offline", qos=1, retain=True).wait_for_publish(2)
@@ -187,7 +234,33 @@ class Agent:
     def stop(self) -> None:
         self._stop.set()
 
+    def handle(self, name: str, payload: bytes) -> bool:
+        """The boundary every message passes: nothing raised while handling it escapes, and a message that was
+        in flight when the agent died ``guard.DROP_AFTER`` times is dropped. Returns whether it was handled."""
+        from_network = name != ""
+        if from_network and self.guard.is_poison(name, payload):
+            self._event("poison_dropped", f"dropped a message on {short(name, 100)} ({len(payload)} bytes): the agent "
+                        f"died {self.guard.deaths(name, payload)} times handling it", limited=True)
+            return False
+        if from_network:
+            self.guard.before(name, payload)
+        try:
+            self._dispatch(name, payload)
+        except Exception as exc:  # noqa: BLE001 - the one place that catches everything, by design
+            log.exception("handling a message on %s failed", short(name, 100))
+            try:
+                self._event("handler_error", f"{short(name, 100)}: {type(exc).__name__}: {short(str(exc))}",
+                            limited=True)
+            except Exception:  # noqa: BLE001 - not even the report of a failure may escape
+                log.exception("could not report a handler error")
+        finally:
+            if from_network:
+                self.guard.after()
+        return True
+
     def _dispatch(self, name: str, payload: bytes) -> None:
+        if name == "" and payload.startswith(b"dropped:"):
+            return self._event("dropped", f"refused an oversized message: {payload[8:].decode()}", limited=True)
         if name == "" and payload.startswith(b"http-done:"):
             return self._on_http_done(payload[len(b"http-done:"):].decode())
         if name == "":  # (re)connected: announce ourselves
@@ -219,10 +292,19 @@ class Agent:
             elif leaf is Leaf.CMD:
                 self._on_command(decode(payload, "cmd"))
         except ProtocolError as exc:
-            self._event("protocol_error", f"{name}: {exc}")
+            self._event("protocol_error", f"{short(name, 100)}: {exc}", limited=True)
 
     # ------------------------------------------------------------------------------ the update
+    def _refuse_unaccepted(self, job_id: str, version: int | None, reason: str, code: int) -> None:
+        """A job the device never accepted (unsigned, forged, stale, for another device): an event, nothing
+        persisted, no retained status. Rate-limited: anyone who can publish can send these."""
+        log.warning("refused job %s: %s", job_id, reason)
+        active = self.store.active()
+        self._event("refused", reason, limited=True, job_id=job_id, version=version, result_code=int(code),
+                    active_version=active.version if active else None)
+
     def _refuse(self, job_id: str, version: int | None, reason: str, code: int) -> None:
+        """A job the device had accepted (verified, signed) failed: that is persisted and reported."""
         log.warning("refused job %s: %s", job_id, reason)
         self._save_state(state=State.FAILED.value, job_id=job_id, version=version, reason=reason)
         self._publish_status(State.FAILED, job_id=job_id, version=version, reason=reason, result_code=int(code))
@@ -242,9 +324,9 @@ class Agent:
                 return
             self._check_manifest(manifest)
         except VerificationError as exc:
-            return self._refuse(job.job_id, None, str(exc), exc.result_code)
+            return self._refuse_unaccepted(job.job_id, None, str(exc), exc.result_code)
         except ProtocolError as exc:
-            return self._refuse(job.job_id, None, str(exc), ResultCode.UNSUPPORTED_PACKAGE)
+            return self._refuse_unaccepted(job.job_id, None, str(exc), ResultCode.UNSUPPORTED_PACKAGE)
         if self._transfer is not None:  # a newer job supersedes the one in flight
             self._transfer.download.discard()
             self._event("superseded", f"job {self._transfer.job_id} replaced by {job.job_id}")
@@ -371,7 +453,7 @@ class Agent:
         if tr is not None and body.get("job_id") == tr.job_id:
             tr.download.discard()
             self._transfer = None
-            self._refuse(tr.job_id, tr.manifest.version, f"host cannot serve the artifact: {body.get('reason')}",
+            self._refuse(tr.job_id, tr.manifest.version, f"host cannot serve the artifact: {short(body.get('reason'))}",
                          ResultCode.CONNECTION_LOST)
 
     def _tick(self) -> None:
@@ -421,7 +503,7 @@ class Agent:
         try:
             session = get_runtime(m.runtime).load(path, self.cfg.threads)
             bench = health_check(session, m, self.cfg.benchmark_runs)
-        except (HealthCheckError, RuntimeBackendError) as exc:
+        except (HealthCheckError, RuntimeBackendError, ProtocolError) as exc:
             self.store.mark(slot, "bad", m.version, str(exc))
             self._save_state(state=State.ROLLED_BACK.value, reason=str(exc))
             self._publish_status(State.ROLLED_BACK, job_id=tr.job_id, version=m.version, reason=str(exc),
@@ -453,31 +535,41 @@ class Agent:
         self._publish_metrics(self.last_bench)
 
     def _on_command(self, body: dict[str, Any]) -> None:
+        """``{"command": ..., "id": ...}``; with an id, the answer is an event whose ``job_id`` echoes it:
+        ``reported`` (after the status and metrics), ``rolled_back`` or ``rollback_refused``."""
         command = body.get("command")
+        cmd_id = body.get("id")
+        if cmd_id is not None:
+            check_id(cmd_id, "cmd: id")
         if command in ("report", "benchmark"):
-            self._publish_status(State(self.state.get("state", "idle")), job_id=self.state.get("job_id"),
-                                 version=self.state.get("version"))
+            state = self.state.get("state", "idle")
+            self._publish_status(State(state) if state in State._value2member_map_ else State.IDLE,
+                                 job_id=self.state.get("job_id"), version=self.state.get("version"))
             self._report_metrics()
+            if cmd_id is not None:
+                self._event("reported", f"{command} done", job_id=cmd_id)
         elif command == "rollback":
-            self._rollback()
+            self._rollback(cmd_id)
         else:
-            raise ProtocolError(f"cmd: unknown command {command!r}; known: report, benchmark, rollback")
+            raise ProtocolError(f"cmd: unknown command {short(command, 60)}; known: report, benchmark, rollback")
 
-    def _rollback(self) -> None:
+    def _rollback(self, cmd_id: str | None = None) -> None:
         active = self.store.active()
         other = "b" if active is not None and active.slot == "a" else "a"
         status = self.store.slot_status(other)
         if status.get("status") != "good":
-            return self._event("rollback_refused", f"slot {other} holds no good model ({status.get('status')})")
-        envelope = json.loads((self.store.slot_dir(other) / "manifest.json").read_text())
-        manifest = Manifest.from_signed(envelope["signed"])
+            return self._event("rollback_refused", f"slot {other} holds no good model ({status.get('status')})",
+                               job_id=cmd_id)
         try:
+            envelope = json.loads((self.store.slot_dir(other) / "manifest.json").read_text())
+            manifest = Manifest.from_signed(envelope.get("signed") if isinstance(envelope, dict) else None)
             session = get_runtime(manifest.runtime).load(self.store.slot_dir(other) / manifest.filename,
                                                          self.cfg.threads)
-        except AgentError as exc:
-            return self._event("rollback_refused", str(exc))
+        except (AgentError, OSError, ValueError) as exc:
+            return self._event("rollback_refused", f"slot {other}: {short(str(exc), 300)}", job_id=cmd_id)
         self.store.activate(other, manifest)
         self.session = session
         self._save_state(state=State.ACTIVATED.value)
         self._publish_status(State.ACTIVATED, version=manifest.version, reason="rolled back on command")
-        self._event("rolled_back", f"back to v{manifest.version} in slot {other} on command", version=manifest.version)
+        self._event("rolled_back", f"back to v{manifest.version} in slot {other} on command", version=manifest.version,
+                    job_id=cmd_id)

@@ -41,16 +41,19 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s device-agent: %(message)s")
     try:
         config = load_config(args.config)
-        from .agent import Agent
+        if args.command == "status":  # read-only: never an Agent, which would count a start
+            from .slots import SlotStore
+            from .storage import read_json
 
-        agent = Agent(config)
-        if args.command == "status":
-            active = agent.store.active()
+            active = SlotStore(config.state_dir).active() if config.state_dir.exists() else None
             print(json.dumps({"device_id": config.device_id, "target": config.target,
                               "active": None if active is None else {"slot": active.slot, "version": active.version,
                                                                      "sha256": active.sha256},
-                              "state": agent.state}, indent=1))
+                              "state": read_json(config.state_dir / "state.json", {})}, indent=1))
             return 0
+        from .agent import Agent
+
+        agent = Agent(config)
         signal.signal(signal.SIGTERM, lambda *_: agent.stop())
         signal.signal(signal.SIGINT, lambda *_: agent.stop())
         agent.run()

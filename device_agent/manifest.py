@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import ProtocolError, VerificationError
-from .protocol import ResultCode
+from .protocol import ResultCode, short
 
 MANIFEST_TYPE = "edgefleet.manifest"
 ENCODINGS = ("identity", "zlib")
@@ -37,14 +37,26 @@ def encode_tensor(array: np.ndarray) -> dict[str, Any]:
     return {"dtype": str(array.dtype), "shape": list(array.shape), "data": base64.b64encode(array.tobytes()).decode()}
 
 
-def decode_tensor(obj: dict[str, Any], what: str) -> np.ndarray:
+#: the element types a model's inputs and outputs may have
+TENSOR_DTYPES = frozenset({"float16", "float32", "float64", "int8", "uint8", "int16", "uint16", "int32", "uint32",
+                           "int64", "uint64", "bool"})
+
+
+def decode_tensor(obj: Any, what: str) -> np.ndarray:
+    """Total: a numeric array, or ProtocolError."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("dtype"), str) or obj["dtype"] not in TENSOR_DTYPES:
+        raise ProtocolError(f"{what}: not a tensor {{dtype, shape, data}} with dtype one of {sorted(TENSOR_DTYPES)}")
+    shape, data = obj.get("shape"), obj.get("data")
+    if not isinstance(shape, list) or len(shape) > 8 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in shape):
+        raise ProtocolError(f"{what}: shape {short(shape)} is not a list of up to 8 non-negative integers")
+    if not isinstance(data, str):
+        raise ProtocolError(f"{what}: data must be a base64 string")
     try:
-        dtype = np.dtype(obj["dtype"])
-        shape = tuple(int(s) for s in obj["shape"])
-        raw = base64.b64decode(obj["data"], validate=True)
-        return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ProtocolError(f"{what}: not a tensor {{dtype, shape, data}} ({exc})") from None
+        raw = base64.b64decode(data, validate=True)
+        return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(shape)
+    except ValueError as exc:  # binascii.Error is a ValueError; so is a size that does not fit the shape
+        raise ProtocolError(f"{what}: not a tensor of shape {shape} ({short(str(exc))})") from None
 
 
 # --------------------------------------------------------------------------- keys
@@ -76,22 +88,31 @@ def sign_envelope(signed: dict[str, Any], private_key: Ed25519PrivateKey) -> dic
     }
 
 
-def verify_envelope(envelope: dict[str, Any], trusted: dict[str, Ed25519PublicKey]) -> dict[str, Any]:
-    """Return the signed body when one signature verifies with a trusted key."""
-    signed = envelope.get("signed")
-    signatures = envelope.get("signatures")
-    if not isinstance(signed, dict) or not isinstance(signatures, list) or not signatures:
-        raise VerificationError("manifest: expected {signed, signatures[]} envelope", ResultCode.INTEGRITY_FAILURE)
-    body = canonical_bytes(signed)
+def verify_envelope(envelope: Any, trusted: dict[str, Ed25519PublicKey]) -> dict[str, Any]:
+    """Return the signed body when one signature verifies with a trusted key. Total: any value gives the
+    signed body or VerificationError."""
+    signed = envelope.get("signed") if isinstance(envelope, dict) else None
+    signatures = envelope.get("signatures") if isinstance(envelope, dict) else None
+    if not isinstance(signed, dict) or not isinstance(signatures, list) or not 0 < len(signatures) <= 8:
+        raise VerificationError("manifest: expected a {signed, signatures[1-8]} envelope",
+                                ResultCode.INTEGRITY_FAILURE)
+    try:
+        body = canonical_bytes(signed)
+    except (UnicodeError, ValueError, TypeError, RecursionError):
+        raise VerificationError("manifest: the signed body is not canonical JSON", ResultCode.INTEGRITY_FAILURE) \
+            from None
     seen = []
     for entry in signatures:
         kid = entry.get("keyid") if isinstance(entry, dict) else None
-        seen.append(kid)
+        seen.append(short(kid, 24))
         key = trusted.get(kid) if isinstance(kid, str) else None
         if key is None:
             continue
+        sig = entry.get("sig")
         try:
-            key.verify(base64.b64decode(entry.get("sig", ""), validate=True), body)
+            if not isinstance(sig, str) or len(sig) > 128:
+                raise ValueError("not a base64 Ed25519 signature")
+            key.verify(base64.b64decode(sig, validate=True), body)
             return signed
         except (InvalidSignature, ValueError):
             raise VerificationError(
@@ -132,26 +153,34 @@ class Manifest:
     url: str | None = None  # optional HTTP(S) source of the payload, fetched with Range requests
 
     @classmethod
-    def from_signed(cls, signed: dict[str, Any]) -> "Manifest":
+    def from_signed(cls, signed: Any) -> "Manifest":
+        """The typed view of a signed body. Total: any value gives a Manifest or ProtocolError."""
+        if not isinstance(signed, dict):
+            raise ProtocolError(f"manifest: the signed body is a {type(signed).__name__}, not an object")
         if signed.get("type") != MANIFEST_TYPE or signed.get("manifest_version") != MANIFEST_VERSION:
             raise ProtocolError(
-                f"manifest: type {signed.get('type')!r} v{signed.get('manifest_version')!r}, "
+                f"manifest: type {short(signed.get('type'))} v{short(signed.get('manifest_version'))}, "
                 f"expected {MANIFEST_TYPE!r} v{MANIFEST_VERSION}"
             )
-        try:
-            art = signed["artifact"]
-            m = cls(
-                name=str(signed["name"]), version=int(signed["version"]), target=str(signed["target"]),
-                created=str(signed["created"]), expires=signed.get("expires"), runtime=str(signed["runtime"]),
-                filename=str(art["filename"]), length=int(art["length"]), sha256=str(art["sha256"]),
-                chunk_size=int(art["chunk_size"]), chunks=int(art["chunks"]),
-                io=dict(signed["io"]), golden=dict(signed["golden"]), health=dict(signed.get("health", {})),
-                budgets=dict(signed.get("budgets", {})), predicted=dict(signed.get("predicted", {})),
-                encoding=str(art.get("encoding", "identity")), raw_length=int(art.get("raw_length", art["length"])),
-                raw_sha256=str(art.get("raw_sha256", art["sha256"])), url=art.get("url"),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"manifest: missing or bad field ({exc!r})") from None
+        art = _field(signed, "artifact", dict)
+        length = _count(art, "length", 1)
+        m = cls(
+            name=_field(signed, "name", str), version=_count(signed, "version", 1),
+            target=_field(signed, "target", str), created=_field(signed, "created", str),
+            expires=_field(signed, "expires", str, optional=True), runtime=_field(signed, "runtime", str),
+            filename=_field(art, "filename", str), length=length, sha256=_field(art, "sha256", str),
+            chunk_size=_count(art, "chunk_size", 1), chunks=_count(art, "chunks", 1),
+            io=_field(signed, "io", dict), golden=_field(signed, "golden", dict),
+            health=_field(signed, "health", dict, optional=True) or {},
+            budgets=_field(signed, "budgets", dict, optional=True) or {},
+            predicted=_field(signed, "predicted", dict, optional=True) or {},
+            encoding=_field(art, "encoding", str, optional=True) or "identity",
+            raw_length=_count(art, "raw_length", 1) if art.get("raw_length") is not None else length,
+            raw_sha256=_field(art, "raw_sha256", str, optional=True) or _field(art, "sha256", str),
+            url=_field(art, "url", str, optional=True),
+        )
+        if m.expires is not None:
+            _timestamp(m.expires, "expires")
         if m.chunk_size <= 0 or m.chunks != -(-m.length // m.chunk_size) or m.length <= 0:
             raise ProtocolError(f"manifest: length {m.length} / chunk_size {m.chunk_size} / chunks {m.chunks} disagree")
         if m.url is not None and not str(m.url).startswith(("http://", "https://")):
@@ -166,19 +195,54 @@ class Manifest:
         if self.expires is None:
             return
         at = at or dt.datetime.now(dt.timezone.utc)
-        if dt.datetime.fromisoformat(self.expires) < at:
+        if _timestamp(self.expires, "expires") < at:
             raise VerificationError(
                 f"manifest v{self.version} expired at {self.expires}; re-sign it on the host",
                 ResultCode.UPDATE_FAILED,
             )
 
     def golden_pairs(self) -> list[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+        """Total: the golden cases, or ProtocolError naming the first one that is not {inputs{}, outputs[]}."""
+        cases = self.golden.get("cases", [])
+        if not isinstance(cases, list):
+            raise ProtocolError("manifest: golden.cases must be a list")
         pairs = []
-        for i, case in enumerate(self.golden.get("cases", [])):
-            inputs = {k: decode_tensor(v, f"golden case {i} input {k}") for k, v in case["inputs"].items()}
+        for i, case in enumerate(cases):
+            if not isinstance(case, dict) or not isinstance(case.get("inputs"), dict) \
+                    or not isinstance(case.get("outputs"), list):
+                raise ProtocolError(f"manifest: golden case {i} is not {{inputs: {{name: tensor}}, outputs: [tensor]}}")
+            inputs = {str(k): decode_tensor(v, f"golden case {i} input {short(k)}") for k, v in case["inputs"].items()}
             outputs = [decode_tensor(v, f"golden case {i} output {j}") for j, v in enumerate(case["outputs"])]
             pairs.append((inputs, outputs))
         return pairs
+
+
+def _field(body: dict[str, Any], key: str, kind: type, optional: bool = False) -> Any:
+    value = body.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ProtocolError(f"manifest: missing or bad field {key!r}: must be {'null or ' if optional else ''}{kind.__name__}, "
+                            f"got {short(value, 60)}")
+    return value
+
+
+def _count(body: dict[str, Any], key: str, least: int) -> int:
+    """A positive integer that fits the device's arithmetic (no floats, no booleans, below 2**53)."""
+    value = body.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or not least <= value < 2**53:
+        raise ProtocolError(f"manifest: missing or bad field {key!r}: must be an integer in [{least}, 2**53), "
+                            f"got {short(value, 60)}")
+    return value
+
+
+def _timestamp(text: str, what: str) -> dt.datetime:
+    """An ISO 8601 time; one without a zone is UTC (what the host writes)."""
+    try:
+        at = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ProtocolError(f"manifest: {what} {short(text, 60)} is not an ISO 8601 timestamp") from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=dt.timezone.utc)
 
 
 def decode_payload(src: Path, dst: Path, manifest: Manifest, block: int = 1 << 16) -> None:

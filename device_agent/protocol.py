@@ -85,7 +85,7 @@ def check_id(value: str, what: str) -> str:
     """Device ids, prefixes and job ids become topic levels: no wildcards, no slashes."""
     if not isinstance(value, str) or not _ID_RE.match(value):
         raise ProtocolError(
-            f"{what} {value!r} is not valid: expected 1-64 characters of letters, digits, '_', '-', '.', "
+            f"{what} {short(value)} is not valid: expected 1-64 characters of letters, digits, '_', '-', '.', "
             "starting with a letter or digit (it becomes an MQTT topic level)"
         )
     return value
@@ -99,12 +99,12 @@ def parse_topic(prefix: str, name: str) -> tuple[str, Leaf]:
     """Split ``<prefix>/v1/<device>/<leaf>`` into (device, leaf)."""
     head = f"{prefix}/v{PROTOCOL_VERSION}/"
     if not name.startswith(head):
-        raise ProtocolError(f"topic {name!r} is outside {head}#")
+        raise ProtocolError(f"topic {short(name)} is outside {head}#")
     device_id, _, leaf = name[len(head):].partition("/")
     try:
         return device_id, Leaf(leaf)
     except ValueError:
-        raise ProtocolError(f"topic {name!r}: unknown leaf {leaf!r}") from None
+        raise ProtocolError(f"topic {short(name)}: unknown leaf {short(leaf)}") from None
 
 
 def now() -> float:
@@ -113,22 +113,91 @@ def now() -> float:
 
 # --------------------------------------------------------------------------- JSON messages
 
+#: Bounds checked before a byte of a message is parsed. A job carries the signed manifest with its golden
+#: vectors (base64 tensors), so it may be large; every other message is small.
+MAX_JOB_BYTES = 16 * 1024 * 1024
+MAX_MESSAGE_BYTES = 256 * 1024
+#: Deepest nesting of arrays and objects a message may have (the manifest needs 6).
+MAX_DEPTH = 32
+#: Untrusted text quoted in an error or event is cut to this many characters.
+MAX_QUOTE = 160
+
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+
+
+def short(value: Any, limit: int = MAX_QUOTE) -> str:
+    """``repr(value)`` cut to ``limit`` characters: untrusted input is quoted, never echoed in full."""
+    try:
+        text = repr(value) if not isinstance(value, str) else repr(value[:limit + 1])
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deep>"
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} chars)"
+
+
+def json_depth(payload: bytes) -> int:
+    """The deepest nesting of ``[`` and ``{`` outside strings, without parsing (linear time, bounded memory)."""
+    import numpy as np
+
+    bare = _JSON_STRING.sub(b'""', payload)
+    if not bare:
+        return 0
+    codes = np.frombuffer(bare, dtype=np.uint8)
+    step = np.zeros(256, dtype=np.int8)
+    step[ord("[")] = step[ord("{")] = 1
+    step[ord("]")] = step[ord("}")] = -1
+    steps = step[codes]
+    steps = steps[steps != 0]
+    return int(np.cumsum(steps, dtype=np.int64).max()) if steps.size else 0
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range")
+    return value
+
+
+def loads(payload: bytes, what: str, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+    """Total JSON parsing of untrusted bytes: any input either parses into plain, finite, encodable values
+    or raises ProtocolError. Size and nesting are bounded before parsing; NaN, infinities, numbers out of
+    range and lone surrogates are refused."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ProtocolError(f"{what}: payload must be bytes, got {type(payload).__name__}")
+    payload = bytes(payload)
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"{what}: {len(payload)} bytes, more than the {max_bytes} a {what} may have")
+    depth = json_depth(payload)
+    if depth > MAX_DEPTH:
+        raise ProtocolError(f"{what}: nested {depth} levels deep, more than {MAX_DEPTH}")
+    try:
+        body = json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
+        # a lone surrogate parses ("\ud800") but cannot be encoded, so nothing downstream could sign or store it
+        json.dumps(body, ensure_ascii=False).encode()
+    except UnicodeError as exc:
+        raise ProtocolError(f"{what}: payload is not JSON: text is not valid UTF-8 ({short(str(exc))})") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; so are too-long integers
+        raise ProtocolError(f"{what}: payload is not JSON ({short(str(exc))})") from None
+    return body
+
+
 def encode(message: Any) -> bytes:
     body = asdict(message) if hasattr(message, "__dataclass_fields__") else dict(message)
     body["v"] = PROTOCOL_VERSION
     return json.dumps(body, separators=(",", ":")).encode()
 
 
-def decode(payload: bytes, what: str) -> dict[str, Any]:
-    """Parse a JSON message and check its protocol version; errors name the message kind."""
-    try:
-        body = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"{what}: payload is not JSON ({exc})") from None
+def decode(payload: bytes, what: str, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
+    """Parse a JSON message and check its protocol version; errors name the message kind. Total: any bytes
+    give a dict or ProtocolError."""
+    body = loads(payload, what, max_bytes)
     if not isinstance(body, dict):
         raise ProtocolError(f"{what}: expected a JSON object, got {type(body).__name__}")
     if body.get("v") != PROTOCOL_VERSION:
-        raise ProtocolError(f"{what}: protocol version {body.get('v')!r}, this agent speaks {PROTOCOL_VERSION}")
+        raise ProtocolError(f"{what}: protocol version {short(body.get('v'))}, this agent speaks {PROTOCOL_VERSION}")
     return body
 
 
@@ -136,7 +205,7 @@ def require(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what:
     value = body.get(key)
     if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ProtocolError(f"{what}: field {key!r} must be {names}, got {value!r}")
+        raise ProtocolError(f"{what}: field {short(key)} must be {names}, got {short(value)}")
     return value
 
 
@@ -147,7 +216,7 @@ class Job:
 
     @classmethod
     def parse(cls, payload: bytes) -> "Job":
-        body = decode(payload, "job")
+        body = decode(payload, "job", MAX_JOB_BYTES)
         return cls(check_id(require(body, "job_id", str, "job"), "job_id"), require(body, "manifest", dict, "job"))
 
 
@@ -164,9 +233,11 @@ class StreamGet:
     def parse(cls, payload: bytes) -> "StreamGet":
         body = decode(payload, "stream/get")
         chunks = require(body, "chunks", list, "stream/get")
-        if not all(isinstance(i, int) and i >= 0 for i in chunks):
+        if len(chunks) > 4096 or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31
+                                         for i in chunks):
             raise ProtocolError("stream/get: 'chunks' must be a list of non-negative integers")
-        return cls(require(body, "job_id", str, "stream/get"), chunks, bool(body.get("resend", False)))
+        return cls(check_id(require(body, "job_id", str, "stream/get"), "job_id"), chunks,
+                   body.get("resend") is True)
 
 
 @dataclass(frozen=True)
@@ -224,6 +295,7 @@ class Event:
     ts: float = field(default_factory=now)
     boot: int | None = None
     seq: int | None = None
+    active_version: int | None = None  # what the device runs, on events that answer a job or command
 
 
 # --------------------------------------------------------------------------- binary chunk frame
@@ -248,18 +320,31 @@ class CorruptChunk(ProtocolError):
         self.job_id, self.index = job_id, index
 
 
+#: A chunk header is {job_id, index, sha256}: small.
+MAX_CHUNK_HEADER = 1024
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
 def decode_chunk(frame: bytes) -> tuple[str, int, bytes]:
-    """Return (job_id, index, data); raise ProtocolError when the frame or its hash is wrong."""
+    """Return (job_id, index, data); raise ProtocolError when the frame or its hash is wrong. Total: any bytes
+    give a chunk or ProtocolError (CorruptChunk when only the bytes are damaged)."""
     if len(frame) < _HEAD.size:
         raise ProtocolError(f"stream/data: frame of {len(frame)} bytes is shorter than its header")
     magic, hlen = _HEAD.unpack_from(frame)
     if magic != _MAGIC:
-        raise ProtocolError(f"stream/data: bad magic {magic!r}, expected {_MAGIC!r}")
-    try:
-        header = json.loads(frame[_HEAD.size:_HEAD.size + hlen])
-        job_id, index, digest = header["job_id"], int(header["index"]), header["sha256"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ProtocolError(f"stream/data: unreadable header ({exc})") from None
+        raise ProtocolError(f"stream/data: bad magic {short(magic)}, expected {_MAGIC!r}")
+    if hlen > MAX_CHUNK_HEADER or _HEAD.size + hlen > len(frame):
+        raise ProtocolError(f"stream/data: header length {hlen} does not fit a frame of {len(frame)} bytes")
+    header = loads(frame[_HEAD.size:_HEAD.size + hlen], "stream/data header", MAX_CHUNK_HEADER)
+    if not isinstance(header, dict):
+        raise ProtocolError("stream/data: the header is not a JSON object")
+    job_id, index, digest = header.get("job_id"), header.get("index"), header.get("sha256")
+    if not isinstance(job_id, str) or not _ID_RE.match(job_id):
+        raise ProtocolError(f"stream/data: header job_id {short(job_id)} is not a job id")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < 2**31:
+        raise ProtocolError(f"stream/data: header index {short(index)} is not a chunk index")
+    if not isinstance(digest, str) or not _SHA256_RE.match(digest):
+        raise ProtocolError(f"stream/data: header sha256 {short(digest)} is not a hex sha256")
     data = frame[_HEAD.size + hlen:]
     if hashlib.sha256(data).hexdigest() != digest:
         raise CorruptChunk(f"stream/data: chunk {index} of job {job_id} is corrupt (sha256 mismatch)", job_id, index)

@@ -1,0 +1,102 @@
+"""Two guards at the agent's door: against a poison message, and against a flood of junk.
+
+**Poison.** Every message is handled inside a boundary that catches what escapes, so a Python error never
+takes the agent down. What remains (a segfault in a runtime, the kernel's OOM killer) kills the process with
+the message unacknowledged, and the broker hands it back after the restart: a crash loop. So the digest of
+the message being handled is written to ``inflight`` before handling and cleared after; a restarted agent
+that finds a digest there counts one death for it (``poison.json``). A message that was in flight at
+``DROP_AFTER`` deaths is dropped with an event the next time it comes. One death is not enough: a power cut
+during a legitimate activation must not make the update's last chunk poison.
+
+The mark is written with ``pwrite`` into an open file, without fsync: it must survive the process, not the
+machine, and it costs microseconds per message.
+
+**Flood.** Events answering unauthenticated input are rate-limited (a token bucket); what the bucket
+swallows is counted and reported with the next event that gets through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from .storage import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+#: deaths with the same message in flight before it is dropped
+DROP_AFTER = 2
+#: digests remembered (oldest forgotten first)
+REMEMBER = 64
+_MARK_SIZE = 64  # a hex sha256
+
+
+def digest(topic: str, payload: bytes) -> str:
+    return hashlib.sha256(topic.encode("utf-8", "replace") + b"\0" + payload).hexdigest()
+
+
+class PoisonGuard:
+    def __init__(self, root: Path) -> None:
+        self._ledger_path = root / "poison.json"
+        self._ledger: dict[str, int] = self._read_ledger()
+        mark_path = root / "inflight"
+        self._fd = os.open(mark_path, os.O_RDWR | os.O_CREAT, 0o600)
+        left = os.pread(self._fd, _MARK_SIZE, 0).decode("ascii", "replace").strip("\0 \n")
+        if len(left) == _MARK_SIZE:  # the previous process died handling this message
+            self._ledger[left] = self._ledger.get(left, 0) + 1
+            while len(self._ledger) > REMEMBER:
+                self._ledger.pop(next(iter(self._ledger)))
+            atomic_write_json(self._ledger_path, self._ledger)
+            log.warning("the previous run died while handling a message (%s..., %d death(s))", left[:12],
+                        self._ledger[left])
+        self._clear()
+
+    def _read_ledger(self) -> dict[str, int]:
+        try:
+            data = json.loads(self._ledger_path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(data, dict):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, int)}
+
+    def deaths(self, topic: str, payload: bytes) -> int:
+        return self._ledger.get(digest(topic, payload), 0)
+
+    def is_poison(self, topic: str, payload: bytes) -> bool:
+        return self.deaths(topic, payload) >= DROP_AFTER
+
+    def before(self, topic: str, payload: bytes) -> None:
+        os.pwrite(self._fd, digest(topic, payload).encode("ascii"), 0)
+
+    def after(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
+        os.pwrite(self._fd, b"\0" * _MARK_SIZE, 0)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class RateLimit:
+    """A token bucket: ``burst`` at once, then one every ``every_s`` seconds."""
+
+    def __init__(self, burst: int = 10, every_s: float = 6.0, clock=time.monotonic) -> None:
+        self.burst, self.every_s, self._clock = burst, every_s, clock
+        self._tokens, self._at = float(burst), clock()
+        self.suppressed = 0  # since the last event that got through
+
+    def allow(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) / self.every_s)
+        self._at = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        self.suppressed += 1
+        return False
