@@ -46,12 +46,18 @@ def benchmark(session: Session, feeds: dict[str, np.ndarray], runs: int, warmup:
 
 
 def check_golden(session: Session, manifest: Manifest) -> int:
-    """Run every golden case; collect all mismatches and raise once. Returns the case count."""
+    """Run every golden case; collect all mismatches and raise once. Returns the case count.
+
+    The manifest's ``golden`` section says how close is close enough: ``atol``/``rtol`` (float models),
+    and for a quantized model ``quantized.atol`` per output, derived on the host from the model's own
+    quantization steps (a device's integer kernels may round any activation to its neighbouring level;
+    see ``pipeline/bundle/golden.py``). For a classifier's output a mismatch also says whether the
+    predicted classes agree, which tells noise in the numbers from a wrong model.
+    """
     pairs = manifest.golden_pairs()
     if not pairs:
         raise HealthCheckError("manifest carries no golden vectors; the host must include at least one case")
-    atol = float(manifest.golden.get("atol", 1e-4))
-    rtol = float(manifest.golden.get("rtol", 1e-3))
+    atol, rtol, q_atol = tolerances(manifest.golden)
     problems = []
     for i, (inputs, expected) in enumerate(pairs):
         got = session.run(inputs)
@@ -59,14 +65,36 @@ def check_golden(session: Session, manifest: Manifest) -> int:
             problems.append(f"case {i}: {len(got)} outputs, expected {len(expected)}")
             continue
         for j, (g, e) in enumerate(zip(got, expected)):
-            if g.shape != e.shape:
-                problems.append(f"case {i} output {j}: shape {g.shape}, expected {e.shape}")
-            elif not np.allclose(g, e, atol=atol, rtol=rtol):
-                diff = float(np.max(np.abs(g.astype(np.float64) - e)))
-                problems.append(f"case {i} output {j}: max abs diff {diff:.3g} > atol {atol:g} (rtol {rtol:g})")
+            tol = max(atol, q_atol[j]) if j < len(q_atol) else atol
+            problem = _compare(g, e, tol, rtol)
+            if problem:
+                problems.append(f"case {i} output {j}: {problem}")
     if problems:
         raise HealthCheckError("golden vectors do not match:\n  " + "\n  ".join(problems))
     return len(pairs)
+
+
+def tolerances(golden: dict) -> tuple[float, float, list[float]]:
+    """(atol, rtol, per-output atol of a quantized model) from a manifest's golden section."""
+    quantized = golden.get("quantized")
+    per_output = quantized.get("atol") if isinstance(quantized, dict) else None
+    q_atol = [float(a) if isinstance(a, (int, float)) else 0.0 for a in per_output] \
+        if isinstance(per_output, list) else []
+    return float(golden.get("atol", 1e-4)), float(golden.get("rtol", 1e-3)), q_atol
+
+
+def _compare(got: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> str | None:
+    if got.shape != expected.shape:
+        return f"shape {got.shape}, expected {expected.shape}"
+    if np.allclose(got, expected, atol=atol, rtol=rtol):
+        return None
+    diff = float(np.max(np.abs(got.astype(np.float64) - expected)))
+    problem = f"max abs diff {diff:.3g} > atol {atol:.3g} (rtol {rtol:g})"
+    if expected.ndim == 2 and expected.shape[1] > 1:
+        same = bool(np.array_equal(got.argmax(1), expected.argmax(1)))
+        problem += " (predicted classes agree)" if same else \
+            f" (predicts class {got.argmax(1).tolist()}, expected {expected.argmax(1).tolist()})"
+    return problem
 
 
 def health_check(session: Session, manifest: Manifest, runs: int) -> Benchmark:

@@ -18,9 +18,10 @@ from device_agent.manifest import MANIFEST_TYPE, MANIFEST_VERSION, Manifest, enc
 from device_agent.protocol import DEFAULT_CHUNK_SIZE
 from device_agent.storage import atomic_write_bytes, atomic_write_json, read_json
 
+from .golden import golden_section
 from .keys import load_or_create, public_key_path
 
-__all__ = ["Artifact", "build_artifact", "load_or_create", "next_version", "public_key_path"]
+__all__ = ["Artifact", "build_artifact", "golden_section", "load_or_create", "next_version", "public_key_path"]
 
 
 @dataclass(frozen=True)
@@ -58,17 +59,6 @@ def next_version(state_dir: Path) -> int:
     return version
 
 
-def golden_cases(predict, x: np.ndarray) -> tuple[list[dict[str, Any]], float]:
-    """A handful of inputs and the artifact's own outputs for them; tolerance scaled to the outputs."""
-    cases, peak = [], 0.0
-    for i in range(len(x)):
-        inp = x[i:i + 1].astype(np.float32)
-        out = predict(inp)
-        peak = max(peak, float(np.max(np.abs(out))))
-        cases.append({"inputs": {"input": encode_tensor(inp)}, "outputs": [encode_tensor(out)]})
-    return cases, max(1e-4, 1e-3 * peak)
-
-
 def build_artifact(
     model_path: Path, out_root: Path, *, name: str, version: int, target: str, runtime: str,
     golden_inputs: np.ndarray, budgets: dict[str, Any], predicted: dict[str, Any], health: dict[str, Any],
@@ -82,13 +72,11 @@ def build_artifact(
     key = load_or_create(key_dir)
     raw = model_path.read_bytes()
     data, encoding = encode_payload(raw)
-    sess = get_runtime(runtime).load(model_path)  # the agent's own runtime computes the golden outputs
+    rt = get_runtime(runtime)
+    sess = rt.load(model_path)  # the agent's own runtime: it reads the model as the device will
     io = {"inputs": [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in sess.inputs],
           "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype} for o in sess.outputs]}
-    input_name = sess.inputs[0].name
-    cases, atol = golden_cases(lambda inp: sess.run({input_name: inp})[0], golden_inputs)
-    for case in cases:
-        case["inputs"] = {input_name: case["inputs"]["input"]}
+    golden = golden_section(rt, model_path, golden_inputs)  # what the target computes, and its tolerance
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     signed = {
         "type": MANIFEST_TYPE, "manifest_version": MANIFEST_VERSION,
@@ -99,7 +87,7 @@ def build_artifact(
                      "chunk_size": chunk_size, "chunks": -(-len(data) // chunk_size), "encoding": encoding,
                      "raw_length": len(raw), "raw_sha256": hashlib.sha256(raw).hexdigest()},
         "io": io,
-        "golden": {"cases": cases, "atol": atol, "rtol": 1e-3},
+        "golden": golden,
         "health": health, "budgets": budgets, "predicted": predicted,
     }
     out = out_root / f"{name}-{target}-v{version}"

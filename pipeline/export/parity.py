@@ -9,24 +9,26 @@ import numpy as np
 import torch
 from torch import nn
 
+from device_agent.runtimes.onnxruntime_backend import Int8Semantics, session_options
+
 from ..errors import ExportError
 
 
-def ort_session(path: Path, threads: int | None = None):
+def ort_session(path: Path, threads: int | None = None, int8: Int8Semantics = Int8Semantics.REFERENCE):
+    """An onnxruntime session; by default with the reference int8 semantics (QDQ run as written, no fused
+    integer kernels), so what it computes for a quantized model does not depend on this host's CPU."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if threads:
-        opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), session_options(threads, int8), providers=["CPUExecutionProvider"])
 
 
-def ort_predict(path: Path, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Outputs of a model file for ``x``, run by the device agent's runtime for its format (.onnx, .tflite)."""
+def ort_predict(path: Path, x: np.ndarray, batch_size: int = 256,
+                int8: Int8Semantics = Int8Semantics.REFERENCE) -> np.ndarray:
+    """Outputs of a model file for ``x``, run by the device agent's runtime for its format (.onnx, .tflite);
+    ``int8``: reference semantics (the target's numbers, on any host) or this host's integer kernels."""
     if path.suffix != ".onnx":
         return runtime_predict(path, x)
-    sess = ort_session(path)
+    sess = ort_session(path, int8=int8)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
 

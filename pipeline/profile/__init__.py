@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..targets import TargetProfile
 from .budgets import BudgetRow, evaluate, failures
+from .host import host_cpu
 from .measure import measure_on_host
 from .predict import predict
 from .static import StaticProfile, analyse
@@ -23,6 +24,8 @@ class ProfileReport:
     predicted: dict[str, Any]
     measured: dict[str, Any]
     budgets: list[BudgetRow]
+    #: the CPU the measurements were taken on (arch, model, int8-relevant flags)
+    host: dict[str, Any] = field(default_factory=host_cpu)
 
     @property
     def failures(self) -> list[str]:
@@ -30,7 +33,7 @@ class ProfileReport:
 
     def to_dict(self) -> dict[str, Any]:
         return {"target": self.target, "static": self.static.to_dict(), "predicted": self.predicted,
-                "measured_on_host": self.measured, "budgets": [r.to_dict() for r in self.budgets]}
+                "measured_on_host": self.measured, "host": self.host, "budgets": [r.to_dict() for r in self.budgets]}
 
 
 def calibrated_host(target: TargetProfile) -> TargetProfile | None:
