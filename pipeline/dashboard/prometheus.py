@@ -1,109 +1,158 @@
-"""``/metrics`` in the Prometheus text exposition format (version 0.0.4).
+"""``/metrics``: the fleet store as Prometheus metric families, one custom collector over prometheus_client.
 
-Naming follows Prometheus conventions: an ``edgefleet_`` prefix, base units in the name (seconds, bytes, joules,
-celsius, ratio), ``_total`` for counters. Labels are bounded by the fleet: ``device``, ``target``, ``quantile``,
-``budget``, ``status``, ``source``; nothing per request or per message. Each device's figures are its latest
-report; Prometheus keeps the history (the store keeps it too, for the built-in dashboard)."""
+The library owns the exposition: names (``_total`` on counters), escaping and content negotiation (the text
+format, or OpenMetrics when the scraper asks for it). Naming follows Prometheus conventions: an ``edgefleet_``
+prefix, base units in the name (seconds, bytes, joules, celsius, ratio). Labels are bounded by the fleet:
+``device``, ``target``, ``percentile``, ``budget``, ``status``, ``source``, ``reason``; nothing per request or
+per message, and only device ids and target names that follow the protocol's id rule become label values. Each
+device's figures are its latest report; Prometheus keeps the history (the store keeps it too, for the built-in
+dashboard). Latency percentiles are the device's own (over its last window), hence a gauge with a ``percentile``
+label, not a summary: there is no sum or count to go with them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from device_agent.protocol import ProtocolError, check_id
 
 from .views import BUDGET_METRICS, FleetView
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+PERCENTILES = (("50", "latency_ms_p50"), ("95", "latency_ms_p95"), ("99", "latency_ms_p99"))
+#: store key, what, unit, factor to the unit, help
+_BUDGETS = (("latency_ms", "latency", "seconds", 1e-3, "Latency budget (p95) of the target class."),
+            ("peak_memory_mb", "memory", "bytes", 1024 * 1024, "Memory budget of the target class."),
+            ("energy_mj", "energy", "joules", 1e-3, "Energy-per-inference budget of the target class."))
 
 
-def _escape(value: Any) -> str:
-    return str(value).replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-
-
-class _Exposition:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def family(self, name: str, kind: str, help_text: str, samples: Iterable[tuple[dict[str, Any], float | None]]):
-        samples = [(labels, value) for labels, value in samples if value is not None]
-        self.lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        sample_name = name + "_total" if kind == "counter" else name
-        for labels, value in samples:
-            tags = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items() if v is not None)
-            self.lines.append(f"{sample_name}{{{tags}}} {float(value):.10g}" if tags else f"{sample_name} {float(value):.10g}")
-
-    def text(self) -> str:
-        return "\n".join(self.lines) + "\n"
+def label_safe(value: Any) -> bool:
+    """A device id or target name fit to be a label value: the protocol's id rule (bounded, plain ASCII)."""
+    try:
+        check_id(value, "label")
+    except ProtocolError:
+        return False
+    return True
 
 
 def _scaled(value: Any, factor: float) -> float | None:
     return None if value is None else float(value) * factor
 
 
-def render(view: FleetView, ingest: dict[str, int] | None = None) -> str:
-    """The whole exposition; ``ingest``: this process's ingester counters, when it runs one."""
-    overview = view.overview()
-    devices = overview["devices"]
-    out = _Exposition()
+def _family(kind: type, name: str, help_text: str, labels: Iterable[str],
+            samples: Iterable[tuple[Iterable[Any], float | None]]) -> Metric:
+    """A gauge or counter family; samples without a value (unknown) are left out."""
+    family = kind(name, help_text, labels=list(labels))
+    for values, value in samples:
+        if value is not None:
+            family.add_metric([str(v) for v in values], float(value))
+    return family
 
-    def per_device(key: str, factor: float = 1.0, extra: dict[str, Any] | None = None):
-        return [({"device": d["device_id"], **(extra or {})}, _scaled((d["metrics"] or {}).get(key), factor))
-                for d in devices]
 
-    out.family("edgefleet_device_up", "gauge", "1 when the device is online (its last will not fired), else 0.",
-               [({"device": d["device_id"], "target": d.get("target") or ""}, d["online"]) for d in devices])
-    out.family("edgefleet_device_last_seen_timestamp_seconds", "gauge", "Unix time of the device's last message.",
-               [({"device": d["device_id"]}, d.get("last_seen")) for d in devices])
-    out.family("edgefleet_device_model_version", "gauge", "Version of the model active on the device.",
-               [({"device": d["device_id"]}, d.get("active_version")) for d in devices])
-    out.family("edgefleet_device_update_progress_ratio", "gauge", "Progress of the device's current OTA job, 0-1.",
-               [({"device": d["device_id"]}, d.get("progress")) for d in devices if d["updating"]])
-    out.family("edgefleet_inference_latency_seconds", "gauge",
-               "Inference latency percentiles over the device's last metrics window.",
-               [s for q, key in (("0.5", "latency_ms_p50"), ("0.95", "latency_ms_p95"), ("0.99", "latency_ms_p99"))
-                for s in per_device(key, 1e-3, {"quantile": q})])
-    out.family("edgefleet_inference_throughput_per_second", "gauge", "Inferences per second the device sustains.",
-               per_device("throughput_ips"))
-    out.family("edgefleet_inference_errors", "counter", "Inference errors since the agent started.",
-               per_device("errors"))
-    out.family("edgefleet_inference_energy_joules", "gauge",
-               "Energy per inference; source is measured (power counters) or predicted (target power model).",
-               [({"device": d["device_id"],
-                  "source": ("measured" if str(m.get("energy_source") or "").startswith("measured") else "predicted")},
-                 _scaled(m.get("energy_mj"), 1e-3)) for d in devices if (m := d["metrics"] or {})])
-    out.family("edgefleet_device_memory_rss_bytes", "gauge", "Resident memory of the agent process.",
-               per_device("rss_mb", 1024 * 1024))
-    out.family("edgefleet_device_cpu_usage_ratio", "gauge", "CPU use of the agent process, 1 = one core.",
-               per_device("cpu_percent", 0.01))
-    out.family("edgefleet_device_temperature_celsius", "gauge", "Hottest thermal zone of the device.",
-               per_device("temperature_c"))
-    out.family("edgefleet_device_uptime_seconds", "gauge", "Seconds since the agent started.", per_device("uptime_s"))
-    out.family("edgefleet_device_budget_exceeded", "gauge",
-               "1 when the device's latest figure exceeds its target class's budget.",
-               [({"device": d["device_id"], "budget": name}, int(name in d["budget"]["over"]))
-                for d in devices if d["budget"]["status"] != "unknown" for name in BUDGET_METRICS
-                if (d["budgets"] or {}).get(name) is not None])
-    targets = sorted({d["target"] for d in devices if d.get("target") and d["budgets"]})
-    budgets = {t: next(d["budgets"] for d in devices if d.get("target") == t) for t in targets}
-    for name, unit, factor, help_text in (
-            ("latency_ms", "seconds", 1e-3, "Latency budget (p95) of the target class."),
-            ("peak_memory_mb", "bytes", 1024 * 1024, "Memory budget of the target class."),
-            ("energy_mj", "joules", 1e-3, "Energy-per-inference budget of the target class.")):
-        metric = {"latency_ms": "latency", "peak_memory_mb": "memory", "energy_mj": "energy"}[name]
-        out.family(f"edgefleet_target_{metric}_budget_{unit}", "gauge", help_text,
-                   [({"target": t}, _scaled(budgets[t].get(name), factor)) for t in targets])
-    deployments: dict[tuple[str, str], int] = {}
-    for row in view.store.db.execute("SELECT target, status, count(*) AS n FROM deployments "
-                                     "WHERE status != 'in_progress' GROUP BY target, status"):
-        deployments[(row["target"], row["status"])] = row["n"]
-    out.family("edgefleet_deployments", "counter", "Deployments and rollbacks recorded, by target and outcome.",
-               [({"target": t, "status": s}, n) for (t, s), n in sorted(deployments.items())])
-    if ingest is not None:
-        out.family("edgefleet_ingest_up", "gauge", "1 while this process's ingester runs, 0 after it stopped.",
-                   [({}, ingest.get("up", 1))])
-        out.family("edgefleet_ingest_messages", "counter", "Telemetry messages this ingester took from the broker.",
-                   [({}, ingest["received"])])
-        out.family("edgefleet_ingest_rows_stored", "counter", "Rows this ingester committed to the store.",
-                   [({}, ingest["stored"])])
-        out.family("edgefleet_ingest_messages_dropped", "counter", "Messages that were not valid protocol messages.",
-                   [({}, ingest["dropped"])])
-    return out.text()
+def gauge(name: str, help_text: str, labels: Iterable[str], samples) -> Metric:
+    return _family(GaugeMetricFamily, name, help_text, labels, samples)
+
+
+def counter(name: str, help_text: str, labels: Iterable[str], samples) -> Metric:
+    """``name`` without ``_total``: the library adds it."""
+    return _family(CounterMetricFamily, name, help_text, labels, samples)
+
+
+class FleetCollector(Collector):
+    """The fleet as the store has it; ``ingest``: this process's ingester counters (``Ingester.counters()``)."""
+
+    def __init__(self, view: FleetView, ingest: dict[str, Any] | None = None) -> None:
+        self.view, self.ingest = view, ingest
+
+    def collect(self) -> Iterator[Metric]:
+        devices = [d for d in self.view.overview()["devices"] if label_safe(d["device_id"])]
+        yield from self._devices(devices)
+        yield from self._targets(devices)
+        yield self._deployments()
+        if self.ingest is not None:
+            yield from self._ingest(self.ingest)
+
+    @staticmethod
+    def _devices(devices: list[dict[str, Any]]) -> Iterator[Metric]:
+        def per_device(key: str, factor: float = 1.0):
+            return [((d["device_id"],), _scaled((d["metrics"] or {}).get(key), factor)) for d in devices]
+
+        yield gauge("edgefleet_device_up", "1 when the device is online (its last will not fired), else 0.",
+                    ["device", "target"],
+                    [((d["device_id"], d["target"] if label_safe(d.get("target")) else ""), d["online"])
+                     for d in devices])
+        yield gauge("edgefleet_device_last_seen_timestamp_seconds",
+                    "Unix time (the host's clock) the device's last message was stored.", ["device"],
+                    [((d["device_id"],), d.get("last_seen")) for d in devices])
+        yield gauge("edgefleet_device_model_version", "Version of the model active on the device.", ["device"],
+                    [((d["device_id"],), d.get("active_version")) for d in devices])
+        yield gauge("edgefleet_device_update_progress_ratio", "Progress of the device's current OTA job, 0-1.",
+                    ["device"], [((d["device_id"],), d.get("progress")) for d in devices if d["updating"]])
+        yield gauge("edgefleet_inference_latency_seconds",
+                    "Inference latency percentiles the device measured over its last metrics window.",
+                    ["device", "percentile"],
+                    [((d["device_id"], p), _scaled((d["metrics"] or {}).get(key), 1e-3))
+                     for p, key in PERCENTILES for d in devices])
+        yield gauge("edgefleet_inference_throughput_per_second", "Inferences per second the device sustains.",
+                    ["device"], per_device("throughput_ips"))
+        yield counter("edgefleet_inference_errors", "Inference errors since the agent started.", ["device"],
+                      per_device("errors"))
+        yield gauge("edgefleet_inference_energy_joules",
+                    "Energy per inference; source is measured (power counters) or predicted (target power model).",
+                    ["device", "source"],
+                    [((d["device_id"],
+                       "measured" if str(m.get("energy_source") or "").startswith("measured") else "predicted"),
+                      _scaled(m.get("energy_mj"), 1e-3)) for d in devices if (m := d["metrics"] or {})])
+        yield gauge("edgefleet_device_memory_rss_bytes", "Resident memory of the agent process.", ["device"],
+                    per_device("rss_mb", 1024 * 1024))
+        yield gauge("edgefleet_device_cpu_usage_ratio", "CPU use of the agent process, 1 = one core.", ["device"],
+                    per_device("cpu_percent", 0.01))
+        yield gauge("edgefleet_device_temperature_celsius", "Hottest thermal zone of the device.", ["device"],
+                    per_device("temperature_c"))
+        yield gauge("edgefleet_device_uptime_seconds", "Seconds since the agent started.", ["device"],
+                    per_device("uptime_s"))
+        yield gauge("edgefleet_device_budget_exceeded",
+                    "1 when the device's latest figure exceeds its target class's budget.", ["device", "budget"],
+                    [((d["device_id"], name), int(name in d["budget"]["over"]))
+                     for d in devices if d["budget"]["status"] != "unknown" for name in BUDGET_METRICS
+                     if (d["budgets"] or {}).get(name) is not None])
+
+    @staticmethod
+    def _targets(devices: list[dict[str, Any]]) -> Iterator[Metric]:
+        budgets: dict[str, dict[str, Any]] = {}
+        for d in devices:
+            if d.get("budgets") and label_safe(d.get("target")):
+                budgets.setdefault(d["target"], d["budgets"])
+        for key, what, unit, factor, help_text in _BUDGETS:
+            yield gauge(f"edgefleet_target_{what}_budget_{unit}", help_text, ["target"],
+                        [((t,), _scaled(b.get(key), factor)) for t, b in sorted(budgets.items())])
+
+    def _deployments(self) -> Metric:
+        rows = self.view.store.db.execute("SELECT target, status, count(*) AS n FROM deployments "
+                                          "WHERE status != 'in_progress' GROUP BY target, status "
+                                          "ORDER BY target, status")
+        return counter("edgefleet_deployments", "Deployments and rollbacks recorded, by target and outcome.",
+                       ["target", "status"], [((r["target"], r["status"]), r["n"]) for r in rows])
+
+    @staticmethod
+    def _ingest(ingest: dict[str, Any]) -> Iterator[Metric]:
+        yield gauge("edgefleet_ingest_up", "1 while this process's ingester runs, 0 after it stopped.", [],
+                    [((), ingest.get("up", 1))])
+        yield counter("edgefleet_ingest_messages", "Telemetry messages this ingester took from the broker.", [],
+                      [((), ingest["received"])])
+        yield counter("edgefleet_ingest_rows_stored", "Rows this ingester committed to the store.", [],
+                      [((), ingest["stored"])])
+        yield counter("edgefleet_ingest_dropped_messages",
+                      "Messages this ingester skipped, by reason: topic, device_id, size, json, schema, store, "
+                      "internal.", ["reason"], sorted(((r,), n) for r, n in ingest.get("dropped", {}).items()))
+
+
+def render(view: FleetView, ingest: dict[str, Any] | None = None, accept: str = "") -> tuple[bytes, str]:
+    """The exposition and its content type, in the format the scraper's ``Accept`` header asks for."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(view, ingest))
+    encode, content_type = choose_encoder(accept)
+    return encode(registry), content_type

@@ -3,7 +3,8 @@
 - ``/``: the dashboard (HTML, JS and CSS served from this package: no CDN, works offline);
 - ``/api/overview``, ``/api/devices/<id>``, ``/api/deployments``, ``/api/events``: JSON;
 - ``/api/stream``: server-sent events, one ``change`` whenever the store commits (live updates);
-- ``/metrics``: Prometheus; ``/healthz``: liveness, without authentication.
+- ``/metrics``: Prometheus (text format, or OpenMetrics when asked); ``/healthz``: liveness, without
+  authentication: 503 once the ingester has stopped.
 
 Bound to loopback by default, where requests must name a loopback Host (no DNS rebinding). Bound beyond it,
 every request needs the token: ``Authorization: Bearer <token>``, or ``?token=`` once in a browser, which
@@ -105,10 +106,9 @@ class Dashboard:
     def view(self) -> FleetView:
         return FleetView(FleetStore(self.db, readonly=True), self.budgets)
 
-    def ingest_counters(self) -> dict[str, int] | None:
-        i = self.ingester
-        return None if i is None else {"received": i.received, "stored": i.stored, "dropped": i.dropped,
-                                       "up": int(i.error is None)}
+    def ingest_counters(self) -> dict[str, Any] | None:
+        """The ingester's counters for /metrics (messages, rows, drops by reason, up), when one runs here."""
+        return None if self.ingester is None else self.ingester.counters()
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -190,10 +190,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/metrics":
             view = self.app.view()
             try:
-                text = prometheus.render(view, self.app.ingest_counters())
+                body, content_type = prometheus.render(view, self.app.ingest_counters(),
+                                                       self.headers.get("Accept", ""))
             finally:
                 view.store.close()
-            return self._send(200, text.encode(), prometheus.CONTENT_TYPE)
+            return self._send(200, body, content_type)
         if path == "/api/stream":
             if self.command == "HEAD":
                 return self._send(200, b"", "text/event-stream")

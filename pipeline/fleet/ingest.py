@@ -3,27 +3,113 @@
 Subscribes with a shared subscription (``$share/<group>/...``) so several ingesters split a large fleet,
 keeps a persistent session, and acknowledges each QoS 1 message only after the batch holding it was
 committed: a crash between batches loses nothing the broker was told we had.
+
+Whatever a device publishes, the ingester goes on: each message is checked (topic, device id, size and nesting,
+then the protocol's decoder) before anything parses or stores it, and one that fails is counted by reason
+(``Drop``), logged (rate-limited), acknowledged and skipped.
 """
 
 from __future__ import annotations
 
+import enum
+import json
 import logging
 import queue
+import re
 import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from device_agent.config import BrokerConfig
 from device_agent.mqtt import MqttLink
-from device_agent.protocol import PROTOCOL_VERSION, Leaf, ProtocolError, decode, parse_topic
+from device_agent.protocol import PROTOCOL_VERSION, Leaf, ProtocolError, check_id, decode, parse_topic
 
 from .retention import RetentionPolicy, apply_retention
 from .store import FleetStore
 
 log = logging.getLogger(__name__)
 LEAVES = (Leaf.METRICS, Leaf.STATUS, Leaf.EVENTS, Leaf.ONLINE)
+#: an agent's message is a few hundred bytes, two levels deep; these leave room and bound the parser's work
+MAX_PAYLOAD = 64 * 1024
+MAX_DEPTH = 16
+Message = tuple[str, str, dict[str, Any]]  # (device id, leaf, body): what FleetStore.ingest takes
+
+
+class Drop(str, enum.Enum):
+    """Why a message was skipped: the ``reason`` label of ``edgefleet_ingest_dropped_messages_total``."""
+
+    TOPIC = "topic"  # outside <prefix>/v1/<device>/<leaf>, or a leaf the ingester does not take
+    DEVICE_ID = "device_id"  # the topic's device id breaks the protocol's rule (check_id)
+    SIZE = "size"  # more than MAX_PAYLOAD bytes, or JSON nested deeper than MAX_DEPTH
+    JSON = "json"  # not UTF-8 JSON
+    SCHEMA = "schema"  # JSON, but not a message of this protocol version (or an online flag other than on/off)
+    STORE = "store"  # the database refused it
+    INTERNAL = "internal"  # anything else a message raised: a bug, counted instead of stopping the ingester
+
+
+class Dropped(Exception):
+    def __init__(self, reason: Drop, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
+_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def nesting(payload: bytes, limit: int = MAX_DEPTH) -> int:
+    """How deep the JSON in ``payload`` nests (brackets inside strings do not count); stops counting past
+    ``limit``. Cheap for what agents send: with no more brackets than ``limit``, nothing is scanned."""
+    if payload.count(b"[") + payload.count(b"{") <= limit:
+        return 0
+    depth = deepest = 0
+    for m in _BRACKET.finditer(_STRING.sub(b"", payload)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                break
+    return deepest
+
+
+def _is_json(payload: bytes) -> bool:
+    try:
+        json.loads(payload)
+    except Exception:
+        return False
+    return True
+
+
+def parse(prefix: str, name: str, payload: bytes) -> Message:
+    """One message from the broker as the store takes it, or ``Dropped`` saying why not. Total: bounds are
+    checked before the protocol's decoder parses anything, and nothing else comes out."""
+    try:
+        device, leaf = parse_topic(prefix, name)
+    except ProtocolError as exc:
+        raise Dropped(Drop.TOPIC, str(exc)) from None
+    if leaf not in LEAVES:
+        raise Dropped(Drop.TOPIC, f"topic {name!r}: the ingester does not take {leaf.value!r}")
+    try:
+        check_id(device, "device id")
+    except ProtocolError as exc:
+        raise Dropped(Drop.DEVICE_ID, str(exc)) from None
+    if leaf is Leaf.ONLINE:
+        if payload not in (b"online", b"offline"):
+            raise Dropped(Drop.SCHEMA, f"online: expected b'online' or b'offline', got {payload[:40]!r}")
+        return device, leaf.value, {"online": payload == b"online"}
+    if len(payload) > MAX_PAYLOAD:
+        raise Dropped(Drop.SIZE, f"{leaf.value}: {len(payload)} bytes, at most {MAX_PAYLOAD} taken")
+    if nesting(payload) > MAX_DEPTH:
+        raise Dropped(Drop.SIZE, f"{leaf.value}: JSON nested deeper than {MAX_DEPTH} levels")
+    try:
+        return device, leaf.value, decode(payload, leaf.value)
+    except ProtocolError as exc:
+        raise Dropped(Drop.SCHEMA if _is_json(payload) else Drop.JSON, str(exc)) from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer of 5,000 digits, which json refuses to convert
+        raise Dropped(Drop.JSON, f"{leaf.value}: payload is not JSON this host can read ({exc})") from None
 
 
 class Ingester:
@@ -39,26 +125,57 @@ class Ingester:
                              subs, persistent=True, manual_ack=True)
         self.stored = 0  # rows written
         self.received = 0  # messages taken from the broker
-        self.dropped = 0  # messages that were not protocol messages, or that the store refused
+        self.dropped_by: dict[Drop, int] = dict.fromkeys(Drop, 0)  # messages skipped, by reason
         self.error: str | None = None  # why run() stopped, when it failed
         self._stop = threading.Event()
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.dropped_by.values())
+
+    def counters(self) -> dict[str, Any]:
+        """What /metrics exports of this ingester."""
+        return {"received": self.received, "stored": self.stored, "up": int(self.error is None),
+                "dropped": {r.value: n for r, n in self.dropped_by.items()}}
 
     def stop(self) -> None:
         self._stop.set()
 
-    def _commit(self, store: FleetStore, pending: list[tuple[str, str, dict]]) -> None:
+    def _drop(self, reason: Drop, name: str, why: object) -> None:
+        n = self.dropped_by[reason] = self.dropped_by[reason] + 1
+        if n == 1 or n % 1000 == 0:  # a flood of junk must not become a flood of log lines
+            log.warning("dropped a message on %.200r (%s, %d so far): %.300s", name, reason.value, n, why)
+
+    def handle(self, name: str, payload: bytes) -> Message | None:
+        """One message from the broker: what to store, or None when it was dropped (and counted). Never raises."""
+        try:
+            return parse(self.prefix, name, payload)
+        except Dropped as exc:
+            self._drop(exc.reason, name, exc)
+        except Exception as exc:  # noqa: BLE001 - the ingester outlives any one message
+            self._drop(Drop.INTERNAL, name, f"{type(exc).__name__}: {exc}")
+        return None
+
+    def _commit(self, store: FleetStore, pending: list[Message]) -> None:
         """One transaction for the batch; if the database refuses it, message by message, dropping (and
-        counting) only those it refuses: one bad message never stops the fleet's telemetry."""
+        counting) only those it refuses: one bad message never stops the fleet's telemetry. When it refuses
+        every one for want of the database itself (locked, full, unreadable), that is raised and nothing is
+        dropped: the caller keeps the batch unacknowledged and tries again."""
         try:
             self.stored += store.ingest(pending)
-        except sqlite3.Error as batch_error:
+            return
+        except Exception as batch_error:  # noqa: BLE001
             log.warning("batch of %d refused (%s); storing message by message", len(pending), batch_error)
-            for message in pending:
-                try:
-                    self.stored += store.ingest([message])
-                except sqlite3.Error as exc:
-                    self.dropped += 1
-                    log.warning("dropped a message from %s (%s): %s", message[0], message[1], exc)
+        refused: list[tuple[Message, Exception]] = []
+        for message in pending:
+            try:
+                self.stored += store.ingest([message])
+            except Exception as exc:  # noqa: BLE001
+                refused.append((message, exc))
+        if len(refused) == len(pending) and all(isinstance(e, sqlite3.OperationalError) for _, e in refused):
+            raise refused[0][1]
+        for (device, leaf, _), exc in refused:
+            self._drop(Drop.STORE, f"{self.prefix}/v{PROTOCOL_VERSION}/{device}/{leaf}", exc)
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         try:
@@ -68,10 +185,16 @@ class Ingester:
             log.error("ingester stopped: %s", self.error)
             raise
 
+    def _retain(self, store: FleetStore) -> None:
+        try:
+            log.info("retention: %s", apply_retention(store, self.retention))
+        except sqlite3.Error as exc:  # the next pass tries again; telemetry goes on meanwhile
+            log.warning("retention failed: %s", exc)
+
     def _run(self, until: Callable[[], bool] | None) -> None:
         self.link.start()
         store = FleetStore(self.db)
-        pending: list[tuple[str, str, dict]] = []
+        pending: list[Message] = []
         acks: list[Callable[[], None]] = []
         last = time.monotonic()
         retained = float("-inf")
@@ -79,22 +202,24 @@ class Ingester:
             while not self._stop.is_set() and not (until and until()):
                 if self.retention and time.monotonic() - retained >= self.retention_every_s:
                     retained = time.monotonic()
-                    log.info("retention: %s", apply_retention(store, self.retention))
+                    self._retain(store)
                 try:
                     name, payload, ack = self._inbox.get(timeout=0.1)
                     acks.append(ack)
                     self.received += 1
-                    try:
-                        device, leaf = parse_topic(self.prefix, name)
-                        body = {"online": payload == b"online"} if leaf is Leaf.ONLINE else decode(payload, leaf.value)
-                        pending.append((device, leaf.value, body))
-                    except ProtocolError as exc:
-                        self.dropped += 1
-                        log.warning("dropped a bad message on %s: %s", name, exc)
+                    message = self.handle(name, payload)
+                    if message is not None:
+                        pending.append(message)
                 except queue.Empty:
                     pass
                 if acks and (len(acks) >= self.batch or time.monotonic() - last >= self.flush_s):
-                    self._commit(store, pending)  # committed ...
+                    try:
+                        self._commit(store, pending)  # committed ...
+                    except sqlite3.OperationalError as exc:  # the database, not a message: keep the batch
+                        log.warning("store unavailable (%s); the batch of %d waits, unacknowledged", exc, len(acks))
+                        self._stop.wait(self.flush_s)
+                        last = time.monotonic()
+                        continue
                     for a in acks:  # ... and only then acknowledged
                         a()
                     pending, acks, last = [], [], time.monotonic()

@@ -42,6 +42,10 @@ MIGRATIONS = [
         version INTEGER, latency_ms_p50 REAL, latency_ms_p95 REAL, latency_ms_p99 REAL, throughput_ips REAL,
         rss_mb REAL, cpu_percent REAL, temperature_c REAL, energy_mj REAL, errors INTEGER, emulated INTEGER,
         PRIMARY KEY (device_id, ts))""",
+    # the device's own order (agent start, message counter) of the last message applied to its row: statuses are
+    # ordered by it, never by comparing the device's clock with the host's
+    "ALTER TABLE devices ADD COLUMN boot INTEGER",
+    "ALTER TABLE devices ADD COLUMN seq INTEGER",
 ]
 
 METRIC_COLUMNS = ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "throughput_ips", "rss_mb", "cpu_percent",
@@ -55,20 +59,43 @@ _NUMBERS = {"ts", "version", "active_version", "progress", "latency_ms_p50", "la
             "throughput_ips", "rss_mb", "cpu_percent", "temperature_c", "energy_mj", "errors", "uptime_s"}
 _TEXTS = {"target", "state", "slot", "active_slot", "job_id", "reason", "agent_version", "kind", "message",
           "energy_source"}
+_ORDER = {"boot", "seq"}
+#: what SQLite's INTEGER holds; a bigger JSON integer is unknown, not an OverflowError
+_INT64 = 2**63
+#: a text field longer than this is cut (devices bound what they echo; the store does not rely on it)
+MAX_TEXT = 2048
+
+
+def _text(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return None
+    v = v[:MAX_TEXT]
+    if not v.isascii():  # a lone surrogate (JSON allows "\ud800") cannot be stored as UTF-8: replaced
+        v = v.encode("utf-8", "replace").decode("utf-8")
+    return v
 
 
 def clean(body: dict[str, Any]) -> dict[str, Any]:
-    """A message's fields as the store's columns take them: a number that is not a finite number, or a text
-    that is not text, becomes unknown (None) rather than a crash or a value no view can compare."""
+    """A message's fields as the store's columns take them: a number that is not a finite number (or an integer
+    beyond 64 bits), or a text that is not text, becomes unknown (None) rather than a crash or a value no view can
+    compare; ``boot`` and ``seq`` are non-negative integers or unknown."""
     out = dict(body)
     for k in _NUMBERS & out.keys():
         v = out[k]
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
-        out[k] = v if ok else None
+        out[k] = v if ok and (isinstance(v, float) or -_INT64 < v < _INT64) else None
     for k in _TEXTS & out.keys():
-        if not isinstance(out[k], str):
-            out[k] = None
+        out[k] = _text(out[k])
+    for k in _ORDER & out.keys():
+        v = out[k]
+        out[k] = v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _INT64 else None
     return out
+
+
+def order(body: dict[str, Any]) -> tuple[int, int] | tuple[None, None]:
+    """(boot, seq) when the message carries both (see ``clean``), else (None, None): then arrival order rules."""
+    boot, seq = body.get("boot"), body.get("seq")
+    return (boot, seq) if boot is not None and seq is not None else (None, None)
 
 
 class FleetStore:
@@ -174,24 +201,30 @@ class FleetStore:
         return [dict(r) for r in self.db.execute("SELECT * FROM device_results WHERE deployment_id = ?",
                                                  (deployment_id,)).fetchall()]
 
-    def ingest(self, messages: list[tuple[str, str, dict[str, Any]]]) -> int:
+    def ingest(self, messages: list[tuple[str, str, dict[str, Any]]], now: float | None = None) -> int:
         """Store a batch of (device_id, kind, body) in one transaction; duplicates (QoS 1 redeliveries) are
-        ignored, fields of the wrong type are stored as unknown (see ``clean``). Returns the rows written."""
+        ignored, fields of the wrong type are stored as unknown (see ``clean``). Returns the rows written.
+
+        A device's row follows what it said in its own order, (boot, seq), or in arrival order for messages that
+        carry none; its clock dates its metrics and events but never decides which status wins. ``last_seen`` is
+        the host's time of storing (``now``), the online flag its own column."""
+        now = time.time() if now is None else now
         written = 0
         with self.db:
             self.db.execute("BEGIN")
             for device, kind, b in messages:
                 b = clean(b)
-                ts = b.get("ts") or time.time()
+                ts = b.get("ts") or now
                 if kind == "metrics":
                     cur = self.db.execute(
                         f"INSERT OR IGNORE INTO metrics (device_id, ts, version, {', '.join(METRIC_COLUMNS)}, emulated)"
                         f" VALUES (?,?,?,{','.join('?' * len(METRIC_COLUMNS))},?)",
                         (device, ts, b.get("version"), *[b.get(c) for c in METRIC_COLUMNS], int(bool(b.get("emulated")))))
                     written += cur.rowcount
-                    self._seen(device, ts, active_version=b.get("version"), slot=b.get("slot"), state=b.get("state"))
+                    self._seen(device, now, order(b), active_version=b.get("version"), slot=b.get("slot"),
+                               state=b.get("state"))
                 elif kind == "status":
-                    self._seen(device, ts, target=b.get("target"), active_version=b.get("active_version"),
+                    self._seen(device, now, order(b), target=b.get("target"), active_version=b.get("active_version"),
                                slot=b.get("active_slot"), state=b.get("state"), job_id=b.get("job_id"),
                                job_version=b.get("version"), progress=b.get("progress"),
                                agent_version=b.get("agent_version"), reason=b.get("reason"))
@@ -202,24 +235,36 @@ class FleetStore:
                                            b.get("version")))
                     written += cur.rowcount
                 elif kind == "online":
-                    self.db.execute("INSERT INTO devices (device_id, online, last_seen) VALUES (?,?,?) "
-                                    "ON CONFLICT(device_id) DO UPDATE SET online = excluded.online",
-                                    (device, int(b.get("online", False)), ts))
+                    # coming online starts the device's order afresh: an agent whose boot counter went back (its
+                    # state reset) is followed again; going offline (the last will) is no sign of life
+                    self.db.execute(
+                        "INSERT INTO devices (device_id, online, last_seen) VALUES (?,?,?) "
+                        "ON CONFLICT(device_id) DO UPDATE SET online = excluded.online, "
+                        "last_seen = CASE WHEN excluded.online THEN max(coalesce(last_seen, 0), excluded.last_seen) "
+                        "ELSE last_seen END, boot = CASE WHEN excluded.online THEN NULL ELSE boot END, "
+                        "seq = CASE WHEN excluded.online THEN NULL ELSE seq END",
+                        (device, int(bool(b.get("online", False))), now))
         return written
 
     #: status fields that describe the current job: cleared, not kept, when a status leaves them out
     _JOB_FIELDS = ("job_id", "job_version", "progress", "reason")
+    #: a message applies when it, or the row, has no order, or when it comes at or after the row's (boot, seq)
+    _IN_ORDER = ("(excluded.boot IS NULL OR devices.boot IS NULL "
+                 "OR (excluded.boot, excluded.seq) >= (devices.boot, devices.seq))")
 
-    def _seen(self, device: str, ts: float, **fields: Any) -> None:
-        """Upsert what a device said at ``ts``; an older message (shared-subscription ingesters commit out of
-        order) never overwrites a newer one's fields."""
+    def _seen(self, device: str, now: float, at: tuple[int, int] | tuple[None, None], **fields: Any) -> None:
+        """Upsert what a device said; one said earlier in its own order (shared-subscription ingesters commit out
+        of order) never overwrites a later one's fields. A message without an order applies in arrival order and
+        keeps the row's order for the device's later messages."""
         fields = {k: v for k, v in fields.items() if v is not None or k in self._JOB_FIELDS}
-        cols = ", ".join(["device_id", "last_seen", *fields])
-        newer = "excluded.last_seen >= coalesce(devices.last_seen, 0)"
-        updates = ", ".join([*[f"{k} = CASE WHEN {newer} THEN excluded.{k} ELSE devices.{k} END" for k in fields],
+        cols = ", ".join(["device_id", "last_seen", "boot", "seq", *fields])
+        ok = self._IN_ORDER
+        updates = ", ".join([*[f"{k} = CASE WHEN {ok} THEN excluded.{k} ELSE devices.{k} END" for k in fields],
+                             *[f"{k} = CASE WHEN {ok} THEN coalesce(excluded.{k}, devices.{k}) ELSE devices.{k} END"
+                               for k in ("boot", "seq")],
                              "last_seen = max(coalesce(last_seen, 0), excluded.last_seen)"])
-        self.db.execute(f"INSERT INTO devices ({cols}) VALUES ({','.join('?' * (2 + len(fields)))}) "
-                        f"ON CONFLICT(device_id) DO UPDATE SET {updates}", (device, ts, *fields.values()))
+        self.db.execute(f"INSERT INTO devices ({cols}) VALUES ({','.join('?' * (4 + len(fields)))}) "
+                        f"ON CONFLICT(device_id) DO UPDATE SET {updates}", (device, now, *at, *fields.values()))
 
     def devices(self) -> list[dict[str, Any]]:
         """Every device with its latest raw metrics (or None), in two queries whatever the fleet's size."""

@@ -144,7 +144,7 @@ def test_metrics_endpoint_speaks_prometheus_in_base_units(store, tmp_path):
     assert code == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
     families = {f.name: f for f in text_string_to_metric_families(body.decode())}
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
-    assert samples[("edgefleet_inference_latency_seconds", (("device", "slow"), ("quantile", "0.95")))] == 0.075
+    assert samples[("edgefleet_inference_latency_seconds", (("device", "slow"), ("percentile", "95")))] == 0.075
     assert samples[("edgefleet_device_memory_rss_bytes", (("device", "fast"),))] == 80 * 1024 * 1024
     assert samples[("edgefleet_device_up", (("device", "slow"), ("target", "rpi4")))] == 0
     assert samples[("edgefleet_device_budget_exceeded", (("budget", "latency_ms"), ("device", "slow")))] == 1
@@ -155,7 +155,31 @@ def test_metrics_endpoint_speaks_prometheus_in_base_units(store, tmp_path):
     assert families["edgefleet_deployments"].type == "counter"
     # no label whose values grow with traffic
     labels = {k for f in families.values() for s in f.samples for k in s.labels}
-    assert labels <= {"device", "target", "quantile", "budget", "status", "source"}
+    assert labels <= {"device", "target", "percentile", "budget", "status", "source", "reason"}
+
+
+def test_metrics_speak_openmetrics_when_the_scraper_asks(store):
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    fill(store)
+    with Dashboard(store.path, port=0) as dash:
+        code, headers, body = get(dash.url + "metrics", {"Accept": "application/openmetrics-text; version=1.0.0"})
+    assert code == 200 and headers["Content-Type"].startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    assert families["edgefleet_deployments"].type == "counter" and "edgefleet_device_up" in families
+
+
+def test_ids_that_break_the_protocol_rule_never_become_label_values(store):
+    from pipeline.dashboard import prometheus
+
+    # a store written before ids were checked at ingest may hold them; /metrics leaves them out
+    bad = ["<script>", "a b", "é", "x" * 70, "-lead"]
+    store.ingest([status(d, "rpi4") for d in bad] + [status("fine", "<b>rpi4</b>")])
+    body, _ = prometheus.render(FleetView(store, BudgetBook.from_config(None)))
+    text = body.decode()
+    assert 'device="fine"' in text and 'target=""' in text
+    assert not any(f'"{d}"' in text for d in bad) and "<b>" not in text
 
 
 # -- the HTTP server and its guard ------------------------------------------------------------------------------
@@ -214,16 +238,30 @@ def test_the_grafana_dashboard_queries_only_metrics_we_export(store):
     from conftest import REPO
     from pipeline.dashboard import prometheus
 
-    fill(store)
-    exported = set(re.findall(r"^# TYPE (\w+) (\w+)", prometheus.render(FleetView(store, BudgetBook.from_config(None)),
-                                                                        {"received": 1, "stored": 1, "dropped": 0}),
-                              re.M))
-    names = {n + "_total" if kind == "counter" else n for n, kind in exported}
+    fill(store)  # and every figure an agent reports, so that each family has samples (and labels) to check
+    store.ingest([metrics("fast", T0 + 2, p50=3.0, p95=4.0, throughput_ips=90.0, cpu_percent=50.0,
+                          temperature_c=60.0)])
+    store.record(name="m", target="rpi4", version=3, sha256="0" * 64, artifact="a", kind="deploy",
+                 status="succeeded", reason=None, results=[])
+    body, _ = prometheus.render(FleetView(store, BudgetBook.from_config(None)),
+                                {"received": 1, "stored": 1, "up": 1, "dropped": {"json": 1}})
+    names = set(re.findall(r"^# TYPE (\w+) \w+", body.decode(), re.M))  # the library names counters _total
     grafana = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
     queries = [t["expr"] for p in grafana["panels"] for t in p["targets"]]
     queries += [v["query"] for v in grafana["templating"]["list"] if v["type"] == "query"]
     used = {m for q in queries for m in re.findall(r"\bedgefleet_\w+", q)}
     assert len(grafana["panels"]) >= 10 and used and used <= names, used - names
+    # and filters only on labels they carry: {name: label names} from the exposition
+    from prometheus_client.parser import text_string_to_metric_families
+
+    carried: dict[str, set[str]] = {}
+    for f in text_string_to_metric_families(body.decode()):
+        for s in f.samples:
+            carried.setdefault(s.name, set()).update(s.labels)
+    for q in queries:
+        for name, matchers in re.findall(r"\b(edgefleet_\w+)\{([^}]*)\}", q):
+            wanted = set(re.findall(r"(\w+)\s*(?:=~|!~|!=|=)", matchers))
+            assert wanted <= carried.get(name, set()), (q, wanted - carried.get(name, set()))
 
 
 def test_a_running_deployment_shows_each_device_as_it_moves_on(store):
@@ -253,11 +291,34 @@ def test_malformed_and_late_telemetry_neither_crashes_nor_rewinds(store):
     assert written == 2
     [d] = FleetView(store, BudgetBook.from_config(None)).overview()["devices"]
     assert d["metrics"]["latency_ms_p95"] is None and d["metrics"]["rss_mb"] is None and d["state"] is None
-    # an older status committed after a newer one (shared-subscription ingesters) does not win
-    store.ingest([status("d2", "rpi4", state="activated", ts=T0 + 10)])
-    store.ingest([status("d2", "rpi4", state="downloading", job_id="j1", progress=0.2, ts=T0 + 5)])
+    # a status said earlier in the device's own order (boot, seq), committed after a later one
+    # (shared-subscription ingesters), does not win, whatever its clock says; last_seen is the host's time
+    store.ingest([status("d2", "rpi4", state="activated", boot=3, seq=10, ts=T0 - 3600)], now=T0 + 20)
+    store.ingest([status("d2", "rpi4", state="downloading", job_id="j1", progress=0.2, boot=3, seq=9, ts=T0 + 5)],
+                 now=T0 + 21)
+    store.ingest([status("d2", "rpi4", state="installing", job_id="j1", boot=2, seq=99, ts=T0 + 9)], now=T0 + 22)
     [row] = [r for r in store.devices() if r["device_id"] == "d2"]
-    assert row["state"] == "activated" and row["job_id"] is None and row["last_seen"] == T0 + 10
+    assert row["state"] == "activated" and row["job_id"] is None and row["last_seen"] == T0 + 22
+    assert (row["boot"], row["seq"]) == (3, 10)
+    # a later one applies though its clock went back an hour; one without an order applies in arrival order
+    store.ingest([status("d2", "rpi4", state="testing", boot=3, seq=11, ts=T0 - 7200)])
+    assert store.devices()[1]["state"] == "testing"
+    store.ingest([status("d2", "rpi4", state="idle", ts=0)])
+    assert [r for r in store.devices() if r["device_id"] == "d2"][0]["state"] == "idle"
+    assert (store.devices()[1]["boot"], store.devices()[1]["seq"]) == (3, 11)  # kept for the device's next ones
+    # coming online restarts the order: an agent whose boot counter went back (state reset) is followed
+    store.ingest([("d2", "online", {"online": True}), status("d2", "rpi4", state="activated", boot=0, seq=1)])
+    assert store.devices()[1]["state"] == "activated"
+
+
+def test_values_no_column_can_hold_are_stored_as_unknown(store):
+    # integers beyond 64 bits, lone surrogates, over-long texts, order fields of the wrong kind
+    written = store.ingest([metrics("d1", T0, p50=2**70, p95=-(2**64), boot=-1, seq=2**64),
+                            status("d1", "rpi4", state="\ud800x", reason="r" * 100_000, boot=True, seq=1.5)])
+    assert written == 2
+    [d] = store.devices()
+    assert d["metrics"]["latency_ms_p50"] is None and d["metrics"]["latency_ms_p95"] is None
+    assert d["state"] == "?x" and len(d["reason"]) == 2048 and d["boot"] is None and d["seq"] is None
 
 
 def test_processes_opening_a_new_store_together_migrate_it_once(tmp_path):
