@@ -9,59 +9,20 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-import threading
-import time
-import uuid
 import zlib
 from pathlib import Path
 from typing import Any
 
 from device_agent.manifest import decode_tensor
-from device_agent.mqtt import MqttLink
-from device_agent.protocol import Leaf, ProtocolError, decode, encode, parse_topic, topic
 
 from .bundle import build_artifact, load_artifact, next_version
 from .config import DeployConfig
 from .errors import DeliveryError
 from .fleet import FleetStore
+from .ota.commands import roll_back
+from .ota.status import DeploymentStatus, DeviceStatus
 from .targets import target_for_deploy
 from .ui import UI
-
-
-def command_and_wait(broker, prefix: str, devices: list[str], timeout_s: float) -> list[dict[str, Any]]:
-    """Send ``rollback`` to each device and collect what it answers (its status, or a refusal event)."""
-    results = {d: {"device_id": d, "status": "timeout", "active_version": None, "reason": None} for d in devices}
-    done = {d: threading.Event() for d in devices}
-    asked_at = time.time()
-
-    def on_message(name: str, payload: bytes) -> None:
-        try:
-            device, leaf = parse_topic(prefix, name)
-            body = decode(payload, leaf.value)
-        except ProtocolError:
-            return
-        r = results.get(device)
-        if r is None or body.get("ts", 0) < asked_at - 1:  # a retained answer to an earlier command
-            return
-        if leaf is Leaf.STATUS and body.get("reason") == "rolled back on command":
-            r.update(status="rolled_back", active_version=body.get("active_version"), reason=body.get("reason"))
-            done[device].set()
-        elif leaf is Leaf.EVENTS and body.get("kind") == "rollback_refused":
-            r.update(status="failed", reason=body.get("message"))
-            done[device].set()
-
-    link = MqttLink(broker, f"host-rollback-{uuid.uuid4().hex[:8]}", on_message,
-                    [(f"{prefix}/v1/+/status", 1), (f"{prefix}/v1/+/events", 1)]).start()
-    try:
-        time.sleep(0.2)  # let retained statuses go by before asking
-        for d in devices:
-            link.publish(topic(prefix, d, Leaf.CMD), encode({"command": "rollback"}), qos=1)
-        deadline = time.monotonic() + timeout_s
-        for d in devices:
-            done[d].wait(max(0.0, deadline - time.monotonic()))
-    finally:
-        link.stop()
-    return [results[d] for d in devices]
 
 
 def resign(old_dir: Path, workdir: Path, key_dir: Path, out_root: Path):
@@ -106,16 +67,23 @@ def run_rollback(cfg: DeployConfig, target_name: str, ui: UI, to_version: int | 
         return report
     with contextlib.ExitStack() as stack, ui.stage(f"Roll {target.name} back to each device's previous model"):
         broker, info, devices = open_fleet(cfg, target, workdir, stack, ui, key_dir / "signing.pub")
-        results = command_and_wait(broker, cfg.fleet.topic_prefix, devices, cfg.fleet.timeout_s)
-    for r in results:
-        ui.info(f"{r['device_id']}: {r['status']} (active v{r['active_version']}) {r['reason'] or ''}")
+        answers = roll_back(broker, cfg.fleet.topic_prefix, devices, cfg.fleet.timeout_s)
+    for a in answers:
+        ui.info(f"{a.device_id}: {a.status}" + (f" (active v{a.active_version})" if a.active_version else "")
+                + (f" {a.message}" if a.message else ""))
+    results = [a.to_dict() for a in answers]
+    ok = all(a.status is DeviceStatus.ROLLED_BACK for a in answers)
     store = FleetStore(workdir / "fleet.db")
     try:
-        versions = {r["active_version"] for r in results}
-        store.record(name=cfg.name, target=target.name, version=next(iter(versions)) if len(versions) == 1 else -1,
+        # the version the devices now run, when they all said the same one; else -1
+        versions = {a.active_version for a in answers}
+        version = next(iter(versions)) if len(versions) == 1 else None
+        store.record(name=cfg.name, target=target.name, version=version if version is not None else -1,
                      sha256="", artifact="", kind="rollback",
-                     status="succeeded" if all(r["status"] == "rolled_back" for r in results) else "failed",
-                     reason=None, results=results)
+                     status=DeploymentStatus.SUCCEEDED if ok else DeploymentStatus.FAILED,
+                     reason=None if ok else "; ".join(f"{a.device_id}: {a.status}" for a in answers
+                                                      if a.status is not DeviceStatus.ROLLED_BACK),
+                     results=results)
     finally:
         store.close()
     report["delivery"], report["broker"] = results, info

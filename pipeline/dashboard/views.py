@@ -15,6 +15,7 @@ from device_agent.protocol import TERMINAL_STATES, State
 
 from ..errors import ConfigError
 from ..fleet.store import FleetStore
+from ..ota.status import SETTLED, DeviceStatus
 
 #: budget name -> (metric it limits, unit)
 BUDGET_METRICS = {"latency_ms": ("latency_ms_p95", "ms"), "peak_memory_mb": ("rss_mb", "MB"),
@@ -56,8 +57,8 @@ def budget_status(metrics: dict[str, Any] | None, budgets: dict[str, float | Non
 
 
 _SETTLED = {s.value for s in TERMINAL_STATES} | {State.IDLE.value}
-#: a device's outcome in a deployment, once it has one
-_RESULTS_SETTLED = {s.value for s in TERMINAL_STATES} | {"timeout", "skipped"}
+#: a device's outcome in a deployment, once it has one (rows of a running one hold the state last reported)
+_RESULTS_SETTLED = {s.value for s in SETTLED}
 
 
 class FleetView:
@@ -105,9 +106,10 @@ class FleetView:
             # a running deployment (status in_progress) has a row per device, updated as each moves on
             dep["progress"] = {"total": len(results), "by_status": by_status,
                                "done": sum(n for st, n in by_status.items() if st in _RESULTS_SETTLED),
-                               # a rollback succeeds by rolling back; a deploy only by activating
-                               "succeeded": by_status.get("rolled_back" if dep["kind"] == "rollback" else "activated",
-                                                          0)}
+                               # a rollback succeeds by rolling back (as the device confirmed); a deploy only by
+                               # activating
+                               "succeeded": by_status.get(DeviceStatus.ROLLED_BACK if dep["kind"] == "rollback"
+                                                          else DeviceStatus.ACTIVATED, 0)}
             out.append(dep)
         return out
 

@@ -1,8 +1,8 @@
 """Deliver one signed artifact to a set of devices and wait for each one's verdict.
 
 The host publishes the job (retained), serves the chunks each device asks for, and collects
-status and metrics. Terminal states map onto the report's delivery status:
-activated | rolled_back | failed, or timeout when a device never answered.
+status and metrics. A device's terminal state is its delivery status (``DeviceStatus``: activated |
+rolled_back | failed), or timeout when it reached no verdict in time.
 """
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from typing import Any
 
 from device_agent.config import BrokerConfig
 from device_agent.errors import ProtocolError
-from device_agent.mqtt import MqttLink
 from device_agent.protocol import (
     TERMINAL_STATES, Leaf, State, StreamGet, decode, encode, encode_chunk, parse_topic, topic,
 )
 
 from ..bundle import Artifact
+from .status import DeviceStatus
+from .watch import Watch
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class DeviceResult:
     device_id: str
-    status: str = "timeout"
+    status: DeviceStatus = DeviceStatus.TIMEOUT
     active_version: int | None = None
     reason: str | None = None
     result_code: int | None = None
@@ -41,16 +42,20 @@ class DeviceResult:
     bytes_sent: int = 0
     states: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    #: the state in the last status the device published (after a rollback command: where it stands then)
+    device_state: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"device_id": self.device_id, "status": self.status, "active_version": self.active_version,
+        return {"device_id": self.device_id, "status": self.status.value, "active_version": self.active_version,
                 "reason": self.reason, "result_code": self.result_code, "metrics": self.metrics,
                 "chunks_served": self.chunks_served, "chunks_resent": self.chunks_resent,
-                "bytes_sent": self.bytes_sent, "states": self.states, "events": self.events}
+                "bytes_sent": self.bytes_sent, "states": self.states, "events": self.events,
+                "device_state": self.device_state}
 
 
 #: a chunk sent this recently is not sent again on a plain request: it may still be queued for the device
 RESEND_AFTER_S = 3.0
+_TERMINAL = frozenset(s.value for s in TERMINAL_STATES)
 
 
 def deliver(
@@ -59,7 +64,7 @@ def deliver(
 ) -> list[DeviceResult]:
     job_id = f"j{artifact.version}-{uuid.uuid4().hex[:8]}"
     results = {d: DeviceResult(d) for d in devices}
-    done = {d: threading.Event() for d in devices}
+    done: set[str] = set()  # devices with their verdict (and, after an activation, their metrics)
     requests: queue.Queue[tuple[str, StreamGet]] = queue.Queue()
     chunk_size = artifact.manifest.chunk_size
 
@@ -81,33 +86,45 @@ def deliver(
                 if body.get("job_id") != job_id:
                     return
                 state = body.get("state")
+                if not isinstance(state, str):
+                    raise ProtocolError(f"status: field 'state' must be str, got {state!r:.80}")
                 if not r.states or r.states[-1] != state:
                     r.states.append(state)
+                r.device_state = state
                 r.active_version, r.reason, r.result_code = (body.get("active_version"), body.get("reason"),
                                                              body.get("result_code"))
-                if state in {s.value for s in TERMINAL_STATES}:
-                    r.status = state
+                if state in _TERMINAL:
+                    r.status = DeviceStatus(state)
                     if state != State.ACTIVATED.value:  # no metrics follow a refusal or rollback
-                        done[device_id].set()
+                        done.add(device_id)
                 if progress is not None:
                     progress(state, r)
             elif leaf is Leaf.METRICS:
                 body = decode(payload, "metrics")
-                if r.status == State.ACTIVATED.value and body.get("version") == artifact.version:
+                if r.status is DeviceStatus.ACTIVATED and body.get("version") == artifact.version:
                     r.metrics = {k: body.get(k) for k in (
                         "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "throughput_ips", "rss_mb", "runs",
                         "cpu_percent", "temperature_c", "energy_mj", "energy_source", "slot", "emulated", "errors",
                         "uptime_s", "ts")}
-                    done[device_id].set()
+                    done.add(device_id)
             elif leaf is Leaf.EVENTS:
                 body = decode(payload, "event")
                 if body.get("job_id") in (job_id, None):
                     r.events.append({k: body.get(k) for k in ("kind", "message", "ts")})
+                # a job the device never accepted (untrusted signature, stale version, another target) is
+                # refused with an event only: the device's persisted state and retained status stay its own
+                if body.get("kind") == "refused" and body.get("job_id") == job_id \
+                        and r.status is DeviceStatus.TIMEOUT:
+                    r.status = DeviceStatus.FAILED
+                    r.reason, r.result_code = body.get("message"), body.get("result_code")
+                    r.active_version = body.get("active_version")
+                    done.add(device_id)
         except ProtocolError as exc:
             log.warning("%s: %s", name, exc)
 
     subs = [(f"{prefix}/v1/+/{leaf.value}", 1) for leaf in (Leaf.STATUS, Leaf.METRICS, Leaf.STREAM_GET, Leaf.EVENTS)]
-    link = MqttLink(broker, f"host-{uuid.uuid4().hex[:10]}", on_message, subs).start()
+    watch = Watch(broker, prefix, subs, on_message, name="host").start()
+    link = watch.link
     stop = threading.Event()
 
     sent_at: dict[str, dict[int, float]] = {d: {} for d in devices}
@@ -143,14 +160,12 @@ def deliver(
         for device_id in devices:
             link.publish(topic(prefix, device_id, Leaf.JOB),
                          encode({"job_id": job_id, "manifest": artifact.envelope}), qos=1, retain=True)
-        deadline = time.monotonic() + timeout_s
-        for device_id in devices:
-            done[device_id].wait(max(0.0, deadline - time.monotonic()))
+        watch.until(lambda: done >= set(devices), timeout_s)
     finally:
         stop.set()
         server.join(5)
-        link.stop()
+        watch.stop()
     for r in results.values():
-        if not done[r.device_id].is_set() and r.status == "timeout":
+        if r.device_id not in done and r.status is DeviceStatus.TIMEOUT:
             r.reason = r.reason or f"no verdict within {timeout_s:g} s (last state: {r.states[-1] if r.states else 'none'})"
     return [results[d] for d in devices]

@@ -5,12 +5,15 @@ Their figures are measured on this host and every report labels them as emulated
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import yaml
@@ -20,6 +23,8 @@ from device_agent.mqtt import MqttLink
 from device_agent.protocol import Leaf, parse_topic, topic
 
 from ..errors import DeliveryError
+
+log = logging.getLogger(__name__)
 
 
 class LocalFleet:
@@ -110,3 +115,26 @@ class LocalFleet:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def host_latency_ms(artifact) -> float | None:
+    """The latency predicted for ``artifact``'s model on this host (``targets/host.yaml``, the ``host`` class:
+    the machine local agents run on). An emulated agent's measurement is compared with it, never with the
+    target's budget (``pipeline.ota.rollout.too_slow``). None when this host has no profile or the model
+    cannot be analysed: then emulated agents' latency is not judged."""
+    from ..profile import HOST, predict_model
+    from ..targets import known_targets, load_target
+
+    if HOST not in known_targets():
+        return None
+    m = artifact.manifest
+    with tempfile.TemporaryDirectory(prefix="host-predict-") as tmp:
+        path = Path(tmp) / m.filename
+        raw = artifact.model_path.read_bytes()
+        path.write_bytes(zlib.decompress(raw) if m.encoding == "zlib" else raw)
+        try:
+            return float(predict_model(path, load_target(HOST))["latency_ms"])
+        except Exception as exc:  # the expectation is best effort; without it nothing emulated is judged
+            log.warning("no latency prediction for this host for %s (%s: %s): emulated agents' latency is not "
+                        "judged", m.filename, type(exc).__name__, exc)
+            return None

@@ -155,12 +155,13 @@ def cmd_provision(args: argparse.Namespace, ui) -> int:
     return ProvisionError.exit_code if failed else 0
 
 
-def live_fleet(broker, prefix: str, wait_s: float = 1.5) -> dict[str, dict[str, Any]]:
-    """The retained online flags and statuses the broker holds for every device, gathered for ``wait_s``."""
-    import os
-
-    from device_agent.mqtt import ConnectError, MqttLink
+def live_fleet(broker, prefix: str, timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
+    """The retained online flags and statuses the broker holds for every device: all of them, once the watch's
+    marker has come back after them (``pipeline.ota.watch``), or what arrived within ``timeout_s``."""
+    from device_agent.mqtt import ConnectError
     from device_agent.protocol import PROTOCOL_VERSION, Leaf, ProtocolError, decode, parse_topic
+
+    from ..ota.watch import Watch
 
     seen: dict[str, dict[str, Any]] = {}
 
@@ -178,17 +179,17 @@ def live_fleet(broker, prefix: str, wait_s: float = 1.5) -> dict[str, dict[str, 
             pass
 
     base = f"{prefix}/v{PROTOCOL_VERSION}/+/"
-    link = MqttLink(broker, f"devices-{os.getpid()}", on_message, [(base + Leaf.ONLINE.value, 1),
-                                                                  (base + Leaf.STATUS.value, 1)])
+    watch = Watch(broker, prefix, [(base + Leaf.ONLINE.value, 1), (base + Leaf.STATUS.value, 1)], on_message,
+                  name="devices")
     try:
-        link.start()
+        watch.start()
     except ConnectError as exc:
         raise ProvisionError(f"cannot reach the broker for the live view: {exc} (--offline shows the store only)") \
             from None
     try:
-        time.sleep(wait_s)
+        watch.settle(timeout_s)
     finally:
-        link.stop()
+        watch.stop()
     return seen
 
 

@@ -18,9 +18,7 @@ touches nothing.
 from __future__ import annotations
 
 import hashlib
-import os
 import shlex
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -171,39 +169,43 @@ def _identity(fleet: FleetSide, device_id: str) -> dict[str, Path]:
 
 
 class _OnlineWatch:
-    """Watches the device's retained status for one carrying ``version``."""
+    """Watches the device's live statuses for one carrying ``version``."""
 
     def __init__(self, fleet: FleetSide, device_id: str, version: str) -> None:
-        from device_agent.mqtt import MqttLink
         from device_agent.protocol import Leaf, ProtocolError, decode, topic
 
-        self.seen = threading.Event()
-        self.version = version
+        from ..ota.watch import Watch
+
+        self.seen = False
 
         def on_message(name: str, payload: bytes) -> None:
             if not name:
                 return
             try:
                 if decode(payload, "status").get("agent_version") == version:
-                    self.seen.set()
+                    self.seen = True
             except ProtocolError:
                 pass
 
         # live statuses only: the retained one is the agent that ran before the restart, even at the same version
-        self.link = MqttLink(fleet.host_broker, f"provision-{device_id}-{os.getpid()}-{threading.get_ident() % 10**6}",
-                             on_message, [(topic(fleet.prefix, device_id, Leaf.STATUS), 1)], fresh_only=True)
+        self.watch = Watch(fleet.host_broker, fleet.prefix, [(topic(fleet.prefix, device_id, Leaf.STATUS), 1)],
+                           on_message, name=f"provision-{device_id}", fresh_only=True)
+
+    def wait(self, timeout_s: float) -> bool:
+        """Until the device said it runs ``version``; False after ``timeout_s``."""
+        return self.watch.until(lambda: self.seen, timeout_s)
 
     def __enter__(self) -> "_OnlineWatch":
         from device_agent.mqtt import ConnectError
 
         try:
-            self.link.start()
+            self.watch.start()
         except ConnectError as exc:
             raise ProvisionError(f"cannot watch the device come online: {exc}") from None
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.link.stop()
+        self.watch.stop()
 
 
 def provision_host(plan: HostPlan, fleet: FleetSide, wheel: Path, version: str,
@@ -305,7 +307,7 @@ def _install(remote: Remote, plan: HostPlan, probe: Probe, fleet: FleetSide, ser
             _restore(remote, lay, service, previous)
             raise ProvisionError(f"{exc}; {kept}") from None
         step("waiting online")
-        if not watch.seen.wait(fleet.online_timeout_s):
+        if not watch.wait(fleet.online_timeout_s):
             log_tail = remote.conn.run(f"tail -n 5 {q(lay.log)} 2>/dev/null", hide=True, warn=True,
                                        in_stream=False).stdout.strip().replace("\n", " | ")
             _restore(remote, lay, service, previous)

@@ -1,0 +1,101 @@
+"""Commands to devices, and what each device answers: a rollback is recorded only when the device says so.
+
+The agent's contract (``docs/protocol.md``): the host publishes ``{"command": "rollback", "id": ...}`` on
+``<device>/cmd``; the agent answers with an event on ``<device>/events`` whose ``job_id`` echoes the id and
+whose ``kind`` is ``rolled_back`` (it switched slots; its status then says ``activated`` with the version it
+went back to) or ``rollback_refused`` (nothing to go back to; it keeps the model it runs). A device that says
+nothing within the timeout is recorded as ``no_answer``, never as rolled back.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from device_agent.config import BrokerConfig
+from device_agent.errors import ProtocolError
+from device_agent.protocol import Leaf, decode, encode, parse_topic, topic
+
+from .status import DeviceStatus
+from .watch import Watch
+
+log = logging.getLogger(__name__)
+
+#: event kind -> the outcome it confirms
+ROLLBACK_ANSWERS = {"rolled_back": DeviceStatus.ROLLED_BACK, "rollback_refused": DeviceStatus.ROLLBACK_REFUSED}
+
+
+@dataclass
+class Answer:
+    device_id: str
+    status: DeviceStatus = DeviceStatus.NO_ANSWER
+    #: the version the device runs after the command, as it said (None: it did not say)
+    active_version: int | None = None
+    message: str | None = None
+    #: the state of the last status the device published after the command
+    state: str | None = None
+    #: the answering event, as delivery results keep events (kind, message, ts)
+    event: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"device_id": self.device_id, "status": self.status.value, "active_version": self.active_version,
+                "reason": self.message, "state": self.state}
+
+
+def command_id(command: str) -> str:
+    return f"{command}-{uuid.uuid4().hex[:12]}"
+
+
+def roll_back(broker: BrokerConfig, prefix: str, devices: list[str], timeout_s: float) -> list[Answer]:
+    """Ask each device to switch back to its previous model and collect what it answers, until every device
+    has answered or ``timeout_s`` has passed."""
+    cmd_id = command_id("rollback")
+    answers = {d: Answer(d) for d in devices}
+    heard: set[str] = set()
+
+    def handle(name: str, payload: bytes) -> None:
+        try:
+            device, leaf = parse_topic(prefix, name)
+            a = answers.get(device)
+            if a is None or not payload:
+                return
+            body = decode(payload, leaf.value)
+        except ProtocolError:
+            return
+        if leaf is Leaf.STATUS:
+            # what the device runs now: the agent publishes its status just before its rolled_back event
+            if isinstance(body.get("state"), str):
+                a.state = body["state"]
+            if isinstance(body.get("active_version"), int):
+                a.active_version = body["active_version"]
+        elif leaf is Leaf.EVENTS and body.get("kind") in ROLLBACK_ANSWERS and device not in heard:
+            echoed = body.get("job_id")
+            # an agent that predates the id echo answers without one; a health-check rollback carries its
+            # job's id, never this command's
+            if echoed != cmd_id and echoed is not None:
+                return
+            heard.add(device)
+            a.status, a.message = ROLLBACK_ANSWERS[body["kind"]], _text(body.get("message"))
+            a.event = {"kind": body["kind"], "message": a.message, "ts": body.get("ts")}
+            if a.status is DeviceStatus.ROLLED_BACK and isinstance(body.get("version"), int):
+                a.active_version = body["version"]
+
+    # live messages only: a retained status is an answer to something earlier
+    subs = [(f"{prefix}/v1/+/{Leaf.STATUS.value}", 1), (f"{prefix}/v1/+/{Leaf.EVENTS.value}", 1)]
+    with Watch(broker, prefix, subs, handle, name="host-rollback", fresh_only=True) as watch:
+        for d in devices:
+            watch.publish(topic(prefix, d, Leaf.CMD), encode({"command": "rollback", "id": cmd_id}), qos=1)
+        if not watch.until(lambda: heard >= set(devices), timeout_s):
+            log.warning("rollback: no answer within %g s from %s", timeout_s,
+                        ", ".join(d for d in devices if d not in heard))
+    for a in answers.values():
+        if a.status is DeviceStatus.NO_ANSWER:
+            a.message = f"no answer to the rollback command within {timeout_s:g} s: what it runs is unknown"
+    return [answers[d] for d in devices]
+
+
+def _text(value: Any, limit: int = 500) -> str | None:
+    """A device's message, bounded: it is shown and stored."""
+    return value[:limit] if isinstance(value, str) else None
