@@ -230,8 +230,9 @@ class FleetStore:
                                agent_version=b.get("agent_version"), reason=b.get("reason"))
                     written += 1
                 elif kind == "events":
+                    # an event whose kind is missing or not text is kept as "unknown", not lost to NOT NULL
                     cur = self.db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?)",
-                                          (device, ts, b.get("kind"), b.get("message"), b.get("job_id"),
+                                          (device, ts, b.get("kind") or "unknown", b.get("message"), b.get("job_id"),
                                            b.get("version")))
                     written += cur.rowcount
                 elif kind == "online":
