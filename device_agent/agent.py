@@ -35,7 +35,7 @@ from .errors import (
     VerificationError,
 )
 from .faults import crash_point
-from .guard import PoisonGuard, RateLimit
+from .guard import PoisonGuard, RateLimit, StartBackoff
 from .health import Benchmark, benchmark, health_check
 from .manifest import (
     Manifest,
@@ -202,6 +202,13 @@ class Agent:
                                                 f"restart", job_id))
 
     def run(self, connect_timeout: float = 10.0) -> None:
+        backoff = StartBackoff(self.root)
+        delay = backoff.record_start()
+        if delay:
+            log.warning("the agent restarted %d times in %.0f min without a clean stop; waiting %.0f s before "
+                        "connecting", len(backoff._starts()) - 1, backoff.WINDOW_S / 60, delay)
+            if self._stop.wait(delay):
+                return
         self.load_active()
         self.resume_from_disk()
         self.link.start(timeout=connect_timeout)
@@ -224,6 +231,7 @@ class Agent:
                 except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure
                     log.exception("periodic work failed")
                     self._event("agent_error", f"periodic work: {type(exc).__name__}: {short(str(exc))}", limited=True)
+            backoff.record_clean_stop()
         finally:
             self.guard.close()
             if self._transfer is not None:

@@ -100,3 +100,42 @@ class RateLimit:
             return True
         self.suppressed += 1
         return False
+
+
+class StartBackoff:
+    """An increasing delay before connecting when the agent keeps dying soon after it starts, whatever
+    restarts it (systemd of any version, the background supervisor, a shell loop).
+
+    Each start is recorded in ``starts.json`` and a clean stop clears the record; a start that finds
+    ``FREE_STARTS`` or more unclean starts within ``WINDOW_S`` waits ``BASE_S * 2**k`` seconds (at most
+    ``MAX_S``) before going on. A deliberate delay, not synchronisation: the broker and any device service stay
+    untouched while the agent rests.
+    """
+
+    FREE_STARTS = 3
+    WINDOW_S = 600.0
+    BASE_S = 5.0
+    MAX_S = 300.0
+
+    def __init__(self, root: Path, clock=time.time) -> None:
+        self.path, self._clock = root / "starts.json", clock
+
+    def _starts(self) -> list[float]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return []
+        return [t for t in data if isinstance(t, (int, float))] if isinstance(data, list) else []
+
+    def record_start(self) -> float:
+        """Record this start; return how long to wait before connecting."""
+        now = self._clock()
+        recent = [t for t in self._starts() if now - self.WINDOW_S <= t <= now][-20:]
+        atomic_write_json(self.path, [*recent, now])
+        unclean = len(recent)
+        if unclean < self.FREE_STARTS:
+            return 0.0
+        return min(self.MAX_S, self.BASE_S * 2 ** (unclean - self.FREE_STARTS))
+
+    def record_clean_stop(self) -> None:
+        self.path.unlink(missing_ok=True)

@@ -141,7 +141,11 @@ case "$1" in
   start)
     running && exit 0
     cd "$D" || exit 1
-    setsid sh -c 'while :; do "$0/current/venv/bin/device-agent" run --config "$0/agent.yaml"; sleep 3; done' \\
+    # restarts the agent when it exits; a quick death doubles the delay (3 s -> 5 min), a run of a minute resets it
+    setsid sh -c 'd=3; while :; do t=$(date +%s); "$0/current/venv/bin/device-agent" run --config "$0/agent.yaml"
+      [ $(($(date +%s) - t)) -ge 60 ] && d=3
+      echo "agentctl: the agent exited; starting it again in $d s"; sleep $d
+      d=$((d * 2)); [ $d -gt 300 ] && d=300; done' \\
       "$D" >>"$D/agent.log" 2>&1 </dev/null &
     echo "$! $(start_time $!)" >"$PID" ;;
   stop)
