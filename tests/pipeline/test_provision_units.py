@@ -11,6 +11,16 @@ from pipeline.provision.services import Background, Layout
 from pipeline.provision.wheel import agent_version, build_agent_wheel
 
 
+def until(check, timeout: float, what: str):
+    """Poll ``check()`` (a real condition) until it is truthy; fail naming ``what`` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(0.05)
+    return value
+
+
 def test_the_agent_wheel_holds_the_agent_alone_and_says_its_build(tmp_path):
     wheel = build_agent_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
@@ -52,16 +62,15 @@ def test_agentctl_supervises_restarts_and_never_trusts_a_stale_pid_file(tmp_path
     try:
         assert run("status") != 0 and run("start") == 0 and run("status") == 0
         assert run("start") == 0  # already running: no second supervisor
-        deadline = time.monotonic() + 10
-        while not (root / "runs").exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
         pg = int((root / "agent.pid").read_text().split()[0])
+
+        def agent_pids() -> list[str]:  # the fake agent once it has exec'd into its long sleep
+            return subprocess.run(["pgrep", "-g", str(pg), "-f", "sleep 300"], capture_output=True,
+                                  text=True).stdout.split()
+
         # the agent dies: the supervisor starts it again
-        agent = subprocess.run(["pgrep", "-g", str(pg), "-f", "sleep 300"], capture_output=True, text=True).stdout.split()
-        os.kill(int(agent[0]), 9)
-        deadline = time.monotonic() + 10
-        while (root / "runs").read_text().count("started") < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        os.kill(int(until(agent_pids, 10, "the agent running under its supervisor")[0]), 9)
+        until(lambda: (root / "runs").read_text().count("started") >= 2, 10, "the supervisor's restart")
         assert (root / "runs").read_text().count("started") == 2
         assert run("stop") == 0 and run("status") != 0
         assert live_members(pg) == []  # nothing left (zombies aside: this container's init may not reap them)
@@ -71,3 +80,27 @@ def test_agentctl_supervises_restarts_and_never_trusts_a_stale_pid_file(tmp_path
     (root / "agent.pid").write_text(f"{os.getpid()} 1\n")
     assert run("status") != 0 and run("stop") == 0
     assert os.path.exists(f"/proc/{os.getpid()}")  # still here
+
+
+def test_the_live_view_has_every_retained_message_without_waiting_out_a_timer(mosquitto):
+    """``pipeline devices`` reads what the broker retains; it knows it has all of it when its own marker, sent
+    after subscribing, comes back: no fixed wait."""
+    from device_agent.mqtt import MqttLink
+    from device_agent.protocol import Leaf, encode, topic
+    from pipeline.provision.cli import live_fleet
+
+    devices = [f"edge-{i}" for i in range(40)]
+    pub = MqttLink(mosquitto.config, "retainer", lambda t, p: None).start()
+    try:
+        for d in devices:
+            pub.publish(topic("edgefleet", d, Leaf.ONLINE), b"online", qos=1, retain=True)
+            pub.publish(topic("edgefleet", d, Leaf.STATUS), encode({"device_id": d, "state": "idle"}), qos=1,
+                        retain=True).wait_for_publish(5)
+    finally:
+        pub.stop()
+    t0 = time.monotonic()
+    seen = live_fleet(mosquitto.config, "edgefleet", timeout_s=30)
+    took = time.monotonic() - t0
+    assert sorted(seen) == sorted(devices)
+    assert all(seen[d]["online"] and seen[d]["status"]["state"] == "idle" for d in devices)
+    assert took < 10, f"{took:.1f} s: the marker did not come back, the view waited out its timeout"
