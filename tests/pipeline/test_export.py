@@ -46,6 +46,9 @@ def test_int8_static_is_smaller_and_close(cnn, x, tmp_path):
     dst, report = quantize_model("int8-static", src, tmp_path / "q.onnx", x[:32], x, y, max_drop=0.1)
     assert report["sqnr_db"] > 20 and report["accuracy_quantized"] >= 0.9
     assert report["size_quantized_bytes"] < report["size_fp32_bytes"]
+    # the gate ran the QDQ graph as written (the same on any host); this host's fused kernels are noted beside it
+    assert report["semantics"] == "reference"
+    assert set(report["host_kernels"]) >= {"cpu", "int8_dot", "u8s8_saturates", "sqnr_db", "accuracy"}
     import onnx
 
     ops = {n.op_type for n in onnx.load(str(dst)).graph.node}
