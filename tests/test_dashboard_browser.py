@@ -129,7 +129,7 @@ def test_the_dashboard_shows_a_live_fleet_as_the_store_has_it(mosquitto, key_dir
                    for f in text_string_to_metric_families(text) for s in f.samples}
         for d in DEVICES:
             assert samples[("edgefleet_device_model_version", (("device", d),))] == version
-            assert samples[("edgefleet_inference_latency_seconds", (("device", d), ("quantile", "0.95")))] == \
+            assert samples[("edgefleet_inference_latency_seconds", (("device", d), ("percentile", "95")))] == \
                 pytest.approx(latest(db, d)["latency_ms_p95"] / 1000)
         assert samples[("edgefleet_ingest_messages_total", ())] > 0
     finally:
