@@ -31,7 +31,7 @@ def cmd_deploy(args: argparse.Namespace, ui) -> int:
     reports = []
     for name in names:  # one artifact per device class
         try:
-            reports.append(run_deploy(cfg, name, ui, force=args.force))
+            reports.append(run_deploy(cfg, name, ui, force=args.force, cache=not args.no_cache))
         except BudgetError as exc:
             if exc.report is not None:
                 exc.report["error"] = str(exc)
@@ -225,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", default="deploy.yaml", help="deployment file (default: deploy.yaml)")
     d.add_argument("--report", metavar="FILE.json", help="write the full report as JSON")
     d.add_argument("--force", action="store_true", help="deploy even when a budget fails")
+    d.add_argument("--no-cache", action="store_true",
+                   help="compress again even when WORKDIR/cache/compress holds this exact result")
     d.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     d.set_defaults(func=cmd_deploy)
 

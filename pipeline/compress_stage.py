@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import inputs
+from . import compress_cache, inputs
 from .compress import CompressContext, StepReport, build_recipe, model_stats, run_recipe
 from .compress.structured import count_macs
 from .config import CompressStep, DeployConfig
@@ -58,13 +58,30 @@ def prepare(cfg: DeployConfig, ui: UI) -> Prepared:
 
 
 def compress(cfg: DeployConfig, ui: UI, recipe: str | None = None, steps: list[CompressStep] | None = None,
-             prepared: Prepared | None = None) -> Compressed:
-    """Run a recipe (by name, or the given steps) on a copy of the dense model."""
-    key = "compress" if recipe in (None, "default") else f"recipes.{recipe}"
-    methods = build_recipe(steps if steps is not None else cfg.recipe(recipe), key=key)
+             prepared: Prepared | None = None, cache: bool = False) -> Compressed:
+    """Run a recipe (by name, or the given steps) on a copy of the dense model.
+
+    With ``cache``, a result compressed before from the same inputs (see ``compress_cache``) is reused, and a
+    new one is stored under WORKDIR/cache/compress/.
+    """
+    where = "compress" if recipe in (None, "default") else f"recipes.{recipe}"
+    chosen = steps if steps is not None else cfg.recipe(recipe)
+    methods = build_recipe(chosen, key=where)
     prepared = prepared or prepare(cfg, ui)
     data = prepared.data
-    dense, model = prepared.model, copy.deepcopy(prepared.model)
+    dense = prepared.model
+    key = compress_cache.cache_key(cfg, chosen, dense, data) if cache else None
+    if key is not None:
+        hit = compress_cache.load(compress_cache.cache_dir(cfg), key)
+        if hit is not None:
+            model, meta = hit
+            s = meta["summary"]
+            ui.info(f"compress: reused cached model (key {key[:12]}; --no-cache to compress again): "
+                    f"{s['nonzero_params']:,} of {s['params']:,} parameters nonzero, accuracy "
+                    f"{s['accuracy_before']:.2%} -> {s['accuracy_after']:.2%}")
+            summary = {**s, "origin": prepared.origin, "cache": {"key": key, "reused": True}}
+            return Compressed(dense, model, data, [StepReport(**r) for r in meta["steps"]], summary)
+    model = copy.deepcopy(dense)
     before, acc_before = model_stats(model), evaluate(model, data.x_test, data.y_test)
     example = torch.zeros((1, *data.input_shape))
     macs_before = count_macs(model, example)[0]
@@ -85,6 +102,12 @@ def compress(cfg: DeployConfig, ui: UI, recipe: str | None = None, steps: list[C
         "accuracy_before": acc_before, "accuracy_after": acc_after,
         "wall_s": round(time.perf_counter() - t0, 2), "origin": prepared.origin, "layers": after["layers"],
     }
+    if key is not None:
+        stored = compress_cache.store(compress_cache.cache_dir(cfg), key, model,
+                                      {"summary": summary, "steps": [vars(r) for r in reports]})
+        if stored is not None:
+            ui.info(f"compress: cached the compressed model (key {key[:12]}) in {stored.parent}")
+        summary = {**summary, "cache": {"key": key, "reused": False}}
     return Compressed(dense, model, data, reports, summary)
 
 

@@ -35,7 +35,7 @@ from .ui import UI
 GOLDEN_CASES = 4
 
 
-def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False) -> dict[str, Any]:
+def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False, cache: bool = True) -> dict[str, Any]:
     t_start = time.perf_counter()
     target = target_for_deploy(cfg, target_name)
     workdir = cfg.resolve(cfg.workdir)
@@ -54,7 +54,7 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
             report["fit"] = fitted.to_dict()
     steps = choice.steps if choice else None
     with ui.stage(f"Compress ({cfg.data.name}, {len(steps if choice else cfg.compress)} step(s))"):
-        result = compress(cfg, ui, steps=steps, prepared=prepared)
+        result = compress(cfg, ui, steps=steps, prepared=prepared, cache=cache)  # reused when nothing changed
     model, data, summary = result.model, result.data, result.summary
     if any("macs_reduction" in (s.params or {}) and s.params.get("macs_reduction") for s in result.steps) \
             and cfg.export.min_speedup_fraction > 0:
@@ -83,6 +83,7 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False)
         "accuracy_deployed": deployed_accuracy, "size_bytes": final.stat().st_size,
     }
     report["compression"] = [vars(r) for r in result.steps]
+    report["compression_cache"] = summary.get("cache")
     report["export"] = {"format": cfg.export.format, "opset": cfg.export.opset, "simplified": cfg.export.simplify,
                         "parity": parity, "quantization": qreport or None}
 
