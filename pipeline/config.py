@@ -371,7 +371,8 @@ def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
         raise ConfigError(f"{where}: expected a mapping at the top level (version: 1, model: ..., ...), "
                           f"got {type(data).__name__}")
     if data.get("version") != CONFIG_VERSION or isinstance(data.get("version"), bool):
-        raise ConfigError(f"{where}: version: got {_short(repr(data.get('version')))}, this pipeline reads version {CONFIG_VERSION}")
+        raise ConfigError(f"{where}: version: got {_short(repr(data.get('version')))}, this pipeline reads "
+                          f"version {CONFIG_VERSION}")
     internal = [k for k in ("base_dir", "source") if k in data]
     if internal:
         raise ConfigError(f"{where}: {internal[0]}: unknown key (set by the pipeline, not in deploy.yaml)")

@@ -48,6 +48,11 @@ def assert_one_error(rc: int, out: str, path: Path, *expected: str) -> None:
         assert text in out, f"{text!r} not in {out!r}"
 
 
+#: 10 lines that expand to 10**7 values: each level lists the previous one ten times
+ALIAS_BOMB = b"a: &a [x, x, x, x, x, x, x, x, x, x]\n" + b"".join(
+    f"{c}: &{c} [{', '.join(['*' + chr(ord(c) - 1)] * 10)}]\n".encode() for c in "bcdefg")
+
+
 # --- the file itself --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content, expected", [
@@ -58,8 +63,7 @@ def assert_one_error(rc: int, out: str, path: Path, *expected: str) -> None:
     (b"just a string", "expected a mapping at the top level"),
     (b"version: 2024-13-01\n", "not valid YAML"),  # PyYAML raises ValueError for such a date
     (b"version: 1\nmodel: " + b"[" * 200 + b"]" * 200, "nested deeper than"),
-    (b"a: &a [x, x, x, x, x, x, x, x, x, x]\n" + b"".join(
-        f"{c}: &{c} [{', '.join(['*' + chr(ord(c) - 1)] * 10)}]\n".encode() for c in "bcdefg"), "more than 100,000 values"),
+    (ALIAS_BOMB, "more than 100,000 values"),
     (b"version: true\nmodel: {zoo: small-cnn}\n", "version: got True"),
     (b"version: 1\nmodel: {zoo: small-cnn}\nsource: elsewhere.yaml\n", "source: unknown key"),
 ])
