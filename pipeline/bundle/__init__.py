@@ -18,7 +18,7 @@ from device_agent.manifest import MANIFEST_TYPE, MANIFEST_VERSION, Manifest, enc
 from device_agent.protocol import DEFAULT_CHUNK_SIZE
 from device_agent.storage import atomic_write_bytes, atomic_write_json, read_json
 
-from .golden import golden_section
+from .golden import golden_section, reference_session
 from .keys import load_or_create, public_key_path
 
 __all__ = ["Artifact", "build_artifact", "golden_section", "load_or_create", "next_version", "public_key_path"]
@@ -73,7 +73,7 @@ def build_artifact(
     raw = model_path.read_bytes()
     data, encoding = encode_payload(raw)
     rt = get_runtime(runtime)
-    sess = rt.load(model_path)  # the agent's own runtime: it reads the model as the device will
+    sess = reference_session(rt, model_path)  # the agent's own runtime reads the model as the device will
     io = {"inputs": [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in sess.inputs],
           "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype} for o in sess.outputs]}
     golden = golden_section(rt, model_path, golden_inputs)  # what the target computes, and its tolerance

@@ -30,14 +30,18 @@ log = logging.getLogger(__name__)
 PROBE_STEP = 0.5
 
 
-def reference_loader(runtime):
-    """The runtime's fake-quant (reference) loader where it has one, else its plain loader."""
-    return getattr(runtime, "load_reference", runtime.load)
+def reference_session(runtime, model_path: Path):
+    """``model_path`` loaded with the runtime's reference int8 semantics where it has them (a dynamic-int8
+    ONNX graph as its float twin, :mod:`pipeline.export.reference`), else with its plain loader."""
+    from ..export.reference import reference_file
+
+    with reference_file(model_path) as path:
+        return getattr(runtime, "load_reference", runtime.load)(path)
 
 
 def golden_section(runtime, model_path: Path, x: np.ndarray) -> dict[str, Any]:
     """The manifest's ``golden`` section for ``model_path`` on inputs ``x`` (one case per row)."""
-    sess = reference_loader(runtime)(model_path)
+    sess = reference_session(runtime, model_path)
     input_name = sess.inputs[0].name
     cases, outputs, peak = [], [], 0.0
     for i in range(len(x)):

@@ -121,6 +121,49 @@ def test_an_agent_refuses_integer_kernels_that_would_saturate(models, monkeypatc
     assert OnnxRuntime().load(dyn).int8_semantics is Int8Semantics.KERNELS
 
 
+def test_dynamic_int8_is_judged_as_float_arithmetic_on_its_integers(models, monkeypatch, tmp_path):
+    """quantize_dynamic writes ConvInteger/MatMulInteger into the graph: the gate and the golden vectors run
+    its float twin, which is what exact int32 kernels compute, on any host."""
+    from device_agent.health import check_golden
+    from pipeline.bundle import golden_section
+    from pipeline.export import quantization_report
+    from pipeline.export.reference import reference_file
+
+    src, _, x, y = models
+    dyn, native = quantize_model("int8-dynamic", src, tmp_path / "dyn.onnx", x[:8], x, y, max_drop=1.0)
+    assert native["semantics"] == "reference-float-twin"
+    with reference_file(dyn) as twin:
+        assert twin != dyn and not integer_ops(twin)
+        exact = ort_predict(twin, x)
+    if not read_cpu_features().u8s8_saturates:  # this host's integer kernels are exact: the twin agrees
+        assert np.allclose(ort_predict(dyn, x, int8=Int8Semantics.KERNELS), exact, atol=1e-5)
+    monkeypatch.setenv(FLAGS_ENV, AVX2_ONLY)
+    forced = quantization_report("int8-dynamic", src, dyn, x, y, max_drop=1.0)
+    assert (forced["accuracy_quantized"], forced["sqnr_db"]) == (native["accuracy_quantized"], native["sqnr_db"])
+    golden = golden_section(OnnxRuntime(), dyn, x[:3])  # built on a (forced) saturating host all the same
+    monkeypatch.setenv(FLAGS_ENV, VNNI)
+    from device_agent.manifest import Manifest
+
+    manifest = Manifest(name="m", version=1, target="rpi4", created="", expires=None, runtime="onnxruntime",
+                        filename="dyn.onnx", length=0, sha256="", chunk_size=1, chunks=0, io={}, golden=golden,
+                        health={}, budgets={}, predicted={})
+    assert check_golden(OnnxRuntime().load(dyn), manifest) == 3  # a device with exact integer kernels agrees
+
+
+def test_the_profile_report_records_the_host_cpu(models, monkeypatch):
+    from pipeline.profile import profile_model
+    from pipeline.targets import load_target
+
+    _, dst, _, _ = models
+    monkeypatch.setenv(FLAGS_ENV, AVX2_ONLY)
+    host = profile_model(dst, load_target("rpi4"), runs=3).to_dict()["host"]
+    assert host["arch"] and host["model_name"] and host["source"] == f"${FLAGS_ENV}"
+    assert host["flags"]["avx2"] and not host["flags"]["avx512_vnni"] and host["u8s8_saturates"]
+    assert set(host["flags"]) >= {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "asimd", "asimddp", "neon"}
+    monkeypatch.delenv(FLAGS_ENV)
+    assert profile_model(dst, load_target("rpi4"), runs=3).to_dict()["host"]["source"] == "/proc/cpuinfo"
+
+
 QEMU = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
 
 
