@@ -170,13 +170,15 @@ def loads(payload: bytes, what: str, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
     payload = bytes(payload)
     if len(payload) > max_bytes:
         raise ProtocolError(f"{what}: {len(payload)} bytes, more than the {max_bytes} a {what} may have")
-    depth = json_depth(payload)
+    depth = json_depth(payload) if payload.count(b"[") + payload.count(b"{") > MAX_DEPTH else 0
     if depth > MAX_DEPTH:
         raise ProtocolError(f"{what}: nested {depth} levels deep, more than {MAX_DEPTH}")
     try:
         body = json.loads(payload, parse_constant=_reject_constant, parse_float=_finite_float)
-        # a lone surrogate parses ("\ud800") but cannot be encoded, so nothing downstream could sign or store it
-        json.dumps(body, ensure_ascii=False).encode()
+        # a lone surrogate parses (from a "\ud800" escape, or raw: json reads bytes with surrogatepass) but
+        # cannot be encoded, so nothing downstream could sign or store it
+        if b"\\u" in payload or b"\xed" in payload:
+            json.dumps(body, ensure_ascii=False).encode()
     except UnicodeError as exc:
         raise ProtocolError(f"{what}: payload is not JSON: text is not valid UTF-8 ({short(str(exc))})") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError; so are too-long integers
