@@ -78,15 +78,17 @@ def output_scales(model) -> list[float | None]:
 
 
 def shifted_model(model, step: float):
-    """A copy of ``model`` whose every QuantizeLinear sees its input moved by ``step`` of its own scale."""
+    """A copy of ``model`` whose every per-tensor QuantizeLinear sees its input moved by ``step`` of its own
+    scale (a per-axis scale would need the axis's broadcast; static quantization makes activations per-tensor)."""
     import copy
 
     from onnx import helper
 
     m = copy.deepcopy(model)
+    per_axis = {t.name for t in m.graph.initializer if np.prod(t.dims, dtype=np.int64) > 1}
     nodes = []
     for i, node in enumerate(m.graph.node):
-        if node.op_type == "QuantizeLinear":
+        if node.op_type == "QuantizeLinear" and node.input[1] not in per_axis:
             x, scale = node.input[0], node.input[1]
             delta, moved = f"_probe_delta_{i}", f"_probe_in_{i}"
             step_name = f"_probe_step_{i}"
