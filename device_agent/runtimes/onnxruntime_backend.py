@@ -12,8 +12,10 @@ exactly on ARM and on x86 with VNNI, but saturates int16 pair sums on x86 withou
   the same numbers on every CPU. The default where U8S8 kernels saturate, and what the host uses for
   its accuracy gate and golden vectors.
 
-A model whose graph itself holds integer ops (``MatMulInteger``/``ConvInteger`` from dynamic
-quantization) cannot be run as fake-quant; on a saturating CPU it is refused with a clear error.
+A model whose graph itself names integer ops (``MatMulInteger``/``ConvInteger`` from dynamic
+quantization) has no fake-quant form a device could switch to (the host judges it through a float twin,
+``pipeline/export/reference.py``); on a saturating CPU the agent refuses it with a clear error.
+``EDGEFLEET_CPU_FLAGS`` (see :mod:`device_agent.cpu`) or ``load(..., cpu=...)`` picks another CPU's path.
 """
 
 from __future__ import annotations
