@@ -566,18 +566,19 @@ class Agent:
         other = "b" if active is not None and active.slot == "a" else "a"
         status = self.store.slot_status(other)
         if status.get("status") != "good":
-            return self._event("rollback_refused", f"slot {other} holds no good model ({status.get('status')})",
-                               job_id=cmd_id)
+            return self._event("rollback_refused", f"slot {other} holds no good model ({short(status.get('status'))})",
+                               job_id=cmd_id, active_version=active.version if active else None)
         try:
             envelope = json.loads((self.store.slot_dir(other) / "manifest.json").read_text())
             manifest = Manifest.from_signed(envelope.get("signed") if isinstance(envelope, dict) else None)
             session = get_runtime(manifest.runtime).load(self.store.slot_dir(other) / manifest.filename,
                                                          self.cfg.threads)
         except (AgentError, OSError, ValueError) as exc:
-            return self._event("rollback_refused", f"slot {other}: {short(str(exc), 300)}", job_id=cmd_id)
+            return self._event("rollback_refused", f"slot {other}: {short(str(exc), 300)}", job_id=cmd_id,
+                               active_version=active.version if active else None)
         self.store.activate(other, manifest)
         self.session = session
         self._save_state(state=State.ACTIVATED.value)
         self._publish_status(State.ACTIVATED, version=manifest.version, reason="rolled back on command")
         self._event("rolled_back", f"back to v{manifest.version} in slot {other} on command", version=manifest.version,
-                    job_id=cmd_id)
+                    job_id=cmd_id, active_version=manifest.version)
