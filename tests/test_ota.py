@@ -17,6 +17,8 @@ from device_agent.manifest import Manifest, sign_envelope
 from pipeline.bundle import load_or_create
 from pipeline.ota import LocalFleet, deliver
 
+pytestmark = pytest.mark.slow  # delivers end to end through a real broker
+
 PREFIX = "edgefleet"
 
 

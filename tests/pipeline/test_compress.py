@@ -45,6 +45,7 @@ def test_layerwise_masks_prune_each_layer_alike():
         assert int(mask.sum()) == layer.weight.numel() // 2
 
 
+@pytest.mark.slow
 def test_iterative_pruning_reaches_target_keeps_zeros_through_finetuning_and_keeps_accuracy(digits):
     model = net()
     from pipeline.training import evaluate, train

@@ -129,6 +129,7 @@ def test_an_interrupted_store_leaves_no_entry(cfg, prepared, monkeypatch):
     assert list(root.iterdir()) == []  # no entry, no temporary directory
 
 
+@pytest.mark.slow
 def test_a_damaged_entry_is_a_miss(cfg, prepared):
     first = compress_stage.compress(cfg, UI(quiet=True), prepared=prepared, cache=True)
     entry = compress_cache.cache_dir(cfg) / first.summary["cache"]["key"]

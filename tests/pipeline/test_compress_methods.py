@@ -50,6 +50,7 @@ def apply(model, digits, finetune=None, **step):
     return model, report
 
 
+@pytest.mark.slow
 def test_structured_meets_the_mac_target_and_exports_a_smaller_valid_model(resnet, digits, tmp_path):
     dense_macs = count_macs(resnet, torch.zeros(1, 1, 8, 8))[0]
     model, report = apply(resnet, digits, method="structured", macs_reduction=2.5, finetune_epochs=2)

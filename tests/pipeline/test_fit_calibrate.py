@@ -29,6 +29,7 @@ def cfg(tmp_path):
     return load_deploy(path)
 
 
+@pytest.mark.slow
 def test_fit_picks_the_most_accurate_candidate_within_budgets(cfg, tmp_path):
     target = target_for_deploy(cfg, "rpi4")
     fit = run_fit(cfg, target, UI(quiet=True), tmp_path / "fit")
@@ -84,6 +85,7 @@ def test_calibration_models_are_reproducible_and_varied():
         assert model(torch.zeros(1, *shape)).shape == (1, 10), name
 
 
+@pytest.mark.slow
 def test_targets_calibrate_writes_a_loadable_host_target(tmp_path):
     import subprocess
     import sys
