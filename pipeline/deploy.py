@@ -19,6 +19,7 @@ from .compress_stage import compress
 from .config import DeployConfig
 from .errors import BudgetError, ConfigError, DeliveryError
 from .fit import print_fit, require_best, run_fit
+from .inputs import check_fleet_files
 from .export import ExportResult, check_parity, minify, export_model, quantization_report, quantize_model, simplify
 from .fleet import FleetStore
 from .ota import LocalBroker, LocalFleet
@@ -38,6 +39,7 @@ GOLDEN_CASES = 4
 def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False, cache: bool = True) -> dict[str, Any]:
     t_start = time.perf_counter()
     target = target_for_deploy(cfg, target_name)
+    check_fleet_files(cfg)  # TLS files, work and key directories: exit 2 now, not a traceback after compressing
     workdir = cfg.resolve(cfg.workdir)
     report: dict[str, Any] = {"target": target.name, "name": cfg.name}
     runtime = {"onnx": "onnxruntime", "tflite": "tflite"}[cfg.export.format]

@@ -8,8 +8,10 @@ never surface as a traceback. The checks are cheap: the model is built once and 
 from __future__ import annotations
 
 import importlib
+import os
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -163,4 +165,50 @@ def check_model(cfg: DeployConfig, data: Dataset) -> None:
                               + "; ".join(problems[:3]) + more + f" ({CHECKPOINT_HINT} for this model)")
 
 
-__all__ = ["check_model", "load_data"]
+def _writable_dir(field: str, path: Path) -> str | None:
+    """Why ``path`` cannot be (or become) a directory this user writes to, or None."""
+    if path.exists():
+        if not path.is_dir():
+            return f"{field}: {path} is a file, not a directory"
+        return None if os.access(path, os.W_OK | os.X_OK) else f"{field}: {path}: not writable by this user"
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is None or not parent.is_dir():
+        return f"{field}: {path}: cannot be created ({parent} is not a directory)"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"{field}: {path}: cannot be created ({parent} is not writable by this user)"
+    return None
+
+
+def check_fleet_files(cfg: DeployConfig) -> None:
+    """The TLS files of ``fleet.broker`` exist and load, the work and key directories can be written: checked
+    before a deploy starts, so that none of them fails as a traceback after minutes of compression."""
+    import ssl
+
+    problems = [why for field, path in (("workdir", cfg.workdir), ("signing.key_dir", cfg.signing.key_dir))
+                if (why := _writable_dir(field, cfg.resolve(path)))]
+    broker = cfg.fleet.broker
+    hint = "`pipeline broker config --out DIR` writes the CA, certificates and keys"
+    files = {k: cfg.resolve(getattr(broker, k)) for k in ("ca_file", "cert_file", "key_file")
+             if broker is not None and getattr(broker, k) is not None}
+    missing = [k for k, f in files.items() if not f.is_file()]
+    problems += [f"fleet.broker.{k}: {files[k]}: no such file; {hint}" for k in missing]
+    if "ca_file" in files and "ca_file" not in missing:
+        try:
+            ssl.create_default_context(cafile=str(files["ca_file"]))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            problems.append(f"fleet.broker.ca_file: {files['ca_file']}: not a PEM CA certificate ({_first_line(exc)})")
+    if "cert_file" in files and not {"cert_file", "key_file"} & set(missing):
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(str(files["cert_file"]),
+                                                                     str(files["key_file"]) if "key_file" in files
+                                                                     else None)
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            problems.append(f"fleet.broker.cert_file: {files['cert_file']}: not a PEM certificate with its key "
+                            f"(key_file) ({_first_line(exc)}); {hint}")
+    if len(problems) == 1:
+        raise ConfigError(f"{cfg.source}: {problems[0]}")
+    if problems:
+        raise ConfigError(f"{cfg.source}: invalid configuration\n" + "\n".join(f"  {p}" for p in problems))
+
+
+__all__ = ["check_fleet_files", "check_model", "load_data"]

@@ -232,6 +232,39 @@ def test_a_good_checkpoint_and_factory_pass_the_checks(tmp_path, base):
     assert all(torch.equal(prepared.model.state_dict()[k], v) for k, v in expected.items())
 
 
+@pytest.mark.parametrize("change, expected", [
+    (lambda d, t: d.update(workdir="state"), ["workdir:", "state is a file, not a directory"]),
+    (lambda d, t: d.update(signing={"key_dir": "state/keys"}), ["signing.key_dir:", "cannot be created",
+                                                                "state is not a directory"]),
+    (lambda d, t: d["fleet"].update(broker={"host": "127.0.0.1", "ca_file": "ca.pem", "cert_file": "host.crt",
+                                            "key_file": "host.key"}),
+     ["invalid configuration", "fleet.broker.ca_file:", "ca.pem: no such file", "fleet.broker.key_file:",
+      "pipeline broker config"]),
+    (lambda d, t: (t.joinpath("ca.pem").write_text("not a certificate"),
+                   d["fleet"].update(broker={"host": "127.0.0.1", "ca_file": "ca.pem"})),
+     ["fleet.broker.ca_file:", "not a PEM CA certificate"]),
+])
+def test_fleet_files_and_directories_are_checked_before_any_work(tmp_path, capsys, base, change, expected):
+    (tmp_path / "state").write_text("a file where a directory should be")
+    change(base, tmp_path)
+    path = write(tmp_path, base)
+    rc, out = deploy(capsys, path)
+    assert_one_error(rc, out, path, *expected)
+    assert "Compress" not in out  # refused before compression starts
+
+
+def test_the_files_pipeline_broker_config_writes_pass(tmp_path):
+    from pipeline.config import load_deploy
+    from pipeline.inputs import check_fleet_files
+    from pipeline.ota.security import write_broker_config
+
+    made = write_broker_config(tmp_path / "broker", ["pi-1"], 8883, "edgefleet", None)
+    data = yaml.safe_load((REPO / "deploy.yaml").read_text())
+    data["fleet"]["broker"] = {"host": "127.0.0.1", "port": 8883, "ca_file": str(made["ca"]),
+                               "cert_file": str(made["host"].cert), "key_file": str(made["host"].key)}
+    check_fleet_files(load_deploy(write(tmp_path, data)))
+
+
 def test_the_real_entry_point_prints_no_traceback(tmp_path):
     path = tmp_path / "deploy.yaml"
     path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
