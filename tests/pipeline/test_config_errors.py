@@ -105,6 +105,16 @@ def test_unknown_names_list_the_known_ones(tmp_path, capsys, base, change, expec
     assert_one_error(*deploy(capsys, path), path, *expected)
 
 
+@pytest.mark.parametrize("command", [["compress", "--out", "out"], ["fit", "--target", "rpi4"], ["history"],
+                                     ["rollback", "--target", "rpi4"], ["fleet", "status"]])
+def test_every_command_that_reads_deploy_yaml_refuses_it_alike(tmp_path, capsys, base, command):
+    base["targets"] = {"rpi44": {}}
+    path = write(tmp_path, base)
+    rc = main([*command, "--config", str(path)])
+    out = " ".join(capsys.readouterr().err.split())
+    assert_one_error(rc, out, path, "targets.rpi44: unknown device class 'rpi44'")
+
+
 def test_a_deploy_yaml_of_its_own_targets_adds_classes(tmp_path, capsys, base):
     from pipeline.config import load_deploy
 
