@@ -48,9 +48,12 @@ def _guard(cfg: DeployConfig, what: str, fn: Callable[[], T]) -> T:
 def load_data(cfg: DeployConfig) -> Dataset:
     """The configured dataset; for ``npz``, the user's file checked for what training needs."""
     d = cfg.data
-    if d.name != "npz":
-        return _guard(cfg, f"data.name: dataset {d.name!r} cannot be loaded",
-                      lambda: load_dataset(d.name, d.train_size, d.test_size, d.seed))
+    if d.name != "npz":  # a built-in: only the sizes asked for can be wrong (a failed import is no config error)
+        try:
+            return load_dataset(d.name, d.train_size, d.test_size, d.seed)
+        except DataError as exc:
+            field = "" if str(exc).startswith("data.") else "data: "
+            raise ConfigError(f"{cfg.source}: {field}{exc}") from None
     path = cfg.resolve(d.path) if d.path else None
     if path is None:
         raise ConfigError(f"{cfg.source}: data.path: required with data.name npz (a .npz file with x_train, "

@@ -162,6 +162,7 @@ def make_files(tmp_path: Path) -> None:
     ({"checkpoint": "lenet.pt"}, None, ["model.checkpoint:", "lenet.pt does not fit model.zoo 'small-cnn'",
                                         "in the file", "in the model"]),
     ({"options": {"widths": [-4]}}, None, ["model.zoo 'small-cnn' with options", "widths"]),
+    (None, {"name": "digits", "train_size": 5000}, ["data: dataset 'digits' has 1797 samples; train_size 5000"]),
     (None, {"name": "npz", "path": "missing.npz"}, ["data.path:", "missing.npz: no such file"]),
     (None, {"name": "npz", "path": "corrupt.npz"}, ["data.path", "corrupt.npz", "cannot"]),
     (None, {"name": "npz", "path": "text.npz"}, ["data.path", "text.npz", "cannot"]),
