@@ -47,7 +47,7 @@ $(TFLITE_STAMP): $(STAMP)
 # the list to install by hand is printed. The demo needs none of them (it falls back to the embedded broker);
 # the tests need all of them.
 SYSTEM_BINS := mosquitto:/usr/sbin/mosquitto chromium:/usr/bin/chromium openssh-server:/usr/sbin/sshd \
-	prometheus:/usr/bin/promtool
+	prometheus:/usr/bin/promtool qemu-user-static:/usr/bin/qemu-x86_64-static
 system-deps:
 	@missing=""; for pair in $(SYSTEM_BINS); do pkg=$${pair%%:*}; bin=$${pair#*:}; \
 		[ -x "$$bin" ] || command -v "$$(basename $$bin)" >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \

@@ -171,10 +171,12 @@ QEMU = shutil.which("qemu-x86_64-static") or shutil.which("qemu-x86_64")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(QEMU is None or sys.platform != "linux", reason="needs qemu-x86_64 to emulate an AVX2-only CPU")
 def test_on_an_emulated_avx2_only_cpu_kernels_saturate_and_the_reference_does_not(models, tmp_path):
     """onnxruntime picks its kernels by CPUID: under qemu-user with a Haswell CPU (AVX2, no VNNI) the fused
     U8S8 kernels saturate; the reference semantics give this host's numbers bit for bit."""
+    from conftest import require
+
+    require(QEMU is not None and sys.platform == "linux", "qemu-x86_64 (apt-get install qemu-user-static)")
     src, dst, x, y = models
     np.save(tmp_path / "x.npy", x)
     probe = tmp_path / "probe.py"
@@ -189,8 +191,8 @@ def test_on_an_emulated_avx2_only_cpu_kernels_saturate_and_the_reference_does_no
     proc = subprocess.run([QEMU, "-cpu", "Haswell-v4", sys.executable, str(probe)], capture_output=True, text=True,
                           timeout=120, env={"PYTHONPATH": str(__import__("pathlib").Path(__file__).parents[2]),
                                             "PATH": "/usr/bin:/bin"})
-    if proc.returncode != 0 and "Illegal instruction" in proc.stderr:
-        pytest.skip("this qemu cannot emulate AVX2")
+    require(not (proc.returncode != 0 and "Illegal instruction" in proc.stderr),
+            "a qemu-x86_64 that emulates AVX2 (qemu >= 7.2)")
     assert proc.returncode == 0, proc.stderr[-2000:]
     fp32 = ort_predict(src, x)
     reference = ort_predict(dst, x)
