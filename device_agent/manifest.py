@@ -191,6 +191,23 @@ class Manifest:
             raise ProtocolError(f"manifest: filename {m.filename!r} must be a plain file name")
         return m
 
+    def to_signed(self) -> dict[str, Any]:
+        """The body to sign: the inverse of ``from_signed`` (``Manifest.from_signed(m.to_signed()) == m``)."""
+        artifact: dict[str, Any] = {
+            "filename": self.filename, "length": self.length, "sha256": self.sha256, "chunk_size": self.chunk_size,
+            "chunks": self.chunks, "encoding": self.encoding, "raw_length": self.raw_length or self.length,
+            "raw_sha256": self.raw_sha256 or self.sha256,
+        }
+        if self.url is not None:
+            artifact["url"] = self.url
+        body = {
+            "type": MANIFEST_TYPE, "manifest_version": MANIFEST_VERSION, "name": self.name, "version": self.version,
+            "target": self.target, "runtime": self.runtime, "created": self.created, "expires": self.expires,
+            "artifact": artifact, "io": self.io, "golden": self.golden, "health": self.health,
+            "budgets": self.budgets, "predicted": self.predicted,
+        }
+        return json.loads(json.dumps(body))  # plain JSON values: exactly what a receiver parses and re-serialises
+
     def check_expiry(self, at: dt.datetime | None = None) -> None:
         if self.expires is None:
             return

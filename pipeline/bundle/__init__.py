@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from device_agent.manifest import MANIFEST_TYPE, MANIFEST_VERSION, Manifest, encode_tensor, sign_envelope
+from device_agent.manifest import Manifest, sign_envelope
 from device_agent.protocol import DEFAULT_CHUNK_SIZE
 from device_agent.storage import atomic_write_bytes, atomic_write_json, read_json
 
@@ -78,22 +78,17 @@ def build_artifact(
           "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype} for o in sess.outputs]}
     golden = golden_section(rt, model_path, golden_inputs)  # what the target computes, and its tolerance
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-    signed = {
-        "type": MANIFEST_TYPE, "manifest_version": MANIFEST_VERSION,
-        "name": name, "version": version, "target": target, "runtime": runtime,
-        "created": now.isoformat(),
-        "expires": (now + dt.timedelta(days=expires_days)).isoformat() if expires_days else None,
-        "artifact": {"filename": model_path.name, "length": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                     "chunk_size": chunk_size, "chunks": -(-len(data) // chunk_size), "encoding": encoding,
-                     "raw_length": len(raw), "raw_sha256": hashlib.sha256(raw).hexdigest()},
-        "io": io,
-        "golden": golden,
-        "health": health, "budgets": budgets, "predicted": predicted,
-    }
     out = out_root / f"{name}-{target}-v{version}"
-    if url_base:
-        signed["artifact"]["url"] = f"{url_base.rstrip('/')}/{out.name}/{payload_name(model_path.name, encoding)}"
-    signed = json.loads(json.dumps(signed))  # exactly what a receiver will parse and re-serialise
+    manifest = Manifest(
+        name=name, version=version, target=target, runtime=runtime, created=now.isoformat(),
+        expires=(now + dt.timedelta(days=expires_days)).isoformat() if expires_days else None,
+        filename=model_path.name, length=len(data), sha256=hashlib.sha256(data).hexdigest(), chunk_size=chunk_size,
+        chunks=-(-len(data) // chunk_size), encoding=encoding, raw_length=len(raw),
+        raw_sha256=hashlib.sha256(raw).hexdigest(),
+        url=f"{url_base.rstrip('/')}/{out.name}/{payload_name(model_path.name, encoding)}" if url_base else None,
+        io=io, golden=golden, health=health, budgets=budgets, predicted=predicted,
+    )
+    signed = manifest.to_signed()  # the device's own schema builds what it will parse
     envelope = sign_envelope(signed, key)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

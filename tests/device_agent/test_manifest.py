@@ -85,3 +85,11 @@ def test_payload_decoding_refuses_bombs_and_wrong_hashes(tmp_path):
         decode_payload(src, tmp_path / "bomb", dataclasses.replace(m, raw_length=4096))
     with pytest.raises(VerificationError, match="decoded model"):
         decode_payload(src, tmp_path / "bad", dataclasses.replace(m, raw_sha256="0" * 64))
+
+
+def test_to_signed_is_the_inverse_of_from_signed():
+    """One schema, both ends: the host builds the body it signs with the device's own type."""
+    m = Manifest.from_signed(body())
+    again = Manifest.from_signed(m.to_signed())
+    assert again == m
+    assert Manifest.from_signed(again.to_signed()).to_signed() == m.to_signed()
