@@ -211,6 +211,53 @@ def require(body: dict[str, Any], key: str, kind: type | tuple[type, ...], what:
     return value
 
 
+def _conforms(value: Any, hint: Any) -> bool:
+    """``value`` (parsed JSON) fits the annotation ``hint`` (str, int, float, bool, or X | None)."""
+    import types
+    import typing
+
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_conforms(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300
+    return isinstance(value, hint) if isinstance(hint, type) else False
+
+
+class Message:
+    """A device -> host message: built by the agent (``encode``), parsed by the host (``parse``): one schema.
+
+    ``parse`` is total: a message of this type, or ProtocolError naming the first field that does not fit.
+    Fields this version does not know are ignored (a newer agent may add some); missing optional ones
+    take their defaults."""
+
+    KIND = "message"
+
+    @classmethod
+    def parse(cls, payload: bytes):
+        import dataclasses
+        import typing
+
+        body = decode(payload, cls.KIND)
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in body or body[f.name] is None and f.default is None:
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise ProtocolError(f"{cls.KIND}: field {f.name!r} is missing")
+                continue
+            if not _conforms(body[f.name], hints[f.name]):
+                kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name])
+                raise ProtocolError(f"{cls.KIND}: field {f.name!r} must be {kind}, got {short(body[f.name], 60)}")
+            values[f.name] = body[f.name]
+        return cls(**values)
+
+
 @dataclass(frozen=True)
 class Job:
     job_id: str
@@ -243,7 +290,9 @@ class StreamGet:
 
 
 @dataclass(frozen=True)
-class Status:
+class Status(Message):
+    KIND = "status"
+
     device_id: str
     state: str
     target: str
@@ -263,7 +312,9 @@ class Status:
 
 
 @dataclass(frozen=True)
-class Metrics:
+class Metrics(Message):
+    KIND = "metrics"
+
     device_id: str
     version: int | None
     latency_ms_p50: float
@@ -287,7 +338,9 @@ class Metrics:
 
 
 @dataclass(frozen=True)
-class Event:
+class Event(Message):
+    KIND = "event"
+
     device_id: str
     kind: str
     message: str

@@ -16,7 +16,7 @@ from typing import Any
 
 from device_agent.config import BrokerConfig
 from device_agent.errors import ProtocolError
-from device_agent.protocol import Leaf, decode, encode, parse_topic, topic
+from device_agent.protocol import Event, Leaf, Status, encode, parse_topic, topic
 
 from .status import DeviceStatus
 from .watch import Watch
@@ -61,26 +61,26 @@ def roll_back(broker: BrokerConfig, prefix: str, devices: list[str], timeout_s: 
             a = answers.get(device)
             if a is None or not payload:
                 return
-            body = decode(payload, leaf.value)
+            message = Status.parse(payload) if leaf is Leaf.STATUS else Event.parse(payload)
         except ProtocolError:
             return
-        if leaf is Leaf.STATUS:
+        if isinstance(message, Status):
             # what the device runs now: the agent publishes its status just before its rolled_back event
-            if isinstance(body.get("state"), str):
-                a.state = body["state"]
-            if isinstance(body.get("active_version"), int):
-                a.active_version = body["active_version"]
-        elif leaf is Leaf.EVENTS and body.get("kind") in ROLLBACK_ANSWERS and device not in heard:
-            echoed = body.get("job_id")
+            a.state = message.state
+            if message.active_version is not None:
+                a.active_version = message.active_version
+        elif message.kind in ROLLBACK_ANSWERS and device not in heard:
             # an agent that predates the id echo answers without one; a health-check rollback carries its
             # job's id, never this command's
-            if echoed != cmd_id and echoed is not None:
+            if message.job_id != cmd_id and message.job_id is not None:
                 return
             heard.add(device)
-            a.status, a.message = ROLLBACK_ANSWERS[body["kind"]], _text(body.get("message"))
-            a.event = {"kind": body["kind"], "message": a.message, "ts": body.get("ts")}
-            if a.status is DeviceStatus.ROLLED_BACK and isinstance(body.get("version"), int):
-                a.active_version = body["version"]
+            a.status, a.message = ROLLBACK_ANSWERS[message.kind], _text(message.message)
+            a.event = {"kind": message.kind, "message": a.message, "ts": message.ts}
+            if message.active_version is not None:
+                a.active_version = message.active_version
+            elif a.status is DeviceStatus.ROLLED_BACK and message.version is not None:
+                a.active_version = message.version
 
     # live messages only: a retained status is an answer to something earlier
     subs = [(f"{prefix}/v1/+/{Leaf.STATUS.value}", 1), (f"{prefix}/v1/+/{Leaf.EVENTS.value}", 1)]

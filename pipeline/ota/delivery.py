@@ -19,7 +19,7 @@ from typing import Any
 from device_agent.config import BrokerConfig
 from device_agent.errors import ProtocolError
 from device_agent.protocol import (
-    TERMINAL_STATES, Leaf, State, StreamGet, decode, encode, encode_chunk, parse_topic, topic,
+    TERMINAL_STATES, Event, Leaf, Metrics, State, Status, StreamGet, encode, encode_chunk, parse_topic, topic,
 )
 
 from ..bundle import Artifact
@@ -82,42 +82,36 @@ def deliver(
                 if req.job_id == job_id:
                     requests.put((device_id, req))
             elif leaf is Leaf.STATUS:
-                body = decode(payload, "status")
-                if body.get("job_id") != job_id:
+                st = Status.parse(payload)
+                if st.job_id != job_id:
                     return
-                state = body.get("state")
-                if not isinstance(state, str):
-                    raise ProtocolError(f"status: field 'state' must be str, got {state!r:.80}")
-                if not r.states or r.states[-1] != state:
-                    r.states.append(state)
-                r.device_state = state
-                r.active_version, r.reason, r.result_code = (body.get("active_version"), body.get("reason"),
-                                                             body.get("result_code"))
-                if state in _TERMINAL:
-                    r.status = DeviceStatus(state)
-                    if state != State.ACTIVATED.value:  # no metrics follow a refusal or rollback
+                if not r.states or r.states[-1] != st.state:
+                    r.states.append(st.state)
+                r.device_state = st.state
+                r.active_version, r.reason, r.result_code = st.active_version, st.reason, st.result_code
+                if st.state in _TERMINAL:
+                    r.status = DeviceStatus(st.state)
+                    if st.state != State.ACTIVATED.value:  # no metrics follow a refusal or rollback
                         done.add(device_id)
                 if progress is not None:
-                    progress(state, r)
+                    progress(st.state, r)
             elif leaf is Leaf.METRICS:
-                body = decode(payload, "metrics")
-                if r.status is DeviceStatus.ACTIVATED and body.get("version") == artifact.version:
-                    r.metrics = {k: body.get(k) for k in (
+                m = Metrics.parse(payload)
+                if r.status is DeviceStatus.ACTIVATED and m.version == artifact.version:
+                    r.metrics = {k: getattr(m, k) for k in (
                         "latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "throughput_ips", "rss_mb", "runs",
                         "cpu_percent", "temperature_c", "energy_mj", "energy_source", "slot", "emulated", "errors",
                         "uptime_s", "ts")}
                     done.add(device_id)
             elif leaf is Leaf.EVENTS:
-                body = decode(payload, "event")
-                if body.get("job_id") in (job_id, None):
-                    r.events.append({k: body.get(k) for k in ("kind", "message", "ts")})
+                ev = Event.parse(payload)
+                if ev.job_id in (job_id, None):
+                    r.events.append({"kind": ev.kind, "message": ev.message, "ts": ev.ts})
                 # a job the device never accepted (untrusted signature, stale version, another target) is
                 # refused with an event only: the device's persisted state and retained status stay its own
-                if body.get("kind") == "refused" and body.get("job_id") == job_id \
-                        and r.status is DeviceStatus.TIMEOUT:
+                if ev.kind == "refused" and ev.job_id == job_id and r.status is DeviceStatus.TIMEOUT:
                     r.status = DeviceStatus.FAILED
-                    r.reason, r.result_code = body.get("message"), body.get("result_code")
-                    r.active_version = body.get("active_version")
+                    r.reason, r.result_code, r.active_version = ev.message, ev.result_code, ev.active_version
                     done.add(device_id)
         except ProtocolError as exc:
             log.warning("%s: %s", name, exc)

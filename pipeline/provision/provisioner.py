@@ -172,7 +172,7 @@ class _OnlineWatch:
     """Watches the device's live statuses for one carrying ``version``."""
 
     def __init__(self, fleet: FleetSide, device_id: str, version: str) -> None:
-        from device_agent.protocol import Leaf, ProtocolError, decode, topic
+        from device_agent.protocol import Leaf, ProtocolError, Status, topic
 
         from ..ota.watch import Watch
 
@@ -182,7 +182,7 @@ class _OnlineWatch:
             if not name:
                 return
             try:
-                if decode(payload, "status").get("agent_version") == version:
+                if Status.parse(payload).agent_version == version:
                     self.seen = True
             except ProtocolError:
                 pass
