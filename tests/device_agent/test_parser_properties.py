@@ -171,3 +171,22 @@ def test_tensors_are_total(obj):
         decode_tensor(obj, "t")
     except ProtocolError:
         pass
+
+
+@SETTINGS
+@given(st.sampled_from(["status", "metrics", "event"]), st.dictionaries(
+    st.sampled_from(["device_id", "state", "target", "kind", "message", "version", "active_version", "job_id",
+                     "latency_ms_p50", "latency_ms_p95", "rss_mb", "runs", "emulated", "ts", "boot", "seq", "x"]),
+    json_values, max_size=12))
+def test_device_messages_parse_into_their_type_or_refuse(kind, body):
+    from dataclasses import asdict
+
+    from device_agent.protocol import Event, Metrics, Status, encode
+
+    cls = {"status": Status, "metrics": Metrics, "event": Event}[kind]
+    try:
+        message = cls.parse(encode(body))
+    except ProtocolError:
+        return
+    assert cls.parse(encode(message)) == message  # what parses, round-trips
+    assert all(k in body or v == getattr(cls, k, v) or k == "ts" for k, v in asdict(message).items())
