@@ -1,10 +1,19 @@
-"""Device classes as data: ``targets/<name>.yaml`` loaded into one typed profile.
+"""Device classes as data: one YAML per device class, loaded into one typed profile.
 
-A new target is one file. Facts carry their source in a comment of that file.
+A new target is one file. Facts carry their source in a comment of that file. Targets are found in layers,
+the first that has a name wins:
+
+1. deploy.yaml's own ``targets/`` (beside it; :func:`target_for_deploy`);
+2. the user directory, :func:`user_dir`: ``$EDGEFLEET_TARGETS_DIR``, else ``$XDG_CONFIG_HOME/edgefleet/targets``
+   (``~/.config/edgefleet/targets``). Your own device classes go here, and ``pipeline targets calibrate`` writes
+   this machine's ``host.yaml`` (and ``host.kernels.json``) here, never into the installation;
+3. the packaged ones: the repository's ``targets/``, shipped inside the wheel as the package
+   ``pipeline._targets`` (``setup.py`` maps it) and read through :mod:`importlib.resources`.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import os
 from pathlib import Path
 
@@ -12,10 +21,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .config import Budgets, DeployConfig, _format
-from .errors import ConfigError
+from .errors import ConfigError, PipelineError
 
-#: targets/ at the repository root (an editable install), overridable with EDGEFLEET_TARGETS
-DEFAULT_DIR = Path(__file__).resolve().parent.parent / "targets"
+#: the package that holds the packaged targets (targets/ in the repository)
+PACKAGE = "pipeline._targets"
+#: the user directory, when set
+ENV = "EDGEFLEET_TARGETS_DIR"
 
 
 class _Strict(BaseModel):
@@ -76,12 +87,55 @@ class TargetProfile(_Strict):
         return self.model_copy(update={"budgets": Budgets(**merged)})
 
 
+def user_dir() -> Path:
+    """Where your own targets and calibrations live (it need not exist yet); see the module's docstring."""
+    if os.environ.get(ENV):
+        return Path(os.environ[ENV]).expanduser()
+    config_home = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(config_home) / "edgefleet" / "targets"
+
+
 def targets_dir() -> Path:
-    return Path(os.environ.get("EDGEFLEET_TARGETS", DEFAULT_DIR))
+    """Where ``pipeline targets calibrate`` writes: the user directory."""
+    return user_dir()
+
+
+def packaged_dir() -> Path:
+    """The targets shipped with edgefleet (the repository's targets/ in an editable install)."""
+    try:
+        root = importlib.resources.files(PACKAGE)
+    except ModuleNotFoundError:
+        raise PipelineError(f"the packaged device classes ({PACKAGE}) are missing: this editable install predates "
+                            "them; re-install it (make install, or pip install -e .)") from None
+    if not isinstance(root, Path):
+        raise PipelineError(f"the packaged device classes are in {root}, not in files; install edgefleet unzipped")
+    return root
+
+
+def search_path() -> list[Path]:
+    """The layers :func:`load_target` looks in, first wins: the user directory, then the packaged targets."""
+    return [user_dir(), packaged_dir()]
 
 
 def known_targets(directory: Path | None = None) -> list[str]:
-    return sorted(p.stem for p in (directory or targets_dir()).glob("*.yaml"))
+    """Every device class in ``directory``, or in every layer of :func:`search_path`."""
+    dirs = [directory] if directory else search_path()
+    return sorted({p.stem for d in dirs for p in d.glob("*.yaml")})
+
+
+def target_file(name: str, directory: Path | None = None) -> Path | None:
+    """The YAML file that defines ``name``: the first layer that has it."""
+    for d in [directory] if directory else search_path():
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    return None
+
+
+def kernels_file(name: str) -> Path | None:
+    """The kernel measurements of a target calibrated in person: beside the YAML that defines it, if any."""
+    path = target_file(name)
+    kernels = path.with_name(f"{name}.kernels.json") if path else None
+    return kernels if kernels and kernels.is_file() else None
 
 
 def load_target_file(path: Path) -> TargetProfile:
@@ -101,11 +155,12 @@ def load_target_file(path: Path) -> TargetProfile:
 
 
 def load_target(name: str, directory: Path | None = None) -> TargetProfile:
-    directory = directory or targets_dir()
-    path = directory / f"{name}.yaml"
-    if not path.is_file():
+    """``name`` from ``directory`` alone, or from the first layer of :func:`search_path` that has it."""
+    path = target_file(name, directory)
+    if path is None:
+        where = ", ".join(str(d) for d in ([directory] if directory else search_path()))
         raise ConfigError(f"unknown target {name!r}; known: {', '.join(known_targets(directory)) or '(none)'} "
-                          f"(one YAML file each in {directory})")
+                          f"(one YAML file each, in {where})")
     return load_target_file(path)
 
 

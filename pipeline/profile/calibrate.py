@@ -1,5 +1,8 @@
 """``pipeline targets calibrate``: measure this machine and write it as a target (host.yaml).
 
+It is written into the user directory (``pipeline.targets.user_dir()``: ``$EDGEFLEET_TARGETS_DIR``, else
+``~/.config/edgefleet/targets``), where it overrides the packaged host.yaml; never into the installation.
+
 1. Facts: cores, clock, RAM, storage from the OS.
 2. Micro-benchmarks with onnxruntime: fp32 GEMM rate, int8 (QDQ) convolution rate, memory
    bandwidth (a large copy), at the thread count the target will be profiled with.
@@ -27,7 +30,7 @@ import torch
 from torch import nn
 
 from ..export import export_model, quantize_model
-from ..targets import OpFactor, TargetProfile
+from ..targets import OpFactor, TargetProfile, user_dir
 from .compare import steady_latency_ms
 from .predict import roofline_terms
 from .static import CATEGORIES, analyse
@@ -248,8 +251,12 @@ def host_profile(peaks: dict[str, float], threads: int) -> TargetProfile:
     )
 
 
-def write_host_yaml(result: dict[str, Any], path: Path) -> Path:
+def write_host_yaml(result: dict[str, Any], path: Path | None = None) -> Path:
+    """``path``: by default ``host.yaml`` in the user directory, created if need be."""
     import yaml
+
+    path = path or user_dir() / "host.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
 
     h: TargetProfile = result["host"]
     conv = result["ops"].get("conv", {}).get("roofline_factor") or 1.0

@@ -1,0 +1,1 @@
+"""Device classes, one YAML each: package data, installed as ``pipeline._targets`` (see setup.py)."""
