@@ -7,15 +7,20 @@ file, the field path and what is allowed, one line per problem.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, TypeAdapter, ValidationError,
+                      create_model, field_validator, model_serializer, model_validator)
 
+from .compress.params import METHODS, Params
 from .errors import ConfigError
+from .export.formats import FORMATS, all_quantizations, format_names
 
 CONFIG_VERSION = 1
 BUDGET_KEYS = ("latency_ms", "peak_memory_mb", "model_size_mb", "energy_mj")
+#: the names of ``pipeline.models.MODELS`` (that registry holds torch code; a test keeps both equal)
+ZOO_NAMES = ("lenet5", "mobilenetv2-small", "resnet-small", "small-cnn")
 
 
 class Strict(BaseModel):
@@ -54,13 +59,50 @@ class DataConfig(Strict):
 
 
 class CompressStep(BaseModel):
-    """One step of a recipe; its parameters are checked by the method named in ``method``."""
+    """One step of a recipe as code builds it (``CompressStep(method="magnitude", sparsity=0.5)``); its
+    parameters are checked when the recipe is built. deploy.yaml's steps are typed (``Step``) instead."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     method: str
 
     def params(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
+
+
+class TypedStep(BaseModel):
+    """What the typed steps add to a method's parameter model: its ``method`` tag (declared per method) and
+    the same interface as ``CompressStep``. Dumps hold the keys that were given, as deploy.yaml had them."""
+
+    method: str
+
+    def params(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in type(self).model_fields if k in self.model_fields_set and k != "method"}
+
+    def to_params(self) -> Params:
+        """The method's parameter model, already validated (no second pass)."""
+        cls = METHODS.get(self.method).params
+        values = {k: getattr(self, k) for k in cls.model_fields}
+        return cls.model_construct(_fields_set=self.model_fields_set - {"method"}, **values)
+
+    @model_serializer(mode="wrap")
+    def _given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k == "method" or k in self.model_fields_set}
+
+
+def _step_model(name: str) -> type[TypedStep]:
+    params = METHODS.get(name).params
+    title = "".join(part.capitalize() for part in name.replace("-", "_").split("_")) + "Step"
+    return create_model(title, __base__=(params, TypedStep), __module__=__name__, __doc__=params.__doc__,
+                        method=(Literal[name], Field(description=f"compression method {name!r}")))
+
+
+def step_union() -> Any:
+    """``compress:`` steps: one model per registered method, chosen by ``method`` (a discriminated union)."""
+    models = tuple(_step_model(name) for name in METHODS.names())
+    return Annotated[Union[models], Field(discriminator="method")]  # noqa: UP007 - built at run time
+
+
+Step = step_union()
 
 
 class FinetuneConfig(Strict):
@@ -76,7 +118,7 @@ class FinetuneConfig(Strict):
 
 
 class ExportConfig(Strict):
-    format: Literal["onnx", "tflite"] = "onnx"
+    format: Literal[tuple(format_names())] = "onnx"  # type: ignore[valid-type]  (pipeline.export.formats)
     opset: int = Field(17, ge=17, le=21)
     simplify: bool = Field(True, description="run onnxslim, then check parity again")
     quantize: str = "none"
@@ -272,8 +314,9 @@ class DeployConfig(Strict):
     name: str = "model"
     model: ModelConfig
     data: DataConfig = DataConfig()
-    compress: list[CompressStep] = Field(default_factory=list)
-    recipes: dict[str, list[CompressStep]] = Field(default_factory=dict, description="named alternatives to 'compress'")
+    compress: list[Step] = Field(default_factory=list)  # type: ignore[valid-type]
+    recipes: dict[str, list[Step]] = Field(default_factory=dict,  # type: ignore[valid-type]
+                                           description="named alternatives to 'compress'")
     finetune: FinetuneConfig = FinetuneConfig()
     fit: FitConfig = FitConfig()
     export: ExportConfig = ExportConfig()
@@ -290,7 +333,7 @@ class DeployConfig(Strict):
     def resolve(self, path: Path) -> Path:
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
-    def recipe(self, name: str | None) -> list[CompressStep]:
+    def recipe(self, name: str | None) -> list[TypedStep]:
         if name is None or name == "default":
             return list(self.compress)
         if name not in self.recipes:
@@ -304,17 +347,75 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
 
 
-def _format(exc: ValidationError, where: str) -> str:
+def _step_label(loc: tuple, steps_at: int | None) -> tuple[str, tuple] | None:
+    """A recipe step's error, ``compress.0.magnitude.sparsity``, as ``compress[0] (magnitude)`` and the rest.
+    ``steps_at``: where the step index sits in ``loc`` (None: deploy.yaml's compress and recipes.NAME)."""
+    j = steps_at if steps_at is not None else 1 if loc[:1] == ("compress",) else 2 if loc[:1] == ("recipes",) else 0
+    if not j or len(loc) <= j or not isinstance(loc[j], int):
+        return None
+    head = f"{'.'.join(_short(str(p), 40) for p in loc[:j])}[{loc[j]}]"
+    if len(loc) > j + 1 and loc[j + 1] in METHODS:
+        return f"{head} ({loc[j + 1]})", loc[j + 2:]
+    return head, loc[j + 1:]
+
+
+def _step_message(err: dict) -> tuple[str, str] | None:
+    """A step whose ``method`` picks no parameter model: the registry's own message, listing the methods."""
+    if err["type"] == "union_tag_invalid":
+        given = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else None
+        if isinstance(given, str):
+            try:
+                METHODS.get(given)
+            except LookupError as exc:
+                return "method", str(exc).strip("'\"")
+        return "method", f"got {_short(repr(given))}; known: {', '.join(METHODS.names())}"
+    if err["type"] == "union_tag_not_found":
+        return "method", f"required: the compression method, one of {', '.join(METHODS.names())}"
+    return None
+
+
+def error_lines(exc: ValidationError, prefix: tuple = (), steps_at: int | None = None) -> list[str]:
+    """A pydantic error as one ``field.path: what is wrong`` line per problem, user input echoed bounded."""
     lines = []
     for err in exc.errors():
-        loc = ".".join(_short(str(p), 40) for p in err["loc"]) or "(top level)"
-        msg = _short(err["msg"], 300)
+        loc, msg = (*prefix, *err["loc"]), _short(err["msg"], 300)
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
         if err["type"] == "literal_error":
             msg = f"got {_short(repr(err.get('input')))}; {msg.lower()}"
-        lines.append(f"  {loc}: {msg}")
-    return f"{where}: invalid configuration\n" + "\n".join(lines)
+        step = _step_label(loc, steps_at)
+        if step is None:
+            where = ".".join(_short(str(p), 40) for p in loc) or "(top level)"
+        else:
+            where, rest = step
+            tag = _step_message(err)
+            if tag is not None:
+                where, msg = f"{where}.{tag[0]}", tag[1]
+            elif rest:
+                msg = f"{'.'.join(_short(str(p), 40) for p in rest)}: {msg}"
+        lines.append(f"{where}: {msg}")
+    return lines
+
+
+def format_validation_error(exc: ValidationError, where: str) -> str:
+    return f"{where}: invalid configuration\n" + "\n".join(f"  {line}" for line in error_lines(exc))
+
+
+_format = format_validation_error  # the name pipeline.targets imports
+
+
+_STEPS = TypeAdapter(list[Step])  # type: ignore[valid-type]
+
+
+def parse_steps(steps: list[Any], where: str = "deploy.yaml", key: str = "compress") -> list[TypedStep]:
+    """Steps (``CompressStep``s, typed steps or plain dicts) validated in one pass; one ConfigError lists every
+    problem, each line naming ``key[i] (method)`` and the field."""
+    raw = [s.model_dump() if isinstance(s, BaseModel) else s for s in steps]
+    try:
+        return _STEPS.validate_python(raw)
+    except ValidationError as exc:
+        lines = error_lines(exc, (key,), steps_at=1)
+    raise ConfigError(f"{where}: invalid configuration\n" + "\n".join(f"  {line}" for line in lines))
 
 
 def _known_classes(base_dir: Path) -> list[str]:
@@ -325,48 +426,68 @@ def _known_classes(base_dir: Path) -> list[str]:
     return sorted(set(known_targets()) | (set(known_targets(local)) if local.is_dir() else set()))
 
 
-def _check_names(cfg: DeployConfig) -> list[str]:
-    """Names deploy.yaml uses that a registry (or targets/) must know; one line per problem."""
-    from .compress import validate_recipe  # noqa: PLC0415 - the registry is the authority on step keys
+def _at(data: Any, *path: str) -> Any:
+    """``data[path...]`` where every level is a mapping, else None (the structural pass reports the rest)."""
+    for key in path:
+        if not isinstance(data, dict):
+            return None
+        data = data.get(key)
+    return data
+
+
+def _check_names(data: dict[str, Any], base_dir: Path) -> list[str]:
+    """Names deploy.yaml uses that a registry (or targets/) must know, read from the raw document so that they
+    are reported with the structural problems; one line per problem."""
     from .data import DATASETS
-    from .export.quantize import QUANTIZERS
-    from .models import MODELS
 
     problems = []
-    for key, steps in [("compress", cfg.compress), *((f"recipes.{n}", s) for n, s in cfg.recipes.items())]:
-        try:
-            validate_recipe(steps, "", key)
-        except ConfigError as exc:
-            problems.append(str(exc).removeprefix(": ").replace("\n  ", "\n    "))
-    if cfg.model.zoo is not None and cfg.model.zoo not in MODELS:
-        problems.append(f"model.zoo: got {cfg.model.zoo!r}; known: {', '.join(MODELS.names())} "
+    zoo = _at(data, "model", "zoo")
+    if isinstance(zoo, str) and zoo not in ZOO_NAMES:
+        problems.append(f"model.zoo: got {_short(repr(zoo))}; known: {', '.join(ZOO_NAMES)} "
                         "(or model.factory: 'package.module:function' for your own)")
     datasets = [*DATASETS.names(), "npz"]
-    if cfg.data.name not in datasets:
-        problems.append(f"data.name: got {cfg.data.name!r}; known: {', '.join(datasets)}")
-    elif cfg.data.name == "npz" and cfg.data.path is None:
-        problems.append("data.path: required with data.name npz (a .npz file with x_train, y_train, x_test, y_test)")
-    elif cfg.data.name != "npz" and cfg.data.path is not None:
-        problems.append(f"data.path: only read with data.name npz; data.name is {cfg.data.name!r}")
-    classes = _known_classes(cfg.base_dir)
+    name, path = _at(data, "data", "name"), _at(data, "data", "path")
+    name = "mnist-5k" if name is None and isinstance(data.get("data", {}), dict) else name
+    if isinstance(name, str):
+        if name not in datasets:
+            problems.append(f"data.name: got {_short(repr(name))}; known: {', '.join(datasets)}")
+        elif name == "npz" and path is None:
+            problems.append("data.path: required with data.name npz (a .npz file with x_train, y_train, x_test, "
+                            "y_test)")
+        elif name != "npz" and path is not None:
+            problems.append(f"data.path: only read with data.name npz; data.name is {name!r}")
+    classes = _known_classes(base_dir)
     allowed = f"known device classes: {', '.join(classes) or '(none)'} (one YAML file each in targets/)"
-    problems += [f"targets.{name}: unknown device class {name!r}; {allowed}" for name in cfg.targets
-                 if name not in classes]
-    problems += [f"fleet.devices.{i}.target: unknown device class {d.target!r}; {allowed}"
-                 for i, d in enumerate(cfg.fleet.devices) if d.target is not None and d.target not in classes]
-    if cfg.export.quantize not in QUANTIZERS:
-        problems.append(f"export.quantize: got {cfg.export.quantize!r}; allowed: {QUANTIZERS.names()}")
-    elif cfg.export.format == "tflite" and cfg.export.quantize not in ("none", "int8-static"):
-        problems.append(f"export.quantize: got {cfg.export.quantize!r}; with format tflite: "
-                        "['int8-static', 'none'] (int8-static is full-integer there)")
-    unknown = [q for q in cfg.fit.quantizations if q not in QUANTIZERS]
-    if unknown:
-        problems.append(f"fit.quantizations: got {unknown}; allowed: {QUANTIZERS.names()}")
+    targets = data.get("targets")
+    if isinstance(targets, dict):
+        problems += [f"targets.{_short(n, 40)}: unknown device class {_short(repr(n))}; {allowed}"
+                     for n in targets if isinstance(n, str) and n not in classes]
+    devices = _at(data, "fleet", "devices")
+    if isinstance(devices, list):
+        problems += [f"fleet.devices.{i}.target: unknown device class {_short(repr(d['target']))}; {allowed}"
+                     for i, d in enumerate(devices)
+                     if isinstance(d, dict) and isinstance(d.get("target"), str) and d["target"] not in classes]
+    kinds = all_quantizations()
+    fmt, quantize = _at(data, "export", "format"), _at(data, "export", "quantize")
+    fmt = "onnx" if fmt is None and isinstance(data.get("export", {}), dict) else fmt
+    if isinstance(quantize, str):
+        if quantize not in kinds:
+            problems.append(f"export.quantize: got {_short(repr(quantize))}; allowed: {kinds}")
+        elif isinstance(fmt, str) and fmt in FORMATS and quantize not in FORMATS[fmt].quantizations:
+            f = FORMATS[fmt]
+            problems.append(f"export.quantize: got {quantize!r}; with format {fmt}: {sorted(f.quantizations)}"
+                            + (f" ({f.note})" if f.note else ""))
+    fit_kinds = _at(data, "fit", "quantizations")
+    if isinstance(fit_kinds, list):
+        unknown = [q for q in fit_kinds if isinstance(q, str) and q not in kinds]
+        if unknown:
+            problems.append(f"fit.quantizations: got {_short(repr(unknown))}; allowed: {kinds}")
     return problems
 
 
 def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
-    """deploy.yaml's data (already parsed) into a DeployConfig, or one ConfigError listing every problem."""
+    """deploy.yaml's data (already parsed) into a DeployConfig, or one ConfigError listing every problem: the
+    structure, every recipe step's parameters and the names registries must know, in one pass."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level (version: 1, model: ..., ...), "
                           f"got {type(data).__name__}")
@@ -376,11 +497,14 @@ def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
     internal = [k for k in ("base_dir", "source") if k in data]
     if internal:
         raise ConfigError(f"{where}: {internal[0]}: unknown key (set by the pipeline, not in deploy.yaml)")
+    structural: list[str] = []
     try:
         cfg = DeployConfig.model_validate({**data, "base_dir": base_dir, "source": where})
     except ValidationError as exc:
-        raise ConfigError(_format(exc, where)) from None
-    problems = _check_names(cfg)
+        structural = error_lines(exc)
+    problems = _check_names(data, base_dir)
+    if structural:
+        raise ConfigError(f"{where}: invalid configuration\n" + "\n".join(f"  {p}" for p in structural + problems))
     if len(problems) == 1:
         raise ConfigError(f"{where}: {problems[0]}")
     if problems:
@@ -436,6 +560,15 @@ def load_deploy(path: str | Path) -> DeployConfig:
         raise ConfigError(f"{path}: nested deeper than {MAX_CONFIG_DEPTH} levels") from None
     _check_shape(data, str(path))
     return parse_deploy(data, str(path), path.resolve().parent)
+
+
+def json_schema() -> dict[str, Any]:
+    """deploy.yaml's JSON Schema (draft 2020-12): every section, and one ``compress:`` step model per method."""
+    schema = DeployConfig.model_json_schema()
+    for internal in ("base_dir", "source"):  # set by the pipeline, refused in deploy.yaml
+        schema["properties"].pop(internal, None)
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "deploy.yaml",
+            "description": f"edgefleet deployment file, version {CONFIG_VERSION}", **schema}
 
 
 def dump_deploy(cfg: DeployConfig) -> dict[str, Any]:

@@ -1,47 +1,52 @@
 """Compression: a recipe is a list of steps, each naming a registered method with its parameters.
 
-Adding a method is one module that subclasses ``Method`` and registers it under the name
-deploy.yaml uses (``compress: [{method: NAME, ...params}]``). Importance criteria are a registry
-of their own (``pipeline.compress.importance.CRITERIA``).
+Adding a method is its parameter model and a ``register_method`` line in ``params`` (torch-free: deploy.yaml
+is validated against it) and one module with the ``Method`` subclass, imported when a recipe runs.
+Importance criteria are a registry of their own (``pipeline.compress.importance.CRITERIA``).
+
+Importing this package does not import torch: the implementations (``CompressContext``, ``Method``,
+``StepReport``, ``model_stats``, ``CRITERIA``) load on first use.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from .params import METHODS, MethodSpec, Params, register_method
 
-from ..config import CompressStep, _format
-from ..errors import ConfigError
-from ..registry import UnknownNameError
-from .base import METHODS, CompressContext, Method, StepReport, model_stats
-from .importance import CRITERIA
+if TYPE_CHECKING:
+    from torch import nn
 
-from . import lottery, lowrank, sensitivity, sparse_training, structured, unstructured  # noqa: E402,F401  (register)
+    from .base import CompressContext, Method, StepReport
 
-__all__ = ["CRITERIA", "METHODS", "CompressContext", "Method", "StepReport", "build_recipe", "model_stats",
-           "run_recipe", "validate_recipe"]
+#: names this package offers from modules that import torch, loaded on first access
+_LAZY = {"CompressContext": ".base", "Method": ".base", "StepReport": ".base", "model_stats": ".base",
+         "CRITERIA": ".importance"}
 
-
-def build_recipe(steps: list[CompressStep], where: str = "deploy.yaml", key: str = "compress") -> list[Method]:
-    from pydantic import ValidationError
-
-    methods = []
-    for i, step in enumerate(steps):
-        try:
-            cls = METHODS.get(step.method)
-        except UnknownNameError as exc:
-            raise ConfigError(f"{where}: {key}[{i}].method: {exc}") from None
-        try:
-            params = cls.Params.model_validate(step.params())
-        except ValidationError as exc:
-            raise ConfigError(_format(exc, f"{where}: {key}[{i}] ({step.method})")) from None
-        methods.append(cls(params))
-    return methods
+__all__ = ["CRITERIA", "METHODS", "CompressContext", "Method", "MethodSpec", "Params", "StepReport", "build_recipe",
+           "model_stats", "register_method", "run_recipe", "validate_recipe"]
 
 
-def validate_recipe(steps: list[CompressStep], where: str, key: str = "compress") -> None:
-    build_recipe(steps, where, key)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def validate_recipe(steps: list[Any], where: str = "deploy.yaml", key: str = "compress") -> list[Any]:
+    """The steps as typed steps, or one ConfigError listing every problem (no torch)."""
+    from ..config import TypedStep, parse_steps  # noqa: PLC0415 - config imports this package's params
+
+    if all(isinstance(s, TypedStep) for s in steps):
+        return list(steps)  # validated when deploy.yaml was read
+    return parse_steps(steps, where, key)
+
+
+def build_recipe(steps: list[Any], where: str = "deploy.yaml", key: str = "compress") -> list[Method]:
+    """One ``Method`` per step; its implementation is imported here."""
+    return [METHODS.get(s.method).load()(s.to_params()) for s in validate_recipe(steps, where, key)]
 
 
 def run_recipe(model: nn.Module, methods: list[Method], ctx: CompressContext) -> list[StepReport]:

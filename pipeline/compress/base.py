@@ -1,4 +1,4 @@
-"""What every compression method shares: its parameter model, its context and its report."""
+"""What every compression method's implementation shares: its context and its report (parameters: ``params``)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from ..config import FinetuneConfig, TrainConfig
 from ..data import Dataset
-from ..registry import Registry
 from ..training import FitOptions, FitResult, Progress, evaluate, fit
-
-
-class Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class FinetuneParams(Params):
-    """Fine-tuning after a step; shared by the methods that prune a trained model."""
-
-    finetune_epochs: int = Field(1, ge=0, le=200, description="fine-tuning epochs after each step")
-    lr: float | None = Field(None, gt=0, description="fine-tuning learning rate (default: finetune.lr)")
+from .params import Params
 
 
 @dataclass
@@ -96,9 +84,6 @@ class Method(ABC):
                           params_total=stats["params"], nonzero=stats["nonzero_params"],
                           wall_s=round(time.perf_counter() - started, 3), layers=stats["layers"], history=history,
                           extra=extra)
-
-
-METHODS: Registry[type[Method]] = Registry("compression method")
 
 
 def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:

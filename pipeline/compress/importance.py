@@ -7,15 +7,15 @@ weights for unstructured pruning and hands Torch-Pruning a group importance for 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Annotated, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from pydantic import AfterValidator
 from torch import nn
 
 from ..errors import CompressionError
 from ..registry import Registry
+from .params import CRITERION_NAMES, CriterionName, known_criterion  # noqa: F401  (the torch-free names)
 
 
 class Criterion(ABC):
@@ -175,15 +175,3 @@ def accumulate_group_signal(model: nn.Module, importance, x: torch.Tensor, y: to
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
         importance.accumulate_grad(model)
-
-
-def known_criterion(name: str) -> str:
-    """For parameter validators: an unknown name becomes a validation error listing the known ones."""
-    try:
-        CRITERIA.get(name)
-    except LookupError as exc:
-        raise ValueError(str(exc).strip("'\"")) from None
-    return name
-
-#: a parameter type for recipes: ``criterion: CriterionName = "l1"``
-CriterionName = Annotated[str, AfterValidator(known_criterion)]

@@ -11,26 +11,14 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..training import fit
-from .base import METHODS, CompressContext, Method, Params, StepReport, prunable
+from .base import CompressContext, Method, StepReport, prunable
+from .params import LotteryParams
 from .masks import check_alive, fold, install, keep_masks
-
-
-class LotteryParams(Params):
-    rounds: int = Field(8, ge=1, le=40)
-    prune_per_round: float = Field(0.2, gt=0, lt=1, description="share of the remaining weights removed per round")
-    epochs: int = Field(8, ge=1, description="training epochs of the dense run and of every round")
-    rewind_steps: int = Field(100, ge=0, description="optimizer steps into dense training the survivors rewind to")
-    tolerance: float = Field(0.003, ge=0, le=1, description="a winning ticket loses at most this accuracy")
-    scope: Literal["global", "layer"] = "global"
-    lr: float | None = Field(None, gt=0, description="default: model.train.lr")
-    reinit: bool = Field(True, description="start from a fresh seeded initialisation (the hypothesis' setting)")
 
 
 def reinitialise(model: nn.Module, seed: int) -> None:
@@ -40,7 +28,6 @@ def reinitialise(model: nn.Module, seed: int) -> None:
             m.reset_parameters()
 
 
-@METHODS.register("lottery")
 class Lottery(Method):
     name = "lottery"
     Params = LotteryParams

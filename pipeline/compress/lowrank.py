@@ -8,26 +8,12 @@ full rank); a layer is factorised only when that makes it smaller.
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from .base import METHODS, CompressContext, FinetuneParams, Method, StepReport, prunable
-
-
-class LowRankParams(FinetuneParams):
-    energy: float | None = Field(None, gt=0, le=1, description="share of squared singular values kept")
-    rank_ratio: float | None = Field(None, gt=0, lt=1, description="share of the full rank kept")
-    layers: Literal["all", "linear", "conv"] = "all"
-    skip_classifier: bool = True
-
-    @model_validator(mode="after")
-    def _one(self) -> "LowRankParams":
-        if (self.energy is None) == (self.rank_ratio is None):
-            raise ValueError("give exactly one of 'energy' or 'rank_ratio'")
-        return self
+from .base import CompressContext, Method, StepReport, prunable
+from .params import LowRankParams
 
 
 def choose_rank(s: torch.Tensor, energy: float | None, ratio: float | None) -> int:
@@ -66,7 +52,6 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-@METHODS.register("lowrank")
 class LowRank(Method):
     name = "lowrank"
     Params = LowRankParams

@@ -9,36 +9,17 @@ under the threshold (linear between measured ratios), as in Han et al. 2015's se
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from ..training import evaluate, split_validation
-from .base import METHODS, CompressContext, FinetuneParams, Method, StepReport, prunable
-from .importance import CriterionName
+from .base import CompressContext, Method, StepReport, prunable
+from .params import SensitivityParams
 from .masks import check_alive, fold, install, keep_masks
 from .unstructured import layer_scores, schedule
-
-
-class SensitivityParams(FinetuneParams):
-    sparsity: float = Field(gt=0, lt=1, description="global target: fraction of prunable weights removed")
-    ratios: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
-    criterion: CriterionName = "l1"
-    steps: int = Field(1, ge=1, le=100)
-    schedule: Literal["polynomial", "linear"] = "polynomial"
-    score_samples: int = Field(256, ge=1)
-    val_samples: int = Field(500, ge=50, description="held-out training samples the scan evaluates on")
-
-
-    @field_validator("ratios")
-    @classmethod
-    def _ratios(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0 < r < 1 for r in v):
-            raise ValueError(f"ratios must be in (0, 1), got {v}")
-        return sorted(set(v))
 
 
 def scan(model: nn.Module, names: list[str], layers: list[nn.Module], scores: list[torch.Tensor],
@@ -94,7 +75,6 @@ def allocate(sizes: list[int], drops: list[list[float]], ratios: list[float], ta
     return [min(r * scale, max(ratios)) for r in rs]
 
 
-@METHODS.register("sensitivity")
 class Sensitivity(Method):
     name = "sensitivity"
     Params = SensitivityParams

@@ -10,28 +10,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
 from torch import nn
 
-from .base import METHODS, CompressContext, Method, Params, StepReport, prunable
+from .base import CompressContext, Method, StepReport, prunable
+from .params import SparseTrainingParams
 from .lottery import reinitialise
 from .masks import check_alive, keep_masks
-
-
-class SparseTrainingParams(Params):
-    algorithm: Literal["rigl", "set"] = "rigl"
-    sparsity: float = Field(gt=0, lt=1, description="fixed share of prunable weights that are zero throughout")
-    epochs: int = Field(10, ge=1)
-    distribution: Literal["erk", "uniform"] = "erk"
-    update_interval: int = Field(50, ge=1, description="optimizer steps between mask updates")
-    drop_fraction: float = Field(0.3, gt=0, lt=1)
-    end_fraction: float = Field(0.75, gt=0, le=1, description="share of training after which masks freeze")
-    from_scratch: bool = Field(True, description="re-initialise; false starts from the trained weights")
-    lr: float | None = Field(None, gt=0, description="default: model.train.lr")
 
 
 def erk_densities(shapes: list[torch.Size], density: float) -> list[float]:
@@ -94,7 +81,6 @@ class MaskedTraining:
         self.apply()
 
 
-@METHODS.register("sparse-training")
 class SparseTraining(Method):
     name = "sparse-training"
     Params = SparseTrainingParams

@@ -11,32 +11,13 @@ import copy
 import time
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from ..errors import CompressionError
-from .base import METHODS, CompressContext, FinetuneParams, Method, StepReport
-from .importance import CriterionName, accumulate_group_signal, get_criterion
+from .base import CompressContext, Method, StepReport
+from .params import StructuredParams
+from .importance import accumulate_group_signal, get_criterion
 from ..trace import locate
-
-
-class StructuredParams(FinetuneParams):
-    criterion: CriterionName = "l2"
-    ratio: float | None = Field(None, gt=0, lt=1, description="share of channels removed per layer")
-    macs_reduction: float | None = Field(None, gt=1, description="target: dense MACs / pruned MACs")
-    global_pruning: bool = Field(False, description="rank channel groups across layers, not within each")
-    max_layer_ratio: float = Field(0.9, gt=0, lt=1, description="never remove more than this share of a layer")
-    steps: int = Field(1, ge=1, le=50)
-    round_to: int | None = Field(None, ge=1, description="keep channel counts multiples of this (vector width)")
-    ignore: list[str] = Field(default_factory=list, description="module names never pruned (the classifier always is)")
-    score_samples: int = Field(64, ge=1, description="training samples for gradient-based criteria")
-
-
-    @model_validator(mode="after")
-    def _one_target(self) -> "StructuredParams":
-        if (self.ratio is None) == (self.macs_reduction is None):
-            raise ValueError("give exactly one of 'ratio' (channels removed per layer) or 'macs_reduction'")
-        return self
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
@@ -132,7 +113,6 @@ def ratio_for_macs(model: nn.Module, p: StructuredParams, ctx: CompressContext, 
     return hi
 
 
-@METHODS.register("structured")
 class Structured(Method):
     name = "structured"
     Params = StructuredParams

@@ -8,15 +8,14 @@ polynomial schedule (or a linear one) with fine-tuning between steps. ``criterio
 from __future__ import annotations
 
 import time
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..training import evaluate
-from .base import METHODS, CompressContext, FinetuneParams, Method, StepReport, prunable
-from .importance import CriterionName, gradients, get_criterion
+from .base import CompressContext, Method, StepReport, prunable
+from .params import UnstructuredParams
+from .importance import gradients, get_criterion
 from .masks import check_alive, fold, install, keep_masks
 
 
@@ -25,16 +24,6 @@ def schedule(final: float, steps: int, kind: str, start: float = 0.0) -> list[fl
     if kind == "linear":
         return [start + (final - start) * (t + 1) / steps for t in range(steps)]
     return [final + (start - final) * (1 - (t + 1) / steps) ** 3 for t in range(steps)]
-
-
-class UnstructuredParams(FinetuneParams):
-    scope: Literal["global", "layer"] = "global"
-    sparsity: float = Field(gt=0, lt=1, description="fraction of weights set to zero at the end")
-    steps: int = Field(1, ge=1, le=100, description="1 = one-shot; more = iterative")
-    schedule: Literal["polynomial", "linear"] = "polynomial"
-    criterion: CriterionName = "l1"
-    score_samples: int = Field(256, ge=1, description="training samples for gradient-based criteria")
-
 
 
 def layer_scores(model: nn.Module, layers: list[nn.Module], criterion_name: str, ctx: CompressContext,
@@ -75,11 +64,9 @@ class UnstructuredPruning(Method):
         return self.report(model, ctx, t0, history)
 
 
-@METHODS.register("magnitude")
 class Magnitude(UnstructuredPruning):
     name = "magnitude"
 
 
-@METHODS.register("unstructured")
 class Unstructured(UnstructuredPruning):
     name = "unstructured"
