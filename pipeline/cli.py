@@ -214,6 +214,13 @@ def cmd_broker(args: argparse.Namespace, ui) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace, ui) -> int:
+    from .config import json_schema
+
+    print(json.dumps(json_schema(), indent=None if args.json else 2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description="Compress, profile and ship models to device fleets.")
     parser.add_argument("--version", action="version", version=__version__)
@@ -282,6 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", default="deploy.yaml")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_broker)
+
+    cf = sub.add_parser("config", help="deploy.yaml itself: print its JSON Schema (for editors and CI)")
+    cf.add_argument("action", choices=["schema"])
+    cf.add_argument("--json", action="store_true", help="one line instead of indented")
+    cf.set_defaults(func=cmd_config)
 
     t = sub.add_parser("targets", help="list the known device classes, or calibrate this machine as one")
     t.add_argument("action", nargs="?", choices=["list", "calibrate"], default="list")
