@@ -19,6 +19,7 @@ Both run from a working directory outside the repository, with ``$HOME`` in a te
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -73,7 +74,7 @@ def _probe(py: Path, cwd: Path, env: dict, *modules: str) -> dict:
 def _build_project_wheel(out: Path) -> Path:
     """``pip wheel`` of a copy of the checkout (so the build leaves nothing behind in it), without isolation: the
     build backend (setuptools) is this environment's, nothing is downloaded."""
-    require(metadata.version("setuptools") is not None, "setuptools in this environment")
+    require(importlib.util.find_spec("setuptools") is not None, "setuptools in this environment")
     src = out / "src"
     src.mkdir(parents=True)
     for name in _SOURCES:
