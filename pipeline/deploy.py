@@ -6,7 +6,6 @@ compress -> export/quantize -> profile vs budgets -> sign + bundle -> deliver ov
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ from .config import DeployConfig
 from .errors import BudgetError, ConfigError, DeliveryError
 from .fit import print_fit, require_best, run_fit
 from .inputs import check_fleet_files
-from .export import ExportResult, check_parity, minify, export_model, quantization_report, quantize_model, simplify
+from .export.formats import get_format
+from .export.stage import export_stage
 from .fleet import FleetStore
 from .ota import LocalBroker, LocalFleet
 from .ota.broker import external_broker, free_port
@@ -42,7 +42,7 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
     check_fleet_files(cfg)  # TLS files, work and key directories: exit 2 now, not a traceback after compressing
     workdir = cfg.resolve(cfg.workdir)
     report: dict[str, Any] = {"target": target.name, "name": cfg.name}
-    runtime = {"onnx": "onnxruntime", "tflite": "tflite"}[cfg.export.format]
+    runtime = get_format(cfg.export.format).runtime
     if runtime not in target.runtimes:
         raise ConfigError(f"export.format {cfg.export.format!r} needs the {runtime} runtime, which {target.name} does "
                           f"not list (its runtimes: {target.runtimes}); choose another format or target")
@@ -75,7 +75,7 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
     out = workdir / "build" / f"{cfg.name}-{target.name}"
     quantize = choice.quantize if choice else cfg.export.quantize
     with ui.stage(f"Export ({cfg.export.format}, quantize: {quantize})"):
-        exported = export_stage(cfg, model, data, out, ui, quantize)
+        exported = export_stage(cfg.export, model, data, out, ui, quantize)
     final, parity, qreport = exported.path, exported.parity, exported.quantization_report
     deployed_accuracy = qreport.get("accuracy_quantized", parity["accuracy_onnx"])
 
@@ -124,55 +124,6 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
     _print_delivery(ui, report["delivery"], prof.predicted, report["broker"]["rollout"]["limits"])
     report["wall_s"] = round(time.perf_counter() - t_start, 2)
     return report
-
-
-def export_stage(cfg: DeployConfig, model, data, out: Path, ui: UI, quantize: str) -> ExportResult:
-    """Export, check parity with PyTorch, simplify (parity again), quantize (accuracy and SQNR vs fp32)."""
-    onnx_result = _export_onnx(cfg, model, data, out, ui, quantize)
-    if cfg.export.format == "onnx":
-        return onnx_result
-    return _export_tflite(cfg, model, data, out, ui, quantize, onnx_result)
-
-
-def _export_onnx(cfg: DeployConfig, model, data, out: Path, ui: UI, quantize: str) -> ExportResult:
-    fp32 = export_model("onnx", model, data.input_shape, out / "model-fp32.onnx", cfg.export.opset)
-    parity = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
-    ui.info(f"ONNX parity vs PyTorch: max abs diff {parity['max_abs_diff']:.2e} (tolerance {parity['atol']:g}), "
-            f"accuracy {parity['accuracy_torch']:.2%} torch / {parity['accuracy_onnx']:.2%} onnxruntime")
-    if cfg.export.simplify:
-        fp32 = simplify(fp32, out / "model-fp32-slim.onnx")
-        slim = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
-        parity["simplified"] = slim
-        ui.info(f"onnxslim: parity max abs diff {slim['max_abs_diff']:.2e}, {fp32.stat().st_size:,} bytes")
-    calib = data.x_train[: cfg.export.calibration_samples]
-    final, qreport = quantize_model(quantize, fp32, out / "model.onnx", calib, data.x_test, data.y_test,
-                                    cfg.export.max_accuracy_drop)
-    if qreport:
-        ui.info(f"{qreport['kind']}: accuracy {qreport['accuracy_fp32']:.2%} -> {qreport['accuracy_quantized']:.2%}, "
-                f"SQNR {qreport['sqnr_db']} dB, {qreport['size_fp32_bytes']:,} -> {qreport['size_quantized_bytes']:,} bytes")
-    else:
-        final = minify(Path(shutil.copyfile(fp32, out / "model.onnx")))
-    return ExportResult(Path(final), "onnx", quantize, Path(final).stat().st_size, parity, qreport, Path(final))
-
-
-def _export_tflite(cfg: DeployConfig, model, data, out: Path, ui: UI, quantize: str,
-                   onnx_twin: ExportResult) -> ExportResult:
-    from .export.tflite_export import export_tflite_int8
-
-    fp32 = export_model("tflite", model, data.input_shape, out / "model-fp32.tflite", 0)
-    parity = check_parity(model, fp32, data.x_test, data.y_test, cfg.export.parity_atol)
-    ui.info(f"TFLite parity vs PyTorch: max abs diff {parity['max_abs_diff']:.2e}, accuracy "
-            f"{parity['accuracy_onnx']:.2%} on the TFLite interpreter")
-    if quantize == "none":
-        final, qreport = Path(shutil.copyfile(fp32, out / "model.tflite")), {}
-    else:
-        calib = data.x_train[: cfg.export.calibration_samples]
-        final = export_tflite_int8(model, data.input_shape, out / "model.tflite", calib)
-        qreport = quantization_report("int8 full-integer (TFLite)", fp32, final, data.x_test, data.y_test,
-                                      cfg.export.max_accuracy_drop)
-        ui.info(f"TFLite int8: accuracy {qreport['accuracy_fp32']:.2%} -> {qreport['accuracy_quantized']:.2%}, "
-                f"SQNR {qreport['sqnr_db']} dB, {qreport['size_fp32_bytes']:,} -> {qreport['size_quantized_bytes']:,} bytes")
-    return ExportResult(final, "tflite", quantize, final.stat().st_size, parity, qreport, onnx_twin.path)
 
 
 def open_fleet(cfg: DeployConfig, target: TargetProfile, workdir: Path, stack: contextlib.ExitStack, ui: UI,

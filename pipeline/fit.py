@@ -17,6 +17,7 @@ from typing import Any
 from .compress_stage import Prepared, compress, prepare
 from .config import CompressStep, DeployConfig
 from .errors import BudgetError, CompressionError, ExportError
+from .export.stage import export_stage
 from .profile import analyse, predict_model
 from .profile.budgets import evaluate, failures
 from .targets import TargetProfile
@@ -80,8 +81,6 @@ def pareto_front(cands: list[Candidate]) -> None:
 
 
 def run_fit(cfg: DeployConfig, target: TargetProfile, ui: UI, out: Path | None = None) -> FitResult:
-    from .deploy import export_stage
-
     prepared = prepare(cfg, ui)
     out = out or cfg.resolve(cfg.workdir) / "fit" / target.name
     quiet = UI(quiet=True)
@@ -98,7 +97,7 @@ def run_fit(cfg: DeployConfig, target: TargetProfile, ui: UI, out: Path | None =
         for q in cfg.fit.quantizations:
             c = Candidate(label, steps, q)
             try:
-                exported = export_stage(cfg, result.model, result.data, out / f"c{i}-{q}", quiet, q)
+                exported = export_stage(cfg.export, result.model, result.data, out / f"c{i}-{q}", quiet, q)
             except ExportError as exc:
                 c.error = str(exc).splitlines()[0]
                 cands.append(c)

@@ -1,30 +1,33 @@
 """Export a PyTorch model for a device runtime, check parity, optionally quantize.
 
-Exporters and quantizers are registries keyed by deploy.yaml's ``export.format`` and
-``export.quantize``; onnxruntime is imported only inside the functions that need it.
+One backend per format (:mod:`.backend`: ``onnx_backend``, ``tflite_backend``), keyed by deploy.yaml's
+``export.format``; the formats' facts as plain data in :mod:`.formats`; the stage that sequences export,
+parity, simplification and quantization in :mod:`.stage`. Importing this package, ``formats`` or
+``backend`` loads no torch, onnx, onnxruntime or litert: the names below that need them load on first use.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+import importlib
 from typing import Any
 
-from .onnx_export import EXPORTERS, export_model, minify, simplify
-from .parity import check_parity, ort_predict
-from .quantize import QUANTIZERS, quantization_report, quantize_model
+from .backend import BACKENDS, ExportBackend, backend_for_file, export_model, get_backend
+from .formats import FORMATS, Format, all_quantizations, format_of_file, get_format
+
+#: name -> the module that defines it, imported when the name is first read
+_LAZY = {
+    "ExportResult": "stage", "export_stage": "stage",
+    "check_parity": "parity", "ort_predict": "parity",
+    "minify": "onnx_backend", "simplify": "onnx_backend",
+    "QUANTIZERS": "quantize", "quantization_report": "quantize", "quantize_model": "quantize",
+}
 
 
-@dataclass
-class ExportResult:
-    path: Path
-    format: str
-    quantization: str
-    size_bytes: int
-    parity: dict[str, Any]
-    quantization_report: dict[str, Any] = field(default_factory=dict)
-    #: an ONNX twin of the same model and precision, for static analysis when ``path`` is not ONNX
-    analysis_path: Path | None = None
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
 
 
-__all__ = ["EXPORTERS", "QUANTIZERS", "ExportResult", "check_parity", "export_model", "minify", "ort_predict", "quantization_report", "quantize_model", "simplify"]
+__all__ = ["BACKENDS", "FORMATS", "ExportBackend", "Format", "all_quantizations", "backend_for_file",
+           "export_model", "format_of_file", "get_backend", "get_format", *_LAZY]

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from device_agent.runtimes.onnxruntime_backend import Int8Semantics, session_options
 
 from ..errors import ExportError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 def ort_session(path: Path, threads: int | None = None, int8: Int8Semantics = Int8Semantics.REFERENCE):
@@ -41,10 +42,24 @@ def runtime_predict(path: Path, x: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run({name: x[i:i + 1]})[0] for i in range(len(x))])
 
 
-@torch.no_grad()
 def torch_predict(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The PyTorch model's first output for ``x``."""
+    return torch_outputs(model, x, batch_size)[0]
+
+
+def torch_outputs(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
+    """Every output of the PyTorch model for ``x``, in order (a tensor, a tuple or list, or a dict's values)."""
+    import torch
+
+    def flat(out) -> list[np.ndarray]:
+        if isinstance(out, dict):
+            out = list(out.values())
+        return [t.numpy() for t in out] if isinstance(out, (tuple, list)) else [out.numpy()]
+
     model = model.cpu().eval()
-    return np.concatenate([model(torch.from_numpy(x[i:i + batch_size])).numpy() for i in range(0, len(x), batch_size)])
+    with torch.no_grad():
+        batches = [flat(model(torch.from_numpy(x[i:i + batch_size]))) for i in range(0, len(x), batch_size)]
+    return [np.concatenate([b[k] for b in batches]) for k in range(len(batches[0]))]
 
 
 def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
@@ -55,21 +70,30 @@ def sqnr_db(reference: np.ndarray, test: np.ndarray) -> float:
 
 
 def check_parity(model: nn.Module, path: Path, x: np.ndarray, y: np.ndarray, atol: float) -> dict[str, Any]:
-    """Compare the exported model (ONNX Runtime or TFLite) with PyTorch on the test set; raise once listing
-    every output that differs."""
-    ref = torch_predict(model, x)
-    got = ort_predict(path, x)
+    """Compare every output of the exported model (run by its format's backend) with PyTorch's on the test
+    set, by name: the file's outputs in order against the PyTorch model's. Collect every output that
+    differs, then raise once, one line per output."""
+    from .backend import backend_for_file
+
+    ref = torch_outputs(model, x)
+    got = backend_for_file(path).run(path, x)
     problems = []
-    if ref.shape != got.shape:
-        problems.append(f"output 0 (logits): shape {got.shape} vs PyTorch {ref.shape}")
-        diff = float("inf")
-    else:
-        diff = float(np.max(np.abs(ref - got)))
-        if diff > atol:
-            problems.append(f"output 0 (logits): max abs diff {diff:.3g} > tolerance {atol:g}")
-    acc_torch = float((ref.argmax(1) == y).mean())
-    acc_onnx = float((got.argmax(1) == y).mean()) if ref.shape == got.shape else 0.0
+    if len(got) != len(ref):
+        problems.append(f"outputs: {path.name} has {len(got)} ({', '.join(got)}), the PyTorch model {len(ref)}")
+    diffs: dict[str, float] = {}
+    for i, (name, out) in enumerate(got.items()):
+        if i >= len(ref):
+            break
+        if ref[i].shape != out.shape:
+            problems.append(f"output {i} ({name}): shape {out.shape} vs PyTorch {ref[i].shape}")
+            diffs[name] = float("inf")
+            continue
+        diffs[name] = float(np.max(np.abs(ref[i] - out))) if out.size else 0.0
+        if diffs[name] > atol:
+            problems.append(f"output {i} ({name}): max abs diff {diffs[name]:.3g} > tolerance {atol:g}")
     if problems:
         raise ExportError(f"{path.name} does not match the PyTorch model:\n  " + "\n  ".join(problems))
-    return {"max_abs_diff": diff, "atol": atol, "accuracy_torch": acc_torch, "accuracy_onnx": acc_onnx,
-            "samples": len(x)}
+    first = next(iter(got.values()))
+    return {"max_abs_diff": max(diffs.values()), "atol": atol, "outputs": diffs,
+            "accuracy_torch": float((ref[0].argmax(1) == y).mean()),
+            "accuracy_onnx": float((first.argmax(1) == y).mean()), "samples": len(x)}

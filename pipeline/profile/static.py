@@ -1,7 +1,12 @@
-"""Static analysis of an ONNX graph: parameters, MACs per layer, peak activation memory by liveness."""
+"""Static analysis of a model file: parameters, MACs per layer, peak activation memory by liveness.
+
+One analyser per export format, registered by the format's name (ONNX here, TFLite in
+``static_tflite``); :func:`analyse` picks it by the file's content."""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +16,8 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from ..errors import ModelError
+from ..export.formats import format_of_file
+from ..registry import Registry
 
 _BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorProto.INT8: 1,
           onnx.TensorProto.UINT8: 1, onnx.TensorProto.INT32: 4, onnx.TensorProto.INT64: 8,
@@ -86,8 +93,9 @@ def load_onnx(path: Path) -> onnx.ModelProto:
     """Load and check a model file; a clear error for anything that is not a usable ONNX model."""
     if not path.is_file():
         raise ModelError(f"{path}: no such model file")
-    if is_tflite(path):
-        raise ModelError(f"{path}: a TFLite flatbuffer, not ONNX")
+    fmt = format_of_file(path)
+    if fmt.name != "onnx":
+        raise ModelError(f"{path}: a {fmt.name} model, not ONNX")
     try:
         model = onnx.load(str(path))
     except Exception:
@@ -111,17 +119,25 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         raise ModelError(f"{path}: ONNX shape inference failed ({exc})") from None
 
 
-def is_tflite(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(8)[4:8] == b"TFL3"
+#: export format -> its static analyser (model file -> StaticProfile)
+ANALYSERS: Registry[Callable[[Path], StaticProfile]] = Registry("static analysis for format")
+#: analysers whose module (and runtime library) loads only when a file of their format comes
+_LAZY = {"tflite": "pipeline.profile.static_tflite"}
 
 
 def analyse(path: Path) -> StaticProfile:
-    """Static profile of an ONNX model or a TFLite flatbuffer (by content, not by name)."""
-    if path.is_file() and is_tflite(path):
-        from .static_tflite import analyse_tflite
+    """Static profile of a model file of any export format (recognised by content, not by name)."""
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    fmt = format_of_file(path).name
+    if fmt not in ANALYSERS and fmt in _LAZY:
+        importlib.import_module(_LAZY[fmt])
+    return ANALYSERS.get(fmt)(path)
 
-        return analyse_tflite(path)
+
+@ANALYSERS.register("onnx")
+def analyse_onnx(path: Path) -> StaticProfile:
+    """Static profile of an ONNX model."""
     model = load_onnx(path)
     g = model.graph
     inits = {t.name: t for t in g.initializer}

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError
-from .static import NodeCost, StaticProfile
+from .static import ANALYSERS, NodeCost, StaticProfile
 
 _CATEGORY = {
     "CONV_2D": "conv", "DEPTHWISE_CONV_2D": "conv_dw", "FULLY_CONNECTED": "gemm", "BATCH_MATMUL": "gemm",
@@ -35,6 +35,7 @@ def _interpreter(path: Path):
     return it
 
 
+@ANALYSERS.register("tflite")
 def analyse_tflite(path: Path) -> StaticProfile:
     it = _interpreter(path)
     tensors = {t["index"]: t for t in it.get_tensor_details()}

@@ -93,7 +93,7 @@ def test_simplified_model_keeps_parity(cnn, x, tmp_path):
 
 def test_tflite_fp32_and_full_integer_int8(cnn, x, tmp_path, tflite):
     from pipeline.export import quantization_report
-    from pipeline.export.tflite_export import export_tflite_int8
+    from pipeline.export.tflite_backend import export_tflite_int8
 
     from device_agent.runtimes import get_runtime
 
@@ -123,3 +123,89 @@ def test_minify_keeps_io_and_outputs(cnn, x, tmp_path):
     assert [i.name for i in g.input] == ["input"] and [o.name for o in g.output] == ["logits"]
     assert all(not n.name for n in g.node) and not g.value_info
     assert np.array_equal(ort_predict(src, x), before) and src.stat().st_size < size
+
+
+class _TwoHeads(nn.Module):
+    """Two outputs: the parity check compares each by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU())
+        self.cls, self.box = nn.Linear(16, 10), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.cls(h), self.box(h)
+
+
+def test_parity_compares_every_output_and_lists_every_mismatch(x, tmp_path):
+    torch.manual_seed(0)
+    model = _TwoHeads().eval()
+    path = export_model("onnx", model, (1, 8, 8), tmp_path / "two.onnx", 17)
+    y = model(torch.from_numpy(x))[0].argmax(1).numpy()
+    report = check_parity(model, path, x, y, atol=1e-4)
+    names = list(report["outputs"])  # the file's output names; ONNX names the unnamed second one
+    assert len(names) == 2 and names[0] == "logits"
+    assert report["max_abs_diff"] == max(report["outputs"].values()) < 1e-4
+    with torch.no_grad():
+        model.cls.bias.add_(0.5)
+        model.box.bias.add_(0.25)
+    with pytest.raises(ExportError) as err:
+        check_parity(model, path, x, y, atol=1e-4)
+    lines = str(err.value).splitlines()
+    assert lines[0] == "two.onnx does not match the PyTorch model:"
+    assert lines[1].startswith("  output 0 (logits): max abs diff 0.5") and lines[2].startswith("  output 1 (")
+    assert "max abs diff 0.25" in lines[2] and len(lines) == 3
+
+
+def test_parity_refuses_a_different_number_of_outputs(cnn, x, tmp_path):
+    torch.manual_seed(0)
+    path = export_model("onnx", cnn, (1, 8, 8), tmp_path / "one.onnx", 17)
+    with pytest.raises(ExportError, match=r"outputs: one.onnx has 1 \(logits\), the PyTorch model 2"):
+        check_parity(_TwoHeads().eval(), path, x, np.zeros(len(x), dtype=np.int64), atol=1e-4)
+
+
+def test_backends_declare_the_facts_of_the_formats_table():
+    from pipeline.export import FORMATS, get_backend
+    from pipeline.export.quantize import QUANTIZERS
+
+    for name, fmt in FORMATS.items():
+        b = get_backend(name)
+        assert (b.name, b.suffix, b.runtime, b.quantizations, b.default_atol) == \
+               (fmt.name, fmt.suffix, fmt.runtime, fmt.quantizations, fmt.default_atol)
+        assert b.quantizations[0] == "none"
+    assert set(QUANTIZERS.names()) == set(FORMATS["onnx"].quantizations)  # the ONNX quantizer registry
+    from device_agent.runtimes import BY_SUFFIX, known_runtimes
+
+    assert {f.suffix: f.runtime for f in FORMATS.values()} == BY_SUFFIX  # the agent reads what we write
+    assert {f.runtime for f in FORMATS.values()} <= set(known_runtimes())
+
+
+def test_unknown_format_lists_the_known_ones():
+    from pipeline.export import get_backend
+    from pipeline.registry import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="unknown export format 'coreml'; known: onnx, tflite"):
+        get_backend("coreml")
+
+
+def test_format_of_a_file_by_content(cnn, tmp_path):
+    from pipeline.export import format_of_file
+
+    path = export_model("onnx", cnn, (1, 8, 8), tmp_path / "m.bin", 17)
+    assert format_of_file(path).name == "onnx"
+    tfl = tmp_path / "m.onnx"
+    tfl.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\x00" * 64)
+    assert format_of_file(tfl).name == "tflite"
+
+
+def test_the_formats_table_imports_nothing_heavy():
+    import subprocess
+    import sys
+
+    code = ("import sys; import pipeline.export, pipeline.export.formats, pipeline.export.backend; "
+            "from pipeline.export import FORMATS, all_quantizations; assert all_quantizations(); "
+            "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'litert_torch', 'ai_edge_litert') "
+            "if m in sys.modules]; print(heavy); sys.exit(1 if heavy else 0)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr

@@ -1,4 +1,4 @@
-"""PyTorch -> TFLite with litert-torch (the ``[tflite]`` extra): fp32, and full-integer int8 through PT2E
+"""The TFLite backend: PyTorch -> TFLite with litert-torch (the ``[tflite]`` extra): fp32, and full-integer int8 through PT2E
 (per-channel symmetric weights, activations calibrated on the dataset, int8 input and output).
 
 Input layout stays NCHW as in PyTorch, so golden vectors and benchmarks feed the same tensors as for
@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..errors import ExportError
 from ..trace import locate
-from .onnx_export import EXPORTERS
+from .backend import BACKENDS, ExportBackend
 
 
 def _litert():
@@ -54,7 +55,6 @@ def _convert(model: nn.Module, example: torch.Tensor, path: Path, quant_config=N
     return path
 
 
-@EXPORTERS.register("tflite")
 def export_tflite(model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 0) -> Path:
     """fp32 TFLite flatbuffer (``opset`` is an ONNX notion and is ignored)."""
     return _convert(model.cpu().eval(), torch.zeros((1, *input_shape)), path)
@@ -81,3 +81,35 @@ def export_tflite_int8(model: nn.Module, input_shape: tuple[int, ...], path: Pat
     except Exception as exc:  # torch.export and PT2E raise many types
         raise ExportError(f"int8 quantization for TFLite failed: {str(exc).strip().splitlines()[0]}") from None
     return _convert(converted, example, path, QuantConfig(pt2e_quantizer=quantizer))
+
+
+@BACKENDS.register("tflite")
+class TFLiteBackend(ExportBackend):
+    name, suffix, runtime = "tflite", ".tflite", "tflite"
+    display, label = "TFLite", "the TFLite interpreter"
+    quantizations = ("none", "int8-static")  # int8-static: full integer, int8 input and output
+    default_atol = 1e-4
+    #: the profile predicts latency from an ONNX graph of the same model and precision
+    analysis_twin = "onnx"
+
+    def export(self, model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 0) -> Path:
+        return export_tflite(model, input_shape, path, opset)
+
+    def quantize(self, kind: str, model: nn.Module, fp32: Path, dst: Path, calibration: np.ndarray,
+                 input_shape: tuple[int, ...]) -> Path:
+        if kind not in self.quantizations:
+            raise ExportError(f"TFLite has no quantization {kind!r}; allowed: {list(self.quantizations)}")
+        if kind == "none":
+            return Path(shutil.copyfile(fp32, dst))
+        return export_tflite_int8(model, input_shape, dst, calibration)
+
+    def quantization_label(self, kind: str) -> str:
+        return "int8 full-integer (TFLite)" if kind == "int8-static" else kind
+
+    def run(self, path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+        from device_agent.runtimes import get_runtime
+
+        session = get_runtime(self.runtime).load(path)
+        name = session.inputs[0].name
+        runs = [session.run({name: x[i:i + 1]}) for i in range(len(x))]
+        return {o.name: np.concatenate([r[k] for r in runs]) for k, o in enumerate(session.outputs)}

@@ -1,28 +1,26 @@
-"""PyTorch -> ONNX, one self-contained file."""
+"""The ONNX backend: PyTorch -> ONNX (one self-contained file), onnxslim, the onnxruntime quantizers
+(:mod:`pipeline.export.quantize`), run by onnxruntime with the reference int8 semantics."""
 
 from __future__ import annotations
 
 import io
+import shutil
 import warnings
-from collections.abc import Callable
 from contextlib import redirect_stdout
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 from torch import nn
 
-from ..trace import locate
 from ..errors import ExportError
-from ..registry import Registry
-
-Exporter = Callable[[nn.Module, tuple[int, ...], Path, int], Path]
-EXPORTERS: Registry[Exporter] = Registry("export format")
+from ..trace import locate
+from .backend import BACKENDS, ExportBackend
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
-@EXPORTERS.register("onnx")
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 17) -> Path:
     """TorchScript-based exporter: one file with weights inside, opset as asked, dynamic batch."""
     model = model.cpu().eval()
@@ -87,13 +85,33 @@ def minify(path: Path) -> Path:
     return path
 
 
-#: exporters whose heavy dependencies load only when asked for
-_LAZY = {"tflite": "pipeline.export.tflite_export"}
+@BACKENDS.register("onnx")
+class OnnxBackend(ExportBackend):
+    name, suffix, runtime = "onnx", ".onnx", "onnxruntime"
+    display, label = "ONNX", "onnxruntime"
+    quantizations = ("none", "int8-static", "int8-dynamic", "fp16")
+    default_atol = 1e-4
 
+    def export(self, model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 17) -> Path:
+        return export_onnx(model, input_shape, path, opset)
 
-def export_model(fmt: str, model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int) -> Path:
-    if fmt not in EXPORTERS and fmt in _LAZY:
-        import importlib
+    def simplify(self, src: Path, dst: Path) -> Path | None:
+        return simplify(src, dst)
 
-        importlib.import_module(_LAZY[fmt])
-    return EXPORTERS.get(fmt)(model, input_shape, path, opset)
+    def quantize(self, kind: str, model: nn.Module, fp32: Path, dst: Path, calibration: np.ndarray,
+                 input_shape: tuple[int, ...]) -> Path:
+        from .quantize import QUANTIZERS
+
+        fn = QUANTIZERS.get(kind)
+        if fn is None:  # "none": the fp32 model, as shipped
+            return minify(Path(shutil.copyfile(fp32, dst)))
+        return minify(fn(fp32, dst, calibration))
+
+    def run(self, path: Path, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+        from .parity import ort_session
+
+        sess = ort_session(path)
+        name = sess.get_inputs()[0].name
+        names = [o.name for o in sess.get_outputs()]
+        batches = [sess.run(None, {name: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
+        return {n: np.concatenate([b[k] for b in batches]) for k, n in enumerate(names)}
