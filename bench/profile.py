@@ -61,8 +61,8 @@ def main() -> None:
     calib = data.x_train[:128]
     predictor = kernel_predictor(host)
     if predictor is None or predictor.reference_ms is None:
-        sys.exit("targets/host.kernels.json is missing or predates the speed reference: run "
-                 "`pipeline targets calibrate` first")
+        sys.exit("host.kernels.json (packaged targets or the user directory) is missing or predates the speed "
+                 "reference: run `pipeline targets calibrate` first")
     probe, reference_ms = SpeedProbe(threads, tmp), predictor.reference_ms
     variants = []
     t0 = time.perf_counter()

@@ -8,7 +8,7 @@ the first that has a name wins:
    (``~/.config/edgefleet/targets``). Your own device classes go here, and ``pipeline targets calibrate`` writes
    this machine's ``host.yaml`` (and ``host.kernels.json``) here, never into the installation;
 3. the packaged ones: the repository's ``targets/``, shipped inside the wheel as the package
-   ``pipeline._targets`` (``setup.py`` maps it) and read through :mod:`importlib.resources`.
+   ``pipeline._targets`` (pyproject.toml maps it) and read through :mod:`importlib.resources`.
 """
 
 from __future__ import annotations

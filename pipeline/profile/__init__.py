@@ -50,12 +50,13 @@ def host_threads(target: TargetProfile) -> int:
 
 
 def kernel_predictor(target: TargetProfile):
-    """The kernel-level predictor of a target calibrated in person (targets/<name>.kernels.json), if any."""
-    from ..targets import targets_dir
+    """The kernel-level predictor of a target calibrated in person (<name>.kernels.json beside the YAML that
+    defines the target: the user's directory, or the packaged targets), if any."""
+    from ..targets import kernels_file
     from .kernels import KernelPredictor
 
-    path = targets_dir() / f"{target.name}.kernels.json"
-    if not path.is_file():
+    path = kernels_file(target.name)
+    if path is None:
         return None
     cached = _KERNEL_CACHE.get(path)
     if cached is None or cached[0] != path.stat().st_mtime_ns:

@@ -158,10 +158,8 @@ def cmd_provision(args: argparse.Namespace, ui) -> int:
 def live_fleet(broker, prefix: str, timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
     """The retained online flags and statuses the broker holds for every device: all of them, once the watch's
     marker has come back after them (``pipeline.ota.watch``), or what arrived within ``timeout_s``."""
-    import dataclasses
-
     from device_agent.mqtt import ConnectError
-    from device_agent.protocol import PROTOCOL_VERSION, Leaf, ProtocolError, Status, parse_topic
+    from device_agent.protocol import PROTOCOL_VERSION, Leaf, ProtocolError, decode, parse_topic
 
     from ..ota.watch import Watch
 
@@ -176,7 +174,7 @@ def live_fleet(broker, prefix: str, timeout_s: float = 5.0) -> dict[str, dict[st
             if leaf is Leaf.ONLINE:
                 entry["online"] = payload == b"online"
             else:
-                entry["status"] = dataclasses.asdict(Status.parse(payload))
+                entry["status"] = decode(payload, "status")  # shown as the device said it, whatever it holds
         except ProtocolError:
             pass
 
