@@ -170,23 +170,25 @@ def _deliver(cfg: DeployConfig, target: TargetProfile, artifact, workdir: Path, 
         if serve_http is not None:
             server = stack.enter_context(ArtifactServer(workdir / "artifacts", serve_http.host, serve_http.port))
             ui.info(f"serving artifacts over HTTP at {server.base_url} (devices fetch with Range requests)")
-        store = FleetStore(db)
+        store = FleetStore(db)  # opened once per delivery: this thread's connection, and the progress writer's
         try:
             dep = store.start(name=artifact.manifest.name, target=target.name, version=artifact.version,
                               sha256=artifact.sha256, artifact=str(artifact.dir), kind=kind, devices=devices)
-        finally:
+        except BaseException:
             store.close()
+            raise
+        updates = store.progress_queue(dep)
 
-        def progress(state: str, d) -> None:
+        def progress(state: str, d) -> None:  # on paho's network thread: queued, never a write to SQLite here
             ui.info(f"{d.device_id}: {state}")
-            FleetStore.progress(db, dep, d.device_id, state)  # live in `pipeline dashboard`
+            updates.put(d.device_id, state)  # live in `pipeline dashboard`
 
         with ui.stage(f"Deliver v{artifact.version} over MQTT to {len(devices)} device(s), canaries first"):
             try:
-                result = rollout(broker, fleet.topic_prefix, artifact, devices, fleet.timeout_s, policy,
-                                 progress=progress, note=ui.info)
+                with updates:  # every queued state is written before the deployment's record ends
+                    result = rollout(broker, fleet.topic_prefix, artifact, devices, fleet.timeout_s, policy,
+                                     progress=progress, note=ui.info)
             except BaseException as exc:  # the deployment's record ends, whatever stopped it
-                store = FleetStore(db)
                 try:
                     store.finish(dep, status="failed", reason=f"{type(exc).__name__}: {exc}", results=[])
                 finally:
@@ -194,7 +196,6 @@ def _deliver(cfg: DeployConfig, target: TargetProfile, artifact, workdir: Path, 
                 raise
     delivery = [{**d.to_dict(), "phase": result.phases.get(d.device_id)} for d in result.results]
     ok = not result.aborted and all(d["status"] == DeviceStatus.ACTIVATED for d in delivery)
-    store = FleetStore(db)
     try:
         # devices a rollout never reached (it stopped after the canaries) keep no row
         store.finish(dep, status=DeploymentStatus.SUCCEEDED if ok else (

@@ -1,12 +1,23 @@
-"""SQLite fleet store (WAL): deployment history, per-device results. Schema migrations are numbered."""
+"""SQLite fleet store (WAL): deployment history, per-device results. Schema migrations are numbered.
+
+One ``FleetStore`` may be shared by threads: each thread that touches ``store.db`` gets its own connection
+(SQLite connections are not for sharing), opened once and kept until ``close()``. A store that is already at
+the latest schema is not migrated again: opening it reads ``schema_version`` and takes no write lock. States a
+running deployment reports from paho's network thread go through a ``ProgressQueue``: the callback only
+queues, the store's own writer thread writes them."""
 
 from __future__ import annotations
 
 import json
+import logging
+import queue
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 MIGRATIONS = [
     """CREATE TABLE deployments (
@@ -100,38 +111,72 @@ def order(body: dict[str, Any]) -> tuple[int, int] | tuple[None, None]:
 
 class FleetStore:
     def __init__(self, path: Path, readonly: bool = False) -> None:
-        """``readonly``: a reader beside a writer (the dashboard's request threads); it never migrates."""
-        self.path = path
-        if readonly:
-            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30, isolation_level=None,
-                                      check_same_thread=False)
-            self.db.row_factory = sqlite3.Row
-            return
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self._migrate()
+        """``readonly``: a reader beside a writer (the dashboard); it never migrates. This thread's connection
+        is opened (and the store created or migrated) here, so a bad path fails now, not on first use."""
+        self.path, self.readonly = path, readonly
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        if not readonly:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.db  # noqa: B018 -- this thread's connection, now
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        """The calling thread's connection to the store, opened on its first use."""
+        con = getattr(self._local, "db", None)
+        if con is None:
+            con = self._local.db = self._connect()
+        return con
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.readonly:
+            con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
+                                  check_same_thread=False)
+        else:
+            con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        con.row_factory = sqlite3.Row
+        try:
+            if not self.readonly:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute("PRAGMA synchronous=NORMAL")
+                if self._schema_version(con) != len(MIGRATIONS):
+                    self._migrate(con)
+        except BaseException:
+            con.close()
+            raise
+        with self._lock:
+            self._connections.append(con)
+        return con
 
     def data_version(self) -> int:
-        """Changes whenever another connection commits: what live views poll."""
+        """Changes whenever another connection commits: what live views poll (always from one thread: each
+        thread's connection counts on its own)."""
         return int(self.db.execute("PRAGMA data_version").fetchone()[0])
 
-    def _migrate(self) -> None:
+    @staticmethod
+    def _schema_version(con: sqlite3.Connection) -> int | None:
+        try:
+            row = con.execute("SELECT v FROM schema_version").fetchone()
+        except sqlite3.OperationalError:  # no such table: a new store
+            return None
+        return row["v"] if row else None
+
+    def _migrate(self, con: sqlite3.Connection) -> None:
         """Numbered migrations, all pending ones in one immediate transaction: of several processes opening a
         store at once, one migrates and the others then find it done."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("CREATE TABLE IF NOT EXISTS schema_version (v INTEGER NOT NULL)")
-            row = self.db.execute("SELECT v FROM schema_version").fetchone()
+        with con:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("CREATE TABLE IF NOT EXISTS schema_version (v INTEGER NOT NULL)")
+            row = con.execute("SELECT v FROM schema_version").fetchone()
             current = row["v"] if row else 0
             if not row:
-                self.db.execute("INSERT INTO schema_version VALUES (0)")
+                con.execute("INSERT INTO schema_version VALUES (0)")
             for sql in MIGRATIONS[current:]:
-                self.db.execute(sql)
+                con.execute(sql)
             if current < len(MIGRATIONS):
-                self.db.execute("UPDATE schema_version SET v = ?", (len(MIGRATIONS),))
+                con.execute("UPDATE schema_version SET v = ?", (len(MIGRATIONS),))
+                log.info("%s: schema migrated from v%d to v%d", self.path, current, len(MIGRATIONS))
 
     def record(self, *, name: str, target: str, version: int, sha256: str, artifact: str, kind: str, status: str,
                reason: str | None, results: list[dict[str, Any]], rollout: dict[str, Any] | None = None) -> int:
@@ -164,16 +209,15 @@ class FleetStore:
                                 [(dep, d, "pending") for d in devices])
         return int(dep)
 
-    @staticmethod
-    def progress(path: Path, deployment_id: int, device_id: str, status: str) -> None:
-        """One device's state in a running deployment. Its own short connection: rollouts report from the
-        network thread."""
-        store = FleetStore(path)
-        try:
-            store.db.execute("UPDATE device_results SET status = ? WHERE deployment_id = ? AND device_id = ?",
-                             (status, deployment_id, device_id))
-        finally:
-            store.close()
+    def progress(self, deployment_id: int, device_id: str, status: str) -> None:
+        """One device's state in a running deployment, on the calling thread's connection. From a thread that
+        must not wait on SQLite (paho's network thread), put it on a ``ProgressQueue`` instead."""
+        self.db.execute("UPDATE device_results SET status = ? WHERE deployment_id = ? AND device_id = ?",
+                        (status, deployment_id, device_id))
+
+    def progress_queue(self, deployment_id: int) -> "ProgressQueue":
+        """``with store.progress_queue(dep) as q: ... q.put(device, state)`` from any thread."""
+        return ProgressQueue(self, deployment_id)
 
     def finish(self, deployment_id: int, *, status: str, reason: str | None, results: list[dict[str, Any]],
                rollout: dict[str, Any] | None = None) -> None:
@@ -295,4 +339,52 @@ class FleetStore:
         return int(self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
     def close(self) -> None:
-        self.db.close()
+        """Close every thread's connection (call it once the other threads are done with the store)."""
+        with self._lock:
+            connections, self._connections = self._connections, []
+        for con in connections:
+            con.close()
+        self._local = threading.local()
+
+
+class ProgressQueue:
+    """The states devices report during a deployment, from whatever thread reports them (the rollout's
+    callback runs on paho's network thread), written in order by one writer thread on its own connection to
+    the store: the callback never waits on SQLite (a busy store cannot stall the MQTT loop) and the database
+    is not reopened per callback. Leaving the ``with`` writes what is queued, then stops the writer, so that
+    nothing lands after the deployment's ``finish``."""
+
+    _STOP = None
+
+    def __init__(self, store: FleetStore, deployment_id: int) -> None:
+        self.store, self.deployment_id = store, deployment_id
+        self._queue: queue.Queue[tuple[str, str] | None] = queue.Queue()
+        self._writer = threading.Thread(target=self._write, name=f"fleet-progress-{deployment_id}", daemon=True)
+        self.written = 0
+
+    def put(self, device_id: str, status: str) -> None:
+        """Any thread; returns at once."""
+        self._queue.put((device_id, status))
+
+    def _write(self) -> None:
+        while (item := self._queue.get()) is not self._STOP:
+            try:
+                self.store.progress(self.deployment_id, *item)
+                self.written += 1
+            except sqlite3.Error as exc:  # the live view misses one state; the deployment's finish is whole
+                log.warning("%s: progress of %s not stored: %s", self.store.path, item[0], exc)
+        # the writer's connection is the store's: closed with it
+
+    def start(self) -> "ProgressQueue":
+        self._writer.start()
+        return self
+
+    def stop(self) -> None:
+        self._queue.put(self._STOP)
+        self._writer.join()
+
+    def __enter__(self) -> "ProgressQueue":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -271,8 +271,9 @@ def test_a_running_deployment_shows_each_device_as_it_moves_on(store):
     [row] = view.deployments()
     assert row["status"] == "in_progress" and row["progress"] == {
         "total": 3, "by_status": {"pending": 3}, "done": 0, "succeeded": 0}
-    FleetStore.progress(store.path, dep, "d1", "activated")
-    FleetStore.progress(store.path, dep, "d2", "downloading")
+    store.progress(dep, "d1", "activated")
+    with store.progress_queue(dep) as updates:  # as a rollout reports: from paho's network thread
+        updates.put("d2", "downloading")
     [row] = view.deployments()
     assert row["progress"]["done"] == 1 and row["progress"]["by_status"] == {"activated": 1, "downloading": 1,
                                                                                "pending": 1}
