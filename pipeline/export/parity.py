@@ -25,21 +25,16 @@ def ort_session(path: Path, threads: int | None = None, int8: Int8Semantics = In
 
 def ort_predict(path: Path, x: np.ndarray, batch_size: int = 256,
                 int8: Int8Semantics = Int8Semantics.REFERENCE) -> np.ndarray:
-    """Outputs of a model file for ``x``, run by the device agent's runtime for its format (.onnx, .tflite);
-    ``int8``: reference semantics (the target's numbers, on any host) or this host's integer kernels."""
-    if path.suffix != ".onnx":
-        return runtime_predict(path, x)
+    """The first output of a model file for ``x``: ONNX through onnxruntime (``int8``: reference semantics,
+    the target's numbers on any host, or this host's integer kernels), another format through its backend."""
+    from .backend import backend_for_file
+    from .formats import format_of_file
+
+    if format_of_file(path).name != "onnx":
+        return next(iter(backend_for_file(path).run(path, x).values()))
     sess = ort_session(path, int8=int8)
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)])
-
-
-def runtime_predict(path: Path, x: np.ndarray) -> np.ndarray:
-    from device_agent.runtimes import get_runtime, runtime_for
-
-    session = get_runtime(runtime_for(path)).load(path)
-    name = session.inputs[0].name
-    return np.concatenate([session.run({name: x[i:i + 1]})[0] for i in range(len(x))])
 
 
 def torch_predict(model: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
