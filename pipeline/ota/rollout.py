@@ -94,6 +94,9 @@ def judge(canary_results: list[DeviceResult], policy: RolloutPolicy, predicted_m
 def rollout(broker: BrokerConfig, prefix: str, artifact: Artifact, devices: list[str], timeout_s: float,
             policy: RolloutPolicy, progress: Callable[[str, DeviceResult], None] | None = None,
             note: Callable[[str], None] = lambda m: None) -> RolloutResult:
+    """Canaries, their verdict, then the rest. ``progress(state, result)`` runs as each device moves on, on
+    paho's network thread (and, after an abort, on this one with each canary's answer): it must return at once,
+    so it queues rather than writes (``FleetStore.progress_queue``)."""
     k = min(len(devices), max(policy.canary_min, math.ceil(policy.canary_fraction * len(devices))))
     canaries, rest = devices[:k], devices[k:]
     note(f"canaries: {', '.join(canaries)}" + (f"; then {len(rest)} more" if rest else ""))

@@ -202,7 +202,7 @@ def test_beyond_loopback_every_request_needs_the_token(store):
     with pytest.raises(ConfigError, match="needs a token"):
         Dashboard(store.path, host="0.0.0.0", port=0)
     with Dashboard(store.path, host="0.0.0.0", port=0, token="s3cret") as dash:
-        port = dash.httpd.server_address[1]
+        port = dash.server_address[1]
         base = f"http://127.0.0.1:{port}/"
         assert get(base + "healthz")[0] == 200
         assert get(base + "api/overview")[0] == 401
@@ -220,7 +220,7 @@ def test_the_stream_announces_each_commit(store):
     import http.client
 
     with Dashboard(store.path, port=0, stream_poll_s=0.05) as dash:
-        host, port = dash.httpd.server_address[:2]
+        host, port = dash.server_address[:2]
         conn = http.client.HTTPConnection(host, port, timeout=10)
         conn.request("GET", "/api/stream")
         resp = conn.getresponse()
