@@ -471,14 +471,15 @@ def _bundles_in(path: Path) -> list[Path]:
 
 def build_artifacts(args, work: Path) -> tuple[list[Path], dict]:
     """Artifacts the host builds with the project's own code: the demo model (deploy.yaml) exported by
-    pipeline.deploy.export_stage (fp32, int8-static), or --onnx files, bundled by pipeline.bundle."""
+    pipeline.export.stage.export_stage (fp32, int8-static), or --onnx files, bundled by pipeline.bundle."""
     here = str(Path(__file__).resolve().parent)  # bench/profile.py would shadow the stdlib's profile
     sys.path[:] = [str(REPO)] + [p for p in sys.path if p not in (here, str(REPO))]
     from device_agent.runtimes import runtime_for
     from pipeline.bundle import build_artifact, next_version
     from pipeline.compress_stage import compress, load_data, prepare
     from pipeline.config import load_deploy
-    from pipeline.deploy import GOLDEN_CASES, export_stage
+    from pipeline.deploy import GOLDEN_CASES
+    from pipeline.export.stage import export_stage
     from pipeline.errors import ExportError
     from pipeline.ui import UI
 
@@ -505,7 +506,7 @@ def build_artifacts(args, work: Path) -> tuple[list[Path], dict]:
             out = work / "build" / f"{cfg.name}-{quantize}"
             with ui.stage(f"Host: export_stage (onnx, quantize: {quantize})"):
                 try:
-                    exported = export_stage(cfg, model, data, out, ui, quantize)
+                    exported = export_stage(cfg.export, model, data, out, ui, quantize)
                     final = exported.path
                     info[quantize] = {"quantization": exported.quantization_report or None}
                 except ExportError as exc:  # the host's accuracy gate; the file it judged is still there
