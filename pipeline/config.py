@@ -15,6 +15,7 @@ from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandle
 
 from .compress.params import METHODS, Params
 from .errors import ConfigError
+from .targets import Budgets, known_targets
 from .export.formats import FORMATS, all_quantizations, format_names
 
 CONFIG_VERSION = 1
@@ -154,13 +155,6 @@ class FitConfig(Strict):
         if any(r <= 1 for r in v):
             raise ValueError(f"macs_reductions must be > 1, got {v}")
         return v
-
-
-class Budgets(Strict):
-    latency_ms: float | None = Field(None, gt=0)
-    peak_memory_mb: float | None = Field(None, gt=0)
-    model_size_mb: float | None = Field(None, gt=0)
-    energy_mj: float | None = Field(None, gt=0)
 
 
 class TargetOverride(Strict):
@@ -401,9 +395,6 @@ def format_validation_error(exc: ValidationError, where: str) -> str:
     return f"{where}: invalid configuration\n" + "\n".join(f"  {line}" for line in error_lines(exc))
 
 
-_format = format_validation_error  # the name pipeline.targets imports
-
-
 _STEPS = TypeAdapter(list[Step])  # type: ignore[valid-type]
 
 
@@ -420,8 +411,6 @@ def parse_steps(steps: list[Any], where: str = "deploy.yaml", key: str = "compre
 
 def _known_classes(base_dir: Path) -> list[str]:
     """Device classes: the YAML files in targets/ (and in deploy.yaml's own targets/, which wins)."""
-    from .targets import known_targets  # noqa: PLC0415 - targets.py imports this module
-
     local = base_dir / "targets"
     return sorted(set(known_targets()) | (set(known_targets(local)) if local.is_dir() else set()))
 

@@ -16,12 +16,34 @@ from __future__ import annotations
 import importlib.resources
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import Budgets, DeployConfig, _format
 from .errors import ConfigError, PipelineError
+
+if TYPE_CHECKING:  # targets know nothing of a deployment; config composes them (config -> targets, never back)
+    from .config import DeployConfig
+
+
+class Budgets(BaseModel):
+    """What a device class allows a model: deploy.yaml's ``targets.<class>.budgets`` overrides these."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    latency_ms: float | None = Field(None, gt=0)
+    peak_memory_mb: float | None = Field(None, gt=0)
+    model_size_mb: float | None = Field(None, gt=0)
+    energy_mj: float | None = Field(None, gt=0)
+
+
+def _format(exc: ValidationError, where: str) -> str:
+    """One ``field.path: what is wrong`` line per problem."""
+    lines = []
+    for err in exc.errors():
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"][:300]
+        lines.append(f"{'.'.join(str(p)[:40] for p in err['loc']) or '(top level)'}: {msg}")
+    return f"{where}: invalid target\n" + "\n".join(f"  {line}" for line in lines)
 
 #: the package that holds the packaged targets (targets/ in the repository)
 PACKAGE = "pipeline._targets"

@@ -18,7 +18,7 @@ from .formats import FORMATS, Format, all_quantizations, format_of_file, get_for
 _LAZY = {
     "ExportResult": "stage", "export_stage": "stage",
     "check_parity": "parity", "ort_predict": "parity",
-    "minify": "onnx_backend", "simplify": "onnx_backend",
+    "minify": "onnx_files", "simplify": "onnx_files",
     "QUANTIZERS": "quantize", "quantization_report": "quantize", "quantize_model": "quantize",
 }
 

@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import ExportError
 from ..trace import locate
 from .backend import BACKENDS, ExportBackend
+from .onnx_files import minify, simplify
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
@@ -41,47 +42,6 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opse
         where = f" at layer {layer!r}" if layer else ""
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExportError(f"ONNX export of {type(model).__name__} failed{where}: {first}")
-    return path
-
-
-def simplify(src: Path, dst: Path) -> Path:
-    """onnxslim: constant folding, dead-node removal and op fusion; the caller checks parity after it."""
-    import onnxslim
-
-    try:
-        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            model = onnxslim.slim(str(src))
-        onnx.save(model, str(dst))
-        onnx.checker.check_model(str(dst))
-    except Exception as exc:
-        raise ExportError(f"onnxslim could not simplify {src.name}: {exc}") from None
-    return dst
-
-
-def minify(path: Path) -> Path:
-    """Strip what only tools read (value_info, node names, doc strings) and give internal tensors short
-    names; inputs and outputs keep theirs. In place; a few percent of a small model's artifact."""
-    model = onnx.load(str(path))
-    g = model.graph
-    keep = {v.name for v in [*g.input, *g.output]}
-    names: dict[str, str] = {}
-
-    def short(name: str) -> str:
-        if not name or name in keep:
-            return name
-        return names.setdefault(name, f"t{len(names):x}")
-
-    del g.value_info[:]
-    model.doc_string = ""
-    for node in g.node:
-        node.name, node.doc_string = "", ""
-        node.input[:] = [short(n) for n in node.input]
-        node.output[:] = [short(n) for n in node.output]
-    for t in g.initializer:
-        t.name = short(t.name)
-        t.doc_string = ""
-    onnx.save(model, str(path))  # onnxruntime, which loads it next (parity, golden vectors), validates it
     return path
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import ExportError
 from ..registry import Registry
-from .onnx_backend import minify
+from .onnx_files import minify
 from .parity import ort_predict, sqnr_db
 from .reference import reference_file
 

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
 from ..errors import ModelError
-from ..registry import Registry, UnknownNameError
-
-#: factories take (input_shape CHW, num_classes) and return an untrained module
-ModelFactory = Callable[[tuple[int, ...], int], nn.Module]
-MODELS: Registry[ModelFactory] = Registry("zoo model")
-
-from . import zoo  # noqa: E402,F401  (registers the built-ins)
+from ..registry import UnknownNameError
+from . import zoo  # noqa: F401  (registers the built-ins)
+from .registry import MODELS, ModelFactory  # noqa: F401  (the names callers import from here)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:

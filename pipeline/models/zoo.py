@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from . import MODELS
+from .registry import MODELS
 
 
 @MODELS.register("small-cnn")

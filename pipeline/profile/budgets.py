@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from ..config import Budgets
+from ..targets import Budgets
 
 UNITS = {"latency_ms": "ms", "peak_memory_mb": "MB", "model_size_mb": "MB", "energy_mj": "mJ"}
 

@@ -237,7 +237,7 @@ def calibrate(threads: int | None = None, models: int = 32, progress: Callable[[
 def host_profile(peaks: dict[str, float], threads: int) -> TargetProfile:
     from device_agent.runtimes import available_runtimes
 
-    from ..config import Budgets
+    from ..targets import Budgets
     from ..targets import Cpu, Efficiency, Memory, Power
 
     return TargetProfile(
