@@ -77,7 +77,9 @@ def test_the_dashboard_shows_a_live_fleet_as_the_store_has_it(mosquitto, key_dir
         # the agents stopped: their last will reaches the page through the broker, the ingester and the stream
         for d in DEVICES:
             page.wait_for_selector(f"[data-testid=online-{d}] :text('offline')", timeout=20_000)
-        page.wait_for_timeout(1500)  # the last redraw settles
+        for d in DEVICES:  # the page has caught up with the store: its last redraw shows the latest report
+            wait_for(lambda d=d: float(page.locator(f"[data-testid=p95-{d}]").get_attribute("data-value") or "nan")
+                     == pytest.approx(latest(db, d)["latency_ms_p95"], rel=1e-9), 15, f"{d}'s latest report on the page")
 
         # per-device charts with the class's budget lines: targets/rpi4.yaml with deploy.yaml's overrides
         from pipeline.config import load_deploy
