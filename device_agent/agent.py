@@ -246,12 +246,10 @@ class Agent:
         """The boundary every message passes: nothing raised while handling it escapes, and a message that was
         in flight when the agent died ``guard.DROP_AFTER`` times is dropped. Returns whether it was handled."""
         from_network = name != ""
-        if from_network and self.guard.is_poison(name, payload):
+        if from_network and not self.guard.before(name, payload):  # one digest per message: marks it, or refuses
             self._event("poison_dropped", f"dropped a message on {short(name, 100)} ({len(payload)} bytes): the agent "
                         f"died {self.guard.deaths(name, payload)} times handling it", limited=True)
             return False
-        if from_network:
-            self.guard.before(name, payload)
         try:
             self._dispatch(name, payload)
         except Exception as exc:  # noqa: BLE001 - the one place that catches everything, by design

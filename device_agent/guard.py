@@ -67,11 +67,13 @@ class PoisonGuard:
     def deaths(self, topic: str, payload: bytes) -> int:
         return self._ledger.get(digest(topic, payload), 0)
 
-    def is_poison(self, topic: str, payload: bytes) -> bool:
-        return self.deaths(topic, payload) >= DROP_AFTER
-
-    def before(self, topic: str, payload: bytes) -> None:
-        os.pwrite(self._fd, digest(topic, payload).encode("ascii"), 0)
+    def before(self, topic: str, payload: bytes) -> bool:
+        """Mark the message in flight; False (and no mark) when it is poison: drop it instead of handling it."""
+        key = digest(topic, payload)
+        if self._ledger.get(key, 0) >= DROP_AFTER:
+            return False
+        os.pwrite(self._fd, key.encode("ascii"), 0)
+        return True
 
     def after(self) -> None:
         self._clear()
