@@ -476,7 +476,7 @@ def build_artifacts(args, work: Path) -> tuple[list[Path], dict]:
     sys.path[:] = [str(REPO)] + [p for p in sys.path if p not in (here, str(REPO))]
     from device_agent.runtimes import runtime_for
     from pipeline.bundle import build_artifact, next_version
-    from pipeline.compress_stage import compress, load_data, prepare
+    from pipeline.compress.stage import compress, load_data, prepare
     from pipeline.config import load_deploy
     from pipeline.deploy import GOLDEN_CASES
     from pipeline.export.stage import export_stage

@@ -40,7 +40,7 @@ from pipeline.data import load_dataset  # noqa: E402
 from pipeline.export import export_model  # noqa: E402
 from pipeline.models import zoo  # noqa: E402
 from pipeline.profile.compare import compare_latency  # noqa: E402
-from pipeline.training import FitOptions, evaluate, fit, train  # noqa: E402
+from pipeline.models.training import FitOptions, evaluate, fit, train  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -38,7 +38,7 @@ from pipeline.models import zoo  # noqa: E402
 from pipeline.profile import kernel_predictor, predict_model  # noqa: E402
 from pipeline.profile.compare import SpeedProbe, compare_latency, steady_latency_ms  # noqa: E402
 from pipeline.targets import load_target  # noqa: E402
-from pipeline.training import train  # noqa: E402
+from pipeline.models.training import train  # noqa: E402
 
 ZOO = {
     "small-cnn": lambda: zoo.small_cnn((1, 28, 28), 10),

@@ -48,7 +48,7 @@ def cmd_deploy(args: argparse.Namespace, ui) -> int:
 
 
 def cmd_compress(args: argparse.Namespace, ui) -> int:
-    from .compress_stage import compress, write_outputs
+    from .compress.stage import compress, write_outputs
     from .config import load_deploy
 
     cfg = load_deploy(args.config)
@@ -86,7 +86,7 @@ def _print_layers(ui, report: dict[str, Any]) -> None:
 
 def cmd_rollback(args: argparse.Namespace, ui) -> int:
     from .config import load_deploy
-    from .rollback import run_rollback
+    from .ota.rollback import run_rollback
 
     cfg = load_deploy(args.config)
     report = run_rollback(cfg, args.target, ui, args.to)

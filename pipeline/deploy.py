@@ -14,7 +14,7 @@ from device_agent.config import BrokerConfig
 from device_agent.runtimes import runtime_for
 
 from .bundle import build_artifact, next_version, public_key_path
-from .compress_stage import compress
+from .compress.stage import compress
 from .config import DeployConfig
 from .errors import BudgetError, ConfigError, DeliveryError
 from .fit import print_fit, require_best, run_fit

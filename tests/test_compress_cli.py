@@ -54,7 +54,7 @@ def test_structured_recipe_writes_a_smaller_faster_model(cfg, tmp_path):
 
 
 def test_interrupted_write_keeps_previous_output(cfg, tmp_path, monkeypatch):
-    from pipeline import compress_stage
+    from pipeline.compress import stage as compress_stage
     from pipeline.config import load_deploy
     from pipeline.ui import UI
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import FinetuneConfig, TrainConfig
 from ..data import Dataset
-from ..training import FitOptions, FitResult, Progress, evaluate, fit
+from ..models.training import FitOptions, FitResult, Progress, evaluate, fit
 from .params import Params
 
 

@@ -15,7 +15,7 @@ import time
 import torch
 from torch import nn
 
-from ..training import fit
+from ..models.training import fit
 from .base import CompressContext, Method, StepReport, prunable
 from .params import LotteryParams
 from .masks import check_alive, fold, install, keep_masks

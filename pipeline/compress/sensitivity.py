@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..training import evaluate, split_validation
+from ..models.training import evaluate, split_validation
 from .base import CompressContext, Method, StepReport, prunable
 from .params import SensitivityParams
 from .masks import check_alive, fold, install, keep_masks

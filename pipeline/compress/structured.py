@@ -17,7 +17,7 @@ from ..errors import CompressionError
 from .base import CompressContext, Method, StepReport
 from .params import StructuredParams
 from .importance import accumulate_group_signal, get_criterion
-from ..trace import locate
+from ..models.trace import locate
 
 
 def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:

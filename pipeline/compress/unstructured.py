@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from ..training import evaluate
+from ..models.training import evaluate
 from .base import CompressContext, Method, StepReport, prunable
 from .params import UnstructuredParams
 from .importance import gradients, get_criterion

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..trace import locate
+from ..models.trace import locate
 from .backend import BACKENDS, ExportBackend
 from .onnx_files import minify, simplify
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
-from ..trace import locate
+from ..models.trace import locate
 from .backend import BACKENDS, ExportBackend
 
 

@@ -48,7 +48,7 @@ def test_layerwise_masks_prune_each_layer_alike():
 @pytest.mark.slow
 def test_iterative_pruning_reaches_target_keeps_zeros_through_finetuning_and_keeps_accuracy(digits):
     model = net()
-    from pipeline.training import evaluate, train
+    from pipeline.models.training import evaluate, train
 
     train(model, digits, epochs=5, lr=3e-3)
     dense = evaluate(model, digits.x_test, digits.y_test)

@@ -18,7 +18,7 @@ from pipeline.data import load_dataset
 from pipeline.errors import CompressionError, ConfigError
 from pipeline.export import check_parity, export_model
 from pipeline.models import zoo
-from pipeline.training import FitOptions, evaluate, fit, train
+from pipeline.models.training import FitOptions, evaluate, fit, train
 
 
 @pytest.fixture(scope="module")

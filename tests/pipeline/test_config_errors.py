@@ -231,7 +231,7 @@ def test_a_factory_module_that_cannot_be_imported(tmp_path, capsys, base, monkey
 
 def test_a_good_checkpoint_and_factory_pass_the_checks(tmp_path, base):
     """The checks refuse only what is wrong: a fitting checkpoint and a working factory go through."""
-    from pipeline.compress_stage import prepare
+    from pipeline.compress.stage import prepare
     from pipeline.config import load_deploy
     from pipeline.ui import UI
 

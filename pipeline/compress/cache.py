@@ -5,7 +5,7 @@ The key is a SHA-256 over everything that determines the result:
   and the source files of the model's own classes (zoo or factory), its config (zoo/factory, options, train);
 - the data: its spec in deploy.yaml and the arrays themselves (a changed .npz file changes the key);
 - the recipe (every step with its parameters) and the fine-tuning settings (seeds included);
-- the code that compresses (``pipeline/compress/``, ``training.py``, ``compress_stage.py``, this module) and the
+- the code that compresses (``pipeline/compress/``, this module among it, and ``pipeline/models/training.py``) and the
   versions of torch, torch-pruning and numpy, and whether training runs on CUDA.
 
 An entry is ``WORKDIR/cache/compress/<key>/`` holding ``model.pt`` (the whole module: structured pruning changes
@@ -32,16 +32,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import CompressStep, DeployConfig
-from .data import Dataset
+from ..config import CompressStep, DeployConfig
+from ..data import Dataset
 
 log = logging.getLogger(__name__)
 
 #: bump when what an entry holds changes
 CACHE_FORMAT = 1
 KEEP = 8
-_PKG = Path(__file__).resolve().parent
-_CODE = [_PKG / "compress", _PKG / "training.py", _PKG / "compress_stage.py", Path(__file__).resolve()]
+_PKG = Path(__file__).resolve().parent.parent
+_CODE = [_PKG / "compress", _PKG / "models" / "training.py"]
 
 
 def cache_dir(cfg: DeployConfig) -> Path:

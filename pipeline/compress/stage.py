@@ -18,14 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import compress_cache, inputs
-from .compress import CompressContext, StepReport, build_recipe, model_stats, run_recipe
-from .compress.structured import count_macs
-from .config import CompressStep, DeployConfig
-from .data import Dataset
-from .pretrained import pretrained
-from .training import evaluate
-from .ui import UI
+from .. import inputs
+from . import cache as compress_cache
+from . import CompressContext, StepReport, build_recipe, model_stats, run_recipe
+from .structured import count_macs
+from ..config import CompressStep, DeployConfig
+from ..data import Dataset
+from ..models.pretrained import pretrained
+from ..models.training import evaluate
+from ..ui import UI
 
 
 @dataclass
@@ -122,8 +123,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
 
 def write_outputs(result: Compressed, cfg: DeployConfig, out: Path, ui: UI, threads: int = 1) -> dict[str, Any]:
     """compressed.pt (the whole module), dense.onnx, compressed.onnx, report.json."""
-    from .export import export_model
-    from .profile.compare import compare_latency
+    from ..export import export_model
+    from ..profile.compare import compare_latency
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .compress_stage import Prepared, compress, prepare
-from .config import CompressStep, DeployConfig
-from .errors import BudgetError, CompressionError, ExportError
-from .export.stage import export_stage
-from .profile import analyse, predict_model
-from .profile.budgets import evaluate, failures
-from .targets import TargetProfile
-from .ui import UI
+from ..compress.stage import Prepared, compress, prepare
+from ..config import CompressStep, DeployConfig
+from ..errors import BudgetError, CompressionError, ExportError
+from ..export.stage import export_stage
+from ..profile import analyse, predict_model
+from ..profile.budgets import evaluate, failures
+from ..targets import TargetProfile
+from ..ui import UI
 
 
 @dataclass

@@ -15,14 +15,14 @@ from typing import Any
 
 from device_agent.manifest import decode_tensor
 
-from .bundle import build_artifact, load_artifact, next_version
-from .config import DeployConfig
-from .errors import DeliveryError
-from .fleet import FleetStore
-from .ota.commands import roll_back
-from .ota.status import DeploymentStatus, DeviceStatus
-from .targets import target_for_deploy
-from .ui import UI
+from ..bundle import build_artifact, load_artifact, next_version
+from ..config import DeployConfig
+from ..errors import DeliveryError
+from ..fleet import FleetStore
+from .commands import roll_back
+from .status import DeploymentStatus, DeviceStatus
+from ..targets import target_for_deploy
+from ..ui import UI
 
 
 def resign(old_dir: Path, workdir: Path, key_dir: Path, out_root: Path):
@@ -44,7 +44,7 @@ def resign(old_dir: Path, workdir: Path, key_dir: Path, out_root: Path):
 
 
 def run_rollback(cfg: DeployConfig, target_name: str, ui: UI, to_version: int | None = None) -> dict[str, Any]:
-    from .deploy import _deliver, open_fleet
+    from ..deploy import _deliver, open_fleet
 
     target = target_for_deploy(cfg, target_name)
     workdir = cfg.resolve(cfg.workdir)

@@ -9,11 +9,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DeployConfig
-from .data import Dataset
-from .models import build_model, load_checkpoint
+from ..config import DeployConfig
+from ..data import Dataset
+from . import build_model, load_checkpoint
 from .training import train
-from .ui import UI
+from ..ui import UI
 
 
 def cache_path(cfg: DeployConfig) -> Path:

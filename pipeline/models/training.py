@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import Dataset
+from ..data import Dataset
 
 log = logging.getLogger(__name__)
 
