@@ -25,7 +25,7 @@ from device_agent.mqtt import MqttLink  # noqa: E402
 from device_agent.protocol import Metrics, encode  # noqa: E402
 from pipeline.fleet import FleetStore  # noqa: E402
 from pipeline.fleet.ingest import Ingester  # noqa: E402
-from pipeline.ota import LocalBroker  # noqa: E402
+from pipeline.broker import LocalBroker  # noqa: E402
 
 
 def publish(broker, devices: int, messages: int, ts0: float) -> None:

@@ -32,7 +32,8 @@ from device_agent.agent import Agent  # noqa: E402
 from device_agent.config import AgentConfig  # noqa: E402
 from pipeline.bundle import build_artifact, load_or_create  # noqa: E402
 from pipeline.export import export_model  # noqa: E402
-from pipeline.ota import LocalBroker, deliver  # noqa: E402
+from pipeline.broker import LocalBroker
+from pipeline.ota import deliver  # noqa: E402
 
 PREFIX = "edgefleet"
 

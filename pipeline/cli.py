@@ -188,7 +188,7 @@ def cmd_calibrate(args: argparse.Namespace, ui) -> int:
 
 
 def cmd_broker(args: argparse.Namespace, ui) -> int:
-    from .ota.security import write_broker_config
+    from .broker.config import write_broker_config
 
     devices = list(args.device or [])
     prefix = "edgefleet"

@@ -22,8 +22,8 @@ from .inputs import check_fleet_files
 from .export.formats import get_format
 from .export.stage import export_stage
 from .fleet import FleetStore
-from .ota import LocalBroker, LocalFleet
-from .ota.broker import external_broker, free_port
+from .broker import LocalBroker, external_broker, free_port
+from .ota import LocalFleet
 from .ota.http_server import ArtifactServer
 from .ota.local_fleet import host_latency_ms
 from .ota.rollout import RolloutPolicy, rollout

@@ -25,7 +25,7 @@ def _context(args: argparse.Namespace):
 def _broker(args: argparse.Namespace, cfg):
     from device_agent.config import BrokerConfig
 
-    from .ota.broker import external_broker
+    from .broker import external_broker
 
     if args.broker:
         host, _, port = args.broker.rpartition(":")

@@ -85,7 +85,7 @@ def sshd(tmp_path_factory):
     import shutil
     import subprocess
 
-    from pipeline.ota.broker import free_port
+    from pipeline.broker import free_port
 
     exe = shutil.which("sshd") or "/usr/sbin/sshd"
     require(Path(exe).is_file() and shutil.which("ssh-keygen") is not None, "openssh-server (sshd, ssh-keygen)")
@@ -119,7 +119,7 @@ def tls_broker(tmp_path):
     import sys
 
     from device_agent.config import BrokerConfig
-    from pipeline.ota.broker import free_port, mosquitto_binary
+    from pipeline.broker import free_port, mosquitto_binary
 
     require(mosquitto_binary() is not None, "mosquitto")
     port = free_port()
@@ -161,7 +161,7 @@ def small_deploy_config(tmp_path: Path, **fleet) -> Path:
 
 @pytest.fixture
 def mosquitto(tmp_path):
-    from pipeline.ota.broker import LocalBroker, mosquitto_binary
+    from pipeline.broker import LocalBroker, mosquitto_binary
 
     require(mosquitto_binary() is not None, "mosquitto")
     with LocalBroker("mosquitto", tmp_path / "mosquitto") as broker:
@@ -170,7 +170,7 @@ def mosquitto(tmp_path):
 
 @pytest.fixture
 def amqtt_broker(tmp_path):
-    from pipeline.ota.broker import LocalBroker
+    from pipeline.broker import LocalBroker
 
     with LocalBroker("amqtt", tmp_path / "amqtt") as broker:
         yield broker

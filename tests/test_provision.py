@@ -150,7 +150,7 @@ def test_provision_upgrade_and_a_failed_upgrade(mosquitto, sshd, key_dir, tiny_o
 
 
 def test_each_bad_host_gets_its_own_clear_error(mosquitto, sshd, key_dir, tmp_path):
-    from pipeline.ota.broker import free_port
+    from pipeline.broker import free_port
 
     fake_python = tmp_path / "old-python"
     # the probe is a `python -c CODE ROOT`; this stand-in prints what a 3.8 interpreter's probe would print

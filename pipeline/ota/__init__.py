@@ -1,7 +1,6 @@
-"""Over-the-air delivery: a broker (the user's or a local one), local stand-in agents, the delivery itself."""
+"""Over-the-air delivery: local stand-in agents, the delivery itself, rollouts, commands and rollbacks."""
 
-from .broker import BROKERS, LocalBroker
 from .delivery import DeviceResult, deliver
 from .local_fleet import LocalFleet
 
-__all__ = ["BROKERS", "DeviceResult", "LocalBroker", "LocalFleet", "deliver"]
+__all__ = ["DeviceResult", "LocalFleet", "deliver"]

@@ -59,7 +59,7 @@ def _plans(args: argparse.Namespace, cfg) -> list:
 
 def _fleet_side(args: argparse.Namespace, cfg):
     from ..bundle import load_or_create, public_key_path
-    from ..ota.broker import external_broker
+    from ..broker import external_broker
     from .provisioner import FleetSide
 
     host_broker = external_broker(cfg)
@@ -196,7 +196,7 @@ def live_fleet(broker, prefix: str, timeout_s: float = 5.0) -> dict[str, dict[st
 def cmd_devices(args: argparse.Namespace, ui) -> int:
     from ..config import load_deploy
     from ..fleet import FleetStore
-    from ..ota.broker import external_broker
+    from ..broker import external_broker
 
     cfg = load_deploy(args.config)
     store = FleetStore(cfg.resolve(cfg.workdir) / "fleet.db")

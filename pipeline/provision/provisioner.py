@@ -151,7 +151,7 @@ def agent_config(plan: HostPlan, fleet: FleetSide, runtime: str) -> str:
 
 def _identity(fleet: FleetSide, device_id: str) -> dict[str, Path]:
     """The device's TLS files, issued by the fleet CA on first use and reused after."""
-    from ..ota.security import CertificateAuthority
+    from ..broker.pki import CertificateAuthority
 
     assert fleet.ca_dir is not None
     if device_id in RESERVED_IDS:

@@ -30,7 +30,7 @@ def test_amqtt_negotiates_down_to_311(amqtt_broker):
 
 
 def test_unreachable_broker_is_a_clear_error():
-    from pipeline.ota.broker import free_port
+    from pipeline.broker import free_port
 
     port = free_port()
     with pytest.raises(ConnectError, match=f"127.0.0.1:{port} unreachable"):

@@ -267,7 +267,7 @@ def test_fleet_files_and_directories_are_checked_before_any_work(tmp_path, capsy
 def test_the_files_pipeline_broker_config_writes_pass(tmp_path):
     from pipeline.config import load_deploy
     from pipeline.inputs import check_fleet_files
-    from pipeline.ota.security import write_broker_config
+    from pipeline.broker.config import write_broker_config
 
     made = write_broker_config(tmp_path / "broker", ["pi-1"], 8883, "edgefleet", None)
     data = yaml.safe_load((REPO / "deploy.yaml").read_text())

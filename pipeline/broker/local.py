@@ -67,7 +67,7 @@ def _mosquitto(workdir: Path, port: int) -> tuple[list[str], str]:
 
 @BROKERS.register("amqtt")
 def _amqtt(workdir: Path, port: int) -> tuple[list[str], str]:
-    return [sys.executable, "-m", "pipeline.ota.embedded_broker", "--port", str(port)], "3.1.1"
+    return [sys.executable, "-m", "pipeline.broker.embedded", "--port", str(port)], "3.1.1"
 
 
 class LocalBroker:

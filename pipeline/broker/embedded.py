@@ -1,4 +1,4 @@
-"""The pure-Python fallback broker (amqtt, MQTT 3.1.1), run as ``python -m pipeline.ota.embedded_broker``."""
+"""The pure-Python fallback broker (amqtt, MQTT 3.1.1), run as ``python -m pipeline.broker.embedded``."""
 
 from __future__ import annotations
 
