@@ -71,3 +71,14 @@ class ArtifactServer:
     def __exit__(self, *exc) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def plan_http(http):
+    """deploy.yaml's ``fleet.http`` as (what to serve from this host, or None; the URL devices fetch payloads
+    from, or None for MQTT chunks): a free port is chosen here when ``serve`` asks for port 0."""
+    if http.serve and not http.port:
+        from ..broker import free_port
+
+        http = http.model_copy(update={"port": free_port()})
+    serve = http if http.serve else None
+    return serve, http.base_url or (f"http://{http.host}:{http.port}" if serve else None)

@@ -15,14 +15,16 @@ from typing import Any
 
 from device_agent.manifest import decode_tensor
 
+from ..broker import external_broker
 from ..bundle import build_artifact, load_artifact, next_version
 from ..config import DeployConfig
 from ..errors import DeliveryError
 from ..fleet import FleetStore
-from .commands import roll_back
-from .status import DeploymentStatus, DeviceStatus
 from ..targets import target_for_deploy
 from ..ui import UI
+from .commands import roll_back
+from .stage import deliver_stage, open_fleet
+from .status import DeploymentStatus, DeviceStatus
 
 
 def resign(old_dir: Path, workdir: Path, key_dir: Path, out_root: Path):
@@ -44,8 +46,6 @@ def resign(old_dir: Path, workdir: Path, key_dir: Path, out_root: Path):
 
 
 def run_rollback(cfg: DeployConfig, target_name: str, ui: UI, to_version: int | None = None) -> dict[str, Any]:
-    from ..deploy import _deliver, open_fleet
-
     target = target_for_deploy(cfg, target_name)
     workdir = cfg.resolve(cfg.workdir)
     key_dir = cfg.resolve(cfg.signing.key_dir)
@@ -63,10 +63,12 @@ def run_rollback(cfg: DeployConfig, target_name: str, ui: UI, to_version: int | 
             artifact = resign(Path(dep["artifact"]), workdir, key_dir, workdir / "artifacts")
             ui.info(f"v{to_version}'s model is v{artifact.version} now")
         report["artifact"] = artifact.to_dict()
-        report["delivery"], report["broker"] = _deliver(cfg, target, artifact, workdir, ui, kind="rollback")
+        report["delivery"], report["broker"] = deliver_stage(cfg.fleet, external_broker(cfg), target, artifact,
+                                                            workdir, ui, kind="rollback")
         return report
     with contextlib.ExitStack() as stack, ui.stage(f"Roll {target.name} back to each device's previous model"):
-        broker, info, devices = open_fleet(cfg, target, workdir, stack, ui, key_dir / "signing.pub")
+        broker, info, devices = open_fleet(cfg.fleet, external_broker(cfg), target, workdir, stack, ui,
+                                             key_dir / "signing.pub")
         answers = roll_back(broker, cfg.fleet.topic_prefix, devices, cfg.fleet.timeout_s)
     for a in answers:
         ui.info(f"{a.device_id}: {a.status}" + (f" (active v{a.active_version})" if a.active_version else "")

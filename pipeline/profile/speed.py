@@ -46,3 +46,22 @@ def speed_gate(dense: nn.Module, model: nn.Module, input_shape: tuple[int, ...],
             f"faster here ({threads} thread(s); required {min_fraction:.0%} of the cut). Likely causes:\n  - "
             + "\n  - ".join(hints), {"speed": result})
     return result
+
+
+def speed_stage(compressed, threads: int, min_fraction: float, opset: int, ui, force: bool = False) -> dict | None:
+    """The gate after a structured step that asked for fewer MACs (``macs_reduction``): None when none asked or
+    the gate is off (``export.min_speedup_fraction: 0``); with ``force`` a miss is a warning."""
+    if min_fraction <= 0 or not any((s.params or {}).get("macs_reduction") for s in compressed.steps):
+        return None
+    with ui.stage("Check that fewer MACs means faster (onnxruntime, interleaved rounds)"):
+        try:
+            speed = speed_gate(compressed.dense, compressed.model, compressed.data.input_shape,
+                               compressed.summary["mac_ratio"], threads, min_fraction, opset)
+        except BudgetError as exc:
+            if not force:
+                raise
+            ui.warn(f"{exc}\n  deploying anyway (--force)")
+            return None
+        ui.info(f"{speed['mac_ratio']:.2f}x fewer MACs, {speed['speedup']:.2f}x faster (required "
+                f"{speed['required']:.2f}x)")
+        return speed

@@ -1,0 +1,30 @@
+"""The bundle stage: the profiled model, signed into an artifact with its golden vectors, budgets and predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from device_agent.runtimes import runtime_for
+
+from ..profile import ProfileReport
+from ..ui import UI
+from . import Artifact, build_artifact, next_version, public_key_path
+
+#: golden input/output pairs the device checks before it activates a model
+GOLDEN_CASES = 4
+
+
+def bundle_stage(model: Path, golden_inputs: np.ndarray, prof: ProfileReport, ui: UI, *, name: str,
+                 workdir: Path, key_dir: Path, url_base: str | None = None) -> Artifact:
+    """Sign ``model`` as the next version for ``prof``'s target under ``workdir/artifacts`` (the key in
+    ``key_dir`` is made on first use); ``url_base``: where the artifacts are served over HTTP, if they are."""
+    artifact = build_artifact(
+        model, workdir / "artifacts", name=name, version=next_version(workdir), target=prof.target,
+        url_base=url_base, runtime=runtime_for(model), golden_inputs=golden_inputs[:GOLDEN_CASES],
+        budgets={r.name: r.limit for r in prof.budgets}, predicted=prof.predicted,
+        health={"max_rss_mb": None, "max_latency_ms": None, "runs": 20}, key_dir=key_dir)
+    ui.info(f"{artifact.dir.name}: {artifact.size_bytes:,} bytes, sha256 {artifact.sha256[:16]}…, "
+            f"{artifact.manifest.chunks} chunk(s), signed with {public_key_path(key_dir)}")
+    return artifact
