@@ -13,10 +13,10 @@ import yaml
 from pydantic import (BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, TypeAdapter, ValidationError,
                       create_model, field_validator, model_serializer, model_validator)
 
-from .compress.params import METHODS, Params
-from .errors import ConfigError
-from .targets import Budgets, known_targets
-from .export.formats import FORMATS, all_quantizations, format_names
+from ..compress.params import METHODS, Params
+from ..errors import ConfigError
+from ..targets import Budgets, known_targets
+from ..export.formats import FORMATS, all_quantizations, format_names
 
 CONFIG_VERSION = 1
 BUDGET_KEYS = ("latency_ms", "peak_memory_mb", "model_size_mb", "energy_mj")
@@ -203,7 +203,7 @@ class RetentionConfig(Strict):
         return self
 
     def policy(self):
-        from .fleet.retention import RetentionPolicy, parse_duration
+        from ..fleet.retention import RetentionPolicy, parse_duration
 
         return RetentionPolicy(parse_duration(self.raw, "fleet.retention.raw"),
                                parse_duration(self.bucket, "fleet.retention.bucket"),
@@ -427,7 +427,7 @@ def _at(data: Any, *path: str) -> Any:
 def _check_names(data: dict[str, Any], base_dir: Path) -> list[str]:
     """Names deploy.yaml uses that a registry (or targets/) must know, read from the raw document so that they
     are reported with the structural problems; one line per problem."""
-    from .data import DATASETS
+    from ..data import DATASETS
 
     problems = []
     zoo = _at(data, "model", "zoo")
