@@ -7,11 +7,12 @@ file, the field path and what is allowed, one line per problem.
 from __future__ import annotations
 
 from ..targets import Budgets
+from .errors import error_lines, format_validation_error
 from .load import (BUDGET_KEYS, CONFIG_VERSION, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, ZOO_NAMES,
                    BrokerAddress, CompressStep, DashboardConfig, DataConfig, DeployConfig, DeviceSpec, ExportConfig,
                    FinetuneConfig, FitConfig, FleetConfig, HttpConfig, ModelConfig, ProvisionConfig, RetentionConfig,
                    RolloutConfig, SigningConfig, Step, Strict, TargetOverride, TrainConfig, TypedStep, dump_deploy,
-                   error_lines, format_validation_error, json_schema, load_deploy, parse_deploy, parse_steps,
+                   json_schema, load_deploy, parse_deploy, parse_steps,
                    step_union)
 
 __all__ = ["BUDGET_KEYS", "CONFIG_VERSION", "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "MAX_CONFIG_NODES", "ZOO_NAMES",

@@ -17,6 +17,7 @@ from ..compress.params import METHODS, Params
 from ..errors import ConfigError
 from ..targets import Budgets, known_targets
 from ..export.formats import FORMATS, all_quantizations, format_names
+from .errors import error_lines, invalid, short
 
 CONFIG_VERSION = 1
 BUDGET_KEYS = ("latency_ms", "peak_memory_mb", "model_size_mb", "energy_mj")
@@ -336,65 +337,6 @@ class DeployConfig(Strict):
         return list(self.recipes[name])
 
 
-def _short(text: str, limit: int = 80) -> str:
-    """User input echoed in an error stays bounded."""
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text):,} characters)"
-
-
-def _step_label(loc: tuple, steps_at: int | None) -> tuple[str, tuple] | None:
-    """A recipe step's error, ``compress.0.magnitude.sparsity``, as ``compress[0] (magnitude)`` and the rest.
-    ``steps_at``: where the step index sits in ``loc`` (None: deploy.yaml's compress and recipes.NAME)."""
-    j = steps_at if steps_at is not None else 1 if loc[:1] == ("compress",) else 2 if loc[:1] == ("recipes",) else 0
-    if not j or len(loc) <= j or not isinstance(loc[j], int):
-        return None
-    head = f"{'.'.join(_short(str(p), 40) for p in loc[:j])}[{loc[j]}]"
-    if len(loc) > j + 1 and loc[j + 1] in METHODS:
-        return f"{head} ({loc[j + 1]})", loc[j + 2:]
-    return head, loc[j + 1:]
-
-
-def _step_message(err: dict) -> tuple[str, str] | None:
-    """A step whose ``method`` picks no parameter model: the registry's own message, listing the methods."""
-    if err["type"] == "union_tag_invalid":
-        given = err.get("input", {}).get("method") if isinstance(err.get("input"), dict) else None
-        if isinstance(given, str):
-            try:
-                METHODS.get(given)
-            except LookupError as exc:
-                return "method", str(exc).strip("'\"")
-        return "method", f"got {_short(repr(given))}; known: {', '.join(METHODS.names())}"
-    if err["type"] == "union_tag_not_found":
-        return "method", f"required: the compression method, one of {', '.join(METHODS.names())}"
-    return None
-
-
-def error_lines(exc: ValidationError, prefix: tuple = (), steps_at: int | None = None) -> list[str]:
-    """A pydantic error as one ``field.path: what is wrong`` line per problem, user input echoed bounded."""
-    lines = []
-    for err in exc.errors():
-        loc, msg = (*prefix, *err["loc"]), _short(err["msg"], 300)
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        if err["type"] == "literal_error":
-            msg = f"got {_short(repr(err.get('input')))}; {msg.lower()}"
-        step = _step_label(loc, steps_at)
-        if step is None:
-            where = ".".join(_short(str(p), 40) for p in loc) or "(top level)"
-        else:
-            where, rest = step
-            tag = _step_message(err)
-            if tag is not None:
-                where, msg = f"{where}.{tag[0]}", tag[1]
-            elif rest:
-                msg = f"{'.'.join(_short(str(p), 40) for p in rest)}: {msg}"
-        lines.append(f"{where}: {msg}")
-    return lines
-
-
-def format_validation_error(exc: ValidationError, where: str) -> str:
-    return f"{where}: invalid configuration\n" + "\n".join(f"  {line}" for line in error_lines(exc))
-
-
 _STEPS = TypeAdapter(list[Step])  # type: ignore[valid-type]
 
 
@@ -406,7 +348,7 @@ def parse_steps(steps: list[Any], where: str = "deploy.yaml", key: str = "compre
         return _STEPS.validate_python(raw)
     except ValidationError as exc:
         lines = error_lines(exc, (key,), steps_at=1)
-    raise ConfigError(f"{where}: invalid configuration\n" + "\n".join(f"  {line}" for line in lines))
+    raise ConfigError(invalid(where, lines))
 
 
 def _known_classes(base_dir: Path) -> list[str]:
@@ -432,14 +374,14 @@ def _check_names(data: dict[str, Any], base_dir: Path) -> list[str]:
     problems = []
     zoo = _at(data, "model", "zoo")
     if isinstance(zoo, str) and zoo not in ZOO_NAMES:
-        problems.append(f"model.zoo: got {_short(repr(zoo))}; known: {', '.join(ZOO_NAMES)} "
+        problems.append(f"model.zoo: got {short(repr(zoo))}; known: {', '.join(ZOO_NAMES)} "
                         "(or model.factory: 'package.module:function' for your own)")
     datasets = [*DATASETS.names(), "npz"]
     name, path = _at(data, "data", "name"), _at(data, "data", "path")
     name = "mnist-5k" if name is None and isinstance(data.get("data", {}), dict) else name
     if isinstance(name, str):
         if name not in datasets:
-            problems.append(f"data.name: got {_short(repr(name))}; known: {', '.join(datasets)}")
+            problems.append(f"data.name: got {short(repr(name))}; known: {', '.join(datasets)}")
         elif name == "npz" and path is None:
             problems.append("data.path: required with data.name npz (a .npz file with x_train, y_train, x_test, "
                             "y_test)")
@@ -449,11 +391,11 @@ def _check_names(data: dict[str, Any], base_dir: Path) -> list[str]:
     allowed = f"known device classes: {', '.join(classes) or '(none)'} (one YAML file each in targets/)"
     targets = data.get("targets")
     if isinstance(targets, dict):
-        problems += [f"targets.{_short(n, 40)}: unknown device class {_short(repr(n))}; {allowed}"
+        problems += [f"targets.{short(n, 40)}: unknown device class {short(repr(n))}; {allowed}"
                      for n in targets if isinstance(n, str) and n not in classes]
     devices = _at(data, "fleet", "devices")
     if isinstance(devices, list):
-        problems += [f"fleet.devices.{i}.target: unknown device class {_short(repr(d['target']))}; {allowed}"
+        problems += [f"fleet.devices.{i}.target: unknown device class {short(repr(d['target']))}; {allowed}"
                      for i, d in enumerate(devices)
                      if isinstance(d, dict) and isinstance(d.get("target"), str) and d["target"] not in classes]
     kinds = all_quantizations()
@@ -461,7 +403,7 @@ def _check_names(data: dict[str, Any], base_dir: Path) -> list[str]:
     fmt = "onnx" if fmt is None and isinstance(data.get("export", {}), dict) else fmt
     if isinstance(quantize, str):
         if quantize not in kinds:
-            problems.append(f"export.quantize: got {_short(repr(quantize))}; allowed: {kinds}")
+            problems.append(f"export.quantize: got {short(repr(quantize))}; allowed: {kinds}")
         elif isinstance(fmt, str) and fmt in FORMATS and quantize not in FORMATS[fmt].quantizations:
             f = FORMATS[fmt]
             problems.append(f"export.quantize: got {quantize!r}; with format {fmt}: {sorted(f.quantizations)}"
@@ -470,7 +412,7 @@ def _check_names(data: dict[str, Any], base_dir: Path) -> list[str]:
     if isinstance(fit_kinds, list):
         unknown = [q for q in fit_kinds if isinstance(q, str) and q not in kinds]
         if unknown:
-            problems.append(f"fit.quantizations: got {_short(repr(unknown))}; allowed: {kinds}")
+            problems.append(f"fit.quantizations: got {short(repr(unknown))}; allowed: {kinds}")
     return problems
 
 
@@ -481,7 +423,7 @@ def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
         raise ConfigError(f"{where}: expected a mapping at the top level (version: 1, model: ..., ...), "
                           f"got {type(data).__name__}")
     if data.get("version") != CONFIG_VERSION or isinstance(data.get("version"), bool):
-        raise ConfigError(f"{where}: version: got {_short(repr(data.get('version')))}, this pipeline reads "
+        raise ConfigError(f"{where}: version: got {short(repr(data.get('version')))}, this pipeline reads "
                           f"version {CONFIG_VERSION}")
     internal = [k for k in ("base_dir", "source") if k in data]
     if internal:
@@ -493,11 +435,11 @@ def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
         structural = error_lines(exc)
     problems = _check_names(data, base_dir)
     if structural:
-        raise ConfigError(f"{where}: invalid configuration\n" + "\n".join(f"  {p}" for p in structural + problems))
+        raise ConfigError(invalid(where, structural + problems))
     if len(problems) == 1:
         raise ConfigError(f"{where}: {problems[0]}")
     if problems:
-        raise ConfigError(f"{where}: invalid configuration\n" + "\n".join(f"  {p}" for p in problems))
+        raise ConfigError(invalid(where, problems))
     return cfg
 
 
