@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from ..targets import Budgets
 from .errors import error_lines, format_validation_error
-from .load import (BUDGET_KEYS, CONFIG_VERSION, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, ZOO_NAMES,
-                   BrokerAddress, DashboardConfig, DataConfig, DeployConfig, DeviceSpec, ExportConfig, FinetuneConfig,
-                   FitConfig, FleetConfig, HttpConfig, ModelConfig, ProvisionConfig, RetentionConfig, RolloutConfig,
-                   SigningConfig, Strict, TargetOverride, TrainConfig, dump_deploy, json_schema, load_deploy,
-                   parse_deploy)
+from .load import (CONFIG_VERSION, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, ZOO_NAMES, BrokerAddress,
+                   DashboardConfig, DeployConfig, DeviceSpec, FleetConfig, HttpConfig, ProvisionConfig, RetentionConfig,
+                   RolloutConfig, dump_deploy, json_schema, load_deploy, parse_deploy)
+from .sections import (BUDGET_KEYS, DataConfig, ExportConfig, FinetuneConfig, FitConfig, ModelConfig, SigningConfig,
+                       Strict, TargetOverride, TrainConfig)
 from .steps import CompressStep, Step, TypedStep, parse_steps, step_union
 
 __all__ = ["BUDGET_KEYS", "CONFIG_VERSION", "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "MAX_CONFIG_NODES", "ZOO_NAMES",

@@ -1,0 +1,111 @@
+"""The sections of deploy.yaml that the stages read: model, data, training and fine-tuning, export, fit,
+per-target budget overrides and the signing keys.
+
+Every section forbids unknown keys and is frozen (``Strict``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..export.formats import format_names
+from ..targets import Budgets
+
+BUDGET_KEYS = ("latency_ms", "peak_memory_mb", "model_size_mb", "energy_mj")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(8, ge=1, le=1000)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    seed: int = 0
+
+
+class ModelConfig(Strict):
+    zoo: str | None = Field(None, description="name of a built-in model")
+    factory: str | None = Field(None, description="'package.module:function' returning an nn.Module")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the zoo model/factory")
+    checkpoint: Path | None = None
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ModelConfig":
+        if (self.zoo is None) == (self.factory is None):
+            raise ValueError("give exactly one of 'zoo' (a built-in model) or 'factory' ('package.module:function')")
+        if self.factory is not None and ":" not in self.factory:
+            raise ValueError(f"factory {self.factory!r} must look like 'package.module:function'")
+        return self
+
+
+class DataConfig(Strict):
+    name: str = "mnist-5k"
+    path: Path | None = Field(None, description="for name: npz, a file with x_train, y_train, x_test, y_test")
+    train_size: int | None = Field(None, ge=1)
+    test_size: int | None = Field(None, ge=1)
+    seed: int = 0
+
+
+class FinetuneConfig(Strict):
+    """How every compression step fine-tunes (each step sets its own epochs)."""
+
+    lr: float | None = Field(None, gt=0, description="default: model.train.lr / 2")
+    batch_size: int | None = Field(None, ge=1, description="default: model.train.batch_size")
+    distill: bool = Field(False, description="distil from the dense model (Hinton et al. 2015)")
+    kd_alpha: float = Field(0.5, ge=0, le=1)
+    kd_temperature: float = Field(4.0, gt=0)
+    val_fraction: float = Field(0.1, ge=0, lt=0.5, description="share of the training set held out for early stopping")
+    patience: int | None = Field(None, ge=1, description="epochs without validation gain before stopping early")
+
+
+class ExportConfig(Strict):
+    format: Literal[tuple(format_names())] = "onnx"  # type: ignore[valid-type]  (pipeline.export.formats)
+    opset: int = Field(17, ge=17, le=21)
+    simplify: bool = Field(True, description="run onnxslim, then check parity again")
+    quantize: str = "none"
+    calibration_samples: int = Field(256, ge=1)
+    parity_atol: float = Field(1e-4, gt=0)
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="int8 vs fp32, as a fraction")
+    min_speedup_fraction: float = Field(0.5, ge=0, le=2, description="a recipe with macs_reduction must run at "
+                                        "least this share of its MAC cut faster, measured; 0 turns the check off")
+
+
+class FitConfig(Strict):
+    """`pipeline fit` / `fit: {enabled: true}`: search compression x quantization for the most accurate
+    model that meets every budget of the target."""
+
+    enabled: bool = Field(False, description="deploy the best fitting candidate instead of 'compress:'")
+    sparsities: list[float] = Field(default_factory=lambda: [0.5, 0.75, 0.9], description="unstructured, global")
+    macs_reductions: list[float] = Field(default_factory=lambda: [1.5, 2.0, 3.0], description="structured")
+    quantizations: list[str] = Field(default_factory=lambda: ["none", "int8-static"])
+    steps: int = Field(2, ge=1, le=20)
+    finetune_epochs: int = Field(1, ge=0, le=50)
+    round_to: int | None = Field(8, ge=1)
+
+    @field_validator("sparsities")
+    @classmethod
+    def _ratios(cls, v: list[float]) -> list[float]:
+        if any(not 0 < r < 1 for r in v):
+            raise ValueError(f"sparsities must be in (0, 1), got {v}")
+        return v
+
+    @field_validator("macs_reductions")
+    @classmethod
+    def _reductions(cls, v: list[float]) -> list[float]:
+        if any(r <= 1 for r in v):
+            raise ValueError(f"macs_reductions must be > 1, got {v}")
+        return v
+
+
+class TargetOverride(Strict):
+    budgets: Budgets = Budgets()
+
+
+class SigningConfig(Strict):
+    key_dir: Path = Path(".edgefleet/keys")
