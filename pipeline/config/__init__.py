@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from ..targets import Budgets
 from .errors import error_lines, format_validation_error
-from .load import (CONFIG_VERSION, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, ZOO_NAMES, BrokerAddress,
-                   DashboardConfig, DeployConfig, DeviceSpec, FleetConfig, HttpConfig, ProvisionConfig, RetentionConfig,
-                   RolloutConfig, dump_deploy, json_schema, load_deploy, parse_deploy)
+from .fleet import (BrokerAddress, DashboardConfig, DeviceSpec, FleetConfig, HttpConfig, ProvisionConfig,
+                    RetentionConfig, RolloutConfig)
+from .load import (CONFIG_VERSION, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, ZOO_NAMES, DeployConfig,
+                   dump_deploy, json_schema, load_deploy, parse_deploy)
 from .sections import (BUDGET_KEYS, DataConfig, ExportConfig, FinetuneConfig, FitConfig, ModelConfig, SigningConfig,
                        Strict, TargetOverride, TrainConfig)
 from .steps import CompressStep, Step, TypedStep, parse_steps, step_union
