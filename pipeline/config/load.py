@@ -1,7 +1,8 @@
-"""deploy.yaml, loaded into validated, frozen pydantic models.
+"""The whole of deploy.yaml (``DeployConfig``) and reading it: bounded, parsed, validated in one pass.
 
-Every model forbids unknown keys; a validation failure becomes one ConfigError that names the
-file, the field path and what is allowed, one line per problem.
+``load_deploy`` reads a file (bounded in size, depth and node count), ``parse_deploy`` validates its data: the
+structure, every recipe step and the names registries must know, one ConfigError listing every problem.
+``dump_deploy`` is the serialised form, ``json_schema`` the schema of `pipeline config schema`.
 """
 
 from __future__ import annotations
@@ -13,17 +14,14 @@ import yaml
 from pydantic import Field, ValidationError
 
 from ..errors import ConfigError
-from ..targets import known_targets
-from ..export.formats import FORMATS, all_quantizations
 from .errors import error_lines, invalid, short
 from .fleet import FleetConfig
+from .names import check_names
 from .sections import (DataConfig, ExportConfig, FinetuneConfig, FitConfig, ModelConfig, SigningConfig, Strict,
                        TargetOverride)
 from .steps import Step, TypedStep
 
 CONFIG_VERSION = 1
-#: the names of ``pipeline.models.MODELS`` (that registry holds torch code; a test keeps both equal)
-ZOO_NAMES = ("lenet5", "mobilenetv2-small", "resnet-small", "small-cnn")
 
 
 class DeployConfig(Strict):
@@ -59,71 +57,6 @@ class DeployConfig(Strict):
         return list(self.recipes[name])
 
 
-def _known_classes(base_dir: Path) -> list[str]:
-    """Device classes: the YAML files in targets/ (and in deploy.yaml's own targets/, which wins)."""
-    local = base_dir / "targets"
-    return sorted(set(known_targets()) | (set(known_targets(local)) if local.is_dir() else set()))
-
-
-def _at(data: Any, *path: str) -> Any:
-    """``data[path...]`` where every level is a mapping, else None (the structural pass reports the rest)."""
-    for key in path:
-        if not isinstance(data, dict):
-            return None
-        data = data.get(key)
-    return data
-
-
-def _check_names(data: dict[str, Any], base_dir: Path) -> list[str]:
-    """Names deploy.yaml uses that a registry (or targets/) must know, read from the raw document so that they
-    are reported with the structural problems; one line per problem."""
-    from ..data import DATASETS
-
-    problems = []
-    zoo = _at(data, "model", "zoo")
-    if isinstance(zoo, str) and zoo not in ZOO_NAMES:
-        problems.append(f"model.zoo: got {short(repr(zoo))}; known: {', '.join(ZOO_NAMES)} "
-                        "(or model.factory: 'package.module:function' for your own)")
-    datasets = [*DATASETS.names(), "npz"]
-    name, path = _at(data, "data", "name"), _at(data, "data", "path")
-    name = "mnist-5k" if name is None and isinstance(data.get("data", {}), dict) else name
-    if isinstance(name, str):
-        if name not in datasets:
-            problems.append(f"data.name: got {short(repr(name))}; known: {', '.join(datasets)}")
-        elif name == "npz" and path is None:
-            problems.append("data.path: required with data.name npz (a .npz file with x_train, y_train, x_test, "
-                            "y_test)")
-        elif name != "npz" and path is not None:
-            problems.append(f"data.path: only read with data.name npz; data.name is {name!r}")
-    classes = _known_classes(base_dir)
-    allowed = f"known device classes: {', '.join(classes) or '(none)'} (one YAML file each in targets/)"
-    targets = data.get("targets")
-    if isinstance(targets, dict):
-        problems += [f"targets.{short(n, 40)}: unknown device class {short(repr(n))}; {allowed}"
-                     for n in targets if isinstance(n, str) and n not in classes]
-    devices = _at(data, "fleet", "devices")
-    if isinstance(devices, list):
-        problems += [f"fleet.devices.{i}.target: unknown device class {short(repr(d['target']))}; {allowed}"
-                     for i, d in enumerate(devices)
-                     if isinstance(d, dict) and isinstance(d.get("target"), str) and d["target"] not in classes]
-    kinds = all_quantizations()
-    fmt, quantize = _at(data, "export", "format"), _at(data, "export", "quantize")
-    fmt = "onnx" if fmt is None and isinstance(data.get("export", {}), dict) else fmt
-    if isinstance(quantize, str):
-        if quantize not in kinds:
-            problems.append(f"export.quantize: got {short(repr(quantize))}; allowed: {kinds}")
-        elif isinstance(fmt, str) and fmt in FORMATS and quantize not in FORMATS[fmt].quantizations:
-            f = FORMATS[fmt]
-            problems.append(f"export.quantize: got {quantize!r}; with format {fmt}: {sorted(f.quantizations)}"
-                            + (f" ({f.note})" if f.note else ""))
-    fit_kinds = _at(data, "fit", "quantizations")
-    if isinstance(fit_kinds, list):
-        unknown = [q for q in fit_kinds if isinstance(q, str) and q not in kinds]
-        if unknown:
-            problems.append(f"fit.quantizations: got {short(repr(unknown))}; allowed: {kinds}")
-    return problems
-
-
 def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
     """deploy.yaml's data (already parsed) into a DeployConfig, or one ConfigError listing every problem: the
     structure, every recipe step's parameters and the names registries must know, in one pass."""
@@ -141,7 +74,7 @@ def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:
         cfg = DeployConfig.model_validate({**data, "base_dir": base_dir, "source": where})
     except ValidationError as exc:
         structural = error_lines(exc)
-    problems = _check_names(data, base_dir)
+    problems = check_names(data, base_dir)
     if structural:
         raise ConfigError(invalid(where, structural + problems))
     if len(problems) == 1:
