@@ -12,16 +12,17 @@ import os
 import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
+
 
 import numpy as np
-import torch
-from torch import nn
 
 from .config import DeployConfig
 from .data import Dataset, load_dataset
 from .errors import ConfigError, DataError, ModelError
-from .models import build_model
+
+if TYPE_CHECKING:  # torch only where a PyTorch model is checked: loading data needs none
+    from torch import nn
 
 T = TypeVar("T")
 CHECKPOINT_HINT = "expected a state_dict written by torch.save(model.state_dict(), PATH)"
@@ -101,6 +102,8 @@ def _factory(cfg: DeployConfig) -> None:
 
 
 def _state_dict(cfg: DeployConfig) -> tuple[str, Mapping]:
+    import torch
+
     path = cfg.resolve(cfg.model.checkpoint)
     if not path.is_file():
         what = "a directory, not a file" if path.is_dir() else "no such file"
@@ -135,6 +138,11 @@ def _fits(model: nn.Module, state: Mapping) -> list[str]:
 def check_model(cfg: DeployConfig, data: Dataset) -> None:
     """The model deploy.yaml names builds, takes the data's images, gives one score per class, and its
     checkpoint (when given) fits it; raises one ConfigError otherwise. Leaves the global RNG as it was."""
+    import torch
+    from torch import nn
+
+    from .models import build_model
+
     m = cfg.model
     if m.factory is not None:
         _factory(cfg)

@@ -9,21 +9,27 @@ import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import onnx
-import torch
-from torch import nn
 
 from ..errors import ExportError
-from ..models.trace import locate
 from .backend import BACKENDS, ExportBackend
 from .onnx_files import minify, simplify
+
+if TYPE_CHECKING:
+    from torch import nn
 
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 17) -> Path:
     """TorchScript-based exporter: one file with weights inside, opset as asked, dynamic batch."""
+    import torch
+
+    from ..models.trace import locate
+
     model = model.cpu().eval()
     dummy = torch.zeros((1, *input_shape), dtype=torch.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,10 +74,7 @@ class OnnxBackend(ExportBackend):
         return minify(fn(fp32, dst, calibration))
 
     def run(self, path: Path, x: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-        from .parity import ort_session
+        from .parity import ort_run, ort_session
 
         sess = ort_session(path)
-        name = sess.get_inputs()[0].name
-        names = [o.name for o in sess.get_outputs()]
-        batches = [sess.run(None, {name: x[i:i + batch_size]}) for i in range(0, len(x), batch_size)]
-        return {n: np.concatenate([b[k] for b in batches]) for k, n in enumerate(names)}
+        return dict(zip([o.name for o in sess.get_outputs()], ort_run(sess, x, batch_size)))

@@ -54,3 +54,26 @@ def minify(path: Path) -> Path:
         t.doc_string = ""
     onnx.save(model, str(path))  # onnxruntime, which loads it next (parity, golden vectors), validates it
     return path
+
+
+def toposort(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph's nodes in an order where each comes after the producers of its inputs, as the ONNX checker
+    requires (onnxruntime's float16 converter appends its input casts at the end). In place; a cycle or an input
+    nothing produces leaves those nodes last, in their order, for the checker to name."""
+    g = model.graph
+    ready = {v.name for v in [*g.input, *g.initializer]} | {""}
+    ready |= {t.name for t in g.sparse_initializer}
+    pending, ordered = list(g.node), []
+    while pending:
+        rest = [n for n in pending if not all(i in ready for i in n.input)]
+        done = [n for n in pending if all(i in ready for i in n.input)]
+        if not done:
+            ordered += rest
+            break
+        ordered += done
+        ready |= {o for n in done for o in n.output}
+        pending = rest
+    nodes = [onnx.NodeProto.FromString(n.SerializeToString()) for n in ordered]  # copies: the originals go
+    del g.node[:]
+    g.node.extend(nodes)
+    return model

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..errors import ExportError
 from ..registry import Registry
-from .onnx_files import minify
+from .onnx_files import minify, toposort
 from .parity import ort_predict, sqnr_db
 from .reference import reference_file
 
@@ -84,8 +84,9 @@ def fp16(src: Path, dst: Path, calibration: np.ndarray) -> Path:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     try:
-        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        model = toposort(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True))
         onnx.save(model, str(dst))
+        onnx.checker.check_model(str(dst))
     except Exception as exc:
         raise ExportError(f"fp16 conversion of {src.name} failed: {exc}") from None
     return dst
