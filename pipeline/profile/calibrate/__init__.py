@@ -29,11 +29,11 @@ import psutil
 import torch
 from torch import nn
 
-from ..export import export_model, quantize_model
-from ..targets import OpFactor, TargetProfile, user_dir
-from .compare import steady_latency_ms
-from .predict import roofline_terms
-from .static import CATEGORIES, analyse
+from ...export import export_model, quantize_model
+from ...targets import OpFactor, TargetProfile, user_dir
+from ..compare import steady_latency_ms
+from ..predict import roofline_terms
+from ..static import CATEGORIES, analyse
 
 
 def cpu_clock_ghz() -> float:
@@ -237,8 +237,8 @@ def calibrate(threads: int | None = None, models: int = 32, progress: Callable[[
 def host_profile(peaks: dict[str, float], threads: int) -> TargetProfile:
     from device_agent.runtimes import available_runtimes
 
-    from ..targets import Budgets
-    from ..targets import Cpu, Efficiency, Memory, Power
+    from ...targets import Budgets
+    from ...targets import Cpu, Efficiency, Memory, Power
 
     return TargetProfile(
         name="host", description=f"this machine: {cpu_model()}", arch=platform.machine(),
@@ -299,7 +299,7 @@ _FC_OUT = [10, 32, 64, 84, 120, 128, 256, 512]
 
 def kernel_configs(seed: int = 0, scale: int = 1) -> list:
     """Random single-kernel configurations spanning what small CNNs use."""
-    from .kernels import Kernel
+    from ..kernels import Kernel
 
     rng = np.random.default_rng(seed)
     pick = lambda xs: int(rng.choice(xs))  # noqa: E731
@@ -413,8 +413,8 @@ def fit_kernel_predictor(threads: int, tmp: Path, models: int, progress: Callabl
     during calibration does not bend the fit."""
     from scipy.optimize import nnls
 
-    from .compare import SpeedProbe
-    from .kernels import KernelPredictor
+    from ..compare import SpeedProbe
+    from ..kernels import KernelPredictor
 
     probe = SpeedProbe(threads, tmp)
     reference_ms = probe.probe()
