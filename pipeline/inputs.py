@@ -144,6 +144,9 @@ def check_model(cfg: DeployConfig, data: Dataset) -> None:
     from .models import build_model
 
     m = cfg.model
+    if m.file is not None:
+        raise ConfigError(f"{cfg.source}: model.file: compressing and fitting need a PyTorch model (model.zoo or "
+                          "model.factory); a model file is shipped by `pipeline deploy` as it is or quantized")
     if m.factory is not None:
         _factory(cfg)
     field = f"model.zoo {m.zoo!r}" if m.zoo else f"model.factory {m.factory!r}"

@@ -31,14 +31,19 @@ class TrainConfig(Strict):
 class ModelConfig(Strict):
     zoo: str | None = Field(None, description="name of a built-in model")
     factory: str | None = Field(None, description="'package.module:function' returning an nn.Module")
+    file: Path | None = Field(None, description="a model file you already have (.onnx or .tflite): deployed as it "
+                                                "is or quantized (export.quantize), no PyTorch involved")
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments for the zoo model/factory")
     checkpoint: Path | None = None
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
     def _one_source(self) -> "ModelConfig":
-        if (self.zoo is None) == (self.factory is None):
-            raise ValueError("give exactly one of 'zoo' (a built-in model) or 'factory' ('package.module:function')")
+        if sum(v is not None for v in (self.zoo, self.factory, self.file)) != 1:
+            raise ValueError("give exactly one of 'zoo' (a built-in model), 'factory' ('package.module:function') "
+                             "or 'file' (an .onnx or .tflite file you have)")
+        if self.file is not None and self.checkpoint is not None:
+            raise ValueError("'checkpoint' is for a PyTorch model; a model file carries its own weights")
         if self.factory is not None and ":" not in self.factory:
             raise ValueError(f"factory {self.factory!r} must look like 'package.module:function'")
         return self

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import torch
 from torch import nn
@@ -12,6 +13,20 @@ from ..errors import ModelError
 from ..registry import UnknownNameError
 from . import zoo  # noqa: F401  (registers the built-ins)
 from .registry import MODELS, ModelFactory  # noqa: F401  (the names callers import from here)
+
+
+def _shape_args(fn, input_shape: tuple[int, ...], num_classes: int) -> tuple:
+    """``(input_shape, num_classes)`` when the factory's signature takes two positional parameters, else ``()``: a
+    factory that fixes its own class count is then checked against the data's (``inputs.check_model``), and a
+    TypeError raised inside the factory surfaces instead of silently selecting the other call."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: the documented convention
+        return (input_shape, num_classes)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if any(p.kind is p.VAR_POSITIONAL for p in params) or len(positional) >= 2:
+        return (input_shape, num_classes)
+    return ()
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -29,10 +44,7 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
         fn = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ModelError(f"model.factory {cfg.factory!r}: cannot import ({exc})") from None
-    try:
-        model = fn(input_shape, num_classes, **cfg.options)
-    except TypeError:
-        model = fn(**cfg.options)
+    model = fn(*_shape_args(fn, input_shape, num_classes), **cfg.options)
     if not isinstance(model, nn.Module):
         raise ModelError(f"model.factory {cfg.factory!r} returned {type(model).__name__}, expected torch.nn.Module")
     return model
