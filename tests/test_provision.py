@@ -78,7 +78,7 @@ def test_provision_upgrade_and_a_failed_upgrade(mosquitto, sshd, key_dir, tiny_o
     from pipeline.config import load_deploy
     from pipeline.ota.rollout import RolloutPolicy, rollout
     from pipeline.provision import provision
-    from pipeline.provision.cli import _fleet_side, _plans
+    from pipeline.cli.provision import _fleet_side, _plans
 
     install = tmp_path / "remote" / "edge-1"
     cfg = write_config(tmp_path, mosquitto, key_dir, [

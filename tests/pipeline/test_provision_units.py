@@ -87,7 +87,7 @@ def test_the_live_view_has_every_retained_message_without_waiting_out_a_timer(mo
     after subscribing, comes back: no fixed wait."""
     from device_agent.mqtt import MqttLink
     from device_agent.protocol import Leaf, encode, topic
-    from pipeline.provision.cli import live_fleet
+    from pipeline.cli.provision import live_fleet
 
     devices = [f"edge-{i}" for i in range(40)]
     pub = MqttLink(mosquitto.config, "retainer", lambda t, p: None).start()

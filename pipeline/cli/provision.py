@@ -1,16 +1,16 @@
-"""``pipeline provision`` and ``pipeline devices``."""
+"""``pipeline provision`` and ``pipeline devices``: agents onto hosts over SSH, and the inventory beside what is
+online."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, ProvisionError
+from . import output
 
 
 def _split_host(text: str) -> tuple[str | None, str]:
@@ -20,7 +20,7 @@ def _split_host(text: str) -> tuple[str | None, str]:
 
 def _plans(args: argparse.Namespace, cfg) -> list:
     from ..targets import target_for_deploy
-    from .provisioner import HostPlan
+    from ..provision.provisioner import HostPlan
 
     key = Path(args.key).expanduser() if args.key else None
     if args.host:
@@ -60,7 +60,7 @@ def _plans(args: argparse.Namespace, cfg) -> list:
 def _fleet_side(args: argparse.Namespace, cfg):
     from ..bundle import load_or_create, public_key_path
     from ..broker import external_broker
-    from .provisioner import FleetSide
+    from ..provision.provisioner import FleetSide
 
     host_broker = external_broker(cfg)
     if args.broker:
@@ -86,51 +86,10 @@ def _fleet_side(args: argparse.Namespace, cfg):
                      strict_host_keys=p.strict_host_keys)
 
 
-class _Progress:
-    """A live table on a terminal; one line per step otherwise (CI logs)."""
-
-    def __init__(self, ui, plans) -> None:
-        self.ui, self.lock = ui, threading.Lock()
-        self.rows = {p.device_id: [p.device_id, p.where, "waiting", "", ""] for p in plans}
-        self.live = None
-        if ui.console.is_terminal:
-            from rich.live import Live
-
-            self.live = Live(self._table(), console=ui.console, refresh_per_second=4)
-
-    def _table(self):
-        from rich.table import Table
-
-        t = Table(title="Provisioning", title_justify="left")
-        for c in ("device", "host", "step", "agent", "time"):
-            t.add_column(c)
-        for row in self.rows.values():
-            t.add_row(*row, style="red" if row[2] == "failed" else ("green" if row[2] == "done" else None))
-        return t
-
-    def __call__(self, r) -> None:
-        with self.lock:
-            row = self.rows[r.device_id]
-            changed = row[2] != r.step
-            row[2:] = [r.step, r.agent_version or "", f"{r.seconds:.0f} s" if r.seconds else ""]
-            if self.live is not None:
-                self.live.update(self._table())
-            elif changed:
-                self.ui.info(f"{r.device_id} ({r.where}): {r.step}" + (f": {r.error}" if r.error else ""))
-
-    def __enter__(self):
-        if self.live is not None:
-            self.live.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.live is not None:
-            self.live.__exit__(*exc)
-
-
 def cmd_provision(args: argparse.Namespace, ui) -> int:
     from ..config import load_deploy
-    from .provisioner import provision
+    from ..provision.provisioner import provision
+    from ..ui.tables import ProvisionProgress, print_provisioned
 
     cfg = load_deploy(args.config)
     plans = _plans(args, cfg)
@@ -140,19 +99,14 @@ def cmd_provision(args: argparse.Namespace, ui) -> int:
         ui.warn(f"devices will connect to the broker at {fleet.broker_host}, their own loopback; set "
                 "fleet.provision.broker_host to an address they can reach")
     t0 = time.monotonic()
-    with _Progress(ui, plans) as progress:
+    with ProvisionProgress(ui, plans) as progress:
         results = provision(plans, fleet, args.parallel or cfg.fleet.provision.parallel, progress)
     failed = [r for r in results if r.status == "failed"]
-    if args.json:
-        print(json.dumps([r.to_dict() for r in results], indent=2))
-    ui.table(f"Provisioned {len(results) - len(failed)}/{len(results)} in {time.monotonic() - t0:.0f} s",
-             ["device", "host", "result", "agent", "was", "runtime", "service", "device", "time"],
-             [[r.device_id, r.where, r.status, r.agent_version or "-", r.previous_version or "-", r.runtime or "-",
-               r.service or "-", f"{r.machine or '?'} py{r.python or '?'}", f"{r.seconds:.0f} s"] for r in results],
-             ["red" if r.status == "failed" else None for r in results])
+    output.emit(args, [r.to_dict() for r in results])
+    print_provisioned(ui, results, time.monotonic() - t0)
     for r in failed:
-        ui.console.print(f"[bold red]error:[/] {r.error}")
-    return ProvisionError.exit_code if failed else 0
+        output.error(ui, r.error)
+    return output.PROVISION_FAILED if failed else output.OK
 
 
 def live_fleet(broker, prefix: str, timeout_s: float = 5.0) -> dict[str, dict[str, Any]]:
@@ -211,16 +165,11 @@ def cmd_devices(args: argparse.Namespace, ui) -> int:
         rows.append(_device_row(spec.id, spec, known.get(spec.id), live.get(spec.id)))
     for device_id in sorted((set(live) | set(known)) - {d.id for d in cfg.fleet.devices}):
         rows.append(_device_row(device_id, None, known.get(device_id), live.get(device_id)))
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-        return 0
-    ui.table("Devices (inventory: deploy.yaml fleet.devices; state: the broker, else the fleet store)",
-             ["device", "class", "host", "groups", "link", "agent", "model", "state", "in inventory"],
-             [[r["device_id"], r["target"] or "-", r["host"] or "-", ",".join(r["groups"]) or "-",
-               {True: "online", False: "offline", None: "unknown"}[r["online"]], r["agent_version"] or "-",
-               r["active_version"] or "-", r["state"] or "-", "yes" if r["in_inventory"] else "no"] for r in rows],
-             ["red" if r["online"] is False else None for r in rows])
-    return 0
+    if not output.emit(args, rows):
+        from ..ui.tables import print_devices
+
+        print_devices(ui, rows)
+    return output.OK
 
 
 def _device_row(device_id: str, spec, stored: dict | None, live: dict | None) -> dict[str, Any]:
@@ -238,7 +187,7 @@ def _device_row(device_id: str, spec, stored: dict | None, live: dict | None) ->
             ("store" if stored else None)}
 
 
-def add_parsers(sub) -> None:
+def add_provision(sub) -> None:
     p = sub.add_parser("provision", help="install the agent on devices over SSH and wait until they report online")
     p.add_argument("--config", default="deploy.yaml")
     p.add_argument("--all", action="store_true", help="every fleet.devices entry with a host")
@@ -257,8 +206,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_provision)
 
+
+def add_devices(sub) -> None:
     d = sub.add_parser("devices", help="the inventory next to what is online, with agent and model versions")
     d.add_argument("--config", default="deploy.yaml")
     d.add_argument("--offline", action="store_true", help="do not ask the broker; show the fleet store's view")
     d.add_argument("--json", action="store_true")
     d.set_defaults(func=cmd_devices)
+
+
+COMMANDS = {"provision": add_provision, "devices": add_devices}

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import threading
 from pathlib import Path
 
-from .errors import PipelineError
+from ..errors import PipelineError
+from . import output
 
 
 def _context(args: argparse.Namespace):
     """(deploy config or None, fleet store path). ``--db`` alone works without a deploy.yaml."""
-    from .config import load_deploy
+    from ..config import load_deploy
 
     if args.db and not Path(args.config).is_file():
         return None, Path(args.db)
@@ -25,7 +25,7 @@ def _context(args: argparse.Namespace):
 def _broker(args: argparse.Namespace, cfg):
     from device_agent.config import BrokerConfig
 
-    from .broker import external_broker
+    from ..broker import external_broker
 
     if args.broker:
         host, _, port = args.broker.rpartition(":")
@@ -36,7 +36,7 @@ def _broker(args: argparse.Namespace, cfg):
 
 
 def _retention(cfg):
-    from .config import RetentionConfig
+    from ..config import RetentionConfig
 
     return (cfg.fleet.retention if cfg is not None else RetentionConfig()).policy()
 
@@ -51,39 +51,23 @@ def cmd_fleet(args: argparse.Namespace, ui) -> int:
         return _ingest(args, ui, cfg, db)
     if args.action == "retain":
         return _retain(args, ui, cfg, db)
-    from .dashboard import BudgetBook, FleetView
-    from .fleet import FleetStore
+    from ..dashboard import BudgetBook, FleetView
+    from ..fleet import FleetStore
 
     store = FleetStore(db)
     try:
         devices = FleetView(store, BudgetBook.from_config(cfg)).overview()["devices"]
     finally:
         store.close()
-    if args.json:
-        print(json.dumps(devices, indent=2, default=str))
-        return 0
-    import datetime as dt
+    if not output.emit(args, devices):
+        from ..ui.tables import print_fleet
 
-    rows, styles = [], []
-    for d in devices:
-        m = d["metrics"] or {}
-        seen = dt.datetime.fromtimestamp(d["last_seen"]).strftime("%H:%M:%S") if d["last_seen"] else "-"
-        state = d.get("state") or "-"
-        if d["updating"] and d.get("progress") is not None:
-            state += f" v{d['job_version']} {d['progress']:.0%}"
-        b = d["budget"]
-        rows.append([d["device_id"], d.get("target") or "-", "online" if d["online"] else "offline",
-                     d.get("active_version") or "-", d.get("slot") or "-", state, seen,
-                     m.get("latency_ms_p95", "-"), m.get("rss_mb", "-"), m.get("energy_mj", "-"),
-                     "over: " + ", ".join(b["over"]) if b["over"] else b["status"]])
-        styles.append("red" if b["over"] or not d["online"] else None)
-    ui.table("Fleet", ["device", "class", "link", "version", "slot", "state", "last seen", "p95 ms", "RSS MB",
-                       "energy mJ", "budgets"], rows, styles)
-    return 0
+        print_fleet(ui, devices)
+    return output.OK
 
 
 def _ingest(args: argparse.Namespace, ui, cfg, db: Path) -> int:
-    from .fleet.ingest import Ingester
+    from ..fleet.ingest import Ingester
 
     broker = _broker(args, cfg)
     if broker is None:
@@ -99,16 +83,16 @@ def _ingest(args: argparse.Namespace, ui, cfg, db: Path) -> int:
     except KeyboardInterrupt:
         pass
     except Exception as exc:
-        from .errors import DeliveryError
+        from ..errors import DeliveryError
 
         raise DeliveryError(f"fleet ingest stopped: {exc}") from None
     ui.info(f"stored {ingester.stored} row(s)")
-    return 0
+    return output.OK
 
 
 def _retain(args: argparse.Namespace, ui, cfg, db: Path) -> int:
-    from .fleet import FleetStore
-    from .fleet.retention import RetentionPolicy, apply_retention, parse_duration
+    from ..fleet import FleetStore
+    from ..fleet.retention import RetentionPolicy, apply_retention, parse_duration
 
     base = _retention(cfg)
     policy = RetentionPolicy(parse_duration(args.raw, "--raw") if args.raw else base.raw_s,
@@ -119,19 +103,17 @@ def _retain(args: argparse.Namespace, ui, cfg, db: Path) -> int:
         done = apply_retention(store, policy)
     finally:
         store.close()
-    if args.json:
-        print(json.dumps(done))
-    else:
-        ui.info(f"rolled {done['raw_rolled_up']} raw row(s) older than {policy.raw_s:g} s into "
-                f"{policy.bucket_s:g} s buckets ({done['buckets_added']} new); dropped {done['rollups_dropped']} "
-                f"rollup(s) and {done['events_dropped']} event(s) older than {policy.rollup_s:g} s")
-    return 0
+    if not output.emit(args, done, indent=None):
+        from ..ui.tables import print_retention
+
+        print_retention(ui, done, policy)
+    return output.OK
 
 
 def cmd_dashboard(args: argparse.Namespace, ui) -> int:
-    from .dashboard import BudgetBook, Dashboard, new_token
-    from .dashboard.server import is_loopback
-    from .fleet.ingest import Ingester
+    from ..dashboard import BudgetBook, Dashboard, new_token
+    from ..dashboard.server import is_loopback
+    from ..fleet.ingest import Ingester
 
     cfg, db = _context(args)
     host = args.host or (cfg.fleet.dashboard.host if cfg is not None else "127.0.0.1")
@@ -149,9 +131,8 @@ def cmd_dashboard(args: argparse.Namespace, ui) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with dash:
         url = dash.url + (f"?token={token}" if token else "")
-        if args.json:
-            print(json.dumps({"url": dash.url, "token": token, "db": str(db),
-                              "ingest": f"{broker.host}:{broker.port}" if broker else None}), flush=True)
+        output.emit(args, {"url": dash.url, "token": token, "db": str(db),
+                           "ingest": f"{broker.host}:{broker.port}" if broker else None}, indent=None, flush=True)
         ui.info(f"dashboard: {url}")
         ui.info(f"Prometheus: {dash.url}metrics" + (" (Authorization: Bearer <token>)" if token else ""))
         ui.info(f"ingesting from {broker.host}:{broker.port}" if broker else
@@ -165,10 +146,10 @@ def cmd_dashboard(args: argparse.Namespace, ui) -> int:
                     warned = True
         except KeyboardInterrupt:
             pass
-    return 0
+    return output.OK
 
 
-def add_parsers(sub) -> None:
+def add_fleet(sub) -> None:
     fl = sub.add_parser("fleet", help="ingest fleet telemetry into the store, show the fleet, apply retention")
     fl.add_argument("action", choices=["status", "ingest", "retain"])
     fl.add_argument("--config", default="deploy.yaml")
@@ -186,6 +167,8 @@ def add_parsers(sub) -> None:
     fl.add_argument("--json", action="store_true")
     fl.set_defaults(func=cmd_fleet)
 
+
+def add_dashboard(sub) -> None:
     d = sub.add_parser("dashboard", help="serve the live fleet dashboard and /metrics, ingesting telemetry beside it")
     d.add_argument("--config", default="deploy.yaml")
     d.add_argument("--db", help="fleet store (default: WORKDIR/fleet.db)")
@@ -199,3 +182,6 @@ def add_parsers(sub) -> None:
     d.add_argument("--group", default="ingest", help="shared-subscription group, shared with `fleet ingest`")
     d.add_argument("--json", action="store_true", help="print the URL and token as one JSON line on start")
     d.set_defaults(func=cmd_dashboard)
+
+
+COMMANDS = {"fleet": add_fleet, "dashboard": add_dashboard}
