@@ -15,7 +15,8 @@ from ..targets import known_targets
 from .errors import short
 
 #: the names of ``pipeline.models.MODELS`` (that registry holds torch code; a test keeps both equal)
-ZOO_NAMES = ("lenet5", "mobilenetv2-small", "resnet-small", "small-cnn")
+ZOO_NAMES = ("ds-cnn", "lenet5", "mobilenetv2", "mobilenetv2-small", "mobilenetv3-small", "resnet-small", "resnet18",
+             "small-cnn")
 
 
 def _known_classes(base_dir: Path) -> list[str]:
