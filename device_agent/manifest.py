@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .errors import ProtocolError, VerificationError
+from .preprocess import Preprocess
 from .protocol import ResultCode, short
 
 MANIFEST_TYPE = "edgefleet.manifest"
@@ -151,6 +152,7 @@ class Manifest:
     raw_length: int = 0  # of the model file once decoded
     raw_sha256: str = ""
     url: str | None = None  # optional HTTP(S) source of the payload, fetched with Range requests
+    preprocess: Preprocess | None = None  # how the inputs are prepared from an image (device_agent.preprocess)
 
     @classmethod
     def from_signed(cls, signed: Any) -> "Manifest":
@@ -178,6 +180,8 @@ class Manifest:
             raw_length=_count(art, "raw_length", 1) if art.get("raw_length") is not None else length,
             raw_sha256=_field(art, "raw_sha256", str, optional=True) or _field(art, "sha256", str),
             url=_field(art, "url", str, optional=True),
+            preprocess=None if signed.get("preprocess") is None
+            else Preprocess.from_dict(signed["preprocess"], "manifest: preprocess"),
         )
         if m.expires is not None:
             _timestamp(m.expires, "expires")
@@ -206,6 +210,8 @@ class Manifest:
             "artifact": artifact, "io": self.io, "golden": self.golden, "health": self.health,
             "budgets": self.budgets, "predicted": self.predicted,
         }
+        if self.preprocess is not None:  # absent, not null, without one: older manifests stay byte for byte
+            body["preprocess"] = self.preprocess.to_dict()
         return json.loads(json.dumps(body))  # plain JSON values: exactly what a receiver parses and re-serialises
 
     def check_expiry(self, at: dt.datetime | None = None) -> None:
