@@ -26,6 +26,7 @@ from .profile import host_threads, profile_model
 from .profile.stage import budget_gate
 from .targets import TargetProfile, target_for_deploy
 from .ui import UI
+from .ui.tables import print_delivery, print_fit, print_profile
 
 
 def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False, cache: bool = True,
@@ -47,7 +48,7 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
             exported, data = _from_pytorch(cfg, target, out, ui, report, force, cache)
         with ui.stage(f"Profile against {target.name} ({target.description})"):
             prof = profile_model(exported.path, target, analysis=exported.analysis_path)
-            _print_profile(ui, prof, target)
+            print_profile(ui, prof, target)
             report["profile"], report["budgets"] = prof.to_dict(), [r.to_dict() for r in prof.budgets]
             budget_gate(prof, exported.path.name, ui, force)
     except BudgetError as exc:  # the report so far travels with the error (`--report` writes it)
@@ -62,7 +63,7 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
 
     report["delivery"], report["broker"] = deliver_stage(cfg.fleet, external_broker(cfg), target, artifact, workdir,
                                                          ui, force=force, serve_http=serve_http)
-    _print_delivery(ui, report["delivery"], prof.predicted, report["broker"]["rollout"]["limits"])
+    print_delivery(ui, report["delivery"], prof.predicted, report["broker"]["rollout"]["limits"])
     report["wall_s"] = round(time.perf_counter() - t_start, 2)
     return report
 
@@ -72,7 +73,7 @@ def _from_pytorch(cfg: DeployConfig, target: TargetProfile, out: Path, ui: UI, r
     """fit (when asked) -> compress -> speed gate -> export: the exported model and its data."""
     from .compress.stage import compress
     from .export.stage import export_stage
-    from .fit import print_fit, require_best, run_fit
+    from .fit import require_best, run_fit
     from .profile.speed import speed_stage
 
     choice, prepared = None, None
@@ -137,42 +138,6 @@ def _model_report(result, exported, cfg: DeployConfig) -> dict[str, Any]:
         "export": {"format": cfg.export.format, "opset": cfg.export.opset, "simplified": cfg.export.simplify,
                    "parity": parity, "quantization": qreport or None},
     }
-
-
-def _print_profile(ui: UI, prof, target: TargetProfile) -> None:
-    s, p, m = prof.static, prof.predicted, prof.measured
-    ui.info(f"static: {s.params:,} parameters ({s.nonzero_params:,} nonzero), {s.macs:,} MACs, "
-            f"{s.size_bytes:,} bytes, peak activations {s.peak_activation_bytes / 1024:.1f} KiB"
-            f"{', int8' if s.quantized else ''}")
-    ui.info(f"predicted on {target.name}: {p['latency_ms']:.3f} ms, {p['peak_memory_mb']:.1f} MB, "
-            f"{p['energy_mj']:.3f} mJ per inference ({p['basis']})")
-    ui.info(f"measured on this host (emulated, {m['threads']} thread(s)): p50 {m['latency_ms_p50']:.3f} ms, "
-            f"p95 {m['latency_ms_p95']:.3f} ms, RSS {m['rss_mb']:.1f} MB")
-    rows = [[r.name, f"{r.limit:g} {r.unit}", f"{r.value:g} {r.unit}", r.source, f"{r.margin:+.0%}",
-             "pass" if r.passed else "FAIL"] for r in prof.budgets]
-    ui.table(f"Budgets for {target.name}", ["budget", "limit", "value", "source", "margin", "result"], rows,
-             ["green" if r.passed else "bold red" for r in prof.budgets])
-
-
-def _print_delivery(ui: UI, delivery: list[dict[str, Any]], predicted: dict[str, Any],
-                    limits: dict[str, Any] | None = None) -> None:
-    """One row per device: its status as the device said it (or ``timeout`` / ``no_answer`` when it said
-    nothing), what it measured, and what was predicted for the target and, for emulated agents, for this host."""
-    host_ms = (limits or {}).get("host_predicted_latency_ms")
-    emulated = any((d.get("metrics") or {}).get("emulated") for d in delivery)
-    rows = []
-    for d in delivery:
-        m = d.get("metrics") or {}
-        rows.append([d["device_id"], str(d["status"]), d["active_version"],
-                     f"{m['latency_ms_p50']:.3f}" if m else "-", f"{m['latency_ms_p95']:.3f}" if m else "-",
-                     f"{m['rss_mb']:.1f}" if m else "-", f"{predicted['latency_ms']:.3f}",
-                     *([f"{host_ms:.3f}" if host_ms is not None and m.get("emulated") else "-"] if emulated else []),
-                     d.get("reason") or ""])
-    ui.table("Delivery" + (" (p50/p95/RSS measured on this host by emulated agents, judged against the "
-                           "prediction for this host, not the target's budget)" if emulated else ""),
-             ["device", "status", "version", "p50 ms", "p95 ms", "RSS MB", "target predicted ms",
-              *(["host predicted ms"] if emulated else []), "reason"], rows,
-             ["green" if d["status"] == DeviceStatus.ACTIVATED else "bold red" for d in delivery])
 
 
 def delivery_ok(report: dict[str, Any]) -> bool:

@@ -139,24 +139,27 @@ def test_a_device_that_never_answers_a_rollback_is_recorded_as_such(mosquitto):
 
 def test_deploy_records_the_refusal_in_the_report_table_store_and_telemetry(mosquitto, key_dir, tiny_onnx, tmp_path,
                                                                               monkeypatch, capsys):
-    import pipeline.deploy as deploy
+    from pipeline.broker import external_broker
     from pipeline.config import load_deploy
     from pipeline.fleet import FleetStore
+    from pipeline.ota import stage
     from pipeline.targets import target_for_deploy
     from pipeline.ui import UI
+    from pipeline.ui import tables
 
     cfg = load_deploy(small_deploy_config(tmp_path, local_agents=1, local_broker="mosquitto"))
     target = target_for_deploy(cfg, "rpi4")
     workdir = cfg.resolve(cfg.workdir)
     art = predicted_artifact(tiny_onnx, tmp_path / "a", key_dir, version=90)
     # this host's prediction as no host can meet it: the canary is a regression, whatever the machine
-    monkeypatch.setattr(deploy, "host_latency_ms", lambda artifact: IMPOSSIBLE_MS)
+    monkeypatch.setattr(stage, "host_latency_ms", lambda artifact: IMPOSSIBLE_MS)
     ui = UI()
-    delivery, info = deploy._deliver(cfg, target, art, workdir, ui)
+    delivery, info = stage.deliver_stage(cfg.fleet, external_broker(cfg), target, art, workdir, ui)
     assert info["rollout"]["aborted"]
     [d] = delivery
     assert (d["status"], d["active_version"]) == ("rollback_refused", 90)
-    deploy._print_delivery(ui, delivery, {"latency_ms": 1.0}, info["rollout"]["limits"])
+    assert tables.ACTIVATED == DeviceStatus.ACTIVATED  # the table colours what the enum says
+    tables.print_delivery(ui, delivery, {"latency_ms": 1.0}, info["rollout"]["limits"])
     table = capsys.readouterr().err
     assert "rollback_refused" in table and "host predicted ms" in table and "rolled_back" not in table
 

@@ -25,7 +25,8 @@ def cmd_compress(args: argparse.Namespace, ui) -> int:
 
 def cmd_fit(args: argparse.Namespace, ui) -> int:
     from ..config import load_deploy
-    from ..fit import print_fit, run_fit
+    from ..fit import run_fit
+    from ..ui.tables import print_fit
     from ..targets import target_for_deploy
 
     cfg = load_deploy(args.config)

@@ -11,7 +11,7 @@ from . import output
 
 
 def cmd_profile(args: argparse.Namespace, ui) -> int:
-    from ..deploy import _print_profile
+    from ..ui.tables import print_profile
     from ..profile import profile_model
     from ..targets import load_target
 
@@ -20,7 +20,7 @@ def cmd_profile(args: argparse.Namespace, ui) -> int:
     if not path.is_file():
         raise PipelineError(f"{path}: no such model file")
     prof = profile_model(path, target, runs=args.runs)
-    _print_profile(ui, prof, target)
+    print_profile(ui, prof, target)
     output.emit(args, prof.to_dict())
     return output.OVER_BUDGET if prof.failures else output.OK
 

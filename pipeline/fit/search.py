@@ -158,25 +158,6 @@ def draw(cands: list[Candidate], best: Candidate | None, target: TargetProfile, 
     return path
 
 
-def print_fit(ui: UI, fit: FitResult, target: TargetProfile) -> None:
-    rows, styles = [], []
-    for c in sorted(fit.candidates, key=lambda c: (c.error is not None, -c.accuracy)):
-        if c.error:
-            rows.append([c.label, c.quantize, "-", "-", "-", "-", "-", "", c.error[:60]])
-            styles.append("dim")
-            continue
-        f = c.figures
-        rows.append([c.label, c.quantize, f"{c.accuracy:.2%}", f"{f['latency_ms']:.3f}", f"{f['peak_memory_mb']:.1f}",
-                     f"{f['model_size_mb']:.3f}", f"{f['energy_mj']:.3f}", "yes" if c.pareto else "",
-                     "fits" if c.passed else "; ".join(x.split(":")[0] for x in c.failures)])
-        styles.append("bold green" if c is fit.best else ("green" if c.passed else "red"))
-    ui.table(f"Fit to {target.name} (predicted figures)", ["compression", "quantize", "accuracy", "latency ms",
-                                                           "memory MB", "size MB", "energy mJ", "Pareto", "budgets"],
-             rows, styles)
-    if fit.best:
-        ui.info(f"chosen: {fit.best.label} + {fit.best.quantize} ({fit.best.accuracy:.2%}); plot: {fit.plot}")
-
-
 def require_best(fit: FitResult, force: bool) -> Candidate:
     if fit.best is not None:
         return fit.best

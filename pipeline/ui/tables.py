@@ -9,6 +9,9 @@ from typing import Any
 
 from . import UI
 
+#: the delivery status of a device that runs the new model (``pipeline.ota.status.DeviceStatus.ACTIVATED``)
+ACTIVATED = "activated"
+
 
 def print_layers(ui: UI, report: dict[str, Any]) -> None:
     """``compress``: each layer after compression, then dense against compressed."""
@@ -151,3 +154,61 @@ class ProvisionProgress:
     def __exit__(self, *exc) -> None:
         if self.live is not None:
             self.live.__exit__(*exc)
+
+
+def print_profile(ui: UI, prof, target) -> None:
+    """``profile`` and ``deploy``: the static figures, the prediction for the target, what this host measured,
+    and the budgets table."""
+    s, p, m = prof.static, prof.predicted, prof.measured
+    ui.info(f"static: {s.params:,} parameters ({s.nonzero_params:,} nonzero), {s.macs:,} MACs, "
+            f"{s.size_bytes:,} bytes, peak activations {s.peak_activation_bytes / 1024:.1f} KiB"
+            f"{', int8' if s.quantized else ''}")
+    ui.info(f"predicted on {target.name}: {p['latency_ms']:.3f} ms, {p['peak_memory_mb']:.1f} MB, "
+            f"{p['energy_mj']:.3f} mJ per inference ({p['basis']})")
+    ui.info(f"measured on this host (emulated, {m['threads']} thread(s)): p50 {m['latency_ms_p50']:.3f} ms, "
+            f"p95 {m['latency_ms_p95']:.3f} ms, RSS {m['rss_mb']:.1f} MB")
+    rows = [[r.name, f"{r.limit:g} {r.unit}", f"{r.value:g} {r.unit}", r.source, f"{r.margin:+.0%}",
+             "pass" if r.passed else "FAIL"] for r in prof.budgets]
+    ui.table(f"Budgets for {target.name}", ["budget", "limit", "value", "source", "margin", "result"], rows,
+             ["green" if r.passed else "bold red" for r in prof.budgets])
+
+
+def print_delivery(ui: UI, delivery: list[dict[str, Any]], predicted: dict[str, Any],
+                    limits: dict[str, Any] | None = None) -> None:
+    """One row per device: its status as the device said it (or ``timeout`` / ``no_answer`` when it said
+    nothing), what it measured, and what was predicted for the target and, for emulated agents, for this host."""
+    host_ms = (limits or {}).get("host_predicted_latency_ms")
+    emulated = any((d.get("metrics") or {}).get("emulated") for d in delivery)
+    rows = []
+    for d in delivery:
+        m = d.get("metrics") or {}
+        rows.append([d["device_id"], str(d["status"]), d["active_version"],
+                     f"{m['latency_ms_p50']:.3f}" if m else "-", f"{m['latency_ms_p95']:.3f}" if m else "-",
+                     f"{m['rss_mb']:.1f}" if m else "-", f"{predicted['latency_ms']:.3f}",
+                     *([f"{host_ms:.3f}" if host_ms is not None and m.get("emulated") else "-"] if emulated else []),
+                     d.get("reason") or ""])
+    ui.table("Delivery" + (" (p50/p95/RSS measured on this host by emulated agents, judged against the "
+                           "prediction for this host, not the target's budget)" if emulated else ""),
+             ["device", "status", "version", "p50 ms", "p95 ms", "RSS MB", "target predicted ms",
+              *(["host predicted ms"] if emulated else []), "reason"], rows,
+             ["green" if d["status"] == ACTIVATED else "bold red" for d in delivery])
+
+
+def print_fit(ui: UI, fit, target) -> None:
+    """``fit`` and ``deploy`` with fit enabled: every candidate, the Pareto front and the choice."""
+    rows, styles = [], []
+    for c in sorted(fit.candidates, key=lambda c: (c.error is not None, -c.accuracy)):
+        if c.error:
+            rows.append([c.label, c.quantize, "-", "-", "-", "-", "-", "", c.error[:60]])
+            styles.append("dim")
+            continue
+        f = c.figures
+        rows.append([c.label, c.quantize, f"{c.accuracy:.2%}", f"{f['latency_ms']:.3f}", f"{f['peak_memory_mb']:.1f}",
+                     f"{f['model_size_mb']:.3f}", f"{f['energy_mj']:.3f}", "yes" if c.pareto else "",
+                     "fits" if c.passed else "; ".join(x.split(":")[0] for x in c.failures)])
+        styles.append("bold green" if c is fit.best else ("green" if c.passed else "red"))
+    ui.table(f"Fit to {target.name} (predicted figures)", ["compression", "quantize", "accuracy", "latency ms",
+                                                           "memory MB", "size MB", "energy mJ", "Pareto", "budgets"],
+             rows, styles)
+    if fit.best:
+        ui.info(f"chosen: {fit.best.label} + {fit.best.quantize} ({fit.best.accuracy:.2%}); plot: {fit.plot}")
