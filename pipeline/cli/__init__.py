@@ -8,12 +8,12 @@ import argparse
 import logging
 
 from .. import __version__
-from . import broker, compress, config, deploy, fleet, profile, provision
+from . import broker, compress, config, deploy, fleet, profile, provision, quantize
 
 #: each group's ``COMMANDS``: subcommand name -> the function that adds its parser
-GROUPS = (deploy, compress, fleet, provision, profile, broker, config)
+GROUPS = (deploy, compress, quantize, fleet, provision, profile, broker, config)
 #: the order ``pipeline --help`` lists the subcommands in
-ORDER = ("deploy", "compress", "fleet", "dashboard", "provision", "devices", "rollback", "history", "fit", "profile",
+ORDER = ("deploy", "compress", "quantize", "fleet", "dashboard", "provision", "devices", "rollback", "history", "fit", "profile",
          "broker", "config", "targets")
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import BudgetError
+from ..export.formats import all_quantizations
 from . import output
 
 
@@ -13,11 +15,15 @@ def cmd_deploy(args: argparse.Namespace, ui) -> int:
     from ..deploy import delivery_ok, run_deploy
 
     cfg = load_deploy(args.config)
+    if args.quantize:
+        cfg = cfg.model_copy(update={"export": cfg.export.model_copy(update={"quantize": args.quantize})})
+    model_file = Path(args.model).resolve() if args.model else None
     names = [t.strip() for t in args.target.split(",") if t.strip()]
     reports = []
     for name in names:  # one artifact per device class
         try:
-            reports.append(run_deploy(cfg, name, ui, force=args.force, cache=not args.no_cache))
+            reports.append(run_deploy(cfg, name, ui, force=args.force, cache=not args.no_cache,
+                                      model_file=model_file))
         except BudgetError as exc:
             if exc.report is not None:
                 exc.report["error"] = str(exc)
@@ -71,6 +77,9 @@ def add_deploy(sub) -> None:
     d.add_argument("--force", action="store_true", help="deploy even when a budget fails")
     d.add_argument("--no-cache", action="store_true",
                    help="compress again even when WORKDIR/cache/compress holds this exact result")
+    d.add_argument("--model", metavar="FILE", help="ship this .onnx or .tflite file instead of deploy.yaml's model "
+                   "(no compression, no PyTorch; checked against deploy.yaml's data)")
+    d.add_argument("--quantize", choices=all_quantizations(), help="instead of deploy.yaml's export.quantize")
     d.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     d.set_defaults(func=cmd_deploy)
 

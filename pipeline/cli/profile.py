@@ -6,19 +6,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import PipelineError
 from . import output
 
 
 def cmd_profile(args: argparse.Namespace, ui) -> int:
     from ..ui.tables import print_profile
+    from ..export.model_file import inspect_model_file
     from ..profile import profile_model
     from ..targets import load_target
 
     target = load_target(args.target)
     path = Path(args.model)
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such model file")
+    inspect_model_file(path)  # not a model, truncated, unloadable: one error naming the file
     prof = profile_model(path, target, runs=args.runs)
     print_profile(ui, prof, target)
     output.emit(args, prof.to_dict())
@@ -54,7 +53,7 @@ def cmd_calibrate(args: argparse.Namespace, ui) -> int:
 
 def add_profile(sub) -> None:
     p = sub.add_parser("profile", help="profile a model file against a target's budgets")
-    p.add_argument("model", help="an .onnx file")
+    p.add_argument("model", help="an .onnx or .tflite file")
     p.add_argument("--target", required=True)
     p.add_argument("--runs", type=int, default=100)
     p.add_argument("--json", action="store_true")

@@ -15,13 +15,16 @@ import shutil
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import ExportError
-from ..models.trace import locate
 from .backend import BACKENDS, ExportBackend
+
+if TYPE_CHECKING:  # torch only where a PyTorch model is converted: running a .tflite file needs none
+    import torch
+    from torch import nn
 
 
 def _litert():
@@ -37,6 +40,8 @@ def _litert():
 
 
 def _convert(model: nn.Module, example: torch.Tensor, path: Path, quant_config=None) -> Path:
+    from ..models.trace import locate
+
     litert_torch = _litert()
     path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -57,6 +62,8 @@ def _convert(model: nn.Module, example: torch.Tensor, path: Path, quant_config=N
 
 def export_tflite(model: nn.Module, input_shape: tuple[int, ...], path: Path, opset: int = 0) -> Path:
     """fp32 TFLite flatbuffer (``opset`` is an ONNX notion and is ignored)."""
+    import torch
+
     return _convert(model.cpu().eval(), torch.zeros((1, *input_shape)), path)
 
 
@@ -66,6 +73,7 @@ def export_tflite_int8(model: nn.Module, input_shape: tuple[int, ...], path: Pat
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    import torch
 
     example = torch.zeros((1, *input_shape))
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))

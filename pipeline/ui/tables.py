@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+from pathlib import Path
 from typing import Any
 
 from . import UI
@@ -212,3 +213,14 @@ def print_fit(ui: UI, fit, target) -> None:
              rows, styles)
     if fit.best:
         ui.info(f"chosen: {fit.best.label} + {fit.best.quantize} ({fit.best.accuracy:.2%}); plot: {fit.plot}")
+
+
+def print_quantized(ui: UI, report: dict[str, Any]) -> None:
+    """``quantize``: the original against the quantized file."""
+    q, m = report["quantization"], report["model"]
+    ui.table(f"{Path(m['path']).name} quantized ({q['kind']})", ["", "original", "quantized"], [
+        ["bytes", f"{q['size_fp32_bytes']:,}", f"{q['size_quantized_bytes']:,}"],
+        ["accuracy", f"{q['accuracy_fp32']:.2%}", f"{q['accuracy_quantized']:.2%}"],
+        ["SQNR dB", "", f"{q['sqnr_db']}"],
+    ])
+    ui.info(f"written: {report['path']}")
