@@ -478,7 +478,7 @@ def build_artifacts(args, work: Path) -> tuple[list[Path], dict]:
     from pipeline.bundle import build_artifact, next_version
     from pipeline.compress.stage import compress, load_data, prepare
     from pipeline.config import load_deploy
-    from pipeline.deploy import GOLDEN_CASES
+    from pipeline.bundle.stage import GOLDEN_CASES
     from pipeline.export.stage import export_stage
     from pipeline.errors import ExportError
     from pipeline.ui import UI
@@ -492,15 +492,15 @@ def build_artifacts(args, work: Path) -> tuple[list[Path], dict]:
     models: list[tuple[str, Path]] = []
     t0 = time.perf_counter()
     if args.onnx:
-        data = load_data(cfg)
+        data = load_data(cfg.view_compress())
         models = [(Path(p).stem, Path(p).resolve()) for p in args.onnx]
     else:
         with ui.stage("Host: the demo model (deploy.yaml)" + (", dense" if args.dense else ", compressed as the demo")):
             if args.dense:
-                prepared = prepare(cfg, ui)
+                prepared = prepare(cfg.view_compress(), ui)
                 model, data = prepared.model, prepared.data
             else:
-                result = compress(cfg, ui)
+                result = compress(cfg.view_compress(), ui)
                 model, data = result.model, result.data
         for quantize in args.quantize.split(","):
             out = work / "build" / f"{cfg.name}-{quantize}"

@@ -58,7 +58,8 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
     serve_http, url_base = plan_http(cfg.fleet.http)
     with ui.stage("Sign and bundle"):
         artifact = bundle_stage(exported.path, data.x_test, prof, ui, name=cfg.name, workdir=workdir,
-                                key_dir=cfg.resolve(cfg.signing.key_dir), url_base=url_base)
+                                key_dir=cfg.resolve(cfg.signing.key_dir), url_base=url_base,
+                                preprocess=data.preprocess)
         report["artifact"] = artifact.to_dict()
 
     report["delivery"], report["broker"] = deliver_stage(cfg.fleet, external_broker(cfg), target, artifact, workdir,
@@ -85,7 +86,7 @@ def _from_pytorch(cfg: DeployConfig, target: TargetProfile, out: Path, ui: UI, r
             report["fit"] = fitted.to_dict()
     steps = choice.steps if choice else None
     with ui.stage(f"Compress ({cfg.data.name}, {len(steps if choice else cfg.compress)} step(s))"):
-        result = compress(cfg, ui, steps=steps, prepared=prepared, cache=cache)  # reused when nothing changed
+        result = compress(cfg.view_compress(), ui, steps=steps, prepared=prepared, cache=cache)  # reused when nothing changed
     if speed := speed_stage(result, host_threads(target), cfg.export.min_speedup_fraction, cfg.export.opset, ui,
                             force):
         report["speed"] = speed

@@ -62,13 +62,13 @@ def test_interrupted_write_keeps_previous_output(cfg, tmp_path, monkeypatch):
     out.mkdir()
     (out / "report.json").write_text('{"previous": true}')
     config = load_deploy(cfg)
-    result = compress_stage.compress(config, UI(quiet=True), "lowrank")
+    result = compress_stage.compress(config.view_compress(), UI(quiet=True), "lowrank")
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("pipeline.profile.compare.compare_latency", boom)
     with pytest.raises(KeyboardInterrupt):
-        compress_stage.write_outputs(result, config, out, UI(quiet=True))
+        compress_stage.write_outputs(result, config.name, config.export.opset, out, UI(quiet=True))
     assert json.loads((out / "report.json").read_text()) == {"previous": True}
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []

@@ -15,9 +15,10 @@ def cmd_compress(args: argparse.Namespace, ui) -> int:
 
     cfg = load_deploy(args.config)
     with ui.stage(f"Compress {cfg.name} (recipe: {args.recipe or 'default'})"):
-        result = compress(cfg, ui, args.recipe)
+        result = compress(cfg.view_compress(), ui, args.recipe)
     with ui.stage(f"Write {args.out}"):
-        report = write_outputs(result, cfg, Path(args.out), ui, threads=args.threads)
+        report = write_outputs(result, cfg.name, cfg.export.opset, Path(args.out), ui,
+                               threads=args.threads)
     print_layers(ui, report)
     output.emit(args, report)
     return output.OK

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import CompressStep, DeployConfig
+from ..config import CompressStep, CompressView
 from ..data import Dataset
 
 log = logging.getLogger(__name__)
@@ -44,8 +44,8 @@ _PKG = Path(__file__).resolve().parent.parent
 _CODE = [_PKG / "compress", _PKG / "models" / "training.py"]
 
 
-def cache_dir(cfg: DeployConfig) -> Path:
-    return cfg.resolve(cfg.workdir) / "cache" / "compress"
+def cache_dir(view: CompressView) -> Path:
+    return view.workdir / "cache" / "compress"
 
 
 def _version(dist: str) -> str | None:
@@ -88,17 +88,17 @@ def _update_tensor(h, name: str, t: torch.Tensor | np.ndarray) -> None:
     h.update(a.tobytes())
 
 
-def cache_key(cfg: DeployConfig, steps: list[CompressStep], dense: nn.Module, data: Dataset) -> str:
+def cache_key(view: CompressView, steps: list[CompressStep], dense: nn.Module, data: Dataset) -> str:
     spec = {
         "format": CACHE_FORMAT,
         "code": code_version(),
         "versions": {"torch": torch.__version__, "torch-pruning": _version("torch-pruning"),
                      "numpy": np.__version__, "cuda": torch.cuda.is_available()},
-        "model": cfg.model.model_dump(mode="json", exclude={"checkpoint"}),
+        "model": view.model.model_dump(mode="json", exclude={"checkpoint", "file"}),
         "model_sources": _model_sources(dense),
-        "data": cfg.data.model_dump(mode="json"),
+        "data": view.data.model_dump(mode="json"),
         "steps": [s.model_dump(mode="json") for s in steps],
-        "finetune": cfg.finetune.model_dump(mode="json"),
+        "finetune": view.finetune.model_dump(mode="json"),
     }
     h = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode())
     for name, t in sorted(dense.state_dict().items()):

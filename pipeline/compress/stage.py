@@ -22,7 +22,7 @@ from .. import inputs
 from . import cache as compress_cache
 from . import CompressContext, StepReport, build_recipe, model_stats, run_recipe
 from .structured import count_macs
-from ..config import CompressStep, DeployConfig
+from ..config import CompressStep, CompressView
 from ..data import Dataset
 from ..models.pretrained import pretrained
 from ..models.training import evaluate
@@ -38,9 +38,9 @@ class Compressed:
     summary: dict[str, Any]
 
 
-def load_data(cfg: DeployConfig) -> Dataset:
+def load_data(view: CompressView) -> Dataset:
     """The configured dataset; a problem with the user's data file is a ConfigError naming deploy.yaml."""
-    return inputs.load_data(cfg)
+    return inputs.load_data(view)
 
 
 @dataclass
@@ -50,15 +50,15 @@ class Prepared:
     origin: dict[str, Any]
 
 
-def prepare(cfg: DeployConfig, ui: UI) -> Prepared:
+def prepare(view: CompressView, ui: UI) -> Prepared:
     """The data and the dense trained model; the user's files are checked first (exit 2, never a traceback)."""
-    data = load_data(cfg)
-    inputs.check_model(cfg, data)
-    model, origin = pretrained(cfg, data, ui)
+    data = load_data(view)
+    inputs.check_model(view, data)
+    model, origin = pretrained(view, data, ui)
     return Prepared(data, model, origin)
 
 
-def compress(cfg: DeployConfig, ui: UI, recipe: str | None = None, steps: list[CompressStep] | None = None,
+def compress(view: CompressView, ui: UI, recipe: str | None = None, steps: list[CompressStep] | None = None,
              prepared: Prepared | None = None, cache: bool = False) -> Compressed:
     """Run a recipe (by name, or the given steps) on a copy of the dense model.
 
@@ -66,14 +66,14 @@ def compress(cfg: DeployConfig, ui: UI, recipe: str | None = None, steps: list[C
     new one is stored under WORKDIR/cache/compress/.
     """
     where = "compress" if recipe in (None, "default") else f"recipes.{recipe}"
-    chosen = steps if steps is not None else cfg.recipe(recipe)
+    chosen = steps if steps is not None else view.recipe(recipe)
     methods = build_recipe(chosen, key=where)
-    prepared = prepared or prepare(cfg, ui)
+    prepared = prepared or prepare(view, ui)
     data = prepared.data
     dense = prepared.model
-    key = compress_cache.cache_key(cfg, chosen, dense, data) if cache else None
+    key = compress_cache.cache_key(view, chosen, dense, data) if cache else None
     if key is not None:
-        hit = compress_cache.load(compress_cache.cache_dir(cfg), key)
+        hit = compress_cache.load(compress_cache.cache_dir(view), key)
         if hit is not None:
             model, meta = hit
             s = meta["summary"]
@@ -89,7 +89,7 @@ def compress(cfg: DeployConfig, ui: UI, recipe: str | None = None, steps: list[C
     ui.info(f"dense: {before['params']:,} parameters, {macs_before:,} MACs, test accuracy {acc_before:.2%} "
             f"on {len(data.x_test)} images")
     t0 = time.perf_counter()
-    ctx = CompressContext(data, cfg.model.train, cfg.finetune, progress=ui.info)
+    ctx = CompressContext(data, view.model.train, view.finetune, progress=ui.info)
     reports = run_recipe(model, methods, ctx)
     after, acc_after = model_stats(model), evaluate(model, data.x_test, data.y_test)
     macs_after = count_macs(model, example)[0]
@@ -104,7 +104,7 @@ def compress(cfg: DeployConfig, ui: UI, recipe: str | None = None, steps: list[C
         "wall_s": round(time.perf_counter() - t0, 2), "origin": prepared.origin, "layers": after["layers"],
     }
     if key is not None:
-        stored = compress_cache.store(compress_cache.cache_dir(cfg), key, model,
+        stored = compress_cache.store(compress_cache.cache_dir(view), key, model,
                                       {"summary": summary, "steps": [vars(r) for r in reports]})
         if stored is not None:
             ui.info(f"compress: cached the compressed model (key {key[:12]}) in {stored.parent}")
@@ -121,8 +121,8 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_outputs(result: Compressed, cfg: DeployConfig, out: Path, ui: UI, threads: int = 1) -> dict[str, Any]:
-    """compressed.pt (the whole module), dense.onnx, compressed.onnx, report.json."""
+def write_outputs(result: Compressed, name: str, opset: int, out: Path, ui: UI, threads: int = 1) -> dict[str, Any]:
+    """compressed.pt (the whole module), dense.onnx, compressed.onnx (at ``opset``), report.json named ``name``."""
     from ..export import export_model
     from ..profile.compare import compare_latency
 
@@ -132,8 +132,8 @@ def write_outputs(result: Compressed, cfg: DeployConfig, out: Path, ui: UI, thre
     try:
         torch.save(result.model, tmp / "compressed.pt")
         shape = result.data.input_shape
-        dense_onnx = export_model("onnx", result.dense, shape, tmp / "dense.onnx", cfg.export.opset)
-        comp_onnx = export_model("onnx", result.model, shape, tmp / "compressed.onnx", cfg.export.opset)
+        dense_onnx = export_model("onnx", result.dense, shape, tmp / "dense.onnx", opset)
+        comp_onnx = export_model("onnx", result.model, shape, tmp / "compressed.onnx", opset)
         dense_t, comp_t = compare_latency([dense_onnx, comp_onnx], shape, threads=threads)
         sizes = {}
         for key, p in (("dense", dense_onnx), ("compressed", comp_onnx)):
@@ -149,7 +149,7 @@ def write_outputs(result: Compressed, cfg: DeployConfig, out: Path, ui: UI, thre
                 f"({onnx_report['size_ratio']}x; gzip {onnx_report['gzip_size_ratio']}x), onnxruntime latency "
                 f"{dense_t['latency_ms']:.3f} -> {comp_t['latency_ms']:.3f} ms ({comp_t['speedup']}x at {threads} "
                 f"thread(s), spread {comp_t['speedup_spread']})")
-        report = {"name": cfg.name, **result.summary, "onnx": onnx_report,
+        report = {"name": name, **result.summary, "onnx": onnx_report,
                   "steps": [vars(s) for s in result.steps], "output": str(out)}
         (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
         _replace_dir(tmp, out)

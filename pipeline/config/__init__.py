@@ -9,6 +9,7 @@ file, the field path and what is allowed, one line per problem.
 - ``fleet``: the ``fleet:`` section (broker, devices, provisioning, rollout, http, retention, dashboard)
 - ``steps``: ``compress:`` and ``recipes:`` steps, one typed model per registered compression method
 - ``names``: the names a registry or targets/ must know (zoo model, data set, device classes, quantizations)
+- ``views``: what one stage reads of a deployment (``CompressView``), paths resolved
 - ``errors``: a pydantic ValidationError as our one message, a line per problem
 """
 
@@ -24,9 +25,10 @@ from .names import ZOO_NAMES, check_names
 from .sections import (BUDGET_KEYS, DataConfig, ExportConfig, FinetuneConfig, FitConfig, ModelConfig, SigningConfig,
                        Strict, TargetOverride, TrainConfig)
 from .steps import CompressStep, Step, TypedStep, parse_steps, step_union
+from .views import CompressView
 
 __all__ = ["BUDGET_KEYS", "CONFIG_VERSION", "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "MAX_CONFIG_NODES", "ZOO_NAMES",
-           "BrokerAddress", "Budgets", "CompressStep", "DashboardConfig", "DataConfig", "DeployConfig", "DeviceSpec",
+           "BrokerAddress", "Budgets", "CompressStep", "CompressView", "DashboardConfig", "DataConfig", "DeployConfig", "DeviceSpec",
            "ExportConfig", "FinetuneConfig", "FitConfig", "FleetConfig", "HttpConfig", "ModelConfig", "ProvisionConfig",
            "RetentionConfig", "RolloutConfig", "SigningConfig", "Step", "Strict", "TargetOverride", "TrainConfig",
            "TypedStep", "check_names", "dump_deploy", "error_lines", "format_validation_error", "json_schema",

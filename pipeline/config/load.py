@@ -20,6 +20,7 @@ from .names import check_names
 from .sections import (DataConfig, ExportConfig, FinetuneConfig, FitConfig, ModelConfig, SigningConfig, Strict,
                        TargetOverride)
 from .steps import Step, TypedStep
+from .views import CompressView
 
 CONFIG_VERSION = 1
 
@@ -49,12 +50,12 @@ class DeployConfig(Strict):
         return path if path.is_absolute() else (self.base_dir / path).resolve()
 
     def recipe(self, name: str | None) -> list[TypedStep]:
-        if name is None or name == "default":
-            return list(self.compress)
-        if name not in self.recipes:
-            raise ConfigError(f"unknown recipe {name!r}; deploy.yaml defines: "
-                              f"{', '.join(['default', *sorted(self.recipes)])}")
-        return list(self.recipes[name])
+        return self.view_compress().recipe(name)
+
+    def view_compress(self) -> CompressView:
+        """What the compress stage reads: model, data, recipes, fine-tuning and the work directory."""
+        return CompressView(self.model, self.data, self.finetune, tuple(self.compress), dict(self.recipes),
+                            self.resolve(self.workdir), self.base_dir, self.source)
 
 
 def parse_deploy(data: Any, where: str, base_dir: Path) -> DeployConfig:

@@ -81,7 +81,7 @@ def pareto_front(cands: list[Candidate]) -> None:
 
 
 def run_fit(cfg: DeployConfig, target: TargetProfile, ui: UI, out: Path | None = None) -> FitResult:
-    prepared = prepare(cfg, ui)
+    prepared = prepare(cfg.view_compress(), ui)
     out = out or cfg.resolve(cfg.workdir) / "fit" / target.name
     quiet = UI(quiet=True)
     cands: list[Candidate] = []
@@ -89,7 +89,7 @@ def run_fit(cfg: DeployConfig, target: TargetProfile, ui: UI, out: Path | None =
     for i, (label, steps) in enumerate(space, start=1):
         try:
             with contextlib.redirect_stdout(io.StringIO()):
-                result = compress(cfg, quiet, steps=steps, prepared=prepared)
+                result = compress(cfg.view_compress(), quiet, steps=steps, prepared=prepared)
         except CompressionError as exc:
             cands += [Candidate(label, steps, q, error=str(exc)) for q in cfg.fit.quantizations]
             ui.info(f"[{i}/{len(space)}] {label}: {exc}")

@@ -45,12 +45,12 @@ def cfg(tmp_path):
 
 @pytest.fixture
 def prepared(cfg):
-    return compress_stage.prepare(cfg, UI(quiet=True))
+    return compress_stage.prepare(cfg.view_compress(), UI(quiet=True))
 
 
 def test_a_second_run_reuses_the_compressed_model(cfg, prepared, monkeypatch):
     first_ui = Recorder()
-    first = compress_stage.compress(cfg, first_ui, prepared=prepared, cache=True)
+    first = compress_stage.compress(cfg.view_compress(), first_ui, prepared=prepared, cache=True)
     assert first.summary["cache"]["reused"] is False
     assert any(line.startswith("compress: cached the compressed model (key ") for line in first_ui.lines)
 
@@ -59,7 +59,7 @@ def test_a_second_run_reuses_the_compressed_model(cfg, prepared, monkeypatch):
 
     monkeypatch.setattr(compress_stage, "run_recipe", no_compression)
     ui = Recorder()
-    again = compress_stage.compress(cfg, ui, prepared=compress_stage.prepare(cfg, UI(quiet=True)), cache=True)
+    again = compress_stage.compress(cfg.view_compress(), ui, prepared=compress_stage.prepare(cfg.view_compress(), UI(quiet=True)), cache=True)
     key = first.summary["cache"]["key"]
     assert again.summary["cache"] == {"key": key, "reused": True}
     assert [line for line in ui.lines if line.startswith(f"compress: reused cached model (key {key[:12]}")]
@@ -73,9 +73,9 @@ def test_a_second_run_reuses_the_compressed_model(cfg, prepared, monkeypatch):
 
 
 def test_without_the_cache_nothing_is_read_or_written(cfg, prepared):
-    result = compress_stage.compress(cfg, UI(quiet=True), prepared=prepared, cache=False)
+    result = compress_stage.compress(cfg.view_compress(), UI(quiet=True), prepared=prepared, cache=False)
     assert "cache" not in result.summary
-    assert not compress_cache.cache_dir(cfg).exists()
+    assert not compress_cache.cache_dir(cfg.view_compress()).exists()
 
 
 KEY_CHANGES = {
@@ -89,27 +89,27 @@ KEY_CHANGES = {
 
 @pytest.mark.parametrize("change", sorted(KEY_CHANGES))
 def test_what_determines_the_result_changes_the_key(tmp_path, cfg, prepared, change):
-    key = compress_cache.cache_key(cfg, cfg.compress, prepared.model, prepared.data)
+    key = compress_cache.cache_key(cfg.view_compress(), cfg.compress, prepared.model, prepared.data)
     data = yaml.safe_load((tmp_path / "deploy.yaml").read_text())
     KEY_CHANGES[change](data)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "deploy.yaml").write_text(yaml.safe_dump(data))
     other = load_deploy(tmp_path / "other" / "deploy.yaml")
-    assert compress_cache.cache_key(other, other.compress, prepared.model, compress_stage.load_data(other)) != key
+    assert compress_cache.cache_key(other.view_compress(), other.compress, prepared.model, compress_stage.load_data(other.view_compress())) != key
 
 
 def test_weights_code_and_versions_change_the_key(cfg, prepared, monkeypatch):
-    key = compress_cache.cache_key(cfg, cfg.compress, prepared.model, prepared.data)
-    assert compress_cache.cache_key(cfg, cfg.compress, prepared.model, prepared.data) == key  # stable
-    other = compress_stage.prepare(cfg, UI(quiet=True)).model
+    key = compress_cache.cache_key(cfg.view_compress(), cfg.compress, prepared.model, prepared.data)
+    assert compress_cache.cache_key(cfg.view_compress(), cfg.compress, prepared.model, prepared.data) == key  # stable
+    other = compress_stage.prepare(cfg.view_compress(), UI(quiet=True)).model
     with torch.no_grad():  # another checkpoint: one weight differs
         next(other.parameters()).view(-1)[0] += 1e-3
-    assert compress_cache.cache_key(cfg, cfg.compress, other, prepared.data) != key
+    assert compress_cache.cache_key(cfg.view_compress(), cfg.compress, other, prepared.data) != key
     monkeypatch.setattr(torch, "__version__", "9.9.9")
-    assert compress_cache.cache_key(cfg, cfg.compress, prepared.model, prepared.data) != key
+    assert compress_cache.cache_key(cfg.view_compress(), cfg.compress, prepared.model, prepared.data) != key
     monkeypatch.undo()
     monkeypatch.setattr(compress_cache, "code_version", lambda: "edited")
-    assert compress_cache.cache_key(cfg, cfg.compress, prepared.model, prepared.data) != key
+    assert compress_cache.cache_key(cfg.view_compress(), cfg.compress, prepared.model, prepared.data) != key
 
 
 def test_the_code_version_covers_the_compression_code():
@@ -126,25 +126,25 @@ def test_the_code_version_covers_the_compression_code():
 
 
 def test_an_interrupted_store_leaves_no_entry(cfg, prepared, monkeypatch):
-    root = compress_cache.cache_dir(cfg)
+    root = compress_cache.cache_dir(cfg.view_compress())
 
     def fail(*a, **k):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", fail)
-    result = compress_stage.compress(cfg, UI(quiet=True), prepared=prepared, cache=True)
+    result = compress_stage.compress(cfg.view_compress(), UI(quiet=True), prepared=prepared, cache=True)
     assert result.summary["cache"]["reused"] is False  # the deploy went on
     assert list(root.iterdir()) == []  # no entry, no temporary directory
 
 
 @pytest.mark.slow
 def test_a_damaged_entry_is_a_miss(cfg, prepared):
-    first = compress_stage.compress(cfg, UI(quiet=True), prepared=prepared, cache=True)
-    entry = compress_cache.cache_dir(cfg) / first.summary["cache"]["key"]
+    first = compress_stage.compress(cfg.view_compress(), UI(quiet=True), prepared=prepared, cache=True)
+    entry = compress_cache.cache_dir(cfg.view_compress()) / first.summary["cache"]["key"]
     (entry / "model.pt").write_bytes((entry / "model.pt").read_bytes()[:100])
-    again = compress_stage.compress(cfg, UI(quiet=True), prepared=prepared, cache=True)
+    again = compress_stage.compress(cfg.view_compress(), UI(quiet=True), prepared=prepared, cache=True)
     assert again.summary["cache"]["reused"] is False  # compressed again; the damaged entry stays until evicted
-    assert compress_cache.load(compress_cache.cache_dir(cfg), "0" * 64) is None
+    assert compress_cache.load(compress_cache.cache_dir(cfg.view_compress()), "0" * 64) is None
 
 
 def test_old_entries_are_evicted(tmp_path):
@@ -162,7 +162,7 @@ def test_deploy_no_cache_flag_reaches_the_stage(monkeypatch, tmp_path):
 
     seen = {}
 
-    def fake(cfg, name, ui, force=False, cache=True):
+    def fake(cfg, name, ui, force=False, cache=True, model_file=None):
         seen["cache"] = cache
         return {"delivery": []}
 

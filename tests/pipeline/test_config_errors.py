@@ -237,7 +237,7 @@ def test_a_good_checkpoint_and_factory_pass_the_checks(tmp_path, base):
 
     state = small_cnn_state(tmp_path / "good.pt")
     base["model"]["checkpoint"] = "good.pt"
-    prepared = prepare(load_deploy(write(tmp_path, base)), UI(quiet=True))
+    prepared = prepare(load_deploy(write(tmp_path, base)).view_compress(), UI(quiet=True))
     assert prepared.origin["source"] == "checkpoint"
     expected = torch.load(state, weights_only=True)
     assert all(torch.equal(prepared.model.state_dict()[k], v) for k, v in expected.items())
