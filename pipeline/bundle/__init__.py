@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from device_agent.manifest import Manifest, sign_envelope
+from device_agent.preprocess import Preprocess
 from device_agent.protocol import DEFAULT_CHUNK_SIZE
 from device_agent.storage import atomic_write_bytes, atomic_write_json, read_json
 
@@ -63,10 +64,11 @@ def build_artifact(
     model_path: Path, out_root: Path, *, name: str, version: int, target: str, runtime: str,
     golden_inputs: np.ndarray, budgets: dict[str, Any], predicted: dict[str, Any], health: dict[str, Any],
     key_dir: Path, expires_days: float | None = 30, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    url_base: str | None = None,
+    url_base: str | None = None, preprocess: Preprocess | None = None,
 ) -> Artifact:
     """``url_base``: where the artifact directory will be served over HTTP(S); its payload's URL is then
-    signed into the manifest and devices fetch it with Range requests instead of MQTT chunks."""
+    signed into the manifest and devices fetch it with Range requests instead of MQTT chunks. ``preprocess``:
+    how the inputs (the golden ones included) were prepared from an image, signed in for the device's application."""
     from device_agent.runtimes import get_runtime
 
     key = load_or_create(key_dir)
@@ -86,7 +88,7 @@ def build_artifact(
         chunks=-(-len(data) // chunk_size), encoding=encoding, raw_length=len(raw),
         raw_sha256=hashlib.sha256(raw).hexdigest(),
         url=f"{url_base.rstrip('/')}/{out.name}/{payload_name(model_path.name, encoding)}" if url_base else None,
-        io=io, golden=golden, health=health, budgets=budgets, predicted=predicted,
+        io=io, golden=golden, health=health, budgets=budgets, predicted=predicted, preprocess=preprocess,
     )
     signed = manifest.to_signed()  # the device's own schema builds what it will parse
     envelope = sign_envelope(signed, key)
