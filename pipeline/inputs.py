@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 
-import numpy as np
-
 from .config import DeployConfig
-from .data import Dataset, load_dataset
+from .data import PATH_SOURCES, Dataset, load_dataset
 from .errors import ConfigError, DataError, ModelError
 
 if TYPE_CHECKING:  # torch only where a PyTorch model is checked: loading data needs none
@@ -47,35 +45,25 @@ def _guard(cfg: DeployConfig, what: str, fn: Callable[[], T]) -> T:
 
 
 def load_data(cfg: DeployConfig) -> Dataset:
-    """The configured dataset; for ``npz``, the user's file checked for what training needs."""
+    """The configured dataset, prepared by ``data.preprocess``; the user's file or folder (``data.path``) checked
+    for what training needs (pipeline.data: labels, finite values, decodable images), as one ConfigError."""
     d = cfg.data
-    if d.name != "npz":  # a built-in: only the sizes asked for can be wrong (a failed import is no config error)
+    options = {"preprocess": d.spec(), "channels": d.channels, "test_fraction": d.test_fraction,
+               "cache_dir": cfg.resolve(cfg.workdir) / "data"}
+    if d.name not in PATH_SOURCES:  # a built-in: only the sizes or the spec can be wrong (no failed import)
         try:
-            return load_dataset(d.name, d.train_size, d.test_size, d.seed)
+            return load_dataset(d.name, d.train_size, d.test_size, d.seed, **options)
         except DataError as exc:
             field = "" if str(exc).startswith("data.") else "data: "
             raise ConfigError(f"{cfg.source}: {field}{exc}") from None
+    wanted = PATH_SOURCES[d.name]
     path = cfg.resolve(d.path) if d.path else None
     if path is None:
-        raise ConfigError(f"{cfg.source}: data.path: required with data.name npz (a .npz file with x_train, "
-                          "y_train, x_test, y_test)")
-    if not path.is_file():
-        raise ConfigError(f"{cfg.source}: data.path: {path}: no such file; expected a .npz file with x_train, "
-                          "y_train, x_test, y_test (numpy.savez)")
-    data = _guard(cfg, f"data.path: {path}: cannot be read as .npz with x_train, y_train, x_test, y_test",
-                  lambda: load_dataset("npz", d.train_size, d.test_size, d.seed, path))
-    problems = []
-    for split in ("train", "test"):
-        x, y = getattr(data, f"x_{split}"), getattr(data, f"y_{split}")
-        if len(x) == 0:
-            problems.append(f"x_{split} is empty")
-        elif not np.isfinite(x).all():
-            problems.append(f"x_{split} has NaN or infinite values")
-        if len(y) and y.min() < 0:
-            problems.append(f"y_{split} has negative labels (expected class indices 0..N-1)")
-    if problems:
-        raise ConfigError(f"{cfg.source}: data.path: {path}: {'; '.join(problems)}")
-    return data
+        raise ConfigError(f"{cfg.source}: data.path: required with data.name {d.name} ({wanted})")
+    if not path.exists():
+        raise ConfigError(f"{cfg.source}: data.path: {path}: no such file or directory; expected {wanted}")
+    return _guard(cfg, f"data.path: {path}: cannot be read as {wanted}",
+                  lambda: load_dataset(d.name, d.train_size, d.test_size, d.seed, path, **options))
 
 
 def _factory(cfg: DeployConfig) -> None:

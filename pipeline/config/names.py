@@ -37,24 +37,23 @@ def _at(data: Any, *path: str) -> Any:
 def check_names(data: dict[str, Any], base_dir: Path) -> list[str]:
     """Names deploy.yaml uses that a registry (or targets/) must know, read from the raw document so that they
     are reported with the structural problems; one line per problem."""
-    from ..data import DATASETS
+    from ..data import DATASETS, PATH_SOURCES
 
     problems = []
     zoo = _at(data, "model", "zoo")
     if isinstance(zoo, str) and zoo not in ZOO_NAMES:
         problems.append(f"model.zoo: got {short(repr(zoo))}; known: {', '.join(ZOO_NAMES)} "
                         "(or model.factory: 'package.module:function' for your own)")
-    datasets = [*DATASETS.names(), "npz"]
+    datasets = [*DATASETS.names(), *PATH_SOURCES]
     name, path = _at(data, "data", "name"), _at(data, "data", "path")
     name = "mnist-5k" if name is None and isinstance(data.get("data", {}), dict) else name
     if isinstance(name, str):
         if name not in datasets:
             problems.append(f"data.name: got {short(repr(name))}; known: {', '.join(datasets)}")
-        elif name == "npz" and path is None:
-            problems.append("data.path: required with data.name npz (a .npz file with x_train, y_train, x_test, "
-                            "y_test)")
-        elif name != "npz" and path is not None:
-            problems.append(f"data.path: only read with data.name npz; data.name is {name!r}")
+        elif name in PATH_SOURCES and path is None:
+            problems.append(f"data.path: required with data.name {name} ({PATH_SOURCES[name]})")
+        elif name not in PATH_SOURCES and path is not None:
+            problems.append(f"data.path: only read with data.name {' or '.join(PATH_SOURCES)}; data.name is {name!r}")
     classes = _known_classes(base_dir)
     allowed = f"known device classes: {', '.join(classes) or '(none)'} (one YAML file each in targets/)"
     targets = data.get("targets")

@@ -51,10 +51,44 @@ class ModelConfig(Strict):
 
 class DataConfig(Strict):
     name: str = "mnist-5k"
-    path: Path | None = Field(None, description="for name: npz, a file with x_train, y_train, x_test, y_test")
+    path: Path | None = Field(None, description="for name: npz, a file with x_train, y_train, x_test, y_test; for "
+                                                "name: folder, DIR/<class>/*.png|jpg or DIR/train/<class>/* and "
+                                                "DIR/test/<class>/*")
     train_size: int | None = Field(None, ge=1)
     test_size: int | None = Field(None, ge=1)
+    test_fraction: float | None = Field(None, gt=0, lt=1, description="share held out for testing when the data "
+                                        "has no split of its own (default 0.2; test_size wins)")
     seed: int = 0
+    channels: Literal[1, 3] | None = Field(None, description="1: grayscale (Pillow 'L'), 3: RGB; a folder's "
+                                           "default is 3, other data keep their own (gray repeated for 3)")
+    preprocess: dict[str, Any] | None = Field(None, description="resize, crop, scale, mean, std, channel_order, "
+                                              "layout, dtype: applied to every split and the golden vectors, and "
+                                              "signed into the manifest (docs/data.md)")
+
+    @field_validator("preprocess", mode="before")
+    @classmethod
+    def _spec(cls, v: Any) -> dict[str, Any] | None:
+        from pydantic_core import PydanticCustomError
+
+        from device_agent.preprocess import Preprocess, PreprocessError
+
+        try:
+            return None if v is None else Preprocess.from_dict(v, "").to_dict()
+        except PreprocessError as exc:
+            raise PydanticCustomError("preprocess", str(exc).lstrip(".: ")) from None
+
+    @model_validator(mode="after")
+    def _channels_agree(self) -> "DataConfig":
+        given = (self.preprocess or {}).get("channels")
+        if self.channels is not None and given is not None and given != self.channels:
+            raise ValueError(f"channels {self.channels} and preprocess.channels {given} disagree; give one")
+        return self
+
+    def spec(self):
+        """The typed preprocess spec (device_agent.preprocess.Preprocess), or None."""
+        from device_agent.preprocess import Preprocess
+
+        return None if self.preprocess is None else Preprocess.from_dict(self.preprocess)
 
 
 class FinetuneConfig(Strict):
