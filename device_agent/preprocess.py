@@ -17,7 +17,7 @@ The steps, in order, each optional:
    ``round((w - W) / 2)``. An image smaller than the crop is refused.
 4. ``channel_order``: ``RGB`` (as decoded) or ``BGR`` (channels reversed).
 5. ``scale``: every value multiplied by it (``1/255`` maps 8-bit pixels to [0, 1]; a string ``"1/255"``
-   is accepted and stored as the number).
+   is accepted and stored as the number). Absent: 1 (the host's image folders make it 1/255 and say so).
 6. ``mean`` / ``std``: per channel of the result (one value, or one per channel), ``(x - mean) / std``.
 7. ``layout``: ``NCHW`` (channels first) or ``NHWC``; ``dtype``: ``float32``.
 
@@ -61,7 +61,7 @@ class Preprocess:
     resize: int | tuple[int, int] | None = None  # shorter side to N, or (H, W)
     crop: tuple[int, int] | None = None  # centre crop (H, W)
     channel_order: str = "RGB"
-    scale: float = 1.0
+    scale: float | None = None  # None: not given (1; an image folder's default is 1/255)
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     layout: str = "NCHW"
@@ -80,7 +80,7 @@ class Preprocess:
         channels = _choice(obj, "channels", CHANNELS, what, optional=True)
         resize = obj.get("resize")
         if resize is not None:
-            resize = _side(resize, f"{what}.resize") if not isinstance(resize, list) else _pair(resize, f"{what}.resize")
+            resize = _pair(resize, f"{what}.resize") if isinstance(resize, list) else _side(resize, f"{what}.resize")
         crop = obj.get("crop")
         if crop is not None:
             crop = _pair(crop, f"{what}.crop") if isinstance(crop, list) else (_side(crop, f"{what}.crop"),) * 2
@@ -96,14 +96,16 @@ class Preprocess:
         if order == "BGR" and channels == 1:
             raise PreprocessError(f"{what}.channel_order: BGR needs 3 channels, channels is 1")
         return cls(channels=channels, resize=resize, crop=crop, channel_order=order,
-                   scale=_scale(obj.get("scale", 1.0), f"{what}.scale"), mean=mean, std=std,
+                   scale=None if obj.get("scale") is None else _scale(obj["scale"], f"{what}.scale"),
+                   mean=mean, std=std,
                    layout=_choice(obj, "layout", LAYOUTS, what) if "layout" in obj else "NCHW",
                    dtype=_choice(obj, "dtype", DTYPES, what) if "dtype" in obj else "float32")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values, the inverse of ``from_dict`` (``Preprocess.from_dict(p.to_dict()) == p``)."""
-        out: dict[str, Any] = {"channel_order": self.channel_order, "scale": self.scale, "layout": self.layout,
-                               "dtype": self.dtype}
+        out: dict[str, Any] = {"channel_order": self.channel_order, "layout": self.layout, "dtype": self.dtype}
+        if self.scale is not None:
+            out["scale"] = self.scale
         if self.channels is not None:
             out["channels"] = self.channels
         if self.resize is not None:
@@ -164,7 +166,8 @@ class Preprocess:
             x = x[:, top:top + self.crop[0], left:left + self.crop[1]]
         if self.channel_order == "BGR":
             x = x[..., ::-1]
-        x = x * self.scale
+        if self.scale is not None:
+            x = x * self.scale
         if self.mean is not None:
             x = x - np.asarray(self.mean)
         if self.std is not None:
