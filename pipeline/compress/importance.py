@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import CompressionError
 from ..registry import Registry
+from .batchnorm import bn_scales, fold_bn
 from .params import CRITERION_NAMES, CriterionName, known_criterion  # noqa: F401  (the torch-free names)
 
 
@@ -22,6 +23,9 @@ class Criterion(ABC):
     name: ClassVar[str]
     #: "grad": needs summed gradients; "grad2": needs summed squared per-sample gradients
     needs: ClassVar[str | None] = None
+    #: the score grows as |w| to this power: a following BatchNorm's per-channel scale folds in at that power.
+    #: None where the score already carries it (a gradient through the BatchNorm does)
+    magnitude_power: ClassVar[int | None] = None
 
     @abstractmethod
     def weight_scores(self, layers: list[nn.Module], grads: list[torch.Tensor] | None) -> list[torch.Tensor]:
@@ -42,6 +46,7 @@ def get_criterion(name: str) -> Criterion:
 @CRITERIA.register("l1")
 class L1(Criterion):
     name = "l1"
+    magnitude_power = 1
 
     def weight_scores(self, layers, grads):
         return [m.weight.detach().abs() for m in layers]
@@ -55,6 +60,7 @@ class L1(Criterion):
 @CRITERIA.register("l2")
 class L2(Criterion):
     name = "l2"
+    magnitude_power = 2
 
     def weight_scores(self, layers, grads):
         return [m.weight.detach() ** 2 for m in layers]
@@ -175,3 +181,37 @@ def accumulate_group_signal(model: nn.Module, importance, x: torch.Tensor, y: to
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).backward()
         importance.accumulate_grad(model)
+
+
+def lamp(score: torch.Tensor) -> torch.Tensor:
+    """Layer-adaptive magnitude-based pruning (Lee et al. 2021): s_u / sum of the layer's s_v >= s_u, with s the
+    squared magnitude. Scale-free within a layer (a layer's best weight scores 1), so one global ranking no
+    longer empties the layers whose weights happen to be small."""
+    flat = score.flatten().float()
+    order = torch.argsort(flat)
+    ranked = flat[order]
+    tail = torch.flip(torch.cumsum(torch.flip(ranked, [0]), 0), [0])
+    out = torch.empty_like(flat)
+    out[order] = ranked / tail.clamp_min(torch.finfo(flat.dtype).tiny)
+    return out.view_as(score)
+
+
+#: how a global ranking puts layers on one scale: ``fn(scores, magnitude_power)``, keyed by ``normalise:``
+NORMALISATIONS = {
+    "none": lambda score, power: score,
+    "lamp": lambda score, power: lamp(score ** (2 / power) if power else score),
+}
+
+
+def weight_scores(model: nn.Module, layers: list[nn.Module], criterion_name: str, x: torch.Tensor | None,
+                  y: torch.Tensor | None, example: torch.Tensor, bn_fold: bool = True,
+                  normalise: str = "none") -> list[torch.Tensor]:
+    """Every weight's score by a criterion, BatchNorm-folded where the criterion reads magnitudes, then put on
+    one scale across layers by ``normalise``."""
+    criterion = get_criterion(criterion_name)
+    grads = gradients(model, layers, x, y, squared=criterion.needs == "grad2") if criterion.needs else None
+    scores = criterion.weight_scores(layers, grads)
+    power = criterion.magnitude_power
+    if bn_fold and power:
+        scores = fold_bn(scores, bn_scales(model, layers, example), power)
+    return [NORMALISATIONS[normalise](s, power) for s in scores]

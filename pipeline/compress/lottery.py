@@ -5,6 +5,8 @@ The network is re-initialised (seeded), trained densely while the weights at ``r
 saved, then each round removes ``prune_per_round`` of the remaining weights by magnitude, rewinds
 the survivors to their saved values and retrains. A *winning ticket* matches the dense accuracy
 within ``tolerance``; the step keeps the sparsest winning ticket (or, if none wins, the best round).
+Magnitudes are those the following BatchNorm gives the weights, ranked globally as LAMP scores, with the
+layer caps and row floors of every unstructured mask.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from torch import nn
 from ..models.training import fit
 from .base import CompressContext, Method, StepReport, prunable
 from .params import LotteryParams
-from .masks import check_alive, fold, install, keep_masks
+from .importance import weight_scores
+from .masks import Guards, check_alive, fold, install, keep_masks
 
 
 def reinitialise(model: nn.Module, seed: int) -> None:
@@ -61,8 +64,10 @@ class Lottery(Method):
         for rnd in range(1, p.rounds + 1):
             fold(layers)
             target = 1 - (1 - p.prune_per_round) ** rnd
-            masks = keep_masks([m.weight.detach().abs() for m in layers], [m.weight.detach() for m in layers],
-                               target, p.scope)
+            scores = weight_scores(model, layers, "l1", None, None, ctx.example_input, p.bn_fold,
+                                   p.normalise if p.scope == "global" else "none")
+            masks = keep_masks(scores, [m.weight.detach() for m in layers], target, p.scope, Guards.of(p),
+                               f"lottery round {rnd}")
             check_alive(names, masks, f"lottery round {rnd}")
             with torch.no_grad():  # rewind the survivors
                 for name, m in named:

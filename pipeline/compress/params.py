@@ -48,8 +48,30 @@ def known_criterion(name: str) -> str:
 CriterionName = Annotated[str, AfterValidator(known_criterion)]
 
 
-class UnstructuredParams(FinetuneParams):
+class GuardParams(Params):
+    """What no unstructured mask does unless asked: take a layer past a cap, or empty an output channel or a
+    classifier row (a class the model could then never predict). The overall sparsity is still reached."""
+
+    max_layer_sparsity: float = Field(0.98, gt=0, le=1, description="no layer loses more than this share of "
+                                      "its weights (1: no cap)")
+    min_row_weights: int = Field(1, ge=0, description="every output channel / classifier row keeps at least "
+                                 "this many weights (0: rows may empty)")
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "GuardParams":
+        target = getattr(self, "sparsity", None)
+        if target is not None and target > self.max_layer_sparsity:
+            raise ValueError(f"sparsity {target} is above max_layer_sparsity {self.max_layer_sparsity}: no layer "
+                             "may go that far; raise max_layer_sparsity or lower the sparsity")
+        return self
+
+
+class UnstructuredParams(FinetuneParams, GuardParams):
     scope: Literal["global", "layer"] = "global"
+    normalise: Literal["lamp", "none"] = Field("lamp", description="global scope: put layers on one scale "
+                                               "first (LAMP, Lee et al. 2021) or rank raw scores")
+    bn_fold: bool = Field(True, description="magnitude criteria: weigh each output channel by the following "
+                          "BatchNorm's |gamma|/sigma")
     sparsity: float = Field(gt=0, lt=1, description="fraction of weights set to zero at the end")
     steps: int = Field(1, ge=1, le=100, description="1 = one-shot; more = iterative")
     schedule: Literal["polynomial", "linear"] = "polynomial"
@@ -88,18 +110,20 @@ class LowRankParams(FinetuneParams):
         return self
 
 
-class LotteryParams(Params):
+class LotteryParams(GuardParams):
     rounds: int = Field(8, ge=1, le=40)
     prune_per_round: float = Field(0.2, gt=0, lt=1, description="share of the remaining weights removed per round")
     epochs: int = Field(8, ge=1, description="training epochs of the dense run and of every round")
     rewind_steps: int = Field(100, ge=0, description="optimizer steps into dense training the survivors rewind to")
     tolerance: float = Field(0.003, ge=0, le=1, description="a winning ticket loses at most this accuracy")
     scope: Literal["global", "layer"] = "global"
+    normalise: Literal["lamp", "none"] = Field("lamp", description="global scope: LAMP scores or raw magnitudes")
+    bn_fold: bool = Field(True, description="weigh each output channel by the following BatchNorm's |gamma|/sigma")
     lr: float | None = Field(None, gt=0, description="default: model.train.lr")
     reinit: bool = Field(True, description="start from a fresh seeded initialisation (the hypothesis' setting)")
 
 
-class SensitivityParams(FinetuneParams):
+class SensitivityParams(FinetuneParams, GuardParams):
     sparsity: float = Field(gt=0, lt=1, description="global target: fraction of prunable weights removed")
     ratios: list[float] = Field(default_factory=lambda: [0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98])
     criterion: CriterionName = "l1"
@@ -107,6 +131,8 @@ class SensitivityParams(FinetuneParams):
     schedule: Literal["polynomial", "linear"] = "polynomial"
     score_samples: int = Field(256, ge=1)
     val_samples: int = Field(500, ge=50, description="held-out training samples the scan evaluates on")
+    bn_fold: bool = Field(True, description="magnitude criteria: weigh each output channel by the following "
+                          "BatchNorm's |gamma|/sigma")
 
     @field_validator("ratios")
     @classmethod
@@ -116,7 +142,7 @@ class SensitivityParams(FinetuneParams):
         return sorted(set(v))
 
 
-class SparseTrainingParams(Params):
+class SparseTrainingParams(GuardParams):
     algorithm: Literal["rigl", "set"] = "rigl"
     sparsity: float = Field(gt=0, lt=1, description="fixed share of prunable weights that are zero throughout")
     epochs: int = Field(10, ge=1)

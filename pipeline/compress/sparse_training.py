@@ -3,7 +3,8 @@
 Only weights inside the mask are live; every ``update_interval`` optimizer steps each layer drops a
 share of its smallest live weights and regrows as many elsewhere: by largest gradient (RigL) or at
 random (SET). The drop share decays on a cosine to zero at ``end_fraction`` of training. Layer
-densities follow Erdős–Rényi-Kernel (ERK) or are uniform.
+densities follow Erdős–Rényi-Kernel (ERK) or are uniform, never under the guards' layer cap and row
+floor; a drop never takes a row (output channel, class) below its floor.
 """
 
 from __future__ import annotations
@@ -18,28 +19,35 @@ from torch import nn
 from .base import CompressContext, Method, StepReport, prunable
 from .params import SparseTrainingParams
 from .lottery import reinitialise
-from .masks import check_alive, keep_masks
+from .masks import NO_GUARDS, Guards, check_alive, keep_masks
 
 
-def erk_densities(shapes: list[torch.Size], density: float) -> list[float]:
-    """Erdős–Rényi-Kernel: density_l ∝ sum(shape)/prod(shape), scaled to the global density, capped at 1."""
+def erk_densities(shapes: list[torch.Size], density: float, floors: list[float] | None = None) -> list[float]:
+    """Erdős–Rényi-Kernel: density_l ∝ sum(shape)/prod(shape), scaled to the global density, within
+    [floors_l, 1] (a layer pinned at a bound leaves the scaling and the others share the rest)."""
     sizes = np.array([float(np.prod(s)) for s in shapes])
     raw = np.array([sum(s) / np.prod(s) for s in shapes], dtype=float)
-    dense = np.zeros(len(shapes), dtype=bool)
+    low = np.array(floors if floors is not None else [0.0] * len(shapes), dtype=float)
+    pinned = np.full(len(shapes), np.nan)  # the bound a layer is held at
     while True:
-        budget = density * sizes.sum() - sizes[dense].sum()
-        eps = budget / (raw[~dense] * sizes[~dense]).sum()
-        d = np.where(dense, 1.0, eps * raw)
-        if (d[~dense] <= 1).all():
+        free = np.isnan(pinned)
+        budget = density * sizes.sum() - (pinned[~free] * sizes[~free]).sum()
+        eps = budget / max((raw[free] * sizes[free]).sum(), 1e-12)
+        d = np.where(free, eps * raw, pinned)
+        over, under = free & (d > 1), free & (d < low)
+        if not over.any() and not under.any():
             return d.tolist()
-        dense |= d > 1
+        pinned[over] = 1.0
+        if not over.any():
+            pinned[under] = low[under]
 
 
 class MaskedTraining:
     """Keeps masks applied after every step and updates them on schedule."""
 
-    def __init__(self, layers: list[nn.Module], masks: list[torch.Tensor], p: SparseTrainingParams, total_steps: int):
-        self.layers, self.masks, self.p = layers, masks, p
+    def __init__(self, layers: list[nn.Module], masks: list[torch.Tensor], p: SparseTrainingParams, total_steps: int,
+                 guards: Guards = NO_GUARDS):
+        self.layers, self.masks, self.p, self.guards = layers, masks, p, guards
         self.end = int(total_steps * p.end_fraction)
         self.updates = 0
         self.rng = torch.Generator().manual_seed(0)
@@ -64,7 +72,11 @@ class MaskedTraining:
                     continue
                 w = m.weight.detach().flatten()
                 live = mask.flatten().clone()
-                drop_scores = torch.where(live, w.abs(), torch.full_like(w, float("inf")))
+                floor = self.guards.protected(torch.where(mask, m.weight.detach().abs(), -1.0)).flatten()
+                drop_scores = torch.where(live & ~floor, w.abs(), torch.full_like(w, float("inf")))
+                k = min(k, int((live & ~floor).sum()))
+                if k == 0:
+                    continue
                 dropped = torch.topk(drop_scores, k, largest=False).indices
                 live[dropped] = False
                 if self.p.algorithm == "rigl" and m.weight.grad is not None:
@@ -94,8 +106,9 @@ class SparseTraining(Method):
         if p.from_scratch:
             reinitialise(model, ctx.train.seed + 2)
         shapes = [m.weight.shape for m in layers]
+        guards = Guards.of(p)
         if p.distribution == "erk":
-            ratios = [1 - d for d in erk_densities(shapes, 1 - p.sparsity)]
+            ratios = [1 - d for d in erk_densities(shapes, 1 - p.sparsity, guards.densities(shapes))]
         else:
             ratios = [p.sparsity] * len(layers)
         if p.from_scratch:
@@ -103,11 +116,11 @@ class SparseTraining(Method):
             scores = [torch.rand(s, generator=g) for s in shapes]
         else:
             scores = [m.weight.detach().abs() for m in layers]
-        masks = keep_masks(scores, [torch.ones(s) for s in shapes], ratios, "layer")
+        masks = keep_masks(scores, [torch.ones(s) for s in shapes], ratios, "layer", guards, "sparse-training")
         check_alive(names, masks, "sparse-training")
         batch = ctx.finetune.batch_size or ctx.train.batch_size
         steps_per_epoch = math.ceil(len(ctx.data.x_train) / batch)
-        hook = MaskedTraining(layers, masks, p, steps_per_epoch * p.epochs)
+        hook = MaskedTraining(layers, masks, p, steps_per_epoch * p.epochs, guards)
         budget = sum(int(mk.sum()) for mk in masks)
         ctx.finetune_model(model, p.epochs, p.lr or ctx.train.lr, label=f"{p.algorithm}", after_step=hook)
         hook.apply()

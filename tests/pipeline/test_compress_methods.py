@@ -177,9 +177,10 @@ def test_unknown_criterion_and_bad_ratios_name_the_field():
 def test_a_recipe_that_would_remove_a_whole_layer_is_refused(mlp, digits):
     weak = copy.deepcopy(mlp)
     with torch.no_grad():
-        weak[3].weight.mul_(1e-6)  # global ranking would take every weight of the classifier
-    with pytest.raises(CompressionError, match=r"every weight of layer\(s\) \['3'\]"):
-        apply(weak, digits, method="magnitude", sparsity=0.85, finetune_epochs=0)
+        weak[3].weight.mul_(1e-6)  # a raw global ranking would take every weight of the classifier
+    with pytest.raises(CompressionError, match=r"every weight of layer\(s\) \['3'\]"):  # guards and LAMP off
+        apply(weak, digits, method="magnitude", sparsity=0.85, finetune_epochs=0, normalise="none",
+              max_layer_sparsity=1, min_row_weights=0)
     with pytest.raises(CompressionError, match="ranks channels"):
         apply(mlp, digits, method="unstructured", sparsity=0.5, criterion="bn-scale")
 
