@@ -63,7 +63,8 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
         report["artifact"] = artifact.to_dict()
 
     report["delivery"], report["broker"] = deliver_stage(cfg.fleet, external_broker(cfg), target, artifact, workdir,
-                                                         ui, force=force, serve_http=serve_http)
+                                                         ui, force=force, serve_http=serve_http,
+                                                         host_measured_ms=prof.measured.get("latency_ms_p50"))
     print_delivery(ui, report["delivery"], prof.predicted, report["broker"]["rollout"]["limits"])
     report["wall_s"] = round(time.perf_counter() - t_start, 2)
     return report
@@ -111,6 +112,11 @@ def _from_file(cfg: DeployConfig, target: TargetProfile, path: Path, out: Path, 
                     "as export.quantize says)")
         data = load_data(cfg)
         check_inputs(model, data.input_shape, f"{cfg.source}: data ({cfg.data.name})")
+        if model.classes is not None and model.classes != data.num_classes:
+            report["class_mismatch"] = {"model": model.classes, "data": data.num_classes}
+            ui.warn(f"{path.name} scores {model.classes} classes, the data has {data.num_classes}: accuracy compares "
+                    f"the data's labels 0..{data.num_classes - 1} with the model's top-1 of {model.classes}, so it "
+                    "says little here; calibration and the parity checks do not depend on labels")
         exported = file_stage(model, cfg.export, data, out, ui, cfg.export.quantize)
     parity, qreport = exported.parity, exported.quantization_report
     report["model"] = {"file": model.to_dict(), "accuracy_original": parity.get("accuracy_original"),

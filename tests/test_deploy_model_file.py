@@ -81,6 +81,19 @@ def test_an_onnx_file_is_quantized_and_delivered_without_torch(tmp_path):
     assert [d["status"] for d in r["delivery"]] == ["activated", "activated"]
     assert {d["active_version"] for d in r["delivery"]} == {r["artifact"]["version"]}
     assert "compress/fit: skipped" in proc.stderr  # deploy.yaml's recipe is not silently applied to a file
+    assert "class_mismatch" not in r  # 10 scores, 10 classes
+
+
+def test_a_class_count_mismatch_is_reported_not_silent(tmp_path):
+    cfg = small_deploy_config(tmp_path, local_agents=1, local_broker="mosquitto")
+    torch.manual_seed(0)
+    net = Fresh()
+    net.head = nn.Linear(8, 1000)  # an ImageNet-style head on 10-class data
+    torch.onnx.export(net.eval(), (torch.zeros(1, 1, 8, 8),), str(tmp_path / "wide.onnx"), dynamo=False)
+    proc, _ = _deploy(tmp_path, "--config", str(cfg), "--model", str(tmp_path / "wide.onnx"), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["class_mismatch"] == {"model": 1000, "data": 10}
+    assert "scores 1000 classes, the data has 10" in proc.stderr
 
 
 def test_model_file_in_deploy_yaml_is_the_same_path(tmp_path):

@@ -30,6 +30,14 @@ class ModelFile:
     input_shape: tuple[int | None, ...]
     input_dtype: str
     outputs: tuple[str, ...]
+    #: each output's shape, as the file declares it (a dynamic dimension is None)
+    output_shapes: tuple[tuple[int | None, ...], ...] = ()
+
+    @property
+    def classes(self) -> int | None:
+        """How many scores the first output gives per sample (batch x N), when the file fixes it."""
+        shape = self.output_shapes[0] if self.output_shapes else ()
+        return shape[1] if len(shape) == 2 else None
 
     @property
     def batch(self) -> int | None:
@@ -43,6 +51,7 @@ class ModelFile:
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "format": self.format.name, "input": self.input_name,
                 "input_shape": list(self.input_shape), "input_dtype": self.input_dtype, "outputs": list(self.outputs),
+                "output_shapes": [list(s) for s in self.output_shapes],
                 "size_bytes": self.path.stat().st_size}
 
 
@@ -98,7 +107,8 @@ def inspect_model_file(path: Path) -> ModelFile:
     if not spec.shape:
         raise ModelError(f"{path}: input {spec.name!r} is a scalar; edgefleet feeds a batch of samples")
     return ModelFile(path, fmt, spec.name, tuple(_dim(d) for d in spec.shape), spec.dtype,
-                     tuple(o.name for o in session.outputs))
+                     tuple(o.name for o in session.outputs),
+                     tuple(tuple(_dim(d) for d in o.shape) for o in session.outputs))
 
 
 def check_inputs(model: ModelFile, sample_shape: tuple[int, ...], where: str) -> None:

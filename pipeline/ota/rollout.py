@@ -26,6 +26,9 @@ class RolloutPolicy:
     #: the latency predicted for this artifact on *this host* (the ``host`` target class): what an emulated
     #: agent, which runs here, is compared with (see ``too_slow``); None: emulated agents' latency is not judged
     host_latency_ms: float | None = None
+    #: where ``host_latency_ms`` comes from: "measured" (this model timed on this host by the profile stage, with
+    #: the threads local agents use) or "predicted" (the ``host`` class's prediction, when nothing was measured)
+    host_basis: str = "predicted"
 
 
 @dataclass
@@ -65,7 +68,7 @@ def too_slow(r: DeviceResult, policy: RolloutPolicy, predicted_ms: float | None 
         estimate = predicted_ms * p50 / host
         if estimate > policy.latency_p95_ms:
             return (f"{r.device_id} (emulated: p50 {p50:.3f} ms on this host is {p50 / host:.1f}x the {host:.3f} ms "
-                    f"predicted for it; the target's {predicted_ms:.3f} ms prediction scaled alike, "
+                    f"{policy.host_basis} for it; the target's {predicted_ms:.3f} ms prediction scaled alike, "
                     f"{estimate:.3f} ms, is over the {policy.latency_p95_ms:g} ms budget)")
         return None
     p95 = m.get("latency_ms_p95")
@@ -104,7 +107,7 @@ def rollout(broker: BrokerConfig, prefix: str, artifact: Artifact, devices: list
     predicted = (artifact.manifest.predicted or {}).get("latency_ms")
     result = RolloutResult(first, canaries, phases={d: "canary" for d in canaries}, limits={
         "latency_ms_p95": policy.latency_p95_ms, "target_predicted_latency_ms": predicted,
-        "host_predicted_latency_ms": policy.host_latency_ms})
+        "host_predicted_latency_ms": policy.host_latency_ms, "host_latency_basis": policy.host_basis})
     reason = judge(first, policy, predicted)
     if reason is not None:
         note(f"rollout aborted: {reason}")

@@ -54,17 +54,20 @@ def open_fleet(fleet: FleetConfig, external: BrokerConfig | None, target: Target
 
 def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: TargetProfile, artifact: Artifact,
                   workdir: Path, ui: UI, kind: str = "deploy", force: bool = False,
-                  serve_http: HttpConfig | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                  serve_http: HttpConfig | None = None,
+                  host_measured_ms: float | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Deliver ``artifact`` to ``target``'s devices (canaries first), recording the deployment in the fleet store.
 
     ``external``: the user's broker (``fleet.broker``, paths resolved), else a local one is started; returns each
-    device's result and what was used (broker, rollout)."""
+    device's result and what was used (broker, rollout). ``host_measured_ms``: this model's p50 measured on this
+    host (the profile stage's), which emulated agents are judged against; else this host's prediction."""
     r = fleet.rollout
     judge_latency = r.abort_on_latency and not force
     # real devices meet the target's budget; emulated agents (on this host) the prediction for this host
     policy = RolloutPolicy(r.canary_fraction, r.canary_min, r.max_failure_fraction,
                            target.budgets.latency_ms if judge_latency else None,
-                           host_latency_ms=host_latency_ms(artifact) if judge_latency else None)
+                           host_latency_ms=(host_measured_ms or host_latency_ms(artifact)) if judge_latency else None,
+                           host_basis="measured" if host_measured_ms else "predicted")
     db = workdir / "fleet.db"
     with contextlib.ExitStack() as stack:
         broker, broker_info, devices = open_fleet(fleet, external, target, workdir, stack, ui,

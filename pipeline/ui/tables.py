@@ -179,6 +179,7 @@ def print_delivery(ui: UI, delivery: list[dict[str, Any]], predicted: dict[str, 
     """One row per device: its status as the device said it (or ``timeout`` / ``no_answer`` when it said
     nothing), what it measured, and what was predicted for the target and, for emulated agents, for this host."""
     host_ms = (limits or {}).get("host_predicted_latency_ms")
+    basis = (limits or {}).get("host_latency_basis") or "predicted"  # measured by the profile stage, or predicted
     emulated = any((d.get("metrics") or {}).get("emulated") for d in delivery)
     rows = []
     for d in delivery:
@@ -188,10 +189,12 @@ def print_delivery(ui: UI, delivery: list[dict[str, Any]], predicted: dict[str, 
                      f"{m['rss_mb']:.1f}" if m else "-", f"{predicted['latency_ms']:.3f}",
                      *([f"{host_ms:.3f}" if host_ms is not None and m.get("emulated") else "-"] if emulated else []),
                      d.get("reason") or ""])
-    ui.table("Delivery" + (" (p50/p95/RSS measured on this host by emulated agents, judged against the "
-                           "prediction for this host, not the target's budget)" if emulated else ""),
+    expected = "this model's latency measured on this host by the profile" if basis == "measured" else \
+        "the prediction for this host"
+    ui.table("Delivery" + (f" (p50/p95/RSS measured on this host by emulated agents, judged against {expected}, "
+                           "not the target's budget)" if emulated else ""),
              ["device", "status", "version", "p50 ms", "p95 ms", "RSS MB", "target predicted ms",
-              *(["host predicted ms"] if emulated else []), "reason"], rows,
+              *([f"host {basis} ms"] if emulated else []), "reason"], rows,
              ["green" if d["status"] == ACTIVATED else "bold red" for d in delivery])
 
 

@@ -34,6 +34,17 @@ def test_an_emulated_agent_scales_the_targets_prediction_by_how_this_host_fared(
     assert too_slow(canary(p50=1e3, p95=1e3, emulated=True), policy, None) is None
 
 
+def test_a_host_measurement_replaces_the_hosts_prediction():
+    """MobileNetV2-224 int8: this host's prediction said 0.47 ms, the profile stage measured 11.8 ms here and the
+    emulated agents 9.8-11.6 ms. Judged against the measurement, the canaries are what this host does."""
+    measured = RolloutPolicy(latency_p95_ms=80.0, host_latency_ms=11.76, host_basis="measured")
+    assert too_slow(canary(p50=11.65, p95=15.7, emulated=True), measured, predicted_ms=50.9) is None
+    predicted = RolloutPolicy(latency_p95_ms=80.0, host_latency_ms=0.469)
+    assert "predicted for it" in too_slow(canary(p50=11.65, p95=15.7, emulated=True), predicted, predicted_ms=50.9)
+    why = too_slow(canary(p50=30.0, p95=40.0, emulated=True), measured, predicted_ms=50.9)  # 2.6x slower than here
+    assert why is not None and "11.760 ms measured for it" in why
+
+
 def test_a_real_device_is_held_to_the_targets_budget():
     policy = RolloutPolicy(latency_p95_ms=10.0, host_latency_ms=100.0)
     assert too_slow(canary(p50=5.0, p95=9.9, emulated=False), policy) is None
