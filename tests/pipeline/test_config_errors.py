@@ -90,7 +90,7 @@ def test_missing_oversized_and_directory_configs(tmp_path, capsys):
      ["targets.rpi44: unknown device class 'rpi44'", "known device classes: ", "rpi4, rpi5"]),
     (lambda d: d["fleet"].update(devices=[{"id": "pi-1", "target": "rpi-4"}]),
      ["fleet.devices.0.target: unknown device class 'rpi-4'", "rpi4"]),
-    (lambda d: d["model"].update(zoo="nope-net"), ["model.zoo: got 'nope-net'; known: lenet5, mobilenetv2-small"]),
+    (lambda d: d["model"].update(zoo="nope-net"), ["model.zoo: got 'nope-net'; known: ds-cnn, lenet5, mobilenetv2, mobilenetv2-small"]),
     (lambda d: d.update(data={"name": "cifar"}), ["data.name: got 'cifar'; known: digits, mnist-5k, npz"]),
     (lambda d: d.update(data={"name": "npz"}), ["data.path: required with data.name npz"]),
     (lambda d: d.update(data={"name": "digits", "path": "x.npz"}), ["data.path: only read with data.name npz"]),
