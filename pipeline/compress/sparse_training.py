@@ -18,6 +18,7 @@ from torch import nn
 
 from .base import CompressContext, Method, StepReport, prunable
 from .params import SparseTrainingParams
+from .importance import weight_scores
 from .lottery import reinitialise
 from .masks import NO_GUARDS, Guards, check_alive, keep_masks
 
@@ -114,8 +115,8 @@ class SparseTraining(Method):
         if p.from_scratch:
             g = torch.Generator().manual_seed(ctx.train.seed)
             scores = [torch.rand(s, generator=g) for s in shapes]
-        else:
-            scores = [m.weight.detach().abs() for m in layers]
+        else:  # the trained weights' magnitudes, as the BatchNorm after them scales them
+            scores = weight_scores(model, layers, "l1", None, None, ctx.example_input)
         masks = keep_masks(scores, [torch.ones(s) for s in shapes], ratios, "layer", guards, "sparse-training")
         check_alive(names, masks, "sparse-training")
         batch = ctx.finetune.batch_size or ctx.train.batch_size
