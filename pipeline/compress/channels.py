@@ -253,7 +253,7 @@ class ChannelGroups:
         hi = 0.999 if scores is not None else self.max_layer_ratio
         best = self.keeps_at(hi, scores)
         if self.predict(best) > goal:
-            raise _OutOfReach(self.predict(best))
+            raise TargetOutOfReach(self.predict(best))
         lo, probes = 0.0, 1
         if self.predict(self.keeps_at(lo, scores)) <= goal:
             return self.keeps_at(lo, scores), lo, 2
@@ -345,6 +345,8 @@ def _segments(group, width: int, layers: set) -> list[np.ndarray]:
     return [np.array(v) for v in sorted(by_signature.values(), key=lambda v: v[0])]
 
 
-class _OutOfReach(Exception):
+class TargetOutOfReach(Exception):
+    """No plan within max_layer_ratio reaches the MAC goal; ``best_macs`` is the fewest it can reach."""
+
     def __init__(self, best_macs: float) -> None:
         self.best_macs = best_macs

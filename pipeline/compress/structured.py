@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import CompressionError
 from ..models.trace import locate
 from .base import CompressContext, Method, StepReport
-from .channels import ChannelGroups, _OutOfReach
+from .channels import ChannelGroups, TargetOutOfReach
 from .importance import accumulate_group_signal, get_criterion
 from .params import StructuredParams
 
@@ -108,7 +108,7 @@ class Structured(Method):
                         if step < p.steps:
                             keeps, more = groups.plan_toward(goal, keeps)
                             n += more
-                    except _OutOfReach as exc:
+                    except TargetOutOfReach as exc:
                         raise CompressionError(
                             f"structured: {p.macs_reduction}x fewer MACs is out of reach with max_layer_ratio "
                             f"{p.max_layer_ratio} (best {dense_macs / exc.best_macs:.2f}x); raise max_layer_ratio "
