@@ -30,8 +30,20 @@ def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+#: inputs per inference batch at most (a 224x224x3 float32 image is 0.6 MB; its activations are ten times that)
+EVAL_BATCH_BYTES = 16 * 2**20
+
+
+def eval_batch(x: np.ndarray, batch_size: int = 512) -> int:
+    """``batch_size``, lowered so a batch of ``x``'s samples holds at most :data:`EVAL_BATCH_BYTES` of input: 512
+    digits at once, 27 images at 224x224x3, so evaluating a real-scale model stays within a device-sized RSS."""
+    per_sample = max(1, int(np.prod(x.shape[1:])) * 4)
+    return max(1, min(batch_size, EVAL_BATCH_BYTES // per_sample))
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, batch_size: int = 512) -> torch.Tensor:
+    batch_size = eval_batch(x, batch_size)
     dev = next(model.parameters()).device
     was_training = model.training
     model.eval()
