@@ -28,10 +28,10 @@ class Adaptive:
     ``round_s`` seconds; rounds go on until the ~95% interval of every median ratio is within ``rel_ci`` of the
     median (after ``min_rounds``), or ``budget_s`` or ``max_rounds`` is reached."""
 
-    round_s: float = 0.2
+    round_s: float = 0.05
     min_rounds: int = 5
     max_rounds: int = 60
-    budget_s: float = 30.0
+    budget_s: float = 15.0
     rel_ci: float = 0.03
     min_runs: int = 3
     max_runs: int = 500
