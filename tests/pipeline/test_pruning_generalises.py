@@ -252,4 +252,5 @@ def test_random_architectures_keep_every_guard(digits, model, sparsity, scope):
     pruned, _ = prune(model, data, method="magnitude", sparsity=sparsity, scope=scope, finetune_epochs=0,
                       score_samples=32)
     assert_guarded(pruned)
-    assert overall(pruned) == pytest.approx(sparsity, abs=0.002)
+    total = sum(w.numel() for w in weights)  # the target is a whole number of weights: round(sparsity x total)
+    assert abs(overall(pruned) * total - round(sparsity * total)) <= 1, (overall(pruned), sparsity, total)
