@@ -99,9 +99,12 @@ def allocate(sizes: list[int], drops: list[list[float]], ratios: list[float], ta
     for _ in range(80):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if sparsity(choice(mid)) < target else (lo, mid)
-    below, above = choice(lo), choice(hi)
+    # below the target nothing is free at lam = 0: where measured drops are zero (or negative) past the target,
+    # the free ratios are scaled down alike
+    below = choice(lo) if lo > 0 else [0.0] * len(sizes)
+    above = choice(hi)
     s_lo, s_hi = sparsity(below), sparsity(above)
-    t = 1.0 if s_hi - s_lo < 1e-12 else (target - s_lo) / (s_hi - s_lo)
+    t = 1.0 if s_hi - s_lo < 1e-12 else min(max((target - s_lo) / (s_hi - s_lo), 0.0), 1.0)
     return [a + t * (b - a) for a, b in zip(below, above)]
 
 

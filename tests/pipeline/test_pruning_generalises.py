@@ -217,6 +217,17 @@ def test_sensitivity_allocation_spends_the_cut_where_a_weight_costs_least():
     assert (rs[0] * 100 + rs[1] * 10_000) / 10_100 == pytest.approx(0.9, abs=1e-6)
 
 
+@given(st.lists(st.tuples(st.integers(10, 5000), st.lists(st.floats(-0.05, 0.3), min_size=3, max_size=3)),
+                min_size=1, max_size=6), st.floats(0.05, 0.9))
+@settings(max_examples=60, deadline=None)
+def test_sensitivity_allocation_lands_on_the_target_whatever_the_drops(layers, target):
+    """Drops measured as zero or negative (pruning that helps, or noise) must not carry the cut past the target."""
+    sizes, drops = [n for n, _ in layers], [d for _, d in layers]
+    rs = allocate(sizes, drops, [0.5, 0.9, 0.98], target)
+    assert all(0 <= r <= 0.98 + 1e-9 for r in rs)
+    assert sum(r * n for r, n in zip(rs, sizes)) / sum(sizes) == pytest.approx(target, abs=1e-6)
+
+
 # --------------------------------------------------------------------------- random architectures
 
 @st.composite
