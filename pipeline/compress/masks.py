@@ -59,6 +59,16 @@ class Guards:
 NO_GUARDS = Guards()
 
 
+def apportion(shares: list[float]) -> list[int]:
+    """Whole counts summing to ``round(sum(shares))``, each the floor of its share or one more (largest
+    remainders first), so per-layer rounding never moves the total."""
+    counts = [math.floor(x + 1e-9) for x in shares]
+    extra = int(round(sum(shares))) - sum(counts)
+    for i in sorted(range(len(shares)), key=lambda i: counts[i] - shares[i])[:max(extra, 0)]:
+        counts[i] += 1
+    return counts
+
+
 def spread(wanted: list[int], limits: list[int], where: str) -> list[int]:
     """Per-layer counts to prune: each layer's wish within its limit, any shortfall taken from the layers
     with room in proportion to their room, so the total stays ``sum(wanted)``."""
@@ -119,7 +129,7 @@ def keep_masks(scores: list[torch.Tensor], weights: list[torch.Tensor], sparsity
     ranked = [torch.where(p, torch.full_like(s, math.inf), s) for s, p in zip(scores, protected)]
     if scope == "layer" or isinstance(sparsity, list):
         ratios = sparsity if isinstance(sparsity, list) else [sparsity] * len(scores)
-        counts = spread([int(round(r * s.numel())) for r, s in zip(ratios, scores)], limits, where)
+        counts = spread(apportion([r * s.numel() for r, s in zip(ratios, scores)]), limits, where)
     else:
         total = sum(s.numel() for s in scores)
         counts = global_counts(ranked, limits, int(round(sparsity * total)), where)
