@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from PIL import Image as PIL  # noqa: N812 - a host dependency (pyproject), never skipped
 
 from conftest import REPO, make_artifact
 from device_agent.preprocess import Preprocess
@@ -18,7 +19,6 @@ from pipeline.data.npz import open_npz
 from pipeline.errors import ConfigError, DataError
 from pipeline.inputs import check_model, load_data
 
-PIL = pytest.importorskip("PIL.Image")
 
 
 def image(path: Path, size=(6, 8), seed=0, mode="RGB") -> Path:
