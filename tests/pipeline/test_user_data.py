@@ -20,7 +20,6 @@ from pipeline.errors import ConfigError, DataError
 from pipeline.inputs import check_model, load_data
 
 
-
 def image(path: Path, size=(6, 8), seed=0, mode="RGB") -> Path:
     """A random PNG (or JPEG, by suffix) of ``size`` (height, width)."""
     path.parent.mkdir(parents=True, exist_ok=True)
