@@ -71,7 +71,7 @@ def wait_live(cfg: Path, check, what: str, timeout: float = 30, device_id: str =
             return row
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: the device shows {row}")
-        time.sleep(0.5)
+        time.sleep(0.5)  # a poll interval, not synchronisation: the loop waits for check(row), each a fresh query
 
 
 def test_provision_upgrade_and_a_failed_upgrade(mosquitto, sshd, key_dir, tiny_onnx, tmp_path):
