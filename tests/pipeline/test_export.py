@@ -125,6 +125,43 @@ def test_minify_keeps_io_and_outputs(cnn, x, tmp_path):
     assert np.array_equal(ort_predict(src, x), before) and src.stat().st_size < size
 
 
+def test_int8_convolutions_lose_their_zero_points_and_nothing_else(tmp_path):
+    """Symmetric int8 weights and int32 biases need no zero-point tensors: dropped, the file is smaller, its outputs
+    are bit-identical and onnxruntime fuses exactly the same integer kernels (a Gemm keeps its zero points: its
+    fusion needs them)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+
+    from pipeline.export import QUANTIZERS
+    from pipeline.export.onnx_files import drop_zero_points
+
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(), nn.Conv2d(16, 24, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(24, 10)).eval()
+    images = np.random.default_rng(2).random((16, 3, 12, 12), dtype=np.float32)
+    src = export_model("onnx", model, (3, 12, 12), tmp_path / "m.onnx", 17)
+    full = QUANTIZERS.get("int8-static")(src, tmp_path / "q.onnx", images)
+    stripped = onnx.load(str(full))
+    assert drop_zero_points(stripped) == 6  # three convolutions: weights and biases
+    onnx.save(stripped, str(tmp_path / "s.onnx"))
+    assert (tmp_path / "s.onnx").stat().st_size < full.stat().st_size
+
+    def fused(path):
+        opts = ort.SessionOptions()
+        opts.optimized_model_filepath = str(path.with_suffix(".opt.onnx"))
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        kernels = collections.Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+        return session.run(None, {"input": images})[0], kernels
+
+    (y_full, k_full), (y_stripped, k_stripped) = fused(full), fused(tmp_path / "s.onnx")
+    assert np.array_equal(y_full, y_stripped)
+    assert k_full == k_stripped and k_full["QLinearConv"] == 3 and k_full["QGemm"] == 1
+    assert ort_predict(tmp_path / "s.onnx", images).shape == (16, 10)
+
+
 class _TwoHeads(nn.Module):
     """Two outputs: the parity check compares each by name."""
 
