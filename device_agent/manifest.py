@@ -153,6 +153,7 @@ class Manifest:
     raw_sha256: str = ""
     url: str | None = None  # optional HTTP(S) source of the payload, fetched with Range requests
     preprocess: Preprocess | None = None  # how the inputs are prepared from an image (device_agent.preprocess)
+    labels: tuple[str, ...] | None = None  # the first output's class names, index by index, where the data has them
 
     @classmethod
     def from_signed(cls, signed: Any) -> "Manifest":
@@ -182,6 +183,7 @@ class Manifest:
             url=_field(art, "url", str, optional=True),
             preprocess=None if signed.get("preprocess") is None
             else Preprocess.from_dict(signed["preprocess"], "manifest: preprocess"),
+            labels=_labels(signed.get("labels")),
         )
         if m.expires is not None:
             _timestamp(m.expires, "expires")
@@ -193,6 +195,7 @@ class Manifest:
             raise ProtocolError(f"manifest: encoding {m.encoding!r} unknown; this agent reads {list(ENCODINGS)}")
         if "/" in m.filename or m.filename.startswith("."):
             raise ProtocolError(f"manifest: filename {m.filename!r} must be a plain file name")
+        _check_labels_fit(m.labels, m.io)
         return m
 
     def to_signed(self) -> dict[str, Any]:
@@ -212,6 +215,8 @@ class Manifest:
         }
         if self.preprocess is not None:  # absent, not null, without one: older manifests stay byte for byte
             body["preprocess"] = self.preprocess.to_dict()
+        if self.labels is not None:
+            body["labels"] = list(self.labels)
         return json.loads(json.dumps(body))  # plain JSON values: exactly what a receiver parses and re-serialises
 
     def check_expiry(self, at: dt.datetime | None = None) -> None:
@@ -248,6 +253,35 @@ def _field(body: dict[str, Any], key: str, kind: type, optional: bool = False) -
         raise ProtocolError(f"manifest: missing or bad field {key!r}: must be {'null or ' if optional else ''}{kind.__name__}, "
                             f"got {short(value, 60)}")
     return value
+
+
+#: bounds on ``labels``: a class count no classifier reaches, a name an application can show
+MAX_LABELS, MAX_LABEL_CHARS = 100_000, 200
+
+
+def _labels(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_LABELS:
+        raise ProtocolError(f"manifest: labels must be a list of 1 to {MAX_LABELS} names, got {short(value, 60)}")
+    for i, name in enumerate(value):
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_LABEL_CHARS:
+            raise ProtocolError(f"manifest: labels[{i}] must be a name of 1 to {MAX_LABEL_CHARS} characters, "
+                                f"got {short(name, 60)}")
+    if len(set(value)) != len(value):
+        raise ProtocolError("manifest: labels name a class twice")
+    return tuple(value)
+
+
+def _check_labels_fit(labels: tuple[str, ...] | None, io: dict[str, Any]) -> None:
+    """The labels name the first output's last dimension, when the manifest gives it as a number."""
+    if labels is None:
+        return
+    outputs = io.get("outputs")
+    shape = outputs[0].get("shape") if isinstance(outputs, list) and outputs and isinstance(outputs[0], dict) else None
+    width = shape[-1] if isinstance(shape, list) and shape else None
+    if isinstance(width, int) and not isinstance(width, bool) and width != len(labels):
+        raise ProtocolError(f"manifest: {len(labels)} labels for an output of {width} classes")
 
 
 def _count(body: dict[str, Any], key: str, least: int) -> int:

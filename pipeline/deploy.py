@@ -59,7 +59,7 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
     with ui.stage("Sign and bundle"):
         artifact = bundle_stage(exported.path, data.x_test, prof, ui, name=cfg.name, workdir=workdir,
                                 key_dir=cfg.resolve(cfg.signing.key_dir), url_base=url_base,
-                                preprocess=data.preprocess)
+                                preprocess=data.preprocess, labels=labels_for(data, report))
         report["artifact"] = artifact.to_dict()
 
     report["delivery"], report["broker"] = deliver_stage(cfg.fleet, external_broker(cfg), target, artifact, workdir,
@@ -125,6 +125,11 @@ def _from_file(cfg: DeployConfig, target: TargetProfile, path: Path, out: Path, 
     report["export"] = {"format": model.format.name, "simplified": cfg.export.simplify, "parity": parity,
                         "quantization": qreport or None}
     return exported, data
+
+
+def labels_for(data, report: dict[str, Any]) -> tuple[str, ...] | None:
+    """The data's class names for the manifest, unless the model scores another number of classes."""
+    return None if "class_mismatch" in report else data.classes
 
 
 def _check_runtime(runtime: str, target: TargetProfile, what: str) -> None:

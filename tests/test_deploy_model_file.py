@@ -96,10 +96,28 @@ def test_a_class_count_mismatch_is_reported_not_silent(tmp_path):
     assert "scores 1000 classes, the data has 10" in proc.stderr
 
 
-def test_model_file_in_deploy_yaml_is_the_same_path(tmp_path):
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _image_folder(root: Path) -> Path:
+    """digits as the user's own PNGs, one folder per class named in words, at 16x16 (resized to 8x8 on load)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i, (image, label) in enumerate(zip(digits.images[:300], digits.target[:300])):
+        d = root / NAMES[label]
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image * 255 / 16).astype("uint8")).resize((16, 16)).save(d / f"{i}.png")
+    return root
+
+
+def test_model_file_in_deploy_yaml_with_an_image_folder_ships_its_class_names(tmp_path):
     cfg = small_deploy_config(tmp_path, local_agents=1, local_broker="mosquitto")
     data = yaml.safe_load(cfg.read_text())
     data["model"] = {"file": "mine.onnx"}  # relative to deploy.yaml
+    data["data"] = {"name": "folder", "path": str(_image_folder(tmp_path / "photos")), "test_fraction": 0.2,
+                    "preprocess": {"channels": 1, "resize": [8, 8], "scale": 1 / 255}}
     cfg.write_text(yaml.safe_dump(data))
     _onnx(tmp_path / "mine.onnx")
     proc, tried = _deploy(tmp_path, "--config", str(cfg), "--json")
@@ -108,6 +126,10 @@ def test_model_file_in_deploy_yaml_is_the_same_path(tmp_path):
     r = json.loads(proc.stdout)
     assert r["model"]["file"]["path"] == str(tmp_path / "mine.onnx")
     assert r["delivery"][0]["status"] == "activated"
+    # the class names, in label order (sorted folder names), are signed into the manifest the device installed
+    installed = [json.loads(p.read_text())["signed"] for p in tmp_path.rglob("slots/*/manifest.json")]
+    assert installed and all(m["labels"] == sorted(NAMES) for m in installed)
+    assert installed[0]["preprocess"]["resize"] == [8, 8]
 
 
 def test_a_file_that_is_not_a_model_and_data_that_does_not_fit_get_one_error_each(tmp_path):

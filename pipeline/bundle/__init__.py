@@ -14,11 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.errors import ProtocolError
 from device_agent.manifest import Manifest, sign_envelope
 from device_agent.preprocess import Preprocess
 from device_agent.protocol import DEFAULT_CHUNK_SIZE
 from device_agent.storage import atomic_write_bytes, atomic_write_json, read_json
 
+from ..errors import ExportError
 from .golden import golden_section, reference_session
 from .keys import load_or_create, public_key_path
 
@@ -64,11 +66,12 @@ def build_artifact(
     model_path: Path, out_root: Path, *, name: str, version: int, target: str, runtime: str,
     golden_inputs: np.ndarray, budgets: dict[str, Any], predicted: dict[str, Any], health: dict[str, Any],
     key_dir: Path, expires_days: float | None = 30, chunk_size: int = DEFAULT_CHUNK_SIZE,
-    url_base: str | None = None, preprocess: Preprocess | None = None,
+    url_base: str | None = None, preprocess: Preprocess | None = None, labels: tuple[str, ...] | None = None,
 ) -> Artifact:
     """``url_base``: where the artifact directory will be served over HTTP(S); its payload's URL is then
     signed into the manifest and devices fetch it with Range requests instead of MQTT chunks. ``preprocess``:
-    how the inputs (the golden ones included) were prepared from an image, signed in for the device's application."""
+    how the inputs (the golden ones included) were prepared from an image, signed in for the device's application;
+    ``labels``: the class names of the first output, index by index."""
     from device_agent.runtimes import get_runtime
 
     key = load_or_create(key_dir)
@@ -89,8 +92,13 @@ def build_artifact(
         raw_sha256=hashlib.sha256(raw).hexdigest(),
         url=f"{url_base.rstrip('/')}/{out.name}/{payload_name(model_path.name, encoding)}" if url_base else None,
         io=io, golden=golden, health=health, budgets=budgets, predicted=predicted, preprocess=preprocess,
+        labels=tuple(labels) if labels is not None else None,
     )
-    signed = manifest.to_signed()  # the device's own schema builds what it will parse
+    signed = manifest.to_signed()  # the device's own schema builds what it will parse, and checks it as the device will
+    try:
+        Manifest.from_signed(signed)
+    except ProtocolError as exc:
+        raise ExportError(f"bundle {out.name}: the device would refuse this manifest: {exc}") from None
     envelope = sign_envelope(signed, key)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

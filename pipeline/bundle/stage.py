@@ -19,17 +19,22 @@ GOLDEN_CASES = 4
 
 def bundle_stage(model: Path, golden_inputs: np.ndarray, prof: ProfileReport, ui: UI, *, name: str,
                  workdir: Path, key_dir: Path, url_base: str | None = None,
-                 preprocess: Preprocess | None = None) -> Artifact:
+                 preprocess: Preprocess | None = None, labels: tuple[str, ...] | None = None) -> Artifact:
     """Sign ``model`` as the next version for ``prof``'s target under ``workdir/artifacts`` (the key in
     ``key_dir`` is made on first use); ``url_base``: where the artifacts are served over HTTP, if they are;
-    ``preprocess``: the data's spec (how ``golden_inputs`` were prepared), recorded in the manifest."""
+    ``preprocess``: the data's spec (how ``golden_inputs`` were prepared), recorded in the manifest; ``labels``: the
+    data's class names, recorded there when they fit the model's output."""
     artifact = build_artifact(
         model, workdir / "artifacts", name=name, version=next_version(workdir), target=prof.target,
         url_base=url_base, runtime=runtime_for(model), golden_inputs=golden_inputs[:GOLDEN_CASES],
         budgets={r.name: r.limit for r in prof.budgets}, predicted=prof.predicted,
-        health={"max_rss_mb": None, "max_latency_ms": None, "runs": 20}, key_dir=key_dir, preprocess=preprocess)
+        health={"max_rss_mb": None, "max_latency_ms": None, "runs": 20}, key_dir=key_dir, preprocess=preprocess,
+        labels=labels)
     ui.info(f"{artifact.dir.name}: {artifact.size_bytes:,} bytes, sha256 {artifact.sha256[:16]}…, "
             f"{artifact.manifest.chunks} chunk(s), signed with {public_key_path(key_dir)}")
     if preprocess is not None:
         ui.info(f"preprocess (signed into the manifest): {preprocess.to_dict()}")
+    if artifact.manifest.labels is not None:
+        names = artifact.manifest.labels
+        ui.info(f"class names (signed into the manifest): {', '.join(names[:8])}{', …' if len(names) > 8 else ''}")
     return artifact

@@ -175,3 +175,26 @@ def test_a_manifest_without_a_spec_still_verifies_as_before():
 def test_a_malformed_spec_in_a_manifest_is_a_protocol_error(spec):
     with pytest.raises(ProtocolError, match="manifest: preprocess"):
         Manifest.from_signed(body(preprocess=spec))
+
+
+# --- class names ------------------------------------------------------------------------------------------------
+
+def test_the_manifest_carries_class_names_for_the_application():
+    io = {"inputs": [], "outputs": [{"name": "logits", "shape": [1, 3], "dtype": "float32"}]}
+    m = Manifest.from_signed(body(io=io, labels=["cat", "dog", "ünïcode bird"]))
+    assert m.labels == ("cat", "dog", "ünïcode bird")
+    assert Manifest.from_signed(m.to_signed()) == m and m.to_signed()["labels"] == ["cat", "dog", "ünïcode bird"]
+    assert "labels" not in Manifest.from_signed(body()).to_signed()  # older manifests stay byte for byte
+    dynamic = {"outputs": [{"name": "logits", "shape": ["batch", "classes"], "dtype": "float32"}]}
+    assert Manifest.from_signed(body(io=dynamic, labels=["a"])).labels == ("a",)
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ("cat,dog", "labels must be a list"), ([], "labels must be a list"), ([1, 2, 3], r"labels\[0\]"),
+    (["a", ""], r"labels\[1\]"), (["a", "x" * 201], r"labels\[1\]"), (["a", "a", "b"], "twice"),
+    (["a", "b"], "2 labels for an output of 3 classes"),
+])
+def test_malformed_class_names_are_a_protocol_error(labels, expected):
+    io = {"outputs": [{"name": "logits", "shape": [1, 3], "dtype": "float32"}]}
+    with pytest.raises(ProtocolError, match=expected):
+        Manifest.from_signed(body(io=io, labels=labels))

@@ -16,7 +16,7 @@ from device_agent.preprocess import Preprocess
 from pipeline.config import parse_deploy
 from pipeline.data import load_dataset
 from pipeline.data.npz import open_npz
-from pipeline.errors import ConfigError, DataError
+from pipeline.errors import ConfigError, DataError, ExportError
 from pipeline.inputs import check_model, load_data
 
 
@@ -264,3 +264,9 @@ def test_the_artifact_manifest_carries_the_data_spec(tiny_onnx, tmp_path, key_di
     assert art.envelope["signed"]["preprocess"] == spec.to_dict()
     plain = make_artifact(tiny_onnx, tmp_path / "out", key_dir, 2)
     assert plain.manifest.preprocess is None and "preprocess" not in plain.envelope["signed"]
+    names = tuple(f"class {i}" for i in range(10))
+    named = make_artifact(tiny_onnx, tmp_path / "out", key_dir, 3, labels=names)
+    assert load_artifact(named.dir).manifest.labels == names and named.envelope["signed"]["labels"] == list(names)
+    with pytest.raises(ExportError, match="the device would refuse this manifest: manifest: 3 labels for an output "
+                                          "of 10 classes"):
+        make_artifact(tiny_onnx, tmp_path / "out", key_dir, 4, labels=("a", "b", "c"))
