@@ -247,10 +247,9 @@ def architectures(draw):
 
 
 @given(architectures(), st.floats(0.5, 0.97), st.sampled_from(["global", "layer"]))
-# derandomized: the same 20 architectures on every run, so CI does not draw new ones each time. Random runs
-# found two per-layer ("layer") cases at sparsity 0.890625 on 4- and 8-wide models (2 weights short of the
-# target; a refusal the floors predicted that did not come), not reproduced since: open in issue 13's note.
-@settings(max_examples=20, deadline=None, derandomize=True,
+# random again: two per-layer cases random runs found at sparsity 0.890625 (2 weights short of the target) went
+# with the per-layer water-filling of 26311fe; 800 random cases passed after it (session 5)
+@settings(max_examples=20, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 def test_random_architectures_keep_every_guard(digits, model, sparsity, scope):
     classes = model.fc.out_features
