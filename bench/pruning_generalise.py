@@ -14,6 +14,9 @@ from scratch for as many epochs as dense training and fine-tuning together (the 
 the lottery ticket trains as long as the dense run per round over 3 rounds (its row reads the round that
 reaches the target sparsity, not the sparsest winning ticket it keeps).
 
+The ``dense-ft`` column is a second reference: the dense model fine-tuned for the same epochs, unpruned
+(the difference to it is what pruning costs over training on as long).
+
 Per row: accuracy after fine-tuning, dense accuracy, their difference in points, the sparsity reached over
 the prunable weights, the sparsest layer, classifier rows left without a weight, classes the pruned model
 predicts on the test set, and the family's wall time.
@@ -138,6 +141,7 @@ def families(sparsity: float, dense_epochs: int, finetune: int, lr: float, lotte
     rounds = 3
     iterative, gradual = 10, 5
     return {
+        "dense-ft": [{"method": "dense-finetune", "finetune_epochs": finetune}],
         "magnitude": [{"method": "magnitude", "sparsity": sparsity, "finetune_epochs": finetune, "lr": lr}],
         "magnitude-iter": [{"method": "magnitude", "sparsity": sparsity, "steps": iterative,
                             "finetune_epochs": max(1, finetune // iterative), "lr": lr}],
@@ -173,10 +177,15 @@ def measure(model: nn.Module, data: Dataset) -> dict[str, Any]:
             "empty_classifier_rows": empty_rows, "classes_predicted": int(len(np.unique(predicted)))}
 
 
-def run_family(dense: nn.Module, data: Dataset, recipe: list[dict], lr: float, distill: bool) -> dict[str, Any]:
+def run_family(dense: nn.Module, data: Dataset, recipe: list[dict], lr: float, distill: bool,
+               schedule: str) -> dict[str, Any]:
     model = copy.deepcopy(dense)
-    ctx = CompressContext(data, TrainConfig(lr=lr), FinetuneConfig(distill=distill), progress=lambda m: None)
+    ctx = CompressContext(data, TrainConfig(lr=lr), FinetuneConfig(distill=distill, schedule=schedule),
+                          progress=lambda m: None)
     t0 = time.perf_counter()
+    if recipe[0]["method"] == "dense-finetune":  # the reference: the dense model trained on as long, no pruning
+        ctx.finetune_model(model, recipe[0]["finetune_epochs"], lr)
+        return {**measure(model, data), "wall_s": round(time.perf_counter() - t0, 2)}
     [report] = run_recipe(model, build_recipe([CompressStep(**s) for s in recipe]), ctx)
     wall = time.perf_counter() - t0
     out = measure(model, data)
@@ -253,6 +262,8 @@ def main() -> None:
     ap.add_argument("--lottery-epochs", type=int, default=None, help="training epochs of the lottery's dense run "
                     "and of each round (default: --epochs, Frankle & Carbin's protocol)")
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--schedule", choices=["cosine", "constant"], default=FinetuneConfig().schedule,
+                    help="learning rate over each fine-tuning run (default: fine-tuning's own default)")
     ap.add_argument("--seeds", default="0", help="comma-separated seeds: each one a data split, a dense model and "
                     "every family again; tables show the means (one test split holds 360 images: 1 pt is 3.6)")
     ap.add_argument("--threads", type=int, default=2)
@@ -290,7 +301,7 @@ def main() -> None:
               flush=True)
         for fam in chosen:
             try:
-                r = run_family(dense, data, recipes[fam], args.lr, not args.no_distill)
+                r = run_family(dense, data, recipes[fam], args.lr, not args.no_distill, args.schedule)
             except Exception as exc:  # noqa: BLE001 - a family that fails is a row, not the end of the run
                 r = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0], "accuracy": float("nan"), "wall_s": 0.0}
             r = {"model": name, "family": fam, "seed": seed, **r, "delta": round(r["accuracy"] - d["accuracy"], 4)}
@@ -303,7 +314,7 @@ def main() -> None:
               "seeds": seeds,
               "sparsity": args.sparsity, "budget": {"dense_epochs": args.epochs, "finetune_epochs": args.finetune,
                                                     "lottery_epochs_per_round": args.lottery_epochs, "lr": args.lr,
-                                                    "distill": not args.no_distill},
+                                                    "distill": not args.no_distill, "schedule": args.schedule},
               "recipes": {f: recipes[f] for f in chosen}, "threads": args.threads, "skipped": skipped,
               "wall_s": round(time.perf_counter() - t_start, 1), "rows": combine(rows), "runs": rows}
     if args.out:

@@ -39,7 +39,7 @@ class CompressContext:
             epochs=epochs, lr=lr or ft.lr or self.train.lr / 2, batch_size=ft.batch_size or self.train.batch_size,
             seed=self.train.seed + self.seed_offset, teacher=self.teacher if use_teacher else None,
             kd_alpha=ft.kd_alpha, kd_temperature=ft.kd_temperature,
-            val_fraction=ft.val_fraction if ft.patience else 0.0, patience=ft.patience,
+            val_fraction=ft.val_fraction if ft.patience else 0.0, patience=ft.patience, schedule=ft.schedule,
         )
 
     def finetune_model(self, model: nn.Module, epochs: int, lr: float | None = None, label: str = "fine-tune",

@@ -101,6 +101,8 @@ class FinetuneConfig(Strict):
     kd_temperature: float = Field(4.0, gt=0)
     val_fraction: float = Field(0.1, ge=0, lt=0.5, description="share of the training set held out for early stopping")
     patience: int | None = Field(None, ge=1, description="epochs without validation gain before stopping early")
+    schedule: Literal["constant", "cosine"] = Field("constant", description="learning rate over each fine-tuning "
+                                                    "run: constant, or a cosine decay to zero")
 
 
 class ExportConfig(Strict):

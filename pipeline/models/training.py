@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -70,6 +72,9 @@ class FitOptions:
     kd_temperature: float = 4.0
     val_fraction: float = 0.0  # > 0: hold out this share of the training set for early stopping
     patience: int | None = None  # epochs without validation gain before stopping; best weights restored
+    #: "cosine": the rate decays to zero over the run's optimizer steps (Loshchilov & Hutter 2017), the usual
+    #: fine-tuning schedule after pruning; "constant": ``lr`` throughout
+    schedule: Literal["constant", "cosine"] = "constant"
 
 
 @dataclass
@@ -109,6 +114,9 @@ def fit(model: nn.Module, data: Dataset, opts: FitOptions, progress: Progress | 
     train_part, x_val, y_val = split_validation(data, opts.val_fraction, opts.seed)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=opts.lr)
     x, y = torch.from_numpy(train_part.x_train), torch.from_numpy(train_part.y_train)
+    total_steps = opts.epochs * math.ceil(len(x) / opts.batch_size)
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(total_steps, 1))
+             if opts.schedule == "cosine" else None)
     t0 = time.perf_counter()
     loss_value, best, best_state, stale, steps, epoch = float("nan"), None, None, 0, 0, 0
     for epoch in range(1, opts.epochs + 1):
@@ -127,6 +135,8 @@ def fit(model: nn.Module, data: Dataset, opts: FitOptions, progress: Progress | 
                 loss = F.cross_entropy(logits, yb)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             steps += 1
             if after_step is not None:
                 after_step(steps)

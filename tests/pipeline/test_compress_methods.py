@@ -161,6 +161,25 @@ def test_distillation_and_early_stopping(mlp, digits):
     assert r.epochs_run == 2 and r.best_val_accuracy is not None  # no gain after epoch 1: stop at 2
 
 
+def test_a_cosine_schedule_ends_its_run_with_steps_near_zero(digits):
+    """schedule: cosine takes the rate from lr to zero over the run's steps; constant keeps every step's size."""
+    def step_sizes(schedule):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        last, sizes = [model[1].weight.detach().clone()], []
+
+        def after(step):
+            w = model[1].weight.detach()
+            sizes.append(float((w - last[0]).abs().max()))
+            last[0] = w.clone()
+        fit(model, digits, FitOptions(epochs=2, lr=1e-2, schedule=schedule), after_step=after)
+        return sizes
+
+    cosine, constant = step_sizes("cosine"), step_sizes("constant")
+    assert len(cosine) == len(constant) == 2 * -(-len(digits.x_train) // 64)
+    assert cosine[-1] < 0.01 * cosine[0] and constant[-1] > 0.2 * constant[0]
+
+
 # --------------------------------------------------------------------------- bad input
 
 def test_unknown_criterion_and_bad_ratios_name_the_field():
