@@ -83,8 +83,23 @@ class OpFactor(_Strict):
 
 
 class Efficiency(_Strict):
-    fp32: float = Field(gt=0, le=1)
-    int8: float = Field(gt=0, le=1)
+    """How close the device's kernels come to its roofline, from the target's own facts (no calibration).
+
+    Uncalibrated, a node takes max(2 x MACs / (peak x share), bytes / memory.bandwidth_gbs) + per_op_overhead_us,
+    where share = ``fp32`` (or ``int8``) for a dense convolution or GEMM with a long reduction, times
+    K / (K + ``reduction_overhead_macs``) for one whose reduction is K multiply-accumulates per output (first
+    layers, grouped convolutions), or times ``depthwise`` for a depthwise convolution. The memory side is not
+    derated: ``bandwidth_gbs`` is a measured figure already. Each target's YAML says where its numbers come from.
+    """
+
+    fp32: float = Field(gt=0, le=1, description="share of the fp32 peak a dense convolution / GEMM with a long "
+                        "reduction reaches at batch 1 with every core busy")
+    int8: float = Field(gt=0, le=1, description="the same for int8, of the int8 peak")
+    depthwise: float = Field(1.0, gt=0, le=1, description="a depthwise convolution's share of peak relative to "
+                             "the dense one's (load-bound: no reuse across output channels); 1 = no separate term")
+    reduction_overhead_macs: float = Field(0.0, ge=0, description="per output element, the fixed work of a "
+                                           "GEMM-lowered kernel (bias, clamp, store, gathering its inputs) in units "
+                                           "of one multiply-accumulate step; 0 = no reduction-length term")
     per_op_overhead_us: float = Field(ge=0)
     session_overhead_us: float = Field(0.0, ge=0, description="per inference, whatever the model")
     #: per op category, fitted by `pipeline targets calibrate` on the device itself

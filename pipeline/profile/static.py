@@ -25,7 +25,17 @@ _BYTES = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.FLOAT16: 2, onnx.TensorPro
 _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger"}
 
 
-CATEGORIES = ("conv", "conv_dw", "gemm", "pool", "elementwise", "qdq", "shape", "other")
+#: op categories, each with its own cost term in the predictor (pipeline.profile.predict):
+#: conv: a dense convolution, lowered to a GEMM (im2col or indirect) whose reduction is cin x kh x kw;
+#: conv_first: a dense convolution over few input channels (an image's first layer, cin <= FIRST_LAYER_CHANNELS):
+#:   its reduction is short, so the GEMM's per-output work (bias, clamp, store) weighs more;
+#: conv_dw: depthwise (one input channel per group): no reuse across output channels, load/bandwidth-bound;
+#: conv_group: grouped with several channels per group: one small GEMM per group;
+#: fused: an activation (Relu, Clip) that the runtime folds into the convolution or GEMM producing its input
+#:   (ONNX Runtime's Conv/Gemm activation fusion, TFLite's fused_activation_function, XNNPACK's output clamp);
+#: folded: nodes no runtime executes (Constant becomes an initializer, Identity and Dropout are removed at load).
+CATEGORIES = ("conv", "conv_first", "conv_dw", "conv_group", "gemm", "pool", "elementwise", "fused", "qdq", "shape",
+              "folded", "other")
 _CATEGORY = {
     "Conv": "conv", "QLinearConv": "conv", "ConvInteger": "conv",
     "Gemm": "gemm", "MatMul": "gemm", "QLinearMatMul": "gemm", "MatMulInteger": "gemm",
@@ -36,15 +46,32 @@ _CATEGORY = {
     "Sub": "elementwise", "Div": "elementwise", "Sigmoid": "elementwise", "HardSwish": "elementwise",
     "BatchNormalization": "elementwise", "Softmax": "elementwise", "Cast": "elementwise",
     "Flatten": "shape", "Reshape": "shape", "Transpose": "shape", "Squeeze": "shape", "Unsqueeze": "shape",
-    "Concat": "shape", "Identity": "shape", "Shape": "shape", "Gather": "shape",
+    "Concat": "shape", "Shape": "shape", "Gather": "shape",
+    "Constant": "folded", "Identity": "folded", "Dropout": "folded",
 }
+#: input channels up to which a dense convolution counts as a first layer (gray, RGB, RGBA images)
+FIRST_LAYER_CHANNELS = 4
+_FUSABLE = {"Relu", "Clip"}  # activations every runtime we ship to fuses into the producing kernel
+_FUSES_INTO = {"Conv", "QLinearConv", "ConvInteger", "Gemm"}
 
 
-def category(node: onnx.NodeProto) -> str:
+def conv_category(groups: int, in_per_group: int) -> str:
+    """A convolution's category from its group count and input channels per group."""
+    if groups > 1:
+        return "conv_dw" if in_per_group == 1 else "conv_group"
+    return "conv_first" if in_per_group <= FIRST_LAYER_CHANNELS else "conv"
+
+
+def category(node: onnx.NodeProto, weight_shape: list[int] | None = None) -> str:
+    """``weight_shape`` (out, in per group, kh, kw) refines a convolution; without it every grouped one is conv_dw
+    and every dense one conv."""
     cat = _CATEGORY.get(node.op_type, "other")
-    if cat == "conv" and any(a.name == "group" and a.i > 1 for a in node.attribute):
-        return "conv_dw"
-    return cat
+    if cat != "conv":
+        return cat
+    groups = next((a.i for a in node.attribute if a.name == "group"), 1)
+    if not weight_shape or len(weight_shape) < 2:  # channels unknown: only the grouped / dense split
+        return "conv_dw" if groups > 1 else "conv"
+    return conv_category(groups, weight_shape[1])
 
 
 @dataclass
@@ -55,6 +82,9 @@ class NodeCost:
     weight_bytes: int
     activation_bytes: int  # inputs read + outputs written, activations only
     category: str = "other"
+    #: multiply-accumulates per output element (cin per group x kh x kw for a convolution, K for a GEMM);
+    #: 0 where unknown or not a reduction
+    reduction: int = 0
 
 
 @dataclass
@@ -158,25 +188,37 @@ def analyse_onnx(path: Path) -> StaticProfile:
             nonzero += int(np.count_nonzero(arr))
         weight_bytes += arr.nbytes
 
+    consumers: dict[str, int] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers[i] = consumers.get(i, 0) + 1
+    producer_op: dict[str, str] = {}
     nodes, last_use, produced_at = [], {}, {}
     for idx, node in enumerate(g.node):
         for i in node.input:
             last_use[i] = idx
         for o in node.output:
             produced_at[o] = idx
-        macs = 0
+            producer_op[o] = node.op_type
+        macs = reduction = 0
+        w_shape: list[int] = []
         if node.op_type in ("Conv", "QLinearConv", "ConvInteger") and node.output[0] in values:
             w_name = node.input[3] if node.op_type == "QLinearConv" else node.input[1]
             w_shape = _shape(values[w_name]) if w_name in values else list(inits[w_name].dims) if w_name in inits else []
             if w_shape:
-                macs = int(np.prod(_shape(values[node.output[0]]))) * int(np.prod(w_shape[1:]))
+                reduction = int(np.prod(w_shape[1:]))
+                macs = int(np.prod(_shape(values[node.output[0]]))) * reduction
         elif node.op_type in ("Gemm", "MatMul", "QLinearMatMul", "MatMulInteger") and node.output[0] in values:
             a = node.input[0]
-            k = _shape(values[a])[-1] if a in values else 0
-            macs = int(np.prod(_shape(values[node.output[0]]))) * k
+            reduction = _shape(values[a])[-1] if a in values else 0
+            macs = int(np.prod(_shape(values[node.output[0]]))) * reduction
         act = sum(_nbytes(values[t]) for t in [*node.input, *node.output] if t in values and t not in constant)
         wbytes = sum(inits[t].ByteSize() for t in node.input if t in inits)
-        nodes.append(NodeCost(node.name or f"{node.op_type}_{idx}", node.op_type, macs, wbytes, act, category(node)))
+        cat = category(node, w_shape)
+        if (node.op_type in _FUSABLE and node.input and producer_op.get(node.input[0]) in _FUSES_INTO
+                and consumers.get(node.input[0]) == 1):
+            cat = "fused"
+        nodes.append(NodeCost(node.name or f"{node.op_type}_{idx}", node.op_type, macs, wbytes, act, cat, reduction))
 
     # liveness: an activation lives from its producer (graph inputs: step 0) to its last consumer
     graph_outputs = {o.name for o in g.output}

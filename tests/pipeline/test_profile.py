@@ -134,3 +134,64 @@ def test_tflite_static_profile_matches_the_onnx_one(model_path, tmp_path, tflite
     assert b.params == a.params and not b.quantized
     report = profile_model(tfl, load_target("rpi4"), runs=10)
     assert report.measured["latency_ms_p50"] > 0 and report.predicted["latency_ms"] > 0
+
+
+@pytest.fixture(scope="module")
+def kernel_classes_path(tmp_path_factory):
+    """One convolution of each class: a first layer (3 channels), a grouped one (4 groups of 4), a depthwise
+    one, a dense 1x1, each followed by a ReLU."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, padding=1, groups=4), nn.ReLU(),
+                      nn.Conv2d(32, 32, 3, padding=1, groups=32), nn.ReLU(), nn.Conv2d(32, 64, 1), nn.ReLU(),
+                      nn.Flatten(), nn.Linear(64 * 16 * 16, 10)).eval()
+    return export_model("onnx", m, (3, 16, 16), tmp_path_factory.mktemp("k") / "k.onnx", 17)
+
+
+def test_convolutions_are_priced_by_kernel_class(kernel_classes_path):
+    from pipeline.profile.predict import compute_share
+
+    s = analyse(kernel_classes_path)
+    convs = [n for n in s.nodes if n.op == "Conv"]
+    assert [n.category for n in convs] == ["conv_first", "conv_group", "conv_dw", "conv"]
+    assert [n.reduction for n in convs] == [3 * 9, 4 * 9, 9, 32]
+    assert [n.category for n in s.nodes if n.op == "Relu"] == ["fused"] * 4
+    rpi4 = load_target("rpi4")
+    eff = rpi4.efficiency
+    k0 = eff.reduction_overhead_macs
+    assert k0 > 0 and eff.depthwise < 1
+    shares = [compute_share(n, rpi4, quantized=False) for n in convs]
+    assert shares == pytest.approx([eff.fp32 * 27 / (27 + k0), eff.fp32 * 36 / (36 + k0), eff.fp32 * eff.depthwise,
+                                    eff.fp32 * 32 / (32 + k0)])
+    p = predict(s, rpi4)
+    assert p["basis"].startswith("roofline only, uncalibrated") and p["calibrated"] is False
+    assert {"conv_first", "conv_group", "conv_dw", "conv", "fused"} <= set(p["latency_ms_by_category"])
+    assert p["latency_ms_by_category"]["fused"] == 0
+    assert p["latency_ms"] == pytest.approx(sum(p["latency_ms_by_category"].values()), abs=1e-3)
+
+
+def test_a_calibration_made_before_a_category_existed_prices_it_as_its_parent(kernel_classes_path):
+    """host.yaml fitted conv, conv_dw and elementwise only: a first layer costs as conv, a grouped convolution as
+    conv_dw, a fused ReLU as elementwise, on the host (level 1) and transferred to rpi4 (level 2)."""
+    from pipeline.profile.predict import roofline_terms
+    from pipeline.targets import Efficiency, OpFactor
+
+    s = analyse(kernel_classes_path)
+    rpi4 = load_target("rpi4")
+    ops = {"conv": OpFactor(roofline_factor=2.0, overhead_us=1.0), "conv_dw": OpFactor(roofline_factor=5.0,
+           overhead_us=3.0), "elementwise": OpFactor(roofline_factor=0.5, overhead_us=0.25),
+           "gemm": OpFactor(roofline_factor=1.0, overhead_us=0.0)}
+    host = rpi4.model_copy(update={"name": "host", "efficiency": Efficiency(fp32=0.5, int8=0.5, per_op_overhead_us=1,
+                                                                             ops=ops)})
+    terms = roofline_terms(s, host)
+    p = predict(s, host)
+    assert p["calibrated"] and p["basis"].startswith("calibrated: op factors fitted on host")
+    by = p["latency_ms_by_category"]
+    for cat, parent in (("conv_first", "conv"), ("conv_group", "conv_dw"), ("fused", "elementwise")):
+        n, roof = terms[cat]
+        assert by[cat] == pytest.approx((n * ops[parent].overhead_us * 1e-6 + roof * ops[parent].roofline_factor) * 1e3,
+                                        rel=1e-3), cat
+    moved = predict(s, rpi4, host)
+    assert moved["calibrated"] and moved["basis"].startswith("calibrated on host, transferred")
+    n, roof = roofline_terms(s, rpi4)["conv_group"]
+    expect = n * rpi4.efficiency.per_op_overhead_us * 1e-6 + roof * 5.0 / 2.0 / rpi4.efficiency.fp32
+    assert moved["latency_ms_by_category"]["conv_group"] == pytest.approx(expect * 1e3, rel=1e-3)
