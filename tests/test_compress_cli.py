@@ -44,6 +44,7 @@ def test_structured_recipe_writes_a_smaller_faster_model(cfg, tmp_path):
     layers = {l["layer"]: l for l in report["layers"]}
     assert layers["layers.0.conv1"]["channels"] < 16  # channels really went, not just zeroed
     assert "Layers after compression" in proc.stderr and "channels kept" in proc.stderr
+    assert report["weights_per_channel"] > 10 and "weights per output channel" not in proc.stderr
     assert json.loads((out / "report.json").read_text())["mac_ratio"] == report["mac_ratio"]
 
     # a failing run (unknown recipe) leaves the previous output as it was
@@ -51,6 +52,29 @@ def test_structured_recipe_writes_a_smaller_faster_model(cfg, tmp_path):
     proc = run(cfg, out, "--recipe", "nope")
     assert proc.returncode == 2 and "unknown recipe 'nope'; deploy.yaml defines: default, lottery" in proc.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
+
+THIN_NET = """
+from torch import nn
+
+def build(input_shape, num_classes):  # many channels, few weights each: 1x1, depthwise, grouped 1x1
+    return nn.Sequential(nn.Conv2d(input_shape[0], 32, 1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1, groups=32),
+                         nn.ReLU(), nn.Conv2d(32, 32, 1, groups=8), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(32, num_classes))
+"""
+
+
+def test_a_network_pruned_too_thin_is_warned_about(cfg, tmp_path):
+    (tmp_path / "thinnet.py").write_text(THIN_NET)
+    data = yaml.safe_load(cfg.read_text())
+    data["model"] = {"factory": "thinnet:build", "train": {"epochs": 1}}
+    data["recipes"]["thin"] = [{"method": "magnitude", "sparsity": 0.8, "finetune_epochs": 0}]
+    cfg.write_text(yaml.safe_dump(data))
+    proc = run(cfg, tmp_path / "out", "--recipe", "thin")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["weights_per_channel"] < 2 and report["single_weight_channels"] > 0.5
+    assert f"keep {report['weights_per_channel']:g} weights per output channel" in proc.stderr
 
 
 def test_interrupted_write_keeps_previous_output(cfg, tmp_path, monkeypatch):

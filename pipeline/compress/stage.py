@@ -21,6 +21,7 @@ from torch import nn
 from .. import inputs
 from . import cache as compress_cache
 from . import CompressContext, StepReport, build_recipe, model_stats, run_recipe
+from .base import thinness
 from .structured import count_macs
 from ..config import CompressStep, CompressView
 from ..data import Dataset
@@ -96,12 +97,18 @@ def compress(view: CompressView, ui: UI, recipe: str | None = None, steps: list[
     ui.info(f"compressed: {after['nonzero_params']:,} of {after['params']:,} parameters nonzero "
             f"({after['nonzero_params'] / before['params']:.1%} of dense), {macs_before / macs_after:.2f}x fewer MACs, "
             f"accuracy {acc_before:.2%} -> {acc_after:.2%}")
+    thin = thinness(model)
+    if thin["thin"]:
+        ui.warn(f"compress: the pruned layers keep {thin['weights_per_channel']:g} weights per output channel "
+                f"({thin['single_weight_channels']:.0%} of channels down to one weight): a network this thin loses "
+                "accuracy whatever the method; lower the sparsity, or start from a wider model")
     summary = {
         "params_before": before["params"], "params": after["params"], "nonzero_params": after["nonzero_params"],
         "kept_fraction": round(after["nonzero_params"] / before["params"], 5),
         "macs_before": macs_before, "macs": macs_after, "mac_ratio": round(macs_before / macs_after, 3),
         "accuracy_before": acc_before, "accuracy_after": acc_after,
         "wall_s": round(time.perf_counter() - t0, 2), "origin": prepared.origin, "layers": after["layers"],
+        "weights_per_channel": thin["weights_per_channel"], "single_weight_channels": thin["single_weight_channels"],
     }
     if key is not None:
         stored = compress_cache.store(compress_cache.cache_dir(view), key, model,
