@@ -56,7 +56,10 @@ def test_deploy_through_a_mosquitto_the_user_runs(mosquitto, tmp_path):
     # what the device reported during the delivery is in the fleet store, even with no ingester running
     status = subprocess.run([sys.executable, "-m", "pipeline.cli", "fleet", "status", "--config", str(cfg), "--json"],
                             capture_output=True, text=True, check=True, cwd=cfg.parent)
-    [device] = json.loads(status.stdout)
+    fleet = json.loads(status.stdout)
+    [device] = fleet["devices"]
+    # the emulated agent's measurements meet this host's prediction, recorded with the deployment; never rpi4's
+    assert {(c["basis"], c["comparisons"]) for c in fleet["predictions"]["classes"]} == {("host", 1)}
     [d] = first["delivery"]
     assert device["device_id"] == d["device_id"] and device["active_version"] == first["artifact"]["version"]
     assert device["metrics"]["latency_ms_p95"] == d["metrics"]["latency_ms_p95"] and device["target"] == "rpi4"

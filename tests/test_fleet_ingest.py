@@ -63,7 +63,7 @@ def test_a_killed_ingester_loses_no_acknowledged_message(mosquitto, tmp_path):
 
     status = subprocess.run([sys.executable, "-m", "pipeline.cli", "fleet", "status", "--db", str(db), "--json"],
                             capture_output=True, text=True, check=True)
-    devices = [d for d in json.loads(status.stdout) if d["device_id"] != PROBE]
+    devices = [d for d in json.loads(status.stdout)["devices"] if d["device_id"] != PROBE]
     assert [d["device_id"] for d in devices] == ["sim-0", "sim-1", "sim-2"]
     assert all(d["metrics"]["rss_mb"] == 80.0 and d["active_version"] == 1 for d in devices)
 

@@ -56,13 +56,15 @@ def cmd_fleet(args: argparse.Namespace, ui) -> int:
 
     store = FleetStore(db)
     try:
-        devices = FleetView(store, BudgetBook.from_config(cfg)).overview()["devices"]
+        view = FleetView(store, BudgetBook.from_config(cfg))
+        devices, predictions = view.overview()["devices"], view.predictions()
     finally:
         store.close()
-    if not output.emit(args, devices):
-        from ..ui.tables import print_fleet
+    if not output.emit(args, {"devices": devices, "predictions": predictions}):
+        from ..ui.tables import print_fleet, print_predictions
 
         print_fleet(ui, devices)
+        print_predictions(ui, predictions)
     return output.OK
 
 

@@ -7,7 +7,11 @@ prefix, base units in the name (seconds, bytes, joules, celsius, ratio). Labels 
 per message, and only device ids and target names that follow the protocol's id rule become label values. Each
 device's figures are its latest report; Prometheus keeps the history (the store keeps it too, for the built-in
 dashboard). Latency percentiles are the device's own (over its last window), hence a gauge with a ``percentile``
-label, not a summary: there is no sum or count to go with them."""
+label, not a summary: there is no sum or count to go with them.
+
+How far the predictions are off (``pipeline.fleet.accuracy``) is per class, never per device: ``target``,
+``basis`` (``target``: real devices against their class's prediction; ``host``: emulated agents against this
+host's), ``metric`` (latency_p50, latency_p95, memory_rss), ``tolerance`` (0.1, 0.2) and ``reason``."""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from device_agent.protocol import ProtocolError, check_id
 
+from ..fleet.accuracy import TOLERANCES
 from .views import BUDGET_METRICS, FleetView
 
 PERCENTILES = (("50", "latency_ms_p50"), ("95", "latency_ms_p95"), ("99", "latency_ms_p99"))
@@ -72,6 +77,7 @@ class FleetCollector(Collector):
         yield from self._devices(devices)
         yield from self._targets(devices)
         yield self._deployments()
+        yield from self._predictions(self.view.predictions())
         if self.ingest is not None:
             yield from self._ingest(self.ingest)
 
@@ -136,6 +142,32 @@ class FleetCollector(Collector):
                                           "ORDER BY target, status")
         return counter("edgefleet_deployments", "Deployments and rollbacks recorded, by target and outcome.",
                        ["target", "status"], [((r["target"], r["status"]), r["n"]) for r in rows])
+
+    @staticmethod
+    def _predictions(check: dict[str, Any]) -> Iterator[Metric]:
+        rows = [c for c in check["classes"] if label_safe(c["target"])]
+
+        def per_class(key: str):
+            return [((c["target"], c["basis"], c["metric"]), c[key]) for c in rows]
+
+        labels = ["target", "basis", "metric"]
+        yield gauge("edgefleet_prediction_error_ratio",
+                    "Median relative error of the predictions for the class, (measured - predicted) / predicted, over "
+                    "one comparison per device and model version; basis: target (real devices against the class's "
+                    "prediction) or host (emulated agents against this host's).", labels, per_class("median_error"))
+        yield gauge("edgefleet_prediction_within_tolerance_ratio",
+                    "Share of the class's comparisons whose relative error is within the tolerance (0.1: +-10%).",
+                    [*labels, "tolerance"],
+                    [((c["target"], c["basis"], c["metric"], f"{t:g}"), c[f"within_{round(t * 100)}pct"])
+                     for c in rows for t in TOLERANCES])
+        yield gauge("edgefleet_prediction_devices", "Devices whose reports were compared with the predictions.",
+                    labels, per_class("devices"))
+        yield gauge("edgefleet_prediction_samples", "Metrics reports behind the comparisons (the latest per device "
+                    "and version).", labels, per_class("samples"))
+        yield gauge("edgefleet_prediction_skipped_samples",
+                    "Reports not compared, by reason: unpredicted (no prediction recorded for the class, version and "
+                    "basis), invalid (the value is missing, zero, negative or not finite).", [*labels, "reason"],
+                    [((c["target"], c["basis"], c["metric"], r), n) for c in rows for r, n in c["skipped"].items()])
 
     @staticmethod
     def _ingest(ingest: dict[str, Any]) -> Iterator[Metric]:

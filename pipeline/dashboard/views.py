@@ -14,6 +14,7 @@ from typing import Any
 from device_agent.protocol import TERMINAL_STATES, State
 
 from ..errors import ConfigError
+from ..fleet.accuracy import prediction_check
 from ..fleet.store import FleetStore
 from ..ota.status import SETTLED, DeviceStatus
 
@@ -115,3 +116,7 @@ class FleetView:
 
     def events(self, limit: int = 100, device: str | None = None) -> list[dict[str, Any]]:
         return self.store.events(limit, device)
+
+    def predictions(self) -> dict[str, Any]:
+        """The fleet's measurements against what was predicted, per class (``pipeline.fleet.accuracy``)."""
+        return prediction_check(self.store)

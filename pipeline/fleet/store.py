@@ -57,6 +57,11 @@ MIGRATIONS = [
     # ordered by it, never by comparing the device's clock with the host's
     "ALTER TABLE devices ADD COLUMN boot INTEGER",
     "ALTER TABLE devices ADD COLUMN seq INTEGER",
+    # what was predicted for the deployed artifact (JSON: {"target": {...}, "host": {...}}, see
+    # pipeline.fleet.accuracy): the fleet's measurements are set against it; NULL on older deployments
+    "ALTER TABLE deployments ADD COLUMN predicted TEXT",
+    # each device's latest reports of one version, found by seeking, not by sorting the whole table
+    "CREATE INDEX metrics_by_series ON metrics(device_id, version, emulated, ts)",
 ]
 
 METRIC_COLUMNS = ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "throughput_ips", "rss_mb", "cpu_percent",
@@ -101,6 +106,23 @@ def clean(body: dict[str, Any]) -> dict[str, Any]:
         v = out[k]
         out[k] = v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _INT64 else None
     return out
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    """A dict as strict JSON (a NaN or infinity becomes null: no reader has to cope with them), None as NULL."""
+    if not value:
+        return None
+
+    def finite(v: Any) -> Any:
+        if isinstance(v, float) and (v != v or abs(v) == float("inf")):
+            return None
+        if isinstance(v, dict):
+            return {str(k): finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(value), default=str)
 
 
 def order(body: dict[str, Any]) -> tuple[int, int] | tuple[None, None]:
@@ -179,15 +201,17 @@ class FleetStore:
                 log.info("%s: schema migrated from v%d to v%d", self.path, current, len(MIGRATIONS))
 
     def record(self, *, name: str, target: str, version: int, sha256: str, artifact: str, kind: str, status: str,
-               reason: str | None, results: list[dict[str, Any]], rollout: dict[str, Any] | None = None) -> int:
-        """One deployment and its device results, in one transaction."""
+               reason: str | None, results: list[dict[str, Any]], rollout: dict[str, Any] | None = None,
+               predicted: dict[str, Any] | None = None) -> int:
+        """One deployment and its device results, in one transaction. ``predicted``: what was predicted for the
+        artifact, per basis (``pipeline.fleet.accuracy.predictions``); the fleet's measurements are set against it."""
         with self.db:
             self.db.execute("BEGIN")
             cur = self.db.execute(
-                "INSERT INTO deployments (ts, name, target, version, sha256, artifact, kind, status, reason, rollout)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO deployments (ts, name, target, version, sha256, artifact, kind, status, reason, rollout,"
+                " predicted) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (time.time(), name, target, version, sha256, artifact, kind, status, reason,
-                 json.dumps(rollout) if rollout else None))
+                 json.dumps(rollout) if rollout else None, _json(predicted)))
             dep = cur.lastrowid
             self.db.executemany(
                 "INSERT INTO device_results VALUES (?,?,?,?,?,?,?)",
@@ -196,15 +220,15 @@ class FleetStore:
         return int(dep)
 
     def start(self, *, name: str, target: str, version: int, sha256: str, artifact: str, kind: str,
-              devices: list[str]) -> int:
+              devices: list[str], predicted: dict[str, Any] | None = None) -> int:
         """A deployment as it begins: ``in_progress``, every device ``pending``; ``progress`` and ``finish``
-        follow. What the dashboard shows while a rollout runs."""
+        follow. What the dashboard shows while a rollout runs. ``predicted``: as for ``record``."""
         with self.db:
             self.db.execute("BEGIN")
             dep = self.db.execute(
-                "INSERT INTO deployments (ts, name, target, version, sha256, artifact, kind, status)"
-                " VALUES (?,?,?,?,?,?,?,?)", (time.time(), name, target, version, sha256, artifact, kind,
-                                              "in_progress")).lastrowid
+                "INSERT INTO deployments (ts, name, target, version, sha256, artifact, kind, status, predicted)"
+                " VALUES (?,?,?,?,?,?,?,?,?)", (time.time(), name, target, version, sha256, artifact, kind,
+                                                "in_progress", _json(predicted))).lastrowid
             self.db.executemany("INSERT INTO device_results (deployment_id, device_id, status) VALUES (?,?,?)",
                                 [(dep, d, "pending") for d in devices])
         return int(dep)

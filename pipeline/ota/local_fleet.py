@@ -117,11 +117,12 @@ class LocalFleet:
         self.stop()
 
 
-def host_latency_ms(artifact) -> float | None:
-    """The latency predicted for ``artifact``'s model on this host (``targets/host.yaml``, the ``host`` class:
-    the machine local agents run on). An emulated agent's measurement is compared with it, never with the
-    target's budget (``pipeline.ota.rollout.too_slow``). None when this host has no profile or the model
-    cannot be analysed: then emulated agents' latency is not judged."""
+def host_prediction(artifact) -> dict | None:
+    """What is predicted for ``artifact``'s model on this host (``targets/host.yaml``, the ``host`` class: the
+    machine local agents run on): latency, peak memory, energy and the prediction's basis. An emulated agent's
+    measurements are set against it, never against the target's (``pipeline.ota.rollout.too_slow``, and the
+    fleet store's comparison, ``pipeline.fleet.accuracy``). None when this host has no profile or the model
+    cannot be analysed."""
     from ..profile import HOST, predict_model
     from ..targets import known_targets, load_target
 
@@ -133,8 +134,16 @@ def host_latency_ms(artifact) -> float | None:
         raw = artifact.model_path.read_bytes()
         path.write_bytes(zlib.decompress(raw) if m.encoding == "zlib" else raw)
         try:
-            return float(predict_model(path, load_target(HOST))["latency_ms"])
+            return dict(predict_model(path, load_target(HOST)))
         except Exception as exc:  # the expectation is best effort; without it nothing emulated is judged
-            log.warning("no latency prediction for this host for %s (%s: %s): emulated agents' latency is not "
-                        "judged", m.filename, type(exc).__name__, exc)
+            log.warning("no prediction for this host for %s (%s: %s): emulated agents' figures are not judged",
+                        m.filename, type(exc).__name__, exc)
             return None
+
+
+def host_latency_ms(artifact) -> float | None:
+    """The latency predicted for ``artifact``'s model on this host (``host_prediction``). An emulated agent's
+    measurement is compared with it, never with the target's budget (``pipeline.ota.rollout.too_slow``). None
+    when there is no such prediction: then emulated agents' latency is not judged."""
+    predicted = host_prediction(artifact)
+    return None if predicted is None else float(predicted["latency_ms"])

@@ -16,11 +16,12 @@ from ..bundle import Artifact
 from ..config import FleetConfig, HttpConfig
 from ..errors import DeliveryError
 from ..fleet import FleetStore
+from ..fleet.accuracy import predictions
 from ..profile import host_threads
 from ..targets import TargetProfile
 from ..ui import UI
 from .http_server import ArtifactServer
-from .local_fleet import LocalFleet, host_latency_ms
+from .local_fleet import LocalFleet, host_latency_ms, host_prediction
 from .rollout import RolloutPolicy, rollout
 from .status import DeploymentStatus, DeviceStatus
 
@@ -68,6 +69,7 @@ def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: Tar
                            target.budgets.latency_ms if judge_latency else None,
                            host_latency_ms=(host_measured_ms or host_latency_ms(artifact)) if judge_latency else None,
                            host_basis="measured" if host_measured_ms else "predicted")
+    predicted = predictions(target.name, artifact.manifest.predicted, host_prediction(artifact))
     db = workdir / "fleet.db"
     with contextlib.ExitStack() as stack:
         broker, broker_info, devices = open_fleet(fleet, external, target, workdir, stack, ui,
@@ -78,7 +80,8 @@ def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: Tar
         store = FleetStore(db)  # opened once per delivery: this thread's connection, and the progress writer's
         try:
             dep = store.start(name=artifact.manifest.name, target=target.name, version=artifact.version,
-                              sha256=artifact.sha256, artifact=str(artifact.dir), kind=kind, devices=devices)
+                              sha256=artifact.sha256, artifact=str(artifact.dir), kind=kind, devices=devices,
+                              predicted=predicted)
         except BaseException:
             store.close()
             raise

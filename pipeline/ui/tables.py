@@ -87,6 +87,44 @@ def print_fleet(ui: UI, devices: list[dict[str, Any]]) -> None:
                        "energy mJ", "budgets"], rows, styles)
 
 
+#: what a comparison's basis means, as the table says it
+COMPARED_WITH = {"target": "{target}'s", "host": "host's (emulated)"}
+METRIC_NAMES = {"latency_p50": "latency p50", "latency_p95": "latency p95", "memory_rss": "RSS / peak mem"}
+
+
+def print_predictions(ui: UI, check: dict[str, Any]) -> None:
+    """``fleet status``: the fleet's measurements against their predictions per class
+    (``pipeline.fleet.accuracy.prediction_check``), red where the median error is beyond the widest tolerance. A
+    row whose reports all lack a recorded prediction (deployed before predictions were stored) is left out;
+    the line under the table counts them."""
+    rows, styles = [], []
+    widest = max(check["tolerances"])
+
+    def share(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    for c in check["classes"]:
+        if not c["comparisons"] and not c["skipped"]["invalid"]:
+            continue
+        rows.append([c["target"] or "-", COMPARED_WITH[c["basis"]].format(target=c["target"]),
+                     METRIC_NAMES.get(c["metric"], c["metric"]), c["versions"], c["devices"], c["samples"],
+                     share(c["median_error"], "+.1%"), share(c["within_10pct"], ".0%"),
+                     share(c["within_20pct"], ".0%"), sum(c["skipped"].values())])
+        styles.append("red" if c["median_error"] is not None and abs(c["median_error"]) > widest else None)
+    if rows:
+        ui.table("Predictions against the fleet", ["class", "prediction", "metric", "versions", "devices", "reports",
+                                                   "median error", "±10%", "±20%", "skipped"], rows, styles)
+        ui.info(f"error = {check['error']} per device and version (the median of its latest {check['per_series']} "
+                "reports); emulated agents run on this host: they meet the host's")
+    else:
+        ui.info("predictions against the fleet: no device has reported on a model deployed with its predictions yet")
+    skipped = {reason: sum(c["skipped"][reason] for c in check["classes"]) for reason in ("unpredicted", "invalid")}
+    if any(skipped.values()):
+        ui.info(f"not compared: {skipped['unpredicted']} reported figure(s) with no prediction recorded for their "
+                f"class and version (deployed before predictions were stored, or not from this host), "
+                f"{skipped['invalid']} missing, zero, negative or not finite")
+
+
 def print_retention(ui: UI, done: dict[str, int], policy) -> None:
     """``fleet retain``: what ``apply_retention`` rolled up and dropped under ``policy``."""
     ui.info(f"rolled {done['raw_rolled_up']} raw row(s) older than {policy.raw_s:g} s into "

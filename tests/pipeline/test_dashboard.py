@@ -153,9 +153,10 @@ def test_metrics_endpoint_speaks_prometheus_in_base_units(store, tmp_path):
     assert samples[("edgefleet_device_update_progress_ratio", (("device", "slow"),))] == 0.5
     assert samples[("edgefleet_deployments_total", (("status", "succeeded"), ("target", "rpi4")))] == 1
     assert families["edgefleet_deployments"].type == "counter"
-    # no label whose values grow with traffic
+    # no label whose values grow with traffic (basis, metric and tolerance: the prediction check's, per class)
     labels = {k for f in families.values() for s in f.samples for k in s.labels}
-    assert labels <= {"device", "target", "percentile", "budget", "status", "source", "reason"}
+    assert labels <= {"device", "target", "percentile", "budget", "status", "source", "reason", "basis", "metric",
+                      "tolerance"}
 
 
 def test_metrics_speak_openmetrics_when_the_scraper_asks(store):
@@ -241,8 +242,11 @@ def test_the_grafana_dashboard_queries_only_metrics_we_export(store):
     fill(store)  # and every figure an agent reports, so that each family has samples (and labels) to check
     store.ingest([metrics("fast", T0 + 2, p50=3.0, p95=4.0, throughput_ips=90.0, cpu_percent=50.0,
                           temperature_c=60.0)])
+    from pipeline.fleet.accuracy import predictions
+
     store.record(name="m", target="rpi4", version=3, sha256="0" * 64, artifact="a", kind="deploy",
-                 status="succeeded", reason=None, results=[])
+                 status="succeeded", reason=None, results=[],
+                 predicted=predictions("rpi4", {"latency_ms": 3.0, "peak_memory_mb": 90.0}, None))
     body, _ = prometheus.render(FleetView(store, BudgetBook.from_config(None)),
                                 {"received": 1, "stored": 1, "up": 1, "dropped": {"json": 1}})
     names = set(re.findall(r"^# TYPE (\w+) \w+", body.decode(), re.M))  # the library names counters _total

@@ -137,6 +137,43 @@ function renderDeployments(rows) {
   }));
 }
 
+const METRICS = {latency_p50: "latency p50", latency_p95: "latency p95", memory_rss: "RSS vs peak memory"};
+
+function pct(v, signed) {
+  if (v === null || v === undefined) return "–";
+  return `${signed && v > 0 ? "+" : ""}${(100 * v).toFixed(signed ? 1 : 0)}%`;
+}
+
+function renderPredictions(check) {
+  const widest = Math.max(...check.tolerances);
+  const rows = check.classes.filter(c => c.comparisons > 0 || c.skipped.invalid > 0).map(c => {
+    const id = `${c.target}-${c.basis}-${c.metric}`;
+    const tr = document.createElement("tr");
+    tr.dataset.testid = `prediction-${id}`;
+    tr.appendChild(td(c.target));
+    tr.appendChild(td(c.basis === "host" ? "host prediction (emulated agents)" : `${c.target} prediction`, null,
+                      {"data-testid": `prediction-basis-${id}`, "data-value": c.basis}));
+    tr.appendChild(td(METRICS[c.metric] || c.metric));
+    tr.appendChild(td(String(c.versions), "num"));
+    tr.appendChild(td(String(c.devices), "num", {"data-testid": `prediction-devices-${id}`}));
+    tr.appendChild(td(String(c.samples), "num", {"data-testid": `prediction-samples-${id}`}));
+    const bad = c.median_error !== null && Math.abs(c.median_error) > widest;
+    tr.appendChild(td(c.median_error === null ? "–" : badge(pct(c.median_error, true), bad ? "over" : "ok"), "num",
+                      {"data-testid": `prediction-error-${id}`, "data-value": String(c.median_error ?? "")}));
+    tr.appendChild(td(pct(c.within_10pct), "num",
+                      {"data-testid": `prediction-within10-${id}`, "data-value": String(c.within_10pct ?? "")}));
+    tr.appendChild(td(pct(c.within_20pct), "num",
+                      {"data-testid": `prediction-within20-${id}`, "data-value": String(c.within_20pct ?? "")}));
+    const skipped = Object.values(c.skipped).reduce((a, b) => a + b, 0);
+    const why = `${c.skipped.unpredicted} with no prediction recorded, ` +
+                `${c.skipped.invalid} missing, zero, negative or not finite`;
+    tr.appendChild(td(String(skipped), "num", {"data-testid": `prediction-skipped-${id}`, "title": why}));
+    return tr;
+  });
+  $("predictions").tBodies[0].replaceChildren(...rows);
+  $("predictions-empty").hidden = rows.length > 0;
+}
+
 function renderEvents(rows) {
   $("events").tBodies[0].replaceChildren(...rows.map(e => {
     const tr = document.createElement("tr");
@@ -164,10 +201,11 @@ async function refresh() {
   if (state.refreshing) { state.again = true; return; }
   state.refreshing = true;
   try {
-    const [overview, deployments, events] = await Promise.all(
-      [api("/api/overview"), api("/api/deployments?limit=20"), api("/api/events?limit=50")]);
+    const [overview, deployments, events, predictions] = await Promise.all(
+      [api("/api/overview"), api("/api/deployments?limit=20"), api("/api/events?limit=50"), api("/api/predictions")]);
     renderFleet(overview);
     await renderDevice();
+    renderPredictions(predictions);
     renderDeployments(deployments);
     renderEvents(events);
     $("updated").textContent = new Date().toLocaleTimeString();
