@@ -11,8 +11,8 @@ first; the prediction's ``basis`` says which one answered:
    :class:`pipeline.targets.Efficiency`): a compute ceiling per kernel class (dense convolution and GEMM at
    ``fp32``/``int8`` of peak, shortened reductions such as first layers and grouped convolutions at
    K / (K + ``reduction_overhead_macs``) of that, depthwise at ``depthwise`` of it) and the measured memory
-   bandwidth, plus the per-op overhead; activations fused into their producer and nodes no runtime runs cost
-   nothing.
+   bandwidth, plus the per-op overhead; activations fused into their producer, Q/DQ nodes absorbed into int8
+   kernels (whose bytes are then int8) and nodes no runtime runs cost nothing.
 A calibration made before a category existed is read through the category it was split from (``PARENT``).
 """
 
@@ -28,9 +28,10 @@ _COMPUTE = {"conv", "conv_first", "conv_dw", "conv_group", "gemm"}
 #: kernels lowered to a GEMM (im2col, indirect or direct): their reduction length sets their share of peak
 _GEMM_LOWERED = {"conv", "conv_first", "conv_group", "gemm"}
 #: never run as kernels of their own: folded into the producer, or removed when the runtime loads the model
-_FREE = {"fused", "folded"}
+_FREE = {"fused", "qdq_fused", "folded"}
 #: categories split from an older one: a calibration that predates them has the older one's factor
-PARENT = {"conv_first": "conv", "conv_group": "conv_dw", "fused": "elementwise", "folded": "other"}
+PARENT = {"conv_first": "conv", "conv_group": "conv_dw", "fused": "elementwise", "qdq_fused": "qdq",
+          "folded": "other"}
 
 
 def roofline_terms(profile: StaticProfile, target: TargetProfile) -> dict[str, tuple[int, float]]:
@@ -63,7 +64,8 @@ def uncalibrated_seconds(node: NodeCost, target: TargetProfile, quantized: bool)
         return 0.0
     peak = (target.cpu.peak_gops_int8 if quantized else target.cpu.peak_gflops_fp32) * 1e9
     compute = 2 * node.macs / (peak * compute_share(node, target, quantized)) if node.macs else 0.0
-    memory = (node.weight_bytes + node.activation_bytes) / (target.memory.bandwidth_gbs * 1e9)
+    moved = node.run_bytes if node.run_bytes is not None else node.weight_bytes + node.activation_bytes
+    memory = moved / (target.memory.bandwidth_gbs * 1e9)
     return max(compute, memory) + target.efficiency.per_op_overhead_us * 1e-6
 
 

@@ -33,9 +33,11 @@ _QUANT_OPS = {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "QLinearMatMu
 #: conv_group: grouped with several channels per group: one small GEMM per group;
 #: fused: an activation (Relu, Clip) that the runtime folds into the convolution or GEMM producing its input
 #:   (ONNX Runtime's Conv/Gemm activation fusion, TFLite's fused_activation_function, XNNPACK's output clamp);
+#: qdq_fused: a QuantizeLinear / DequantizeLinear an int8 runtime absorbs into the int8 kernel beside it (ONNX
+#:   Runtime's QDQ node units, TFLite's int8 kernels): weights stay int8, int8 tensors pass between int8 kernels;
 #: folded: nodes no runtime executes (Constant becomes an initializer, Identity and Dropout are removed at load).
-CATEGORIES = ("conv", "conv_first", "conv_dw", "conv_group", "gemm", "pool", "elementwise", "fused", "qdq", "shape",
-              "folded", "other")
+CATEGORIES = ("conv", "conv_first", "conv_dw", "conv_group", "gemm", "pool", "elementwise", "fused", "qdq",
+              "qdq_fused", "shape", "folded", "other")
 _CATEGORY = {
     "Conv": "conv", "QLinearConv": "conv", "ConvInteger": "conv",
     "Gemm": "gemm", "MatMul": "gemm", "QLinearMatMul": "gemm", "MatMulInteger": "gemm",
@@ -53,6 +55,11 @@ _CATEGORY = {
 FIRST_LAYER_CHANNELS = 4
 _FUSABLE = {"Relu", "Clip"}  # activations every runtime we ship to fuses into the producing kernel
 _FUSES_INTO = {"Conv", "QLinearConv", "ConvInteger", "Gemm"}
+#: ops with int8 kernels between a DequantizeLinear and a QuantizeLinear (ONNX Runtime's QDQ selectors and
+#: TFLite's int8 builtins both have them); Q/DQ around any other op run as kernels of their own
+_INT8_KERNELS = {"Conv", "Gemm", "MatMul", "Add", "Mul", "Concat", "GlobalAveragePool", "AveragePool", "MaxPool",
+                 "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Sigmoid", "LeakyRelu", "Softmax",
+                 "Resize", "Relu", "Clip"}
 
 
 def conv_category(groups: int, in_per_group: int) -> str:
@@ -85,6 +92,9 @@ class NodeCost:
     #: multiply-accumulates per output element (cin per group x kh x kw for a convolution, K for a GEMM);
     #: 0 where unknown or not a reduction
     reduction: int = 0
+    #: bytes the runtime moves once it has absorbed the Q/DQ nodes of an int8 graph (int8 weights, int8 tensors
+    #: between int8 kernels); None: weight_bytes + activation_bytes, which describe the graph as written
+    run_bytes: int | None = None
 
 
 @dataclass
@@ -149,6 +159,55 @@ def load_onnx(path: Path) -> onnx.ModelProto:
         raise ModelError(f"{path}: ONNX shape inference failed ({exc})") from None
 
 
+def _qdq_as_run(g: onnx.GraphProto, values: dict[str, onnx.ValueInfoProto], inits: dict[str, onnx.TensorProto],
+                constant: set[str]) -> tuple[set[int], list[int | None]]:
+    """An int8 graph as an int8 runtime runs it: which Q/DQ nodes it absorbs (by index), and for each node the
+    bytes it moves (0 for those absorbed; weights as stored, int8 where a tensor passes between int8 kernels).
+    Q on a graph input, DQ onto a graph output or onto a float-only op stay kernels of their own."""
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    graph_outputs = {o.name for o in g.output}
+
+    def absorbed(n: onnx.NodeProto) -> bool:
+        if n.op_type == "DequantizeLinear":
+            if n.input[0] in constant:
+                return True  # a weight or bias: the int8 kernel reads it as stored
+            return n.output[0] not in graph_outputs and all(c.op_type in _INT8_KERNELS
+                                                            for c in consumers.get(n.output[0], []))
+        if n.op_type == "QuantizeLinear":
+            src = producer.get(n.input[0])
+            return src is not None and src.op_type in _INT8_KERNELS
+        return False
+
+    gone = {idx for idx, n in enumerate(g.node) if absorbed(n)}
+    by_output = {n.output[0]: idx for idx, n in enumerate(g.node)}
+
+    def wire(t: str, reading: bool) -> int:
+        """bytes of tensor ``t`` as it moves: an absorbed DQ's int8 input, or an absorbed Q's int8 output"""
+        if reading and by_output.get(t) in gone and producer[t].op_type == "DequantizeLinear":
+            src = producer[t].input[0]
+            return inits[src].ByteSize() if src in inits else _nbytes(values[src]) if src in values else 0
+        if not reading and consumers.get(t) and all(c.op_type == "QuantizeLinear" and by_output[c.output[0]] in gone
+                                                     for c in consumers[t]):
+            q = consumers[t][0].output[0]
+            return _nbytes(values[q]) if q in values else 0
+        return _nbytes(values[t]) if t in values else 0
+
+    run: list[int | None] = []
+    for idx, n in enumerate(g.node):
+        if idx in gone:
+            run.append(0)
+            continue
+        weights = sum(inits[i].ByteSize() for i in n.input if i in inits)
+        weights += sum(wire(i, True) for i in n.input if i in constant and by_output.get(i) in gone)
+        acts = sum(wire(i, True) for i in n.input if i and i not in constant)
+        run.append(weights + acts + sum(wire(o, False) for o in n.output if o not in constant))
+    return gone, run
+
+
 #: export format -> its static analyser (model file -> StaticProfile)
 ANALYSERS: Registry[Callable[[Path], StaticProfile]] = Registry("static analysis for format")
 #: analysers whose module (and runtime library) loads only when a file of their format comes
@@ -188,6 +247,8 @@ def analyse_onnx(path: Path) -> StaticProfile:
             nonzero += int(np.count_nonzero(arr))
         weight_bytes += arr.nbytes
 
+    quantized = any(node.op_type in _QUANT_OPS for node in g.node)
+    qdq_gone, run_bytes = _qdq_as_run(g, values, inits, constant) if quantized else (set(), [None] * len(g.node))
     consumers: dict[str, int] = {}
     for node in g.node:
         for i in node.input:
@@ -218,7 +279,10 @@ def analyse_onnx(path: Path) -> StaticProfile:
         if (node.op_type in _FUSABLE and node.input and producer_op.get(node.input[0]) in _FUSES_INTO
                 and consumers.get(node.input[0]) == 1):
             cat = "fused"
-        nodes.append(NodeCost(node.name or f"{node.op_type}_{idx}", node.op_type, macs, wbytes, act, cat, reduction))
+        if idx in qdq_gone:
+            cat = "qdq_fused"
+        nodes.append(NodeCost(node.name or f"{node.op_type}_{idx}", node.op_type, macs, wbytes, act, cat, reduction,
+                              run_bytes[idx]))
 
     # liveness: an activation lives from its producer (graph inputs: step 0) to its last consumer
     graph_outputs = {o.name for o in g.output}
@@ -230,6 +294,5 @@ def analyse_onnx(path: Path) -> StaticProfile:
         start = produced_at.get(name, 0)
         end = n if name in graph_outputs else last_use.get(name, start)
         live[start:end + 1] += _nbytes(vi)
-    quantized = any(node.op_type in _QUANT_OPS for node in g.node)
     return StaticProfile(params, nonzero, path.stat().st_size, weight_bytes, sum(c.macs for c in nodes),
                          int(live.max()) if n else 0, quantized, nodes)

@@ -195,3 +195,25 @@ def test_a_calibration_made_before_a_category_existed_prices_it_as_its_parent(ke
     n, roof = roofline_terms(s, rpi4)["conv_group"]
     expect = n * rpi4.efficiency.per_op_overhead_us * 1e-6 + roof * 5.0 / 2.0 / rpi4.efficiency.fp32
     assert moved["latency_ms_by_category"]["conv_group"] == pytest.approx(expect * 1e3, rel=1e-3)
+
+
+def test_an_int8_graph_is_priced_as_an_int8_runtime_runs_it(kernel_classes_path, tmp_path):
+    """QDQ: weight DQs and the Q/DQ pairs between int8 kernels are absorbed (qdq_fused, free uncalibrated); the
+    input's Q and the output's DQ stay; the convolutions move int8 tensors and int8 weights."""
+    from pipeline.export import quantize_model
+
+    x = np.random.default_rng(0).random((4, 3, 16, 16), dtype=np.float32)
+    q, _ = quantize_model("int8-static", kernel_classes_path, tmp_path / "q.onnx", x, x[:1], np.zeros(1, np.int64), 1.0)
+    s = analyse(q)
+    assert s.quantized
+    kept = [n for n in s.nodes if n.category == "qdq"]
+    assert [n.op for n in kept] == ["QuantizeLinear", "DequantizeLinear"]
+    assert {n.op for n in s.nodes if n.category == "qdq_fused"} == {"QuantizeLinear", "DequantizeLinear"}
+    fp32 = {n.name: n for n in analyse(kernel_classes_path).nodes if n.op == "Conv"}
+    for conv in (n for n in s.nodes if n.op == "Conv"):
+        assert conv.run_bytes is not None and conv.run_bytes < conv.weight_bytes + conv.activation_bytes
+    int8_moved = sum(n.run_bytes for n in s.nodes if n.op == "Conv")
+    fp32_moved = sum(n.weight_bytes + n.activation_bytes for n in fp32.values())
+    assert int8_moved == pytest.approx(fp32_moved / 4, rel=0.1)  # int8 where fp32 was 4 bytes (bias stays int32)
+    by = predict(s, load_target("rpi4"))["latency_ms_by_category"]
+    assert by["qdq_fused"] == 0 and by["qdq"] > 0
