@@ -336,8 +336,9 @@ class FleetStore:
                         f"ON CONFLICT(device_id) DO UPDATE SET {updates}", (device, now, *at, *fields.values()))
 
     def devices(self) -> list[dict[str, Any]]:
-        """Every device with its latest raw metrics (or None), in two queries whatever the fleet's size."""
-        latest = {r["device_id"]: dict(r) for r in self.db.execute(
+        """Every device with its latest raw metrics (or None), in two queries whatever the fleet's size. Rows read
+        are cleaned as rows written are (``clean``): a store another writer filled cannot crash a view."""
+        latest = {r["device_id"]: clean(dict(r)) for r in self.db.execute(
             "SELECT m.* FROM metrics m JOIN (SELECT device_id, max(ts) AS ts FROM metrics GROUP BY device_id) l "
             "ON m.device_id = l.device_id AND m.ts = l.ts")}
         return [{**dict(r), "metrics": latest.get(r["device_id"])}
@@ -351,7 +352,7 @@ class FleetStore:
             f"WHERE device_id = ? AND ts >= ? UNION ALL SELECT ts, version, {cols}, emulated, samples, bucket_s "
             f"FROM metrics_rollup WHERE device_id = ? AND ts >= ?) ORDER BY ts DESC LIMIT ?",
             (device, since, device, since, limit)).fetchall()
-        return [dict(r) for r in reversed(rows)]
+        return [clean(dict(r)) for r in reversed(rows)]
 
     def events(self, limit: int = 100, device: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT * FROM events" + (" WHERE device_id = ?" if device else "") + " ORDER BY ts DESC LIMIT ?"

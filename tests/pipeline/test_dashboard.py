@@ -326,6 +326,23 @@ def test_values_no_column_can_hold_are_stored_as_unknown(store):
     assert d["state"] == "?x" and len(d["reason"]) == 2048 and d["boot"] is None and d["seq"] is None
 
 
+def test_rows_another_writer_left_malformed_read_as_unknown_and_crash_no_view(store):
+    """The ingester cleans what it writes; a row written around it (text, NaN, a blob in a number column: SQLite
+    keeps whatever it is given) reads as unknown, so the overview, a device's series and /metrics still answer."""
+    fill(store)
+    store.db.execute("UPDATE metrics SET latency_ms_p50 = '', latency_ms_p95 = 'fast', rss_mb = x'00ff', "
+                     "energy_mj = 'NaN' WHERE device_id = 'slow'")
+    store.db.commit()
+    view = FleetView(store, BudgetBook.from_config(None))
+    [slow] = [d for d in view.overview()["devices"] if d["device_id"] == "slow"]
+    assert slow["metrics"]["latency_ms_p50"] is None and slow["metrics"]["rss_mb"] is None
+    assert all(p["latency_ms_p95"] is None for p in store.series("slow"))
+    with Dashboard(store.path, port=0) as dash:
+        code, _, body = get(dash.url + "metrics")
+        assert code == 200 and b'edgefleet_device_up{device="slow"' in body
+        assert get(dash.url + "api/overview")[0] == 200 and get(dash.url + "api/devices/slow")[0] == 200
+
+
 def test_processes_opening_a_new_store_together_migrate_it_once(tmp_path):
     import subprocess
     import sys
