@@ -71,7 +71,8 @@ def statics(tmp_path_factory) -> dict[str, StaticProfile]:
     torch.manual_seed(0)
     models = {name: MODELS.get(name)((3, 224, 224), 1000) for name in ("mobilenetv2", "mobilenetv3-small", "resnet18")}
     models["mobilenetv1"] = mobilenet_v1()
-    paths = {name: export_model("onnx", m.eval(), (3, 224, 224), tmp / f"{name}.onnx", 17) for name, m in models.items()}
+    paths = {name: export_model("onnx", m.eval(), (3, 224, 224), tmp / f"{name}.onnx", 17)
+             for name, m in models.items()}
     for name in ("mobilenetv1", "mobilenetv2"):
         paths[f"{name}-int8"] = _int8(paths[name], tmp / f"{name}-int8.onnx", (3, 224, 224))
     person = export_model("onnx", mobilenet_v1(0.25, 1, 2).eval(), (1, 96, 96), tmp / "person.onnx", 17)
@@ -102,7 +103,8 @@ def test_uncalibrated_rpi4_int8_is_within_1_5x_of_published(statics):
     rpi4 = load_target("rpi4")
     p = predict(statics[model], rpi4)
     ratio = p["latency_ms"] / published_ms
-    assert 1 / 1.5 <= ratio <= 1.5, f"{model}: predicted {p['latency_ms']:.1f} ms, published {published_ms} ms ({source})"
+    assert 1 / 1.5 <= ratio <= 1.5, \
+        f"{model}: predicted {p['latency_ms']:.1f} ms, published {published_ms} ms ({source})"
     assert p["latency_ms"] < predict(statics["mobilenetv2"], rpi4)["latency_ms"] / 2
     assert p["latency_ms_by_category"]["qdq_fused"] == 0 and p["latency_ms_by_category"]["qdq"] > 0  # in and out
 
