@@ -171,13 +171,16 @@ def prediction_check(store: FleetStore, per_series: int = PER_SERIES) -> dict[st
     series: dict[tuple, _Series] = {}  # (class, version, basis, metric)
     skipped: dict[tuple, Counter] = defaultdict(Counter)  # (class, basis, metric)
     for r in store.db.execute(_REPORTS, (per_series,)):
-        target, version = r["target"], r["version"]
+        # a store written around the ingester may hold anything in any column: an unknown class or version
+        target = r["target"] if isinstance(r["target"], str) else None
+        version = r["version"] if isinstance(r["version"], int) and not isinstance(r["version"], bool) else None
         basis = (Basis.HOST if r["emulated"] else Basis.TARGET).value
-        prediction = (recorded.get((target, version)) or {}).get(basis) or {}
+        prediction = (recorded.get((target, version)) if version is not None else None) or {}
+        prediction = prediction.get(basis) or {} if isinstance(prediction, dict) else {}
         for c in COMPARED:
-            if (predicted := prediction.get(c.predicted)) is None:
+            if (predicted := positive(prediction.get(c.predicted))) is None:
                 skipped[(target, basis, c.name)][Skip.UNPREDICTED.value] += 1
-            elif (measured := positive(r[c.measured])) is None:
+            elif (measured := positive(r[c.measured])) is None or not math.isfinite((measured - predicted) / predicted):
                 skipped[(target, basis, c.name)][Skip.INVALID.value] += 1
             else:
                 s = series.setdefault((target, version, basis, c.name),

@@ -136,6 +136,28 @@ def test_malformed_figures_and_predictions_are_skipped_and_counted(store):
     json.dumps(check, allow_nan=False)  # plain JSON: nothing not finite comes out
 
 
+def test_blobs_in_the_class_and_version_and_extreme_figures_neither_crash_nor_yield_infinity(store):
+    """Columns written around the ingester may hold a blob or text where a class or a version goes, and figures so
+    far apart that their error overflows: skipped and counted, and the JSON every view renders stays finite."""
+    deploy(store, 3, predicted=predictions("rpi4", {**RPI4, "latency_ms": 1e-300}, HOST))
+    device(store, "d1")
+    device(store, "d2")
+    device(store, "d3")
+    report(store, "d1", 3, p50=1e300, p95=10.0, rss=90.0)
+    report(store, "d2", b"\x00\xff", p50=10.0)
+    report(store, "d3", "three", p50=10.0)
+    store.db.execute("UPDATE devices SET target = x'00ff' WHERE device_id = 'd3'")
+    store.db.commit()
+    check = prediction_check(store)
+    json.dumps(check, allow_nan=False)  # raises on an infinity or a NaN anywhere in it
+    assert row(check, "rpi4", "target", "latency_p50")["skipped"]["invalid"] == 1
+    assert row(check, "rpi4", "target", "memory_rss")["comparisons"] == 1
+    with Dashboard(store.path, port=0) as dash:
+        for path in ("metrics", "api/predictions", "api/overview"):
+            with urllib.request.urlopen(dash.url + path, timeout=10) as r:
+                assert r.status == 200
+
+
 def test_an_old_store_migrates_and_its_deployments_show_no_comparison(tmp_path):
     db = tmp_path / "fleet.db"
     con = sqlite3.connect(db)

@@ -201,13 +201,17 @@ async function refresh() {
   if (state.refreshing) { state.again = true; return; }
   state.refreshing = true;
   try {
-    const [overview, deployments, events, predictions] = await Promise.all(
+    // each panel stands on its own: one endpoint failing leaves the others refreshing, and says why
+    const settled = await Promise.allSettled(
       [api("/api/overview"), api("/api/deployments?limit=20"), api("/api/events?limit=50"), api("/api/predictions")]);
-    renderFleet(overview);
+    const [overview, deployments, events, predictions] = settled.map((s) => s.status === "fulfilled" ? s.value : null);
+    if (overview) renderFleet(overview);
     await renderDevice();
-    renderPredictions(predictions);
-    renderDeployments(deployments);
-    renderEvents(events);
+    if (predictions) renderPredictions(predictions);
+    if (deployments) renderDeployments(deployments);
+    if (events) renderEvents(events);
+    const failed = settled.find((s) => s.status === "rejected");
+    if (failed) throw failed.reason;
     $("updated").textContent = new Date().toLocaleTimeString();
     document.body.dataset.refreshed = String(Date.now());
   } catch (err) {
