@@ -71,7 +71,7 @@ SERIES_COLUMNS = ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "through
                   "temperature_c", "energy_mj", "errors")
 
 
-_NUMBERS = {"ts", "version", "active_version", "progress", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99",
+_NUMBERS = {"ts", "last_seen", "version", "active_version", "progress", "latency_ms_p50", "latency_ms_p95", "latency_ms_p99",
             "throughput_ips", "rss_mb", "cpu_percent", "temperature_c", "energy_mj", "errors", "uptime_s"}
 _TEXTS = {"target", "state", "slot", "active_slot", "job_id", "reason", "agent_version", "kind", "message",
           "energy_source"}
@@ -341,7 +341,7 @@ class FleetStore:
         latest = {r["device_id"]: clean(dict(r)) for r in self.db.execute(
             "SELECT m.* FROM metrics m JOIN (SELECT device_id, max(ts) AS ts FROM metrics GROUP BY device_id) l "
             "ON m.device_id = l.device_id AND m.ts = l.ts")}
-        return [{**dict(r), "metrics": latest.get(r["device_id"])}
+        return [{**clean(dict(r)), "metrics": latest.get(r["device_id"])}
                 for r in self.db.execute("SELECT * FROM devices ORDER BY device_id")]
 
     def series(self, device: str, since: float = 0.0, limit: int = 5000) -> list[dict[str, Any]]:

@@ -332,6 +332,8 @@ def test_rows_another_writer_left_malformed_read_as_unknown_and_crash_no_view(st
     fill(store)
     store.db.execute("UPDATE metrics SET latency_ms_p50 = '', latency_ms_p95 = 'fast', rss_mb = x'00ff', "
                      "energy_mj = 'NaN' WHERE device_id = 'slow'")
+    store.db.execute("UPDATE devices SET last_seen = 'yesterday', online = NULL, progress = 'half' "
+                     "WHERE device_id = 'slow'")
     store.db.commit()
     view = FleetView(store, BudgetBook.from_config(None))
     [slow] = [d for d in view.overview()["devices"] if d["device_id"] == "slow"]
