@@ -265,12 +265,20 @@ def _labels(value: Any) -> tuple[str, ...] | None:
     if not isinstance(value, list) or not 0 < len(value) <= MAX_LABELS:
         raise ProtocolError(f"manifest: labels must be a list of 1 to {MAX_LABELS} names, got {short(value, 60)}")
     for i, name in enumerate(value):
-        if not isinstance(name, str) or not 0 < len(name) <= MAX_LABEL_CHARS:
-            raise ProtocolError(f"manifest: labels[{i}] must be a name of 1 to {MAX_LABEL_CHARS} characters, "
-                                f"got {short(name, 60)}")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_LABEL_CHARS or not _utf8(name):
+            raise ProtocolError(f"manifest: labels[{i}] must be a name of 1 to {MAX_LABEL_CHARS} characters of "
+                                f"UTF-8, got {short(name, 60)}")
     if len(set(value)) != len(value):
         raise ProtocolError("manifest: labels name a class twice")
     return tuple(value)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: how Python reads a file name that is not UTF-8
+        return False
+    return True
 
 
 def _check_labels_fit(labels: tuple[str, ...] | None, io: dict[str, Any]) -> None:

@@ -77,7 +77,7 @@ def drop_zero_points(model: onnx.ModelProto) -> int:
         for name in node.input:
             consumers.setdefault(name, []).append(node.op_type)
             uses[name] = uses.get(name, 0) + 1
-    dropped = 0
+    dropped, gone = 0, set()
     for node in g.node:
         if (node.op_type != "DequantizeLinear" or len(node.input) != 3 or node.input[0] not in init
                 or node.input[2] not in init or not set(consumers.get(node.output[0], ["?"])) <= _ZERO_POINT_OPTIONAL):
@@ -85,10 +85,12 @@ def drop_zero_points(model: onnx.ModelProto) -> int:
         if numpy_helper.to_array(init[node.input[2]]).any():
             continue
         uses[node.input[2]] -= 1
+        gone.add(node.input[2])
         del node.input[2]
         dropped += 1
-    if dropped:
-        keep = [t for t in g.initializer if uses.get(t.name, 0) > 0 or t.name in {v.name for v in [*g.input, *g.output]}]
+    unused = {n for n in gone if uses[n] == 0} - {v.name for v in [*g.input, *g.output]}
+    if unused:  # only the zero points no node reads any more (a subgraph's initializers are never touched)
+        keep = [t for t in g.initializer if t.name not in unused]
         del g.initializer[:]
         g.initializer.extend(keep)
     return dropped

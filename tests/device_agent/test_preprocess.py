@@ -192,7 +192,7 @@ def test_the_manifest_carries_class_names_for_the_application():
 @pytest.mark.parametrize("labels, expected", [
     ("cat,dog", "labels must be a list"), ([], "labels must be a list"), ([1, 2, 3], r"labels\[0\]"),
     (["a", ""], r"labels\[1\]"), (["a", "x" * 201], r"labels\[1\]"), (["a", "a", "b"], "twice"),
-    (["a", "b"], "2 labels for an output of 3 classes"),
+    (["a", "b"], "2 labels for an output of 3 classes"), (["a", "b\udcff", "c"], r"labels\[1\].*UTF-8"),
 ])
 def test_malformed_class_names_are_a_protocol_error(labels, expected):
     io = {"outputs": [{"name": "logits", "shape": [1, 3], "dtype": "float32"}]}
