@@ -208,3 +208,13 @@ def target_for_deploy(cfg: DeployConfig, name: str) -> TargetProfile:
     profile = load_target(name, directory)
     override = cfg.targets.get(name)
     return profile.with_budgets(override.budgets) if override else profile
+
+
+#: the names one architecture goes by (``platform.machine()`` says arm64 on macOS, AMD64 on Windows)
+_ARCH_ALIASES = {"arm64": "aarch64", "armv8": "aarch64", "amd64": "x86_64", "x64": "x86_64", "x86-64": "x86_64"}
+
+
+def normal_arch(name: str) -> str:
+    """An architecture's one name: ``aarch64``, ``x86_64``, or the name as given, lower case."""
+    low = name.strip().lower()
+    return _ARCH_ALIASES.get(low, low)

@@ -82,6 +82,7 @@ def compress(view: CompressView, ui: UI, recipe: str | None = None, steps: list[
                     f"{s['nonzero_params']:,} of {s['params']:,} parameters nonzero, accuracy "
                     f"{s['accuracy_before']:.2%} -> {s['accuracy_after']:.2%}")
             summary = {**s, "origin": prepared.origin, "cache": {"key": key, "reused": True}}
+            warn_if_thin(thinness(model), ui)
             return Compressed(dense, model, data, [StepReport(**r) for r in meta["steps"]], summary)
     model = copy.deepcopy(dense)
     before, acc_before = model_stats(model), evaluate(model, data.x_test, data.y_test)
@@ -98,10 +99,7 @@ def compress(view: CompressView, ui: UI, recipe: str | None = None, steps: list[
             f"({after['nonzero_params'] / before['params']:.1%} of dense), {macs_before / macs_after:.2f}x fewer MACs, "
             f"accuracy {acc_before:.2%} -> {acc_after:.2%}")
     thin = thinness(model)
-    if thin["thin"]:
-        ui.warn(f"compress: the pruned layers keep {thin['weights_per_channel']:g} weights per output channel "
-                f"({thin['single_weight_channels']:.0%} of channels down to one weight): a network this thin loses "
-                "accuracy whatever the method; lower the sparsity, or start from a wider model")
+    warn_if_thin(thin, ui)
     summary = {
         "params_before": before["params"], "params": after["params"], "nonzero_params": after["nonzero_params"],
         "kept_fraction": round(after["nonzero_params"] / before["params"], 5),
@@ -117,6 +115,13 @@ def compress(view: CompressView, ui: UI, recipe: str | None = None, steps: list[
             ui.info(f"compress: cached the compressed model (key {key[:12]}) in {stored.parent}")
         summary = {**summary, "cache": {"key": key, "reused": False}}
     return Compressed(dense, model, data, reports, summary)
+
+
+def warn_if_thin(thin: dict[str, Any], ui: UI) -> None:
+    if thin["thin"]:
+        ui.warn(f"compress: the prunable layers keep {thin['weights_per_channel']:g} weights per output channel "
+                f"({thin['single_weight_channels']:.0%} of channels at one weight or none): a network this thin "
+                "loses accuracy whatever the method; lower the sparsity, or start from a wider model")
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:

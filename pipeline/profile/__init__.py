@@ -41,12 +41,12 @@ def calibrated_host(target: TargetProfile) -> TargetProfile | None:
     architecture only: factors fitted on an x86 core with AVX-512 say nothing of how a Cortex-A72 runs a
     depthwise convolution (transferred to rpi4, they priced MobileNetV2's 17 depthwise layers at 0.26 ms in
     all). Another architecture is predicted from its own published-anchored roofline."""
-    from ..targets import known_targets, load_target
+    from ..targets import known_targets, load_target, normal_arch
 
     if target.name == HOST or HOST not in known_targets():
         return None
     host = load_target(HOST)
-    return host if host.arch == target.arch else None
+    return host if normal_arch(host.arch) == normal_arch(target.arch) else None
 
 
 def host_threads(target: TargetProfile) -> int:

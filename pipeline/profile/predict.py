@@ -30,7 +30,7 @@ _GEMM_LOWERED = {"conv", "conv_first", "conv_group", "gemm"}
 #: never run as kernels of their own: folded into the producer, or removed when the runtime loads the model
 _FREE = {"fused", "qdq_fused", "folded"}
 #: categories split from an older one: a calibration that predates them has the older one's factor
-PARENT = {"conv_first": "conv", "conv_group": "conv_dw", "fused": "elementwise", "qdq_fused": "qdq",
+PARENT = {"conv_first": "conv", "conv_group": "conv", "fused": "elementwise", "qdq_fused": "qdq",
           "folded": "other"}
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from ...targets import TargetProfile, user_dir
+from ...targets import TargetProfile, normal_arch, user_dir
 from .peaks import cpu_clock_ghz, cpu_model
 
 
@@ -23,7 +23,7 @@ def host_profile(peaks: dict[str, float], threads: int) -> TargetProfile:
     from ...targets import Cpu, Efficiency, Memory, Power
 
     return TargetProfile(
-        name="host", description=f"this machine: {cpu_model()}", arch=platform.machine(),
+        name="host", description=f"this machine: {cpu_model()}", arch=normal_arch(platform.machine()),
         cpu=Cpu(core=cpu_model(), cores=threads, clock_ghz=cpu_clock_ghz(), peak_gflops_fp32=peaks["gflops_fp32"],
                 peak_gops_int8=peaks["gops_int8"]),
         memory=Memory(ram_mb=round(psutil.virtual_memory().total / 2**20), bandwidth_gbs=peaks["bandwidth_gbs"]),
