@@ -282,14 +282,18 @@ def _utf8(text: str) -> bool:
 
 
 def _check_labels_fit(labels: tuple[str, ...] | None, io: dict[str, Any]) -> None:
-    """The labels name the first output's last dimension, when the manifest gives it as a number."""
+    """The labels name one axis of the first output after its batch axis (a classifier's [1, 10], a convolutional
+    head's [1, 10, 1, 1], a segmenter's [1, 21, H, W]), when the manifest gives the shape in numbers."""
     if labels is None:
         return
     outputs = io.get("outputs")
     shape = outputs[0].get("shape") if isinstance(outputs, list) and outputs and isinstance(outputs[0], dict) else None
-    width = shape[-1] if isinstance(shape, list) and shape else None
-    if isinstance(width, int) and not isinstance(width, bool) and width != len(labels):
-        raise ProtocolError(f"manifest: {len(labels)} labels for an output of {width} classes")
+    if not isinstance(shape, list) or len(shape) < 2:
+        return
+    axes = shape[1:]
+    if all(isinstance(d, int) and not isinstance(d, bool) for d in axes) and len(labels) not in axes:
+        raise ProtocolError(f"manifest: {len(labels)} labels for an output of shape {shape}: no axis after the "
+                            "batch has that many entries")
 
 
 def _count(body: dict[str, Any], key: str, least: int) -> int:

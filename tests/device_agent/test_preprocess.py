@@ -187,12 +187,14 @@ def test_the_manifest_carries_class_names_for_the_application():
     assert "labels" not in Manifest.from_signed(body()).to_signed()  # older manifests stay byte for byte
     dynamic = {"outputs": [{"name": "logits", "shape": ["batch", "classes"], "dtype": "float32"}]}
     assert Manifest.from_signed(body(io=dynamic, labels=["a"])).labels == ("a",)
+    conv_head = {"outputs": [{"name": "logits", "shape": [1, 3, 1, 1], "dtype": "float32"}]}
+    assert Manifest.from_signed(body(io=conv_head, labels=["x", "y", "z"])).labels == ("x", "y", "z")
 
 
 @pytest.mark.parametrize("labels, expected", [
     ("cat,dog", "labels must be a list"), ([], "labels must be a list"), ([1, 2, 3], r"labels\[0\]"),
     (["a", ""], r"labels\[1\]"), (["a", "x" * 201], r"labels\[1\]"), (["a", "a", "b"], "twice"),
-    (["a", "b"], "2 labels for an output of 3 classes"), (["a", "b\udcff", "c"], r"labels\[1\].*UTF-8"),
+    (["a", "b"], r"2 labels for an output of shape \[1, 3\]"), (["a", "b\udcff", "c"], r"labels\[1\].*UTF-8"),
 ])
 def test_malformed_class_names_are_a_protocol_error(labels, expected):
     io = {"outputs": [{"name": "logits", "shape": [1, 3], "dtype": "float32"}]}
