@@ -28,6 +28,9 @@ from .protocol import ResultCode, short
 
 MANIFEST_TYPE = "edgefleet.manifest"
 ENCODINGS = ("identity", "zlib")
+#: what an artifact is: a model to install in a slot and serve, or a calibration suite to time and report
+#: (device_agent.calibration), never installed; absent means "model" (manifests before kinds existed)
+KINDS = ("model", "calibration")
 MANIFEST_VERSION = 1
 
 
@@ -154,6 +157,7 @@ class Manifest:
     url: str | None = None  # optional HTTP(S) source of the payload, fetched with Range requests
     preprocess: Preprocess | None = None  # how the inputs are prepared from an image (device_agent.preprocess)
     labels: tuple[str, ...] | None = None  # the first output's class names, index by index, where the data has them
+    kind: str = "model"  # one of KINDS
 
     @classmethod
     def from_signed(cls, signed: Any) -> "Manifest":
@@ -184,6 +188,7 @@ class Manifest:
             preprocess=None if signed.get("preprocess") is None
             else Preprocess.from_dict(signed["preprocess"], "manifest: preprocess"),
             labels=_labels(signed.get("labels")),
+            kind=_field(signed, "kind", str, optional=True) or "model",
         )
         if m.expires is not None:
             _timestamp(m.expires, "expires")
@@ -196,6 +201,8 @@ class Manifest:
         if "/" in m.filename or m.filename.startswith("."):
             raise ProtocolError(f"manifest: filename {m.filename!r} must be a plain file name")
         _check_labels_fit(m.labels, m.io)
+        if m.kind not in KINDS:
+            raise ProtocolError(f"manifest: kind {short(m.kind)} unknown; this agent reads {list(KINDS)}")
         return m
 
     def to_signed(self) -> dict[str, Any]:
@@ -217,6 +224,8 @@ class Manifest:
             body["preprocess"] = self.preprocess.to_dict()
         if self.labels is not None:
             body["labels"] = list(self.labels)
+        if self.kind != "model":  # absent for a model: older manifests stay byte for byte
+            body["kind"] = self.kind
         return json.loads(json.dumps(body))  # plain JSON values: exactly what a receiver parses and re-serialises
 
     def check_expiry(self, at: dt.datetime | None = None) -> None:

@@ -10,6 +10,7 @@ Topics are scoped per device so broker ACLs stay simple::
     <prefix>/v1/<device>/online         device -> host, retained, Last Will "offline"
     <prefix>/v1/<device>/metrics        device -> host: latency, memory
     <prefix>/v1/<device>/events         device -> host: refusals, rollbacks, activations
+    <prefix>/v1/<device>/calibration    device -> host: timings of a calibration suite, as they are measured
     <prefix>/v1/<device>/cmd            host -> device: report, rollback, benchmark
 
 Everything but ``stream/data`` is UTF-8 JSON carrying ``"v": PROTOCOL_VERSION``.
@@ -48,6 +49,7 @@ class Leaf(str, enum.Enum):
     METRICS = "metrics"
     EVENTS = "events"
     CMD = "cmd"
+    CALIBRATION = "calibration"
 
 
 class State(str, enum.Enum):
@@ -226,6 +228,9 @@ def _conforms(value: Any, hint: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
     if hint is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e300
+    origin = typing.get_origin(hint)  # list[...] / dict[...]: the container's type (the message checks the items)
+    if origin in (list, dict):
+        return isinstance(value, origin)
     return isinstance(value, hint) if isinstance(hint, type) else False
 
 
@@ -351,6 +356,52 @@ class Event(Message):
     boot: int | None = None
     seq: int | None = None
     active_version: int | None = None  # what the device runs, on events that answer a job or command
+
+
+#: timings one calibration message carries at most (a suite of 600 cases reports in 10 messages or more)
+MAX_CALIBRATION_RESULTS = 64
+
+
+@dataclass(frozen=True)
+class Calibration(Message):
+    """What a device measured of a calibration suite (a ``calibration`` artifact, see device_agent.calibration).
+
+    Sent as cases finish, in batches of at most MAX_CALIBRATION_RESULTS: ``results`` holds the cases timed since
+    the previous message (each ``{"id", "median_ms", "p10_ms", "p90_ms", "runs", "rounds"}``), ``done`` of
+    ``total`` counts every case timed so far for this job (a resumed run goes on counting), ``finished`` is set
+    on the last message, with ``error`` when the run stopped early. ``env`` says what measured: the agent's and
+    the runtime's versions, the CPU, the machine, the threads. The host keys results by case id: a message seen
+    twice, or a case timed again after a restart, replaces what it had."""
+
+    KIND = "calibration"
+
+    device_id: str
+    job_id: str
+    version: int
+    done: int
+    total: int
+    results: list[dict[str, Any]] = field(default_factory=list)
+    finished: bool = False
+    error: str | None = None
+    env: dict[str, Any] = field(default_factory=dict)
+    ts: float = field(default_factory=now)
+    boot: int | None = None
+    seq: int | None = None
+
+    @classmethod
+    def parse(cls, payload: bytes) -> "Calibration":
+        msg = super().parse(payload)
+        check_id(msg.job_id, "calibration: job_id")
+        if len(msg.results) > MAX_CALIBRATION_RESULTS or not 0 <= msg.done <= msg.total < 2**31:
+            raise ProtocolError(f"calibration: {len(msg.results)} results, done {msg.done} of {msg.total}")
+        for i, r in enumerate(msg.results):
+            if not isinstance(r, dict) or not isinstance(r.get("id"), str) or not 0 < len(r["id"]) <= 128:
+                raise ProtocolError(f"calibration: results[{i}] needs a case id")
+            for key in ("median_ms", "p10_ms", "p90_ms"):
+                v = r.get(key)
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v < 1e9:
+                    raise ProtocolError(f"calibration: results[{i}].{key} must be a number of ms, got {short(v, 40)}")
+        return msg
 
 
 # --------------------------------------------------------------------------- binary chunk frame
