@@ -110,6 +110,7 @@ def compare_latency(paths: list[Path], input_shape: tuple[int, ...], threads: in
         lo, hi = median_ci(ratios[:, i])
         out.append({"path": str(p), "latency_ms": round(float(np.median(m[:, i])), 4),
                     "speedup": round(float(np.median(ratios[:, i])), 3),
+                    "latency_spread_ms": [round(float(m[:, i].min()), 4), round(float(m[:, i].max()), 4)],
                     "speedup_spread": [round(float(ratios[:, i].min()), 3), round(float(ratios[:, i].max()), 3)],
                     "speedup_ci": [round(lo, 3), round(hi, 3)], "rounds": len(medians), "runs": per_round[i],
                     "threads": threads, "wall_s": wall})

@@ -42,6 +42,8 @@ def test_rounds_and_runs_adapt_to_latency_and_budget(models):
     assert rows[0]["runs"] < rows[1]["runs"]  # the slower model gets fewer runs per round
     assert 3 <= rows[0]["rounds"] < 200
     assert rows[1]["speedup"] > 1 and rows[1]["speedup_ci"][0] <= rows[1]["speedup"] <= rows[1]["speedup_ci"][1]
+    for r in rows:  # each variant's own round medians bracket its median
+        assert r["latency_spread_ms"][0] <= r["latency_ms"] <= r["latency_spread_ms"][1]
     easy = compare_latency([tiny, tiny], (1, 8, 8), adaptive=Adaptive(round_s=0.01, min_rounds=4, rel_ci=0.5))
     assert easy[0]["rounds"] == 4  # tight at once: stops at the minimum
 
