@@ -64,24 +64,30 @@ def next_version(state_dir: Path) -> int:
 
 def build_artifact(
     model_path: Path, out_root: Path, *, name: str, version: int, target: str, runtime: str,
-    golden_inputs: np.ndarray, budgets: dict[str, Any], predicted: dict[str, Any], health: dict[str, Any],
+    golden_inputs: np.ndarray | None, budgets: dict[str, Any], predicted: dict[str, Any], health: dict[str, Any],
     key_dir: Path, expires_days: float | None = 30, chunk_size: int = DEFAULT_CHUNK_SIZE,
     url_base: str | None = None, preprocess: Preprocess | None = None, labels: tuple[str, ...] | None = None,
+    kind: str = "model",
 ) -> Artifact:
     """``url_base``: where the artifact directory will be served over HTTP(S); its payload's URL is then
     signed into the manifest and devices fetch it with Range requests instead of MQTT chunks. ``preprocess``:
     how the inputs (the golden ones included) were prepared from an image, signed in for the device's application;
-    ``labels``: the class names of the first output, index by index."""
+    ``labels``: the class names of the first output, index by index. ``kind``: ``model``, or ``calibration`` for a
+    calibration suite (a zip, see device_agent.calibration): never installed, so it has no io and no golden
+    vectors (``golden_inputs`` is ignored)."""
     from device_agent.runtimes import get_runtime
 
     key = load_or_create(key_dir)
     raw = model_path.read_bytes()
     data, encoding = encode_payload(raw)
-    rt = get_runtime(runtime)
-    sess = reference_session(rt, model_path)  # the agent's own runtime reads the model as the device will
-    io = {"inputs": [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in sess.inputs],
-          "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype} for o in sess.outputs]}
-    golden = golden_section(rt, model_path, golden_inputs)  # what the target computes, and its tolerance
+    if kind == "model":
+        rt = get_runtime(runtime)
+        sess = reference_session(rt, model_path)  # the agent's own runtime reads the model as the device will
+        io = {"inputs": [{"name": i.name, "shape": list(i.shape), "dtype": i.dtype} for i in sess.inputs],
+              "outputs": [{"name": o.name, "shape": list(o.shape), "dtype": o.dtype} for o in sess.outputs]}
+        golden = golden_section(rt, model_path, golden_inputs)  # what the target computes, and its tolerance
+    else:
+        io, golden = {}, {}
     now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     out = out_root / f"{name}-{target}-v{version}"
     manifest = Manifest(
@@ -92,7 +98,7 @@ def build_artifact(
         raw_sha256=hashlib.sha256(raw).hexdigest(),
         url=f"{url_base.rstrip('/')}/{out.name}/{payload_name(model_path.name, encoding)}" if url_base else None,
         io=io, golden=golden, health=health, budgets=budgets, predicted=predicted, preprocess=preprocess,
-        labels=tuple(labels) if labels is not None else None,
+        labels=tuple(labels) if labels is not None else None, kind=kind,
     )
     signed = manifest.to_signed()  # the device's own schema builds what it will parse, and checks it as the device will
     try:
