@@ -9,7 +9,8 @@ the MAC-target search evaluates a plan arithmetically: no copy of the model and 
 A plan keeps, per group, ``ceil(initial * (1 - ratio))`` channels rounded *up* to ``round_to`` (never below the
 ``max_layer_ratio`` floor, never more than the group has now): no layer loses more than the ratio asks, and
 every group, the branches of a concatenation included, stays a multiple of ``round_to`` where its initial width
-allows it.
+allows it. Channels a grouped convolution reads or writes go alike from each of its groups (the same positions in
+every block, chosen by their summed scores), so it keeps its groups and their widths stay multiples of them.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class ChannelGroup:
     prunable: bool
     graph_group: int  # the Torch-Pruning group this is a segment of (the channels are pruned together with it)
     positions: np.ndarray  # this segment's channels among that group's (its root's indices)
+    #: a grouped convolution reads or writes these channels in this many equal blocks: they go alike from every
+    #: block (the same positions within each), so widths stay multiples of it
+    blocks: int = 1
 
 
 class ChannelGroups:
@@ -76,15 +80,19 @@ class ChannelGroups:
         for t, g in enumerate(self.graph.get_all_groups(ignored_layers=self.ignored,
                                                         root_module_types=(nn.Conv2d, nn.Conv1d, nn.Linear))):
             root, handler, width = g[0].dep.target.module, g[0].dep.handler, len(g[0].idxs)
-            grouped = any(isinstance(d.target.module, nn.modules.conv._ConvNd) and 1 < d.target.module.groups
-                          and not d.target.module.groups == d.target.module.in_channels == d.target.module.out_channels
-                          for d, _ in g)  # grouped (not depthwise) convolutions: channels go in blocks; left alone
+            # grouped (not depthwise) convolutions take these channels in blocks: cut alike from each block
+            blocks = max([d.target.module.groups for d, _ in g
+                          if isinstance(d.target.module, nn.modules.conv._ConvNd) and 1 < d.target.module.groups
+                          and not d.target.module.groups == d.target.module.in_channels == d.target.module.out_channels],
+                         default=1)
             segments = _segments(g, width, layers)
+            # blocks across a concatenation's branches, or blocks that do not divide the width: left alone
+            blockable = blocks == 1 or (len(segments) == 1 and width % blocks == 0)
             for k, positions in enumerate(segments):
                 name = names.get(root, "?") + (f"[{k}]" if len(segments) > 1 else "")
                 initial = self._initial.setdefault((id(root), k), len(positions))
-                self.groups.append(ChannelGroup(root, handler, name, initial, len(positions), not grouped, t,
-                                                positions))
+                self.groups.append(ChannelGroup(root, handler, name, initial, len(positions), blockable, t,
+                                                positions, blocks if blockable else 1))
             self._items.append(g)
         macs, _, layer_macs, _ = tp.utils.count_ops_and_params(self.model, self.example, layer_wise=True)
         self.macs = int(macs)
@@ -207,23 +215,27 @@ class ChannelGroups:
 
     # -- plans --------------------------------------------------------------------------------------------------
 
-    def _round_up(self, n: int, initial: int) -> int:
-        r = self.round_to
+    def step(self, g: ChannelGroup) -> int:
+        """The unit a group's width moves by: round_to, and a whole number of channels per block."""
+        return math.lcm(self.round_to, g.blocks)
+
+    def _round_up(self, n: int, g: ChannelGroup) -> int:
+        r = self.step(g)
         up = -(-n // r) * r
-        return up if up <= initial else initial
+        return up if up <= g.initial else g.initial
 
     def floors(self) -> np.ndarray:
-        """The fewest channels each group may keep: max_layer_ratio's floor, rounded up; 1 at least."""
+        """The fewest channels each group may keep: max_layer_ratio's floor, rounded up; 1 (a block) at least."""
         out = []
         for g in self.groups:
-            floor = self._round_up(max(1, math.ceil(g.initial * (1 - self.max_layer_ratio) - 1e-9)), g.initial)
+            floor = self._round_up(max(1, math.ceil(g.initial * (1 - self.max_layer_ratio) - 1e-9)), g)
             out.append(min(floor, g.width) if g.prunable else g.width)
         return np.array(out, dtype=float)
 
     def _bound(self, wanted: np.ndarray) -> np.ndarray:
-        """Per group: ``wanted`` rounded up to round_to, between the floor and the width it has now."""
+        """Per group: ``wanted`` rounded up to its step, between the floor and the width it has now."""
         floors, widths = self.floors(), self.widths()
-        up = np.array([self._round_up(int(w), g.initial) for w, g in zip(wanted, self.groups)], dtype=float)
+        up = np.array([self._round_up(int(w), g) for w, g in zip(wanted, self.groups)], dtype=float)
         return np.minimum(np.maximum(up, floors), widths)
 
     def keeps_at(self, ratio: float, scores: list[torch.Tensor] | None = None) -> np.ndarray:
@@ -269,7 +281,7 @@ class ChannelGroups:
                 if keeps[j] >= ceiling[j]:
                     continue
                 trial = keeps.copy()
-                trial[j] = min(ceiling[j], keeps[j] + self.round_to)
+                trial[j] = min(ceiling[j], keeps[j] + self.step(self.groups[j]))
                 probes += 1
                 if self.predict(trial) <= goal:
                     keeps = trial
@@ -315,7 +327,7 @@ class ChannelGroups:
         for g, keep, s in zip(self.groups, keeps, scores):
             k = g.width - int(keep)
             if k > 0 and s is not None:
-                cut.setdefault(g.graph_group, []).extend(g.positions[torch.argsort(s)[:k].numpy()].tolist())
+                cut.setdefault(g.graph_group, []).extend(g.positions[_lowest(s, k, g.blocks)].tolist())
         removed = 0
         for t, idxs in cut.items():
             first = self._items[t][0]
@@ -328,6 +340,16 @@ class ChannelGroups:
                           first.dep.target.module)
         self.refresh()
         return removed
+
+
+def _lowest(scores: torch.Tensor, k: int, blocks: int) -> np.ndarray:
+    """The ``k`` channels to cut, lowest scores first: with blocks, the ``k / blocks`` positions whose scores summed
+    over the blocks are lowest, taken from every block (a grouped convolution stays grouped)."""
+    if blocks == 1:
+        return torch.argsort(scores)[:k].numpy()
+    seg = len(scores) // blocks
+    chosen = torch.argsort(scores.view(blocks, seg).sum(0))[:k // blocks].numpy()
+    return np.sort((np.arange(blocks)[:, None] * seg + chosen[None, :]).ravel())
 
 
 def _segments(group, width: int, layers: set) -> list[np.ndarray]:

@@ -62,6 +62,25 @@ class DenseResidual(nn.Module):
         return self.fc(nn.functional.max_pool2d(x, 2).flatten(1))
 
 
+class GroupedSE(nn.Module):
+    """Grouped 1x1 convolutions (4 groups), a depthwise 3x3, squeeze-and-excitation, a residual add."""
+
+    def __init__(self, c=48, classes=10):
+        super().__init__()
+        self.stem = cbr(1, c)
+        self.expand = cbr(c, 2 * c, 1, groups=4)
+        self.dw = cbr(2 * c, 2 * c, 3, groups=2 * c)
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(2 * c, c // 2, 1), nn.ReLU(),
+                                nn.Conv2d(c // 2, 2 * c, 1), nn.Sigmoid())
+        self.project = cbr(2 * c, c, 1, groups=4, act=False)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, classes))
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.dw(self.expand(x))
+        return self.head(x + self.project(y * self.se(y)))
+
+
 @pytest.fixture(scope="module")
 def digits():
     return load_dataset("digits", seed=0)
@@ -79,7 +98,7 @@ def fresh(cls):
     return cls().eval()
 
 
-@pytest.mark.parametrize("cls", [TwoBranch, DenseResidual])
+@pytest.mark.parametrize("cls", [TwoBranch, DenseResidual, GroupedSE])
 @pytest.mark.parametrize("steps", [1, 2, 3])
 @pytest.mark.parametrize("target, round_to", [(2.0, None), (3.0, 4)])
 def test_the_mac_target_is_met_within_5_percent_for_any_number_of_steps(digits, cls, steps, target, round_to):
@@ -155,3 +174,47 @@ def test_the_mac_model_predicts_what_pruning_gives(cls):
         assert groups.macs == count_macs(model, example)[0]
         assert groups.macs == pytest.approx(predicted, rel=0.005)
         scores = groups.scores(tp.importance.GroupMagnitudeImportance(p=2))
+
+
+@pytest.mark.parametrize("target", [2.0, 3.0])
+def test_grouped_convolutions_lose_channels_alike_from_every_group(digits, target):
+    """A grouped convolution keeps its groups: every width it reads or writes stays a multiple of them, each group
+    losing the same positions; the model runs and its MACs land on the target."""
+    model = fresh(GroupedSE)
+    pruned, _ = prune(model, digits, macs_reduction=target, round_to=4)
+    x = torch.zeros(2, 1, 8, 8)
+    assert target <= count_macs(model, x[:1])[0] / count_macs(pruned, x[:1])[0] <= target * 1.05
+    for name in ("expand", "project"):
+        conv = getattr(pruned, name)[0]
+        assert conv.groups == 4 and conv.in_channels % 4 == 0 and conv.out_channels % 4 == 0, name
+    assert pruned.expand[0].out_channels < 96 and pruned(x).shape == (2, 10)
+
+
+def test_cutting_dead_channels_of_a_grouped_convolution_changes_nothing(digits):
+    """Channels that carry nothing (their producer's weights, BatchNorm shift and the grouped consumer's weights on
+    them all zero) at the same position of each of 4 groups are the ones cut, and the outputs stay the same: the
+    cut indices line up with the grouped convolution's blocks."""
+    torch.manual_seed(0)
+    model = GroupedSE(c=16).eval()
+    dead = [1 + 4 * k for k in range(4)] + [2 + 4 * k for k in range(4)]  # positions 1 and 2 of each 4-wide block
+    with torch.no_grad():
+        model.stem[0].weight[dead] = 0
+        model.stem[1].bias[dead] = 0
+        model.project[1].bias[dead] = 0
+        model.project[0].weight[dead] = 0
+        expand = model.expand[0].weight  # (32, 4, 1, 1): group g reads input channels 4g..4g+3
+        expand[:, [1, 2]] = 0
+        model.head[2].weight[:, dead] = 0
+    x = torch.from_numpy(digits.x_test[:16])
+    before = model(x)
+    groups = ChannelGroups(model, x[:1], [model.head[2]], round_to=None, max_layer_ratio=0.9)
+    [j] = [i for i, g in enumerate(groups.groups)
+           if any(d.target.module is model.stem[0] for d, _ in groups._items[g.graph_group])]
+    assert groups.groups[j].blocks == 4
+    keeps = groups.widths()
+    keeps[j] = 8
+    from pipeline.compress.importance import get_criterion
+
+    groups.prune(keeps, groups.scores(get_criterion("l2").group_importance()))
+    assert model.stem[0].out_channels == 8 and model.expand[0].in_channels == 8 and model.expand[0].groups == 4
+    assert torch.allclose(model(x), before, atol=1e-5)
