@@ -1,0 +1,566 @@
+"""The local inference API: the device's applications call the active model through the agent.
+
+HTTP/1.1 on a Unix domain socket (permissions 0660: the device's app group) and, optionally, a loopback TCP port:
+
+- ``POST /v1/infer``: a JSON body ``{"inputs": {NAME: TENSOR}}`` where a tensor is a nested list, or
+  ``{"data": [...], "shape": [...], "dtype": "float32"}`` (data flat or nested); or a raw ``.npy`` body
+  (``Content-Type: application/x-npy``) for a model of one input. The answer is JSON
+  ``{"id", "model", "version", "outputs": {NAME: {"shape", "dtype", "data"}}, "latency_ms"}``, or the first
+  output as ``.npy`` when the request says ``Accept: application/x-npy``. Every answer carries ``X-Request-Id``
+  (the caller's, or one made up) and ``X-Model-Version`` (the version that answered).
+- ``GET /v1/model``: name, version, inputs and outputs (names, shapes, dtypes), the preprocessing spec and the
+  class names when the manifest carries them. ``GET /v1/health``: 200 with a model, 503 without.
+
+Bounded everywhere: ``workers`` inferences at once, at most ``queue`` more waiting (beyond: 503 with
+``Retry-After``), a deadline per request (``X-Deadline-Ms``, else ``deadline_ms``; past it while waiting: 504),
+``max_connections`` connections (beyond: 503), bodies of at most ``max_body_bytes`` (413). An input of the wrong
+name, shape or dtype is a 400 naming the input and what the model expects.
+
+Swaps never fail a request: ``ModelHolder.swap`` makes the new model the one new requests take; a request that
+took the old one finishes on it, and the old one is released when the last of them returns.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import socket
+import socketserver
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .runtimes import Session
+
+log = logging.getLogger(__name__)
+
+#: latency histogram bucket bounds, ms (fixed, so histograms from any device add up on the host); +Inf is implied
+BUCKETS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0)
+ERROR_KINDS = ("bad_request", "too_large", "overloaded", "deadline", "no_model", "runtime")
+NPY = "application/x-npy"
+
+
+# --------------------------------------------------------------------------- the model requests run on
+
+@dataclass
+class Served:
+    """A loaded model and what describes it; ``release`` runs once, when it is swapped out and idle."""
+
+    session: Session
+    name: str
+    version: int | None
+    describe: dict[str, Any] = field(default_factory=dict)  # extra /v1/model fields (preprocess, labels)
+    release: Callable[[], None] | None = None
+    inflight: int = 0
+    retired: bool = False
+
+
+class ModelHolder:
+    """The model new requests take, swapped atomically; a swapped-out model lives until its requests are done."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: Served | None = None
+
+    @property
+    def current(self) -> Served | None:
+        return self._current
+
+    def acquire(self) -> Served | None:
+        with self._lock:
+            served = self._current
+            if served is not None:
+                served.inflight += 1
+            return served
+
+    def release(self, served: Served) -> None:
+        with self._lock:
+            served.inflight -= 1
+            done = served.retired and served.inflight == 0
+        if done:
+            self._free(served)
+
+    def swap(self, new: Served | None) -> Served | None:
+        """``new`` answers every request from now on; the previous model is released once idle."""
+        with self._lock:
+            old, self._current = self._current, new
+            if old is not None:
+                old.retired = True
+            idle = old is not None and old.inflight == 0
+        if idle:
+            self._free(old)
+        return old
+
+    @staticmethod
+    def _free(served: Served) -> None:
+        if served.release is not None:
+            try:
+                served.release()
+            except Exception:  # noqa: BLE001 - releasing must never take the server down
+                log.exception("releasing v%s failed", served.version)
+
+
+# --------------------------------------------------------------------------- traffic statistics
+
+class TrafficStats:
+    """Per model version: a latency histogram over BUCKETS_MS (mergeable), requests, errors by kind; rejected
+    requests and the queue's depth. ``snapshot`` is what the agent reports."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._versions: dict[str, dict[str, Any]] = {}
+        self.rejected = 0
+        self.queue_depth = 0
+        self.queue_peak = 0
+
+    def _of(self, version: int | None) -> dict[str, Any]:
+        key = str(version)
+        if key not in self._versions:
+            self._versions[key] = {"buckets": [0] * (len(BUCKETS_MS) + 1), "count": 0, "sum_ms": 0.0,
+                                   "errors": {k: 0 for k in ERROR_KINDS}}
+        return self._versions[key]
+
+    def observe(self, version: int | None, ms: float) -> None:
+        with self._lock:
+            v = self._of(version)
+            i = next((k for k, bound in enumerate(BUCKETS_MS) if ms <= bound), len(BUCKETS_MS))
+            v["buckets"][i] += 1
+            v["count"] += 1
+            v["sum_ms"] += ms
+
+    def error(self, version: int | None, kind: str) -> None:
+        with self._lock:
+            self._of(version)["errors"][kind] += 1
+            if kind == "overloaded":
+                self.rejected += 1
+
+    def queued(self, delta: int) -> None:
+        with self._lock:
+            self.queue_depth += delta
+            self.queue_peak = max(self.queue_peak, self.queue_depth)
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            versions = json.loads(json.dumps(self._versions))
+            return {"buckets_ms": list(BUCKETS_MS), "versions": versions, "rejected": self.rejected,
+                    "queue_depth": self.queue_depth, "queue_peak": self.queue_peak}
+
+
+def quantile_ms(buckets: list[int], q: float) -> float | None:
+    """The ``q`` quantile from a histogram over BUCKETS_MS: the upper bound of the bucket it falls in (the last
+    finite bound for the overflow bucket), as Prometheus' histogram_quantile reads an upper bound."""
+    total = sum(buckets)
+    if total == 0:
+        return None
+    rank, seen = q * total, 0
+    for i, n in enumerate(buckets):
+        seen += n
+        if seen >= rank:
+            return BUCKETS_MS[min(i, len(BUCKETS_MS) - 1)]
+    return BUCKETS_MS[-1]
+
+
+# --------------------------------------------------------------------------- requests
+
+class RequestError(Exception):
+    def __init__(self, status: int, kind: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.retry_after = status, kind, retry_after
+
+
+_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,
+           "int32": np.int32, "int8": np.int8, "uint8": np.uint8, "bool": np.bool_}
+
+
+def _expected(spec) -> str:
+    return "[" + ", ".join(str(d) if isinstance(d, int) else "any" for d in spec.shape) + "]"
+
+
+def check_input(spec, value: np.ndarray) -> np.ndarray:
+    """``value`` as the model's input ``spec`` takes it, or a 400 naming the input and what it expects."""
+    want = np.dtype(_DTYPES.get(spec.dtype, np.float32))
+    if value.dtype != want:
+        if value.dtype.kind not in "fiub" or (want.kind in "iu" and value.dtype.kind == "f"):
+            raise RequestError(400, "bad_request", f"input {spec.name!r}: dtype {value.dtype}, the model takes "
+                                                   f"{want}")
+        value = value.astype(want)
+    if len(value.shape) != len(spec.shape) or any(isinstance(d, int) and d != got
+                                                   for d, got in zip(spec.shape, value.shape)):
+        raise RequestError(400, "bad_request", f"input {spec.name!r}: shape {list(value.shape)}, the model takes "
+                                               f"{_expected(spec)}")
+    if 0 in value.shape:
+        raise RequestError(400, "bad_request", f"input {spec.name!r}: shape {list(value.shape)} is empty")
+    return value
+
+
+def _tensor(name: str, raw: Any) -> np.ndarray:
+    shape, dtype = None, None
+    if isinstance(raw, dict):
+        shape, dtype, raw = raw.get("shape"), raw.get("dtype"), raw.get("data")
+        if dtype is not None and dtype not in _DTYPES:
+            raise RequestError(400, "bad_request", f"input {name!r}: dtype {str(dtype)[:20]!r} unknown; "
+                                                   f"one of {sorted(_DTYPES)}")
+    if not isinstance(raw, list):
+        raise RequestError(400, "bad_request", f"input {name!r}: expected a (nested) list of numbers")
+    try:
+        value = np.array(raw, dtype=_DTYPES[dtype] if dtype else None)
+    except (ValueError, TypeError, OverflowError):
+        raise RequestError(400, "bad_request", f"input {name!r}: not a rectangular array of numbers") from None
+    if value.dtype.kind not in "fiub":
+        raise RequestError(400, "bad_request", f"input {name!r}: not an array of numbers")
+    if shape is not None:
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape)) or math.prod(shape) != value.size:
+            raise RequestError(400, "bad_request", f"input {name!r}: shape {str(shape)[:40]} does not hold "
+                                                   f"{value.size} values")
+        value = value.reshape(shape)
+    return value
+
+
+def parse_feeds(body: bytes, content_type: str, session: Session) -> dict[str, np.ndarray]:
+    """The request body as the session's feeds; every way it can be wrong is a RequestError."""
+    specs = {s.name: s for s in session.inputs}
+    if content_type.split(";")[0].strip() == NPY:
+        if len(specs) != 1:
+            raise RequestError(400, "bad_request", f"a .npy body feeds a model of one input; this one takes "
+                                                   f"{sorted(specs)}: send JSON")
+        try:
+            value = np.load(io.BytesIO(body), allow_pickle=False)
+        except Exception:  # noqa: BLE001 - any malformed npy is the client's error
+            raise RequestError(400, "bad_request", "the body is not a .npy array") from None
+        [spec] = specs.values()
+        return {spec.name: check_input(spec, np.asarray(value))}
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RequestError(400, "bad_request", "the body is neither JSON nor .npy (Content-Type: "
+                                               f"application/json or {NPY})") from None
+    inputs = doc.get("inputs") if isinstance(doc, dict) else None
+    if not isinstance(inputs, dict):
+        raise RequestError(400, "bad_request", 'expected {"inputs": {NAME: TENSOR}}; the model takes '
+                                               f"{sorted(specs)}")
+    missing, extra = sorted(set(specs) - set(inputs)), sorted(set(inputs) - set(specs))
+    if missing or extra:
+        raise RequestError(400, "bad_request", f"inputs {sorted(inputs)[:8]}: the model takes {sorted(specs)}"
+                                               + (f" (missing {missing})" if missing else "")
+                                               + (f" (unknown {extra[:8]})" if extra else ""))
+    return {name: check_input(specs[name], _tensor(name, inputs[name])) for name in specs}
+
+
+# --------------------------------------------------------------------------- the server
+
+@dataclass(frozen=True)
+class ServeConfig:
+    socket_path: Path | None = None
+    tcp_port: int | None = None  # loopback only; 0 picks a free port
+    workers: int = 2
+    queue: int = 32
+    deadline_ms: float = 10_000.0
+    max_connections: int = 64
+    max_body_bytes: int = 32 * 2**20
+    socket_mode: int = 0o660
+
+
+class Gate:
+    """``workers`` at a time, at most ``queue`` waiting; a wait past the deadline gives up."""
+
+    def __init__(self, workers: int, queue: int, stats: TrafficStats) -> None:
+        self._slots = threading.Semaphore(workers)
+        self._lock = threading.Lock()
+        self._waiting, self._queue, self._stats = 0, queue, stats
+
+    def enter(self, deadline: float) -> None:
+        if self._slots.acquire(blocking=False):
+            return
+        with self._lock:
+            if self._waiting >= self._queue:
+                raise RequestError(503, "overloaded", f"{self._waiting} requests waiting already; retry",
+                                   retry_after=1)
+            self._waiting += 1
+        self._stats.queued(+1)
+        try:
+            if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise RequestError(504, "deadline", "the deadline passed while the request waited for a worker")
+        finally:
+            with self._lock:
+                self._waiting -= 1
+            self._stats.queued(-1)
+
+    def leave(self) -> None:
+        self._slots.release()
+
+
+class InferenceServer:
+    """The API over a ModelHolder, on a Unix socket and/or a loopback port; ``start`` / ``stop``."""
+
+    def __init__(self, holder: ModelHolder, config: ServeConfig, stats: TrafficStats | None = None) -> None:
+        self.holder, self.cfg = holder, config
+        self.stats = stats or TrafficStats()
+        self.gate = Gate(config.workers, config.queue, self.stats)
+        self._connections = threading.BoundedSemaphore(config.max_connections)
+        self._servers: list[socketserver.BaseServer] = []
+        self._threads: list[threading.Thread] = []
+        self.tcp_address: tuple[str, int] | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    def start(self) -> "InferenceServer":
+        handler = _handler(self)
+        if self.cfg.socket_path is not None:
+            path = Path(self.cfg.socket_path)
+            _clear_stale_socket(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            server = _UnixServer(str(path), handler, self)
+            os.chmod(path, self.cfg.socket_mode)
+            self._servers.append(server)
+        if self.cfg.tcp_port is not None:
+            server = _TcpServer(("127.0.0.1", self.cfg.tcp_port), handler, self)
+            self.tcp_address = server.server_address[:2]
+            self._servers.append(server)
+        for server in self._servers:
+            t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True,
+                                 name="inference-api")
+            t.start()
+            self._threads.append(t)
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and close every open connection (an agent that stops answers no one)."""
+        for server in self._servers:
+            server.shutdown()
+            server.server_close()
+            server.close_connections()  # type: ignore[attr-defined]
+        for t in self._threads:
+            t.join(timeout=5)
+        if self.cfg.socket_path is not None:
+            try:
+                Path(self.cfg.socket_path).unlink()
+            except FileNotFoundError:
+                pass
+        self._servers, self._threads = [], []
+
+    def __enter__(self) -> "InferenceServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        served = self.holder.current
+        if served is None:
+            raise RequestError(503, "no_model", "no model is active on this device yet")
+        specs = lambda xs: [{"name": s.name, "shape": list(s.shape), "dtype": s.dtype} for s in xs]  # noqa: E731
+        return {"name": served.name, "version": served.version, "inputs": specs(served.session.inputs),
+                "outputs": specs(served.session.outputs), **served.describe}
+
+    def infer(self, body: bytes, content_type: str, deadline_ms: float | None) -> tuple[Served, list, float]:
+        """Run one request: (the model that answered, its outputs, ms). Raises RequestError."""
+        deadline = time.monotonic() + (deadline_ms if deadline_ms is not None else self.cfg.deadline_ms) / 1e3
+        try:
+            self.gate.enter(deadline)
+        except RequestError as exc:
+            current = self.holder.current
+            self.stats.error(current.version if current is not None else None, exc.kind)
+            raise
+        try:
+            served = self.holder.acquire()
+            if served is None:
+                raise RequestError(503, "no_model", "no model is active on this device yet", retry_after=5)
+            try:
+                feeds = parse_feeds(body, content_type, served.session)
+                t0 = time.perf_counter()
+                try:
+                    outputs = served.session.run(feeds)
+                except Exception as exc:  # noqa: BLE001 - a runtime failure answers this request, nothing more
+                    self.stats.error(served.version, "runtime")
+                    raise RequestError(500, "runtime", f"the model failed on this input: "
+                                                       f"{type(exc).__name__}: {str(exc)[:200]}") from None
+                ms = (time.perf_counter() - t0) * 1e3
+                if time.monotonic() > deadline:
+                    self.stats.error(served.version, "deadline")
+                    raise RequestError(504, "deadline", f"the answer came {ms:.1f} ms later, past the deadline")
+                self.stats.observe(served.version, ms)
+                return served, outputs, ms
+            except RequestError as exc:
+                if exc.kind == "bad_request":
+                    self.stats.error(served.version, "bad_request")
+                raise
+            finally:
+                self.holder.release(served)
+        finally:
+            self.gate.leave()
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """A socket file left by an agent that died: removed when nothing answers on it; anything else is refused."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"{path}: another process is serving on it")
+
+
+class _Bounded:
+    """Per connection one thread, at most ``max_connections`` of them; beyond, a 503 and the connection closes."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address, handler, api: InferenceServer) -> None:
+        self.api = api
+        self._open: set[socket.socket] = set()
+        self._open_lock = threading.Lock()
+        super().__init__(address, handler)  # type: ignore[call-arg]
+
+    def close_connections(self) -> None:
+        with self._open_lock:
+            for sock in self._open:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def process_request(self, request, client_address):  # noqa: ANN001
+        if not self.api._connections.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
+                                b"Connection: close\r\n\r\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            self.api.stats.error(None, "overloaded")
+            return
+        super().process_request(request, client_address)  # type: ignore[misc]
+
+    def process_request_thread(self, request, client_address):  # noqa: ANN001
+        with self._open_lock:
+            self._open.add(request)
+        try:
+            super().process_request_thread(request, client_address)  # type: ignore[misc]
+        finally:
+            with self._open_lock:
+                self._open.discard(request)
+            self.api._connections.release()
+
+
+class _UnixServer(_Bounded, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    pass
+
+
+class _TcpServer(_Bounded, socketserver.ThreadingMixIn, socketserver.TCPServer):
+    pass
+
+
+def _handler(api: InferenceServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        server_version = "edgefleet-agent"
+        timeout = 60  # an idle keep-alive connection is closed after a minute
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+            log.debug("inference api: " + format, *args)
+
+        def _send(self, status: int, body: bytes, content_type: str, rid: str, version: Any = None,
+                  retry_after: float | None = None) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Request-Id", rid)
+            if version is not None:
+                self.send_header("X-Model-Version", str(version))
+            if retry_after is not None:
+                self.send_header("Retry-After", str(int(math.ceil(retry_after))))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def _json(self, status: int, doc: dict[str, Any], rid: str, **kw: Any) -> None:
+            self._send(status, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode(),
+                       "application/json", rid, **kw)
+
+        def _fail(self, exc: RequestError, rid: str) -> None:
+            self._json(exc.status, {"id": rid, "error": exc.kind, "message": str(exc)}, rid,
+                       retry_after=exc.retry_after)
+
+        def _rid(self) -> str:
+            given = self.headers.get("X-Request-Id", "")
+            return given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
+
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            rid = self._rid()
+            try:
+                if self.path == "/v1/health":
+                    served = api.holder.current
+                    if served is None:
+                        raise RequestError(503, "no_model", "no model is active on this device yet")
+                    return self._json(200, {"status": "ok", "model": served.name, "version": served.version}, rid,
+                                      version=served.version)
+                if self.path == "/v1/model":
+                    doc = api.describe()
+                    return self._json(200, doc, rid, version=doc["version"])
+                raise RequestError(404, "bad_request", f"no such endpoint: {self.path[:80]}")
+            except RequestError as exc:
+                self._fail(exc, rid)
+
+        def do_POST(self) -> None:  # noqa: N802
+            rid = self._rid()
+            try:
+                if self.path != "/v1/infer":
+                    raise RequestError(404, "bad_request", f"no such endpoint: {self.path[:80]}")
+                length = self.headers.get("Content-Length")
+                if length is None or not length.isdigit():
+                    self.close_connection = True
+                    raise RequestError(411, "bad_request", "Content-Length is required")
+                if int(length) > api.cfg.max_body_bytes:
+                    self.close_connection = True  # the body is not read: the connection cannot be reused
+                    api.stats.error(None, "too_large")
+                    raise RequestError(413, "too_large", f"a body of {int(length):,} bytes; at most "
+                                                         f"{api.cfg.max_body_bytes:,}")
+                body = self.rfile.read(int(length))
+                deadline = self.headers.get("X-Deadline-Ms")
+                try:
+                    deadline_ms = float(deadline) if deadline is not None else None
+                except ValueError:
+                    raise RequestError(400, "bad_request", f"X-Deadline-Ms {deadline[:20]!r} is not a number") \
+                        from None
+                if deadline_ms is not None and not 0 < deadline_ms <= 3_600_000:
+                    raise RequestError(400, "bad_request", "X-Deadline-Ms must be in (0, 3600000]")
+                served, outputs, ms = api.infer(body, self.headers.get("Content-Type", "application/json"),
+                                                deadline_ms)
+            except RequestError as exc:
+                return self._fail(exc, rid)
+            if NPY in self.headers.get("Accept", ""):
+                buf = io.BytesIO()
+                np.save(buf, outputs[0], allow_pickle=False)
+                return self._send(200, buf.getvalue(), NPY, rid, version=served.version)
+            names = [s.name for s in served.session.outputs]
+            doc = {"id": rid, "model": served.name, "version": served.version, "latency_ms": round(ms, 4),
+                   "outputs": {n: {"shape": list(o.shape), "dtype": str(o.dtype), "data": o.tolist()}
+                               for n, o in zip(names, outputs)}}
+            try:
+                self._json(200, doc, rid, version=served.version)
+            except ValueError:  # a NaN or infinity in an output: JSON cannot carry it
+                self._fail(RequestError(500, "runtime", "the output holds NaN or infinity; ask for "
+                                                        f"Accept: {NPY}"), rid)
+
+    return Handler

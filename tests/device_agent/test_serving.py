@@ -1,0 +1,280 @@
+"""The local inference API on a real Unix socket, a real onnxruntime session and the standard-library client:
+answers and their versions, every malformed request a 4xx naming what is wrong, backpressure, deadlines, bounded
+connections, and swaps under steady traffic from several threads with no failed request."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import stat
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+import torch
+from torch import nn
+
+from device_agent.client import Client, InferenceError, Unavailable
+from device_agent.runtimes import get_runtime
+from device_agent.serving import (BUCKETS_MS, InferenceServer, ModelHolder, ServeConfig, Served, TrafficStats,
+                                  quantile_ms)
+
+
+def export(model: nn.Module, shape: tuple[int, ...], path) -> str:
+    torch.onnx.export(model.eval(), (torch.zeros(1, *shape),), str(path), input_names=["image"],
+                      output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve")
+    torch.manual_seed(0)
+    small = export(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), (1, 8, 8), d / "small.onnx")
+    torch.manual_seed(1)
+    other = export(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), (1, 8, 8), d / "other.onnx")
+    # ~tens of ms per run: long enough for requests to queue behind it
+    slow = export(nn.Sequential(*[nn.Conv2d(32 if i else 1, 32, 3, padding=1) for i in range(6)]), (1, 96, 96),
+                  d / "slow.onnx")
+    return {"small": small, "other": other, "slow": slow}
+
+
+def served(path, version, name="m", released=None) -> Served:
+    session = get_runtime("onnxruntime").load(path, 1)
+    return Served(session, name, version, {"labels": [str(i) for i in range(10)]},
+                  release=(lambda: released.append(version)) if released is not None else None)
+
+
+@pytest.fixture
+def api(tmp_path, models):
+    holder = ModelHolder()
+    holder.swap(served(models["small"], 1))
+    with InferenceServer(holder, ServeConfig(socket_path=tmp_path / "infer.sock", workers=2, queue=4)) as server:
+        yield server
+
+
+def raw(sock_path, method, path, body=b"", headers=None):
+    conn = http.client.HTTPConnection("localhost")
+    conn.sock = socket.socket(socket.AF_UNIX)
+    conn.sock.connect(str(sock_path))
+    conn.request(method, path, body=body, headers=headers or {})
+    r = conn.getresponse()
+    out = r.status, dict(r.getheaders()), r.read()
+    conn.close()
+    return out
+
+
+def test_an_application_gets_answers_with_the_version_that_gave_them(api, models):
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    expected = get_runtime("onnxruntime").load(models["small"], 1).run({"image": x})[0]
+    with Client(str(api.cfg.socket_path)) as client:
+        answer = client.infer({"image": x}, request_id="req-1")
+        assert answer.id == "req-1" and answer.version == 1 and answer.latency_ms > 0
+        np.testing.assert_allclose(answer.outputs["logits"], expected, rtol=1e-6)
+        np.testing.assert_allclose(client.infer(x).outputs["logits"], expected, rtol=1e-6)  # .npy body
+        assert client.health() == {"status": "ok", "model": "m", "version": 1}
+        model = client.model()
+    assert model["inputs"] == [{"name": "image", "shape": ["batch", 1, 8, 8], "dtype": "float32"}]
+    assert model["outputs"][0]["name"] == "logits" and model["labels"][3] == "3"
+    assert stat.S_IMODE(os.stat(api.cfg.socket_path).st_mode) == 0o660
+    status, headers, body = raw(api.cfg.socket_path, "POST", "/v1/infer", np.zeros(0).tobytes(),
+                                {"Content-Type": "application/x-npy", "Accept": "application/x-npy"})
+    assert status == 400
+    snap = api.stats.snapshot()
+    assert snap["versions"]["1"]["count"] == 2 and snap["versions"]["1"]["errors"]["bad_request"] == 1
+    assert len(snap["versions"]["1"]["buckets"]) == len(BUCKETS_MS) + 1
+
+
+@pytest.mark.parametrize("body, content_type, expected", [
+    (b'{"inputs": {"image": [[1, 2]]}}', "application/json", "input 'image': shape [1, 2], the model takes "
+                                                             "[any, 1, 8, 8]"),
+    (b'{"inputs": {"pixels": []}}', "application/json", "the model takes ['image'] (missing ['image']) "
+                                                        "(unknown ['pixels'])"),
+    (b'{"inputs": {"image": {"data": [1, 2, 3], "shape": [1, 1, 8, 8]}}}', "application/json",
+     "does not hold 3 values"),
+    (b'{"inputs": {"image": [["a"]]}}', "application/json", "not an array of numbers"),
+    (b'{"inputs": {"image": [[1], [1, 2]]}}', "application/json", "not a rectangular array"),
+    (b'{"inputs": {"image": {"data": [1], "dtype": "complex"}}}', "application/json", "dtype 'complex' unknown"),
+    (b"[" * 100_000, "application/json", "neither JSON nor .npy"),
+    (b"\x93NUMPY garbage", "application/x-npy", "not a .npy array"),
+    (b'{"x": 1}', "application/json", 'expected {"inputs"'),
+])
+def test_every_malformed_request_is_a_400_naming_what_is_wrong(api, body, content_type, expected):
+    status, headers, out = raw(api.cfg.socket_path, "POST", "/v1/infer", body, {"Content-Type": content_type})
+    doc = json.loads(out)
+    assert status == 400 and expected in doc["message"], doc
+    assert headers["X-Request-Id"] == doc["id"]
+
+
+def test_limits_on_bodies_paths_and_headers(tmp_path, models):
+    holder = ModelHolder()
+    with InferenceServer(holder, ServeConfig(socket_path=tmp_path / "s.sock", max_body_bytes=1000)) as api:
+        assert raw(api.cfg.socket_path, "GET", "/v1/health")[0] == 503  # no model yet
+        holder.swap(served(models["small"], 1))
+        assert raw(api.cfg.socket_path, "POST", "/v1/infer", b"x" * 2000)[0] == 413
+        assert raw(api.cfg.socket_path, "GET", "/v2/anything")[0] == 404
+        assert raw(api.cfg.socket_path, "POST", "/v1/infer", b"{}", {"X-Deadline-Ms": "soon"})[0] == 400
+        assert api.stats.snapshot()["versions"]["None"]["errors"]["too_large"] == 1
+
+
+def test_a_full_queue_answers_503_with_retry_after_and_a_passed_deadline_504(tmp_path, models):
+    holder = ModelHolder()
+    holder.swap(served(models["slow"], 7))
+    cfg = ServeConfig(socket_path=tmp_path / "q.sock", workers=1, queue=1)
+    x = np.zeros((1, 1, 96, 96), np.float32)
+    with InferenceServer(holder, cfg) as api:
+        results: list[int] = []
+        started = threading.Barrier(6)
+
+        body = json.dumps({"inputs": {"image": x.tolist()}}).encode()
+
+        def call():
+            started.wait()
+            status, headers, _ = raw(cfg.socket_path, "POST", "/v1/infer", body, {"Content-Type": "application/json"})
+            results.append(status)
+            if status == 503:
+                assert headers["Retry-After"] == "1"
+
+        threads = [threading.Thread(target=call) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert 200 in results and 503 in results  # one running, one waiting, the rest turned away
+        assert api.stats.snapshot()["rejected"] >= 1
+        with pytest.raises(InferenceError) as err:
+            Client(str(cfg.socket_path)).infer(x, deadline_ms=0.001)
+        assert err.value.status == 504 and err.value.kind == "deadline"
+
+
+def test_connections_beyond_the_bound_are_refused_not_queued(tmp_path, models):
+    holder = ModelHolder()
+    holder.swap(served(models["small"], 1))
+    cfg = ServeConfig(socket_path=tmp_path / "c.sock", max_connections=2)
+    with InferenceServer(holder, cfg):
+        idle = []
+        for _ in range(2):  # two idle keep-alive connections hold both slots
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(cfg.socket_path))
+            s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert s.recv(4096).startswith(b"HTTP/1.1 200")
+            idle.append(s)
+        third = socket.socket(socket.AF_UNIX)
+        third.connect(str(cfg.socket_path))
+        assert third.recv(4096).startswith(b"HTTP/1.1 503")
+        for s in [*idle, third]:
+            s.close()
+
+
+def test_swaps_under_steady_traffic_fail_no_request_and_release_the_old_model(tmp_path, models):
+    """Four client threads call without pause while the model is swapped back and forth ten times: every request
+    is answered, by the version current when it started or a later one, and each swapped-out model is released
+    once its requests are done."""
+    holder, released = ModelHolder(), []
+    holder.swap(served(models["small"], 1, released=released))
+    cfg = ServeConfig(socket_path=tmp_path / "swap.sock", workers=2, queue=64)
+    x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    stop, failures, seen = threading.Event(), [], [[] for _ in range(4)]
+    answered = threading.Condition()
+
+    def answers_reach(n):
+        with answered:
+            assert answered.wait_for(lambda: sum(map(len, seen)) >= n or failures, timeout=60)
+
+    with InferenceServer(holder, cfg):
+        def traffic(i):
+            with Client(str(cfg.socket_path)) as client:
+                while not stop.is_set():
+                    try:
+                        version = client.infer({"image": x}).version
+                    except Exception as exc:  # noqa: BLE001 - any failure is what the test counts
+                        failures.append(repr(exc))
+                        version = None
+                    with answered:
+                        if version is not None:
+                            seen[i].append(version)
+                        answered.notify_all()
+        threads = [threading.Thread(target=traffic, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for version in range(2, 12):
+            answers_reach(sum(map(len, seen)) + 20)  # some traffic on each version before the next swap
+            holder.swap(served(models["other" if version % 2 else "small"], version, released=released))
+        answers_reach(400)
+        stop.set()
+        for t in threads:
+            t.join()
+    assert failures == []
+    for versions in seen:
+        assert versions == sorted(versions)  # never answered by an older model after a newer one
+    assert {v for s in seen for v in s} >= {1, 11}
+    assert sorted(released) == list(range(1, 11))  # every swapped-out model released, the current one kept
+
+
+def test_the_client_survives_an_agent_restart(tmp_path, models):
+    """The agent stops (its connections and socket go with it) and another starts on the same path: the client's
+    next call fails on its dead keep-alive connection, connects again and is answered by the new agent."""
+    cfg = ServeConfig(socket_path=tmp_path / "r.sock")
+    holder = ModelHolder()
+    holder.swap(served(models["small"], 1))
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    with Client(str(cfg.socket_path), timeout=20) as client:
+        with InferenceServer(holder, cfg):
+            assert client.infer(x).version == 1
+        assert not cfg.socket_path.exists()
+        holder2 = ModelHolder()
+        holder2.swap(served(models["other"], 2))
+        with InferenceServer(holder2, cfg):
+            assert client.infer(x).version == 2
+    with pytest.raises(Unavailable, match="no answer within 0.5 s"):
+        Client(str(cfg.socket_path), timeout=0.5).infer(x)  # nobody serves: a clear error, not a hang
+
+
+def test_a_stale_socket_is_replaced_and_a_live_one_or_a_file_is_refused(tmp_path, models):
+    path = tmp_path / "stale.sock"
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(str(path))
+    dead.close()  # the file stays, nothing listens: what a killed agent leaves
+    holder = ModelHolder()
+    holder.swap(served(models["small"], 1))
+    with InferenceServer(holder, ServeConfig(socket_path=path)):
+        with pytest.raises(OSError, match="another process is serving"):
+            InferenceServer(holder, ServeConfig(socket_path=path)).start()
+    (tmp_path / "plain").write_text("not a socket")
+    with pytest.raises(OSError, match="not a socket"):
+        InferenceServer(holder, ServeConfig(socket_path=tmp_path / "plain")).start()
+
+
+def test_histograms_give_quantiles_and_merge_by_adding():
+    a, b = TrafficStats(), TrafficStats()
+    for ms in (0.05, 0.3, 0.3, 4.0):
+        a.observe(3, ms)
+    for ms in (40.0, 9000.0):
+        b.observe(3, ms)
+    merged = [x + y for x, y in zip(a.snapshot()["versions"]["3"]["buckets"], b.snapshot()["versions"]["3"]["buckets"])]
+    assert quantile_ms(merged, 0.5) == 0.5 and quantile_ms(merged, 0.99) == BUCKETS_MS[-1]
+    assert quantile_ms([0] * (len(BUCKETS_MS) + 1), 0.5) is None
+
+
+_JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.floats() | st.text(max_size=6),
+                        lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                     max_size=3), max_leaves=30)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=st.one_of(st.binary(max_size=300), _JSONISH.map(lambda v: json.dumps({"inputs": {"image": v}}).encode()),
+                      _JSONISH.map(lambda v: json.dumps(v).encode())),
+       content_type=st.sampled_from(["application/json", "application/x-npy", "text/plain", ""]),
+       deadline=st.one_of(st.none(), st.sampled_from(["0", "-1", "nan", "1e9", "5", "x" * 50])))
+def test_no_request_an_attacker_sends_breaks_the_server(api, body, content_type, deadline):
+    headers = {"Content-Type": content_type, **({"X-Deadline-Ms": deadline} if deadline is not None else {})}
+    status, _, out = raw(api.cfg.socket_path, "POST", "/v1/infer", body, headers)
+    assert status in (200, 400, 500, 504), (status, out[:200])
+    if status != 200:
+        assert json.loads(out)["message"]
+    assert raw(api.cfg.socket_path, "GET", "/v1/health")[0] == 200  # and it still serves
