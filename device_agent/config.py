@@ -31,6 +31,21 @@ class BrokerConfig:
 
 
 @dataclass(frozen=True)
+class ServeSettings:
+    """The local inference API (device_agent.serving): on by default, on ``<state_dir>/infer.sock``."""
+
+    enabled: bool = True
+    socket: Path | None = None  # default: <state_dir>/infer.sock
+    socket_mode: int = 0o660  # read and write for the owner and the device's app group
+    port: int | None = None  # a loopback TCP port as well (0: any free one); None: the socket only
+    workers: int = 2
+    queue: int = 32
+    deadline_ms: float = 10_000.0
+    max_connections: int = 64
+    max_body_mb: float = 32.0
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str
     target: str
@@ -43,10 +58,18 @@ class AgentConfig:
     benchmark_runs: int = 50
     metrics_interval_s: float = 0.0  # 0: report metrics only after activation and on command
     emulated: bool = False  # a stand-in for the target class on the host: figures are labelled so
+    serve: ServeSettings = field(default_factory=ServeSettings)
+
+    @property
+    def socket_path(self) -> Path | None:
+        if not self.serve.enabled:
+            return None
+        return self.serve.socket or self.state_dir / "infer.sock"
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["state_dir"] = str(self.state_dir)
+        d["serve"] = {k: str(v) if isinstance(v, Path) else v for k, v in d["serve"].items() if v is not None}
         d["trusted_keys"] = [str(p) for p in self.trusted_keys]
         d["broker"] = {k: str(v) if isinstance(v, Path) else v for k, v in d["broker"].items() if v is not None}
         return d
@@ -125,7 +148,9 @@ def parse_config(data: Any, where: str, base_dir: Path | None = None) -> AgentCo
     interval = _typed(where, "metrics_interval_s", data.get("metrics_interval_s", 0.0), float)
     if interval < 0:
         raise ConfigError(f"{where}: 'metrics_interval_s' must be >= 0, got {interval}")
+    serve = _serve(data.get("serve", {}), where, base_dir)
     return AgentConfig(
+        serve=serve,
         device_id=device_id,
         target=_typed(where, "target", data["target"], str),
         state_dir=(base_dir / _typed(where, "state_dir", data["state_dir"], str)).resolve(),
@@ -138,6 +163,30 @@ def parse_config(data: Any, where: str, base_dir: Path | None = None) -> AgentCo
         metrics_interval_s=interval,
         emulated=_typed(where, "emulated", data.get("emulated", False), bool),
     )
+
+
+def _serve(data: Any, where: str, base_dir: Path) -> ServeSettings:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: 'serve' must be a mapping with {sorted(_fields(ServeSettings))}")
+    _check_keys(data, ServeSettings, f"{where}: serve")
+    d = ServeSettings()
+    out: dict[str, Any] = {}
+    for key, kind, low, high in (("workers", int, 1, 64), ("queue", int, 0, 10_000), ("max_connections", int, 1, 4096),
+                                 ("deadline_ms", float, 1, 3_600_000), ("max_body_mb", float, 0.001, 1024),
+                                 ("socket_mode", int, 0, 0o777)):
+        value = _typed(where, f"serve.{key}", data.get(key, getattr(d, key)), kind)
+        if not low <= value <= high:
+            raise ConfigError(f"{where}: serve.{key} {value} is outside [{low}, {high}]")
+        out[key] = value
+    port = data.get("port")
+    if port is not None and not 0 <= _typed(where, "serve.port", port, int) < 65536:
+        raise ConfigError(f"{where}: serve.port {port} is outside 0-65535")
+    socket_path = data.get("socket")
+    return ServeSettings(enabled=_typed(where, "serve.enabled", data.get("enabled", True), bool),
+                         socket=(base_dir / _typed(where, "serve.socket", socket_path, str)).resolve()
+                         if socket_path is not None else None, port=port, **out)
 
 
 def load_config(path: str | Path) -> AgentConfig:

@@ -278,3 +278,20 @@ def test_no_request_an_attacker_sends_breaks_the_server(api, body, content_type,
     if status != 200:
         assert json.loads(out)["message"]
     assert raw(api.cfg.socket_path, "GET", "/v1/health")[0] == 200  # and it still serves
+
+
+def test_the_agent_config_says_where_and_how_it_serves(tmp_path):
+    from device_agent.config import parse_config
+    from device_agent.errors import ConfigError
+
+    base = {"device_id": "d1", "target": "rpi4", "state_dir": "state", "trusted_keys": ["k.pub"]}
+    cfg = parse_config(base, "agent.yaml", tmp_path)
+    assert cfg.socket_path == tmp_path / "state" / "infer.sock" and cfg.serve.socket_mode == 0o660
+    cfg = parse_config({**base, "serve": {"socket": "/run/ef/infer.sock", "port": 0, "workers": 4}}, "agent.yaml",
+                       tmp_path)
+    assert str(cfg.socket_path) == "/run/ef/infer.sock" and cfg.serve.port == 0 and cfg.serve.workers == 4
+    assert parse_config({**base, "serve": {"enabled": False}}, "agent.yaml", tmp_path).socket_path is None
+    for bad, expected in (({"workers": 0}, "serve.workers 0 is outside"), ({"port": 70000}, "serve.port"),
+                          ({"sockets": "x"}, "unknown key"), ("yes", "'serve' must be a mapping")):
+        with pytest.raises(ConfigError, match=expected):
+            parse_config({**base, "serve": bad}, "agent.yaml", tmp_path)
