@@ -60,6 +60,8 @@ class State(str, enum.Enum):
     VERIFYING = "verifying"
     INSTALLING = "installing"
     TESTING = "testing"
+    #: timing a calibration suite (a job of kind ``calibration``: never installed, ends idle or failed)
+    CALIBRATING = "calibrating"
     ACTIVATED = "activated"
     ROLLED_BACK = "rolled_back"
     FAILED = "failed"
