@@ -8,6 +8,13 @@ caught at the boundary, logged and reported as one bounded event, and the messag
 message that was being handled when the process died is recognised after the restart (device_agent.guard).
 Only a verified, signed manifest that the device accepts changes ``state.json`` or the retained status;
 refusals of anything else are rate-limited events.
+
+A job whose manifest is of kind ``calibration`` goes through the same checks and download, is never installed and
+never touches the active model or ``highest_version``: its suite is timed on a thread of its own
+(device_agent.calibrator) while this worker goes on serving messages; its own ``highest_calibration`` refuses
+replays. States: downloading, verifying, calibrating, then idle (done, ``reason`` says what stopped it early) or
+failed (the payload was no suite); events calibration_started, calibrated, calibration_failed; the timings go out on
+the ``calibration`` leaf.
 """
 
 from __future__ import annotations
@@ -22,9 +29,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .calibration import RUNTIME as CALIBRATION_RUNTIME
+from .calibration import Batch
+from .calibrator import PAYLOAD, CalibrationJob
 from .config import AgentConfig
 from .download import Download
 from .errors import (
@@ -49,6 +60,7 @@ from .mqtt import MqttLink, Will
 from .protocol import (
     DEFAULT_WINDOW,
     MAX_JOB_BYTES,
+    Calibration,
     CorruptChunk,
     Event,
     Job,
@@ -114,6 +126,8 @@ class Agent:
         self._stop = threading.Event()
         self._transfer: _Transfer | None = None
         self._pending_events: list[tuple[str, str, str | None]] = []  # to publish once connected
+        self._calibration: CalibrationJob | None = None  # the suite being timed, on its own thread
+        self._calibration_resume: dict[str, Any] | None = None  # one to restart once connected
         self.telemetry = Telemetry(config.device_id, config.emulated)
         self.link = MqttLink(
             config.broker,
@@ -184,7 +198,20 @@ class Agent:
 
     def resume_from_disk(self) -> None:
         """Pick an interrupted download back up before connecting, so chunks the broker kept for us and
-        delivers first are not dropped for want of a transfer to put them in."""
+        delivers first are not dropped for want of a transfer to put them in; note an unfinished calibration,
+        restarted from its progress once connected."""
+        cal = self.state.get("calibration")
+        if isinstance(cal, dict) and cal.get("finished") is False:
+            try:
+                usable = isinstance(cal.get("version"), int) and bool(check_id(cal.get("job_id"), "job_id")) \
+                    and (self._calibration_dir(cal["job_id"]) / PAYLOAD).is_file()
+            except ProtocolError:
+                usable = False
+            if usable:
+                self._calibration_resume = cal
+            else:  # a crash between accepting it and keeping its payload (or a record edited by hand): nothing to time
+                self._save_state(state=State.FAILED.value, reason="calibration payload missing after a restart",
+                                 calibration={**cal, "finished": True})
         job_id = self.state.get("job_id")
         if self.state.get("state") != State.DOWNLOADING.value or not job_id:
             return
@@ -212,6 +239,8 @@ class Agent:
         self.load_active()
         self.resume_from_disk()
         self.link.start(timeout=connect_timeout)
+        if self._calibration_resume is not None:
+            self._resume_calibration(self._calibration_resume)
         last_metrics = time.monotonic()
         try:
             while not self._stop.is_set():
@@ -227,12 +256,16 @@ class Agent:
                     self._tick()
                     if self.cfg.metrics_interval_s and time.monotonic() - last_metrics >= self.cfg.metrics_interval_s:
                         last_metrics = time.monotonic()
-                        self._report_metrics()
+                        if self._calibration is None:  # a benchmark beside a calibration would skew both
+                            self._report_metrics()
                 except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure
                     log.exception("periodic work failed")
                     self._event("agent_error", f"periodic work: {type(exc).__name__}: {short(str(exc))}", limited=True)
             backoff.record_clean_stop()
         finally:
+            if self._calibration is not None:  # kept on disk: it resumes on the next start
+                self._calibration.cancel()
+                self._calibration.join(10)
             self.guard.close()
             if self._transfer is not None:
                 self._transfer.download.close()
@@ -269,14 +302,17 @@ class Agent:
             return self._event("dropped", f"refused an oversized message: {payload[8:].decode()}", limited=True)
         if name == "" and payload.startswith(b"http-done:"):
             return self._on_http_done(payload[len(b"http-done:"):].decode())
+        if name == "" and payload.startswith(b"calibration:"):
+            return self._on_calibration(json.loads(payload[len(b"calibration:"):]))
         if name == "":  # (re)connected: announce ourselves
             self.link.publish(self._t(Leaf.ONLINE), b"online", qos=1, retain=True)
             while self._pending_events:
                 kind, message, job_id = self._pending_events.pop(0)
                 self._event(kind, message, job_id=job_id)
             state = State(self.state.get("state", State.IDLE.value))
-            self._publish_status(state if state in (State.ACTIVATED, State.ROLLED_BACK, State.FAILED) else State.IDLE,
-                                 job_id=self.state.get("job_id"), version=self.state.get("version"))
+            kept = (State.ACTIVATED, State.ROLLED_BACK, State.FAILED, State.CALIBRATING)
+            self._publish_status(state if state in kept else State.IDLE, job_id=self.state.get("job_id"),
+                                 version=self.state.get("version"))
             if self._transfer is not None and self._transfer.manifest.url:
                 if self._transfer.http is None:
                     self._start_http(self._transfer)
@@ -323,16 +359,20 @@ class Agent:
             return  # a retained job we already finished
         if self._transfer is not None and self._transfer.job_id == job.job_id:
             return
+        cal = self.state.get("calibration")
+        if isinstance(cal, dict) and cal.get("job_id") == job.job_id:
+            return  # the retained calibration job we are timing, or timed
         try:
             signed = verify_envelope(job.manifest, self.trusted)
             manifest = Manifest.from_signed(signed)
-            if self._already_active(job, manifest):
+            if manifest.kind == "model" and self._already_active(job, manifest):
                 return
             self._check_manifest(manifest)
         except VerificationError as exc:
             return self._refuse_unaccepted(job.job_id, None, str(exc), exc.result_code)
         except ProtocolError as exc:
             return self._refuse_unaccepted(job.job_id, None, str(exc), ResultCode.UNSUPPORTED_PACKAGE)
+        self._cancel_calibration(f"superseded by job {job.job_id}")  # one job at a time, of either kind
         if self._transfer is not None:  # a newer job supersedes the one in flight
             self._transfer.download.discard()
             self._event("superseded", f"job {self._transfer.job_id} replaced by {job.job_id}")
@@ -373,11 +413,17 @@ class Agent:
         if m.target != self.cfg.target:
             raise VerificationError(f"manifest is for target {m.target!r}, this device is {self.cfg.target!r}",
                                     ResultCode.UNSUPPORTED_PACKAGE)
-        highest = int(self.state.get("highest_version", 0))
+        # models and calibrations count their versions apart: a calibration never raises the model's floor
+        key = "highest_calibration" if m.kind == "calibration" else "highest_version"
+        highest = int(self.state.get(key, 0))
         if m.version <= highest:
             raise VerificationError(f"version {m.version} is not newer than {highest} already accepted "
-                                    "(replayed or stale manifest)", ResultCode.UPDATE_FAILED)
+                                    f"{'for a calibration ' if m.kind == 'calibration' else ''}(replayed or stale "
+                                    "manifest)", ResultCode.UPDATE_FAILED)
         m.check_expiry()
+        if m.kind == "calibration" and m.runtime != CALIBRATION_RUNTIME:
+            raise VerificationError(f"a calibration suite runs on {CALIBRATION_RUNTIME}, this one names "
+                                    f"{m.runtime!r}", ResultCode.UNSUPPORTED_PACKAGE)
         if m.runtime not in available_runtimes():
             raise VerificationError(f"runtime {m.runtime!r} is not on this device (has {available_runtimes()})",
                                     ResultCode.UNSUPPORTED_PACKAGE)
@@ -496,6 +542,8 @@ class Agent:
         except VerificationError as exc:
             tr.download.discard()
             return self._refuse(tr.job_id, m.version, str(exc), exc.result_code)
+        if m.kind == "calibration":
+            return self._start_calibration(tr, decoded)
         slot = self.store.inactive_slot()
         self._save_state(state=State.INSTALLING.value, slot=slot)
         self._publish_status(State.INSTALLING, job_id=tr.job_id, version=m.version)
@@ -525,6 +573,107 @@ class Agent:
                              result_code=int(ResultCode.SUCCESS))
         self._event("activated", f"v{m.version} active in slot {slot}", job_id=tr.job_id, version=m.version)
         self._publish_metrics(bench)
+
+    # ------------------------------------------------------------------------------ calibration
+    def _calibration_dir(self, job_id: str) -> Path:
+        return self.root / "calibration" / job_id
+
+    def _start_calibration(self, tr: _Transfer, decoded: Path) -> None:
+        """A verified suite: kept in its own work directory (never a slot), accepted (``highest_calibration``), timed
+        on its own thread."""
+        m = tr.manifest
+        work = self._calibration_dir(tr.job_id)
+        work.mkdir(parents=True, exist_ok=True)
+        decoded.replace(work / PAYLOAD)
+        record = {"job_id": tr.job_id, "version": m.version, "finished": False}
+        self._save_state(state=State.CALIBRATING.value, reason=None, calibration=record,
+                         highest_calibration=max(m.version, int(self.state.get("highest_calibration", 0))))
+        tr.download.discard()
+        self._publish_status(State.CALIBRATING, job_id=tr.job_id, version=m.version, progress=0.0)
+        self._event("calibration_started", f"calibration v{m.version} ({m.name}) accepted; timing it",
+                    job_id=tr.job_id, version=m.version)
+        self._launch_calibration(record)
+
+    def _resume_calibration(self, record: dict[str, Any]) -> None:
+        self._calibration_resume = None
+        self._save_state(state=State.CALIBRATING.value, job_id=record["job_id"], version=record.get("version"))
+        self._pending_events.append(("resumed", "calibration resumes from its progress after a restart",
+                                     record["job_id"]))
+        self._launch_calibration(record)
+
+    def _launch_calibration(self, record: dict[str, Any]) -> None:
+        job_id, version = str(record["job_id"]), int(record["version"])
+
+        def publish(batch: Batch) -> None:
+            msg = Calibration(self.cfg.device_id, job_id, version, batch.done, batch.total, batch.results,
+                              batch.finished, batch.error, batch.env, boot=self.boot, seq=next(self._seq))
+            self.link.publish(self._t(Leaf.CALIBRATION), encode(msg), qos=1)
+
+        previous, self._calibration = self._calibration, CalibrationJob(
+            job_id, version, self._calibration_dir(job_id), self.cfg.threads, publish, self._post_calibration,
+            previous=self._calibration)
+        if previous is not None:
+            previous.cancel(previous.reason or f"superseded by job {job_id}")
+        self._calibration.start()
+
+    def _post_calibration(self, body: dict[str, Any]) -> None:
+        """From the calibration thread: into this worker's inbox, waiting while it is full, never past a stop."""
+        item = ("", b"calibration:" + json.dumps(body).encode(), None)
+        while not self._stop.is_set():
+            try:
+                return self._inbox.put(item, timeout=0.5)
+            except queue.Full:
+                continue
+
+    def _cancel_calibration(self, reason: str) -> None:
+        """A newer job was accepted: the running calibration ends with a last message saying so, and is not
+        resumed."""
+        job = self._calibration
+        if job is None or job.reason is not None:
+            return
+        cal = self.state.get("calibration")
+        if isinstance(cal, dict) and cal.get("job_id") == job.job_id:
+            self._save_state(calibration={**cal, "finished": True, "error": reason})
+        if not job.alive:  # it ended; what it posted last is now ignored (see _on_calibration)
+            job.reason, self._calibration = reason, None
+            return
+        job.cancel(reason)  # kept as the running job until its last post, so a next one waits on its thread
+        self._event("calibration_failed", f"calibration stopped: {reason}", job_id=job.job_id, version=job.version)
+
+    def _on_calibration(self, body: dict[str, Any]) -> None:
+        """What the calibration thread posted: progress, or its end (done, failed, superseded)."""
+        job = self._calibration
+        if job is None or body.get("job_id") != job.job_id:
+            return
+        if job.reason is not None:  # superseded: only its last post matters, and only to let it go
+            if body["kind"] != "progress":
+                self._calibration = None
+            return
+        if body["kind"] == "progress":
+            self._publish_status(State.CALIBRATING, job_id=job.job_id, version=job.version,
+                                 progress=round(body["done"] / max(1, body["total"]), 4))
+            return
+        self._calibration = None
+        cal = {**(self.state.get("calibration") or {}), "finished": True}
+        (job.dir / PAYLOAD).unlink(missing_ok=True)
+        if body["kind"] == "failed":
+            cal["error"] = body["reason"]
+            self._save_state(state=State.FAILED.value, reason=body["reason"], calibration=cal)
+            self._publish_status(State.FAILED, job_id=job.job_id, version=job.version, reason=body["reason"],
+                                 result_code=body["result_code"])
+            self._event("calibration_failed", body["reason"], job_id=job.job_id, version=job.version,
+                        result_code=body["result_code"])
+            return
+        error = body.get("error")
+        code = int(ResultCode.SUCCESS if error is None else ResultCode.UPDATE_FAILED)
+        cal.update(done=body["done"], total=body["total"], failed=body["failed"], error=error)
+        self._save_state(state=State.IDLE.value, reason=error, calibration=cal)
+        self._publish_status(State.IDLE, job_id=job.job_id, version=job.version, reason=error, result_code=code,
+                             progress=1.0)
+        summary = (f"timed {body['done']} of {body['total']} cases ({body['timed']} in this run, {body['failed']} "
+                   f"failed) in {body['elapsed_s']:.1f} s")
+        self._event("calibrated", summary + (f": {error}" if error else ""), job_id=job.job_id, version=job.version,
+                    result_code=code)
 
     # ------------------------------------------------------------------------------ commands
     def _report_metrics(self) -> None:
