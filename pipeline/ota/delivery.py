@@ -58,6 +58,65 @@ RESEND_AFTER_S = 3.0
 _TERMINAL = frozenset(s.value for s in TERMINAL_STATES)
 
 
+def publish_job(link, prefix: str, devices: list[str], job_id: str, artifact: Artifact) -> None:
+    """The signed manifest on each device's job topic, retained: a device that connects later still gets it."""
+    for device_id in devices:
+        link.publish(topic(prefix, device_id, Leaf.JOB), encode({"job_id": job_id, "manifest": artifact.envelope}),
+                     qos=1, retain=True)
+
+
+class ChunkServer:
+    """Serves one job's chunks as devices ask for them (``stream/get``), on its own thread: the network thread only
+    queues the requests (:meth:`request`). ``counters``: device id -> an object whose ``chunks_served``,
+    ``chunks_resent`` and ``bytes_sent`` it counts up."""
+
+    def __init__(self, link, prefix: str, artifact: Artifact, job_id: str, counters: dict[str, Any],
+                 requests: queue.Queue[tuple[str, StreamGet]] | None = None) -> None:
+        self.link, self.prefix, self.artifact, self.job_id, self.counters = link, prefix, artifact, job_id, counters
+        self.requests: queue.Queue[tuple[str, StreamGet]] = requests if requests is not None else queue.Queue()
+        self._stop = threading.Event()
+        self._sent_at: dict[str, dict[int, float]] = {d: {} for d in counters}
+        self._thread = threading.Thread(target=self._serve, name="chunk-server", daemon=True)
+
+    def request(self, device_id: str, req: StreamGet) -> None:
+        if req.job_id == self.job_id and device_id in self.counters:
+            self.requests.put((device_id, req))
+
+    def start(self) -> "ChunkServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _serve(self) -> None:
+        chunk_size, prefix, link, job_id = self.artifact.manifest.chunk_size, self.prefix, self.link, self.job_id
+        with open(self.artifact.model_path, "rb") as f:
+            while not self._stop.is_set():
+                try:
+                    device_id, req = self.requests.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+                r, last = self.counters[device_id], self._sent_at[device_id]
+                for index in req.chunks:
+                    if index >= self.artifact.manifest.chunks:
+                        link.publish(topic(prefix, device_id, Leaf.STREAM_REJECTED),
+                                     encode({"job_id": job_id, "reason": f"chunk {index} out of range"}))
+                        break
+                    now = time.monotonic()
+                    if not req.resend and now - last.get(index, -1e9) < RESEND_AFTER_S:
+                        continue
+                    f.seek(index * chunk_size)
+                    frame = encode_chunk(job_id, index, f.read(chunk_size))
+                    link.publish(topic(prefix, device_id, Leaf.STREAM_DATA), frame, qos=1)
+                    r.chunks_served += 1
+                    r.bytes_sent += len(frame)
+                    if index in last:
+                        r.chunks_resent += 1
+                    last[index] = now
+
+
 def deliver(
     broker: BrokerConfig, prefix: str, artifact: Artifact, devices: list[str], timeout_s: float,
     progress: Callable[[str, DeviceResult], None] | None = None,
@@ -66,7 +125,6 @@ def deliver(
     results = {d: DeviceResult(d) for d in devices}
     done: set[str] = set()  # devices with their verdict (and, after an activation, their metrics)
     requests: queue.Queue[tuple[str, StreamGet]] = queue.Queue()
-    chunk_size = artifact.manifest.chunk_size
 
     def on_message(name: str, payload: bytes) -> None:
         try:
@@ -118,46 +176,12 @@ def deliver(
 
     subs = [(f"{prefix}/v1/+/{leaf.value}", 1) for leaf in (Leaf.STATUS, Leaf.METRICS, Leaf.STREAM_GET, Leaf.EVENTS)]
     watch = Watch(broker, prefix, subs, on_message, name="host").start()
-    link = watch.link
-    stop = threading.Event()
-
-    sent_at: dict[str, dict[int, float]] = {d: {} for d in devices}
-
-    def serve() -> None:
-        with open(artifact.model_path, "rb") as f:
-            while not stop.is_set():
-                try:
-                    device_id, req = requests.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-                r, last = results[device_id], sent_at[device_id]
-                for index in req.chunks:
-                    if index >= artifact.manifest.chunks:
-                        link.publish(topic(prefix, device_id, Leaf.STREAM_REJECTED),
-                                     encode({"job_id": job_id, "reason": f"chunk {index} out of range"}))
-                        break
-                    now = time.monotonic()
-                    if not req.resend and now - last.get(index, -1e9) < RESEND_AFTER_S:
-                        continue
-                    f.seek(index * chunk_size)
-                    frame = encode_chunk(job_id, index, f.read(chunk_size))
-                    link.publish(topic(prefix, device_id, Leaf.STREAM_DATA), frame, qos=1)
-                    r.chunks_served += 1
-                    r.bytes_sent += len(frame)
-                    if index in last:
-                        r.chunks_resent += 1
-                    last[index] = now
-
-    server = threading.Thread(target=serve, name="chunk-server", daemon=True)
-    server.start()
+    server = ChunkServer(watch.link, prefix, artifact, job_id, results, requests).start()
     try:
-        for device_id in devices:
-            link.publish(topic(prefix, device_id, Leaf.JOB),
-                         encode({"job_id": job_id, "manifest": artifact.envelope}), qos=1, retain=True)
+        publish_job(watch.link, prefix, devices, job_id, artifact)
         watch.until(lambda: done >= set(devices), timeout_s)
     finally:
-        stop.set()
-        server.join(5)
+        server.stop()
         watch.stop()
     for r in results.values():
         if r.device_id not in done and r.status is DeviceStatus.TIMEOUT:
