@@ -62,3 +62,30 @@ def test_delivery_over_tls(tls_broker, tiny_onnx, key_dir, tmp_path):
     finally:
         agent.stop()
         t.join(10)
+
+
+def test_a_device_publishes_its_calibration_timings_and_only_the_host_reads_them(tls_broker):
+    """The ACL `pipeline broker config` writes lets a device publish on its own calibration leaf (never another
+    device's) and the host read every device's; a device reads none."""
+    _, identity, made = tls_broker
+    from pathlib import Path
+
+    assert "pattern write edgefleet/v1/%u/calibration" in Path(made["acl"]).read_text()
+    got, seen_by_b = [], []
+    host = Watch(identity("host"), "edgefleet", [("edgefleet/v1/+/calibration", 1)],
+                 lambda t, p: got.append((t, p))).start()
+    b = Watch(identity("dev-b"), "edgefleet", [("edgefleet/v1/+/calibration", 1)],
+              lambda t, p: seen_by_b.append(t), name="dev-b")
+    a = MqttLink(identity("dev-a"), "dev-a", lambda t, p: None).start()
+    try:
+        assert host.settle(10)
+        b.start()
+        a.publish("edgefleet/v1/dev-b/calibration", b"forged", qos=1)
+        a.publish("edgefleet/v1/dev-a/calibration", b"timings", qos=1)  # last: in order after the forgery
+        assert host.until(lambda: ("edgefleet/v1/dev-a/calibration", b"timings") in got, 10)
+        assert got == [("edgefleet/v1/dev-a/calibration", b"timings")]
+        assert seen_by_b == []
+    finally:
+        a.stop()
+        b.stop()
+        host.stop()

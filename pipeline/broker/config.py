@@ -16,7 +16,7 @@ from device_agent.protocol import PROTOCOL_VERSION, Leaf, check_id
 from .pki import CertificateAuthority
 
 HOST_IDENTITY = "host"
-_DEVICE_PUBLISHES = (Leaf.STATUS, Leaf.ONLINE, Leaf.STREAM_GET, Leaf.METRICS, Leaf.EVENTS)
+_DEVICE_PUBLISHES = (Leaf.STATUS, Leaf.ONLINE, Leaf.STREAM_GET, Leaf.METRICS, Leaf.EVENTS, Leaf.CALIBRATION)
 _DEVICE_READS = (Leaf.JOB, Leaf.STREAM_DATA, Leaf.STREAM_REJECTED, Leaf.CMD)
 
 

@@ -7,6 +7,11 @@ committed: a crash between batches loses nothing the broker was told we had.
 Whatever a device publishes, the ingester goes on: each message is checked (topic, device id, size and nesting,
 then the protocol's decoder) before anything parses or stores it, and one that fails is counted by reason
 (``Drop``), logged (rate-limited), acknowledged and skipped.
+
+Calibration timings (``<device>/calibration``) are not fleet telemetry: the command that asked for them collects
+them (``pipeline targets calibrate``, pipeline.ota.calibration). The ingester does not subscribe to them, and one
+that reaches it all the same (a bridge or a wildcard subscription) is ignored, counted in ``ignored``, never as a
+dropped (malformed or refused) message.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ from .store import FleetStore
 
 log = logging.getLogger(__name__)
 LEAVES = (Leaf.METRICS, Leaf.STATUS, Leaf.EVENTS, Leaf.ONLINE)
+#: leaves of device messages that are not telemetry: ignored, not dropped (see the module's note)
+IGNORED = (Leaf.CALIBRATION,)
 #: an agent's message is a few hundred bytes, two levels deep; these leave room and bound the parser's work
 MAX_PAYLOAD = 64 * 1024
 MAX_DEPTH = 16
@@ -48,6 +55,10 @@ class Drop(str, enum.Enum):
     SCHEMA = "schema"  # JSON, but not a message of this protocol version (or an online flag other than on/off)
     STORE = "store"  # the database refused it
     INTERNAL = "internal"  # anything else a message raised: a bug, counted instead of stopping the ingester
+
+
+class Ignored(Exception):
+    """A device message that is not the ingester's to store (``IGNORED``)."""
 
 
 class Dropped(Exception):
@@ -84,12 +95,14 @@ def _is_json(payload: bytes) -> bool:
 
 
 def parse(prefix: str, name: str, payload: bytes) -> Message:
-    """One message from the broker as the store takes it, or ``Dropped`` saying why not. Total: bounds are
-    checked before the protocol's decoder parses anything, and nothing else comes out."""
+    """One message from the broker as the store takes it, ``Dropped`` saying why not, or ``Ignored`` (a calibration
+    message). Total: bounds are checked before the protocol's decoder parses anything, and nothing else comes out."""
     try:
         device, leaf = parse_topic(prefix, name)
     except ProtocolError as exc:
         raise Dropped(Drop.TOPIC, str(exc)) from None
+    if leaf in IGNORED:
+        raise Ignored(f"{leaf.value}: not telemetry")
     if leaf not in LEAVES:
         raise Dropped(Drop.TOPIC, f"topic {name!r}: the ingester does not take {leaf.value!r}")
     try:
@@ -126,6 +139,7 @@ class Ingester:
         self.stored = 0  # rows written
         self.received = 0  # messages taken from the broker
         self.dropped_by: dict[Drop, int] = dict.fromkeys(Drop, 0)  # messages skipped, by reason
+        self.ignored = 0  # messages of the IGNORED leaves: not telemetry, not dropped
         self.error: str | None = None  # why run() stopped, when it failed
         self._stop = threading.Event()
 
@@ -147,9 +161,12 @@ class Ingester:
             log.warning("dropped a message on %.200r (%s, %d so far): %.300s", name, reason.value, n, why)
 
     def handle(self, name: str, payload: bytes) -> Message | None:
-        """One message from the broker: what to store, or None when it was dropped (and counted). Never raises."""
+        """One message from the broker: what to store, or None when it was dropped (and counted by reason) or
+        ignored (counted in ``ignored``). Never raises."""
         try:
             return parse(self.prefix, name, payload)
+        except Ignored:
+            self.ignored += 1
         except Dropped as exc:
             self._drop(exc.reason, name, exc)
         except Exception as exc:  # noqa: BLE001 - the ingester outlives any one message

@@ -37,10 +37,10 @@ def bench(tmp_path_factory):
 def handled(bench, name: str, payload: bytes):
     """The ingester's whole per-message path: handle, then commit what it kept. Neither may raise."""
     ingester, store = bench
-    before = ingester.dropped
+    before, ignored = ingester.dropped, ingester.ignored
     message = ingester.handle(name, payload)
-    if message is None:
-        assert ingester.dropped == before + 1  # a refusal is always counted
+    if message is None:  # a refusal is always counted; a calibration message is ignored, and counted as such
+        assert (ingester.dropped, ingester.ignored) in ((before + 1, ignored), (before, ignored + 1))
     else:
         device, leaf, body = message
         assert check_id(device, "device") and leaf in ("metrics", "status", "events", "online")
@@ -133,6 +133,22 @@ def test_each_refusal_is_counted_under_its_reason(tmp_path, name, payload, reaso
     assert ingester.handle(name, payload) is None
     assert {r: n for r, n in ingester.dropped_by.items() if n} == {reason: 1}
     assert ingester.counters()["dropped"][reason.value] == 1
+
+
+def test_calibration_messages_are_ignored_not_dropped(tmp_path):
+    """A calibration's timings are the calibrate command's, not telemetry: not subscribed to, and one that arrives
+    all the same is neither stored nor counted as a malformed or refused message."""
+    from device_agent.protocol import Calibration
+    from pipeline.fleet.ingest import LEAVES
+
+    ingester = Ingester(BrokerConfig(host="127.0.0.1", port=1), tmp_path / "fleet.db")
+    assert Leaf.CALIBRATION not in LEAVES
+    assert not any("calibration" in t for t, _ in ingester.link.subscriptions)
+    good = encode(Calibration(device_id="dev-1", job_id="c1-ab", version=1, done=1, total=2,
+                              results=[{"id": "k0", "median_ms": 0.1, "p10_ms": 0.1, "p90_ms": 0.1}]))
+    for payload in (good, b"\xff", b"[" * 100_000):
+        assert ingester.handle("edgefleet/v1/dev-1/calibration", payload) is None
+    assert ingester.dropped == 0 and ingester.ignored == 3
 
 
 def test_nesting_ignores_brackets_inside_strings():
