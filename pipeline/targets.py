@@ -169,7 +169,13 @@ def target_file(name: str, directory: Path | None = None) -> Path | None:
 
 
 def kernels_file(name: str) -> Path | None:
-    """The kernel measurements of a target calibrated in person: beside the YAML that defines it, if any."""
+    """The kernel measurements of a target calibrated in person, if any: the user directory's
+    ``<name>.kernels.json`` (``pipeline targets calibrate`` writes it there, for a packaged class too), else the one
+    beside the YAML that defines the target. A user YAML without one beside it never takes the packaged one: that
+    one measured another machine."""
+    mine = user_dir() / f"{name}.kernels.json"
+    if mine.is_file():
+        return mine
     path = target_file(name)
     kernels = path.with_name(f"{name}.kernels.json") if path else None
     return kernels if kernels and kernels.is_file() else None

@@ -114,3 +114,15 @@ def test_a_device_that_never_answers_is_reported_and_the_job_is_cleared(mosquitt
                lambda t, p: retained.append(p)) as w:
         assert w.settle(10)
     assert retained == []  # no device starts this suite later with nobody listening
+
+
+def test_a_device_of_another_class_refuses_the_job_and_says_why(mosquitto, artifact, key_dir, tmp_path):
+    """A real agent process of class rpi4 given host's suite: refused (an event naming the class), never timed."""
+    from pipeline.bundle import public_key_path
+    from pipeline.ota.local_fleet import LocalFleet
+
+    with LocalFleet(tmp_path / "devices", mosquitto.config, "rpi4", 1, public_key_path(key_dir), PREFIX) as fleet:
+        run = run_calibration_job(mosquitto.config, PREFIX, artifact, fleet.device_ids, {"probe0"}, timeout_s=30)
+    [d] = run.devices
+    assert d.status is CalibrationStatus.REFUSED and d.results == {} and run.unfinished == ["rpi4-emu-0"]
+    assert "host" in d.reason and "rpi4" in d.reason, d.reason

@@ -8,10 +8,10 @@ import argparse
 import logging
 
 from .. import __version__
-from . import broker, compress, config, deploy, fleet, profile, provision, quantize
+from . import broker, compress, config, deploy, fleet, profile, provision, quantize, targets
 
 #: each group's ``COMMANDS``: subcommand name -> the function that adds its parser
-GROUPS = (deploy, compress, quantize, fleet, provision, profile, broker, config)
+GROUPS = (deploy, compress, quantize, fleet, provision, profile, targets, broker, config)
 #: the order ``pipeline --help`` lists the subcommands in
 ORDER = ("deploy", "compress", "quantize", "fleet", "dashboard", "provision", "devices", "rollback", "history", "fit", "profile",
          "broker", "config", "targets")

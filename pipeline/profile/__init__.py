@@ -54,8 +54,8 @@ def host_threads(target: TargetProfile) -> int:
 
 
 def kernel_predictor(target: TargetProfile):
-    """The kernel-level predictor of a target calibrated in person (<name>.kernels.json beside the YAML that
-    defines the target: the user's directory, or the packaged targets), if any."""
+    """The kernel-level predictor of a target calibrated in person (``targets.kernels_file``: the user directory's
+    <name>.kernels.json, else the one beside the YAML that defines the target), if any."""
     from ..targets import kernels_file
     from .kernels import KernelPredictor
 
@@ -74,6 +74,8 @@ _KERNEL_CACHE: dict[Path, tuple[int, Any]] = {}
 def predict_model(path: Path, target: TargetProfile, static: StaticProfile | None = None) -> dict[str, Any]:
     """Predicted figures for a model file: kernel-level latency where the target was calibrated in person,
     else the roofline (with host-calibrated op factors where the host is of the target's architecture)."""
+    from ..targets import kernels_file
+
     static = static or analyse(path)
     predicted = predict(static, target, calibrated_host(target))
     kp = kernel_predictor(target)
@@ -82,8 +84,11 @@ def predict_model(path: Path, target: TargetProfile, static: StaticProfile | Non
         predicted["roofline_latency_ms"] = predicted["latency_ms"]
         predicted["latency_ms"] = round(latency, 4)
         predicted["energy_mj"] = round(latency * target.power.active_w, 4)
-        predicted["basis"] = (f"kernel-level predictor calibrated on {target.name} "
-                              f"({len(kp.samples)} kernels); energy at {target.power.active_w:g} W active")
+        predicted["basis"] = (f"{kp.provenance()}: {target.name}'s kernel-level predictor ({len(kp.samples)} "
+                              f"kernels); energy at {target.power.active_w:g} W active")
+        cal = kp.meta.get("calibration") if isinstance(kp.meta.get("calibration"), dict) else {}
+        predicted["calibration"] = {"devices": cal.get("devices"), "date": cal.get("date") or kp.meta.get("date"),
+                                    "kernels": len(kp.samples), "file": str(kernels_file(target.name))}
     return predicted
 
 

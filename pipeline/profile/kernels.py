@@ -149,6 +149,9 @@ class KernelPredictor:
         self.correction = correction or {p: [0.0] + [1.0] * len(KINDS) + [0.0] for p in ("fp32", "int8")}
         #: the speed reference's latency when calibrated (see profile.compare.SpeedProbe)
         self.reference_ms: float | None = None
+        #: how and where it was calibrated (``pipeline targets calibrate``: the devices, their versions, the date,
+        #: the fit's error); empty for measurements that predate provenance
+        self.meta: dict[str, Any] = {}
         self.samples = samples
         self.forests: dict[tuple[str, bool], Any] = {}
         groups: dict[tuple[str, bool], list[dict[str, Any]]] = {}
@@ -188,12 +191,26 @@ class KernelPredictor:
                        and (k.kind, not k.int8) not in self.forests})
 
     def save(self, path: Path, meta: dict[str, Any]) -> None:
-        path.write_text(json.dumps({"meta": meta, "reference_ms": self.reference_ms, "correction": self.correction,
-                                    "samples": self.samples}))
+        """Written atomically: a reader (a profile running meanwhile) sees the old file or the new one."""
+        from device_agent.storage import atomic_write_bytes
+
+        self.meta = meta
+        atomic_write_bytes(path, json.dumps({"meta": meta, "reference_ms": self.reference_ms,
+                                             "correction": self.correction, "samples": self.samples}).encode())
 
     @classmethod
     def load(cls, path: Path) -> "KernelPredictor":
         data = json.loads(path.read_text())
         predictor = cls(data["samples"], data["correction"])
         predictor.reference_ms = data.get("reference_ms")
+        predictor.meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
         return predictor
+
+    def provenance(self) -> str:
+        """Where it comes from, in words: "calibrated from N device(s) on DATE", or the date of a calibration that
+        predates provenance."""
+        cal = self.meta.get("calibration") if isinstance(self.meta.get("calibration"), dict) else None
+        if cal and isinstance(cal.get("devices"), list):
+            n = len(cal["devices"])
+            return f"calibrated from {n} device{'s' if n != 1 else ''} on {cal.get('date') or 'an unknown date'}"
+        return f"calibrated in process on {self.meta.get('date') or 'an unknown date'} (no device provenance)"

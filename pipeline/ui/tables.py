@@ -52,12 +52,39 @@ def print_targets(ui: UI, profiles: list) -> None:
               for p in profiles])
 
 
-def print_calibration(ui: UI, result: dict[str, Any], out) -> None:
-    """``targets calibrate``: the fitted op factors and how well they predict, and where they were written."""
-    ui.table("Op factors (latency = overhead + factor x roofline time)", ["category", "overhead us", "factor"],
-             [[c, f["overhead_us"], f["roofline_factor"]] for c, f in result["ops"].items()])
-    ui.info(f"fit on {result['fit']['models']} models: median error {result['fit']['median_abs_error_pct']}%, "
-            f"{result['fit']['within_10pct']:.0%} within 10%; wrote {out}")
+#: the calibration statuses of a device that sent ``finished`` (``pipeline.ota.calibration.FINISHED``)
+CALIBRATION_FINISHED = ("finished", "stopped")
+
+
+def print_calibration(ui: UI, report: dict[str, Any]) -> None:
+    """``targets calibrate``: per device what it timed and how it ended, the fits' errors, and what was written."""
+    rows = []
+    for d in report["devices"]:
+        env = d.get("env") or {}
+        rows.append([d["device_id"], d["status"], f"{d['cases']}/{d['total'] or report['suite']['cases']}",
+                     f"{d['wall_s']:.0f}" if d.get("wall_s") else "-", env.get("agent_version") or "-",
+                     f"{env.get('runtime') or '-'} {env.get('runtime_version') or ''}".strip(),
+                     (env.get("cpu") or "-")[:32], d["refused_messages"], (d.get("reason") or "")[:60]])
+    ui.table(f"Calibration of {report['target']} ({report['suite']['cases']} cases)",
+             ["device", "status", "cases", "time s", "agent", "runtime", "cpu", "refused msgs", "reason"], rows,
+             ["green" if d["status"] == "finished" else ("yellow" if d["status"] in CALIBRATION_FINISHED
+                                                         else "bold red") for d in report["devices"]])
+    k = report.get("kernel_fit") or {}
+    if k.get("models"):
+        ui.info(f"kernel predictor: {k['kernels']} kernels; on {k['models']} whole models median error "
+                f"{k['median_abs_error_pct']}%, {k['within_10pct']:.0%} within 10%")
+    o = report.get("op_fit") or {}
+    if o.get("models"):
+        ui.info(f"op factors: on {o['models']} whole models median error {o['median_abs_error_pct']}%, "
+                f"{o['within_10pct']:.0%} within 10%")
+    if report.get("peaks"):
+        p = report["peaks"]
+        ui.info("measured peaks: " + ", ".join(f"{v:g} {unit}" for key, unit in (
+            ("gflops_fp32", "GFLOP/s fp32"), ("gops_int8", "GOP/s int8"), ("bandwidth_gbs", "GB/s")) if (v := p.get(key))))
+    for what, path in (report.get("written") or {}).items():
+        ui.info(f"wrote {path}")
+    if report["unfinished"]:
+        ui.warn(f"did not finish: {', '.join(report['unfinished'])} (what they sent is in the fit)")
 
 
 def print_broker_config(ui: UI, made: dict[str, Any], devices: list[str], port: int) -> None:

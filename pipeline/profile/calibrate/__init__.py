@@ -1,81 +1,60 @@
-"""``pipeline targets calibrate``: measure this machine and write it as a target (host.yaml).
+"""Calibrating a device class from its own devices (``pipeline targets calibrate --target T``).
 
-It is written into the user directory (``pipeline.targets.user_dir()``: ``$EDGEFLEET_TARGETS_DIR``, else
-``~/.config/edgefleet/targets``), where it overrides the packaged host.yaml; never into the installation.
-
-1. Facts: cores, clock, RAM, storage from the OS.
-2. Micro-benchmarks with onnxruntime: fp32 GEMM rate, int8 (QDQ) convolution rate, memory
-   bandwidth (a large copy), at the thread count the target will be profiled with.
-3. Op factors: a seeded family of small random CNNs and MLPs (fp32 and int8), each exported to ONNX
-   and timed; a non-negative least-squares fit of latency = session overhead + sum over op
-   categories of (nodes x overhead + factor x roofline time) gives each category's overhead and
-   roofline factor. The fit's own error on the calibration set is reported.
-
-``peaks`` measures the machine, ``suite`` builds what is timed (random models, single kernels), ``fit`` fits
-the factors and the kernel-level predictor, ``write`` turns the result into host.yaml; ``calibrate`` runs them.
+The host builds a suite (``build``: single kernels in context, whole random models, the peak cases and the speed
+probe, as ONNX files), the class's devices time it through their agents (a ``calibration`` artifact over the
+normal OTA path, see ``pipeline.calibration``), and from what they measured the host fits (``fit``) and writes
+(``write``) the class's kernel-level predictor with its provenance into the user directory
+(``pipeline.targets.user_dir()``: ``$EDGEFLEET_TARGETS_DIR``, else ``~/.config/edgefleet/targets``), never into
+the installation. ``host`` is calibrated the same way, through a local agent process; for it ``host.yaml`` is
+written too (its peak rates and op factors). ``suite`` holds what is timed, ``peaks`` the rates.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ...export import export_model, quantize_model
-from ..compare import steady_latency_ms
-from ..static import analyse
-from .fit import features, fit_factors, fit_kernel_predictor, measure_kernels
-from .peaks import cpu_clock_ghz, cpu_model, measure_peaks
+from ...targets import TargetProfile
+from .. import HOST
+from .build import SCALES, BuiltSuite, build_suite, parse_scale
+from .fit import Measured, combine, features, fit_factors, fit_op_factors, fit_predictor, with_peaks
+from .peaks import cpu_clock_ghz, cpu_model, rates
 from .suite import calibration_models, kernel_configs, kernel_module, kernel_prefix
-from .write import host_profile, kernels_path, write_host_yaml
-
-def calibrate(threads: int | None = None, models: int = 32, progress: Callable[[str], None] = print,
-              kernel_scale: int = 4) -> dict[str, Any]:
-    threads = threads or os.cpu_count() or 1
-    tmp = Path(tempfile.mkdtemp(prefix="calibrate-"))
-    try:
-        progress(f"micro-benchmarks at {threads} thread(s)")
-        peaks = measure_peaks(threads, tmp)
-        progress(f"fp32 {peaks['gflops_fp32']} GFLOP/s, int8 {peaks['gops_int8']} GOP/s, "
-                 f"copy {peaks['bandwidth_gbs']} GB/s")
-        host = host_profile(peaks, threads)
-        rows, times, names = [], [], []
-        calib_x = np.random.default_rng(1).random((16, 1, 28, 28), dtype=np.float32)
-        for i, (name, model, shape) in enumerate(calibration_models(models)):
-            fp32 = export_model("onnx", model, shape, tmp / f"{name}.onnx", 17)
-            variants = [(name, fp32)]
-            if i % 2 == 0:
-                q, _ = quantize_model("int8-static", fp32, tmp / f"{name}-int8.onnx", calib_x, calib_x[:1],
-                                      np.zeros(1, np.int64), 1.0)
-                variants.append((f"{name}-int8", q))
-            for vname, path in variants:
-                rows.append(features(analyse(path), host))
-                times.append(steady_latency_ms(path, shape, threads) / 1e3)
-                names.append(vname)
-            progress(f"calibration model {i + 1}/{models}: {name}")
-        session, factors, fitted = fit_factors(rows, times)
-        err = np.abs(fitted - np.array(times)) / np.array(times)
-        kernels, kernel_fit = None, None
-        if kernel_scale:
-            progress("kernel-level predictor: timing single kernels in context")
-            kernels, kernel_fit = fit_kernel_predictor(threads, tmp, max(models, 4), progress, kernel_scale)
-            progress(f"kernel predictor: {kernel_fit['kernels']} kernels; on {kernel_fit['models']} whole models "
-                     f"median error {kernel_fit['median_abs_error_pct']}%, {kernel_fit['within_10pct']:.0%} within 10%")
-        return {"peaks": peaks, "threads": threads, "session_overhead_us": round(session * 1e6, 3),
-                "kernels": kernels, "kernel_fit": kernel_fit,
-                "ops": {k: v.model_dump() for k, v in factors.items()},
-                "fit": {"models": len(times), "median_abs_error_pct": round(float(np.median(err) * 100), 2),
-                        "within_10pct": round(float((err <= 0.1).mean()), 3)},
-                "host": host}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+from .write import host_profile, kernels_path, write_host_yaml, write_kernels
 
 
-__all__ = ["calibrate", "calibration_models", "cpu_clock_ghz", "cpu_model", "features", "fit_factors",
-           "fit_kernel_predictor", "host_profile", "kernel_configs", "kernel_module", "kernel_prefix", "kernels_path",
-           "measure_kernels", "measure_peaks", "write_host_yaml"]
+def fit_calibration(built: BuiltSuite, per_device: dict[str, dict[str, dict[str, Any]]],
+                    target: TargetProfile) -> dict[str, Any]:
+    """Everything the devices measured of ``built``, fitted: {measured, peaks, predictor, kernel_fit, profile,
+    ops}. ``per_device``: device id -> case id -> its result (``median_ms`` at least)."""
+    measured = combine(built.suite, per_device)
+    peaks = rates({cid: measured.p10_ms.get(cid) for cid in ("peak-fp32", "peak-int8", "bandwidth")})
+    predictor, kernel_fit = fit_predictor(built, measured)
+    threads = built.suite.threads or target.cpu.cores
+    profile = host_profile(peaks, threads, target) if target.name == HOST else with_peaks(target, peaks)
+    ops = fit_op_factors(built, measured, profile)
+    return {"measured": measured, "peaks": peaks, "predictor": predictor, "kernel_fit": kernel_fit,
+            "profile": profile, "ops": ops, "threads": threads}
+
+
+def store_calibration(fitted: dict[str, Any], target: TargetProfile, provenance: dict[str, Any]) -> dict[str, str]:
+    """``<target>.kernels.json`` (and for ``host``, ``host.yaml``) in the user directory; returns what was written.
+    ``provenance``: the devices, their versions, the date... kept under the file's ``meta.calibration``."""
+    written: dict[str, str] = {}
+    predictor, kernel_fit = fitted["predictor"], fitted["kernel_fit"]
+    if predictor is not None:
+        meta = {"kernels": kernel_fit["kernels"], "reference_ms": predictor.reference_ms,
+                "models": kernel_fit["models"], "median_abs_error_pct": kernel_fit["median_abs_error_pct"],
+                "within_10pct": kernel_fit["within_10pct"], "threads": fitted["threads"],
+                "date": provenance.get("date"), "calibration": {**provenance, "fit": kernel_fit,
+                                                                "peaks": fitted["peaks"]}}
+        written["kernels"] = str(write_kernels(predictor, target.name, meta))
+    if target.name == HOST and fitted["ops"] is not None:
+        written["target"] = str(write_host_yaml({"host": fitted["profile"], "threads": fitted["threads"],
+                                                 "devices": provenance.get("devices"), **fitted["ops"]}))
+    return written
+
+
+__all__ = ["SCALES", "BuiltSuite", "Measured", "build_suite", "calibration_models", "combine", "cpu_clock_ghz",
+           "cpu_model", "features", "fit_calibration", "fit_factors", "fit_op_factors", "fit_predictor",
+           "host_profile", "kernel_configs", "kernel_module", "kernel_prefix", "kernels_path", "parse_scale", "rates",
+           "store_calibration", "with_peaks", "write_host_yaml", "write_kernels"]

@@ -1,23 +1,34 @@
-"""The fits: whole-model latencies to per-op-category factors (non-negative least squares on roofline
-features), and the kernel-level predictor (single kernels timed in context, then a per-precision correction
-fitted on whole random models)."""
+"""The fits, from what the devices measured (nothing is timed here).
+
+1. Per device, each case's median is set on one speed scale: the cases of a group were timed next to that
+   group's probe, and are scaled by (the device's median probe) / (the group's probe), so a device that drifted
+   between speed levels while it ran the suite does not bend the fit.
+2. A kernel's time in context is T(prefix + kernel) - T(prefix), per device (the two were timed interleaved),
+   then the median over devices; whole models take the per-case median over devices, the peak cases their 10th
+   percentile's (a peak is what the device reaches, not its typical figure).
+3. The kernel-level predictor (random forests per kind and precision, :class:`..kernels.KernelPredictor`) is
+   fitted on the kernels, then its per-precision correction (feeds, fetches and boundary quantization are in no
+   single kernel) by non-negative least squares on the whole models; the op factors (latency = session overhead +
+   per category nodes x overhead + factor x roofline time) by the same on the same models. Each fit's own error
+   on those models is reported.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
-from ...export import export_model, quantize_model
+from device_agent.calibration import Suite
+
 from ...targets import OpFactor, TargetProfile
-from ..compare import steady_latency_ms
 from ..predict import roofline_terms
 from ..static import CATEGORIES
-from .suite import calibration_models, kernel_configs, kernel_module, kernel_prefix
+from .build import BuiltSuite
+
+#: a kernel whose two files time alike (noise) costs this much at least, microseconds
+MIN_KERNEL_US = 0.05
 
 
 def features(profile, target: TargetProfile) -> np.ndarray:
@@ -46,77 +57,133 @@ def fit_factors(rows: list[np.ndarray], times_s: list[float]) -> tuple[float, di
     return float(coef[0]), factors, a @ coef
 
 
-def measure_kernels(threads: int, tmp: Path, progress: Callable[[str], None], seed: int = 0,
-                    scale: int = 1, probe=None, reference_ms: float | None = None) -> tuple[list[dict[str, Any]], float]:
-    """Time each kernel in context; int8 versions of the compute kernels (quantized with their prefix).
-    Every 20 kernels the speed reference is timed again and the samples are normalised to ``reference_ms``."""
-    from dataclasses import replace
-
-    configs = kernel_configs(seed, scale)
-    samples, pending = [], []
-    factor = 1.0
-    for i, k in enumerate(configs):
-        if probe is not None and i % 20 == 0:
-            factor = reference_ms / probe.probe()
-        torch.manual_seed(i)
-        module, shape = kernel_module(k)
-        prefix = kernel_prefix(k).eval()
-        pre = export_model("onnx", prefix, shape, tmp / f"p{i}.onnx", 17)
-        full = export_model("onnx", nn.Sequential(prefix, module).eval(), shape, tmp / f"k{i}.onnx", 17)
-        variants = [(k, pre, full)]
-        if k.kind in ("conv", "dwconv", "gemm") and (i % 2 == 0 or k.cin <= 3 or k.cout < 16):
-            x = np.random.default_rng(i).random((4, *shape), dtype=np.float32)
-            qargs = (x, x[:1], np.zeros(1, np.int64), 1.0)
-            qpre, _ = quantize_model("int8-static", pre, tmp / f"p{i}q.onnx", *qargs)
-            qfull, _ = quantize_model("int8-static", full, tmp / f"k{i}q.onnx", *qargs)
-            variants.append((replace(k, int8=True), qpre, qfull))
-        for kern, p_pre, p_full in variants:
-            a = steady_latency_ms(p_pre, shape, threads, rounds=3, runs=30)
-            b = steady_latency_ms(p_full, shape, threads, rounds=3, runs=30)
-            samples.append({"kernel": kern.to_dict(), "us": round(max((b - a) * 1e3 * factor, 0.05), 3)})
-        if (i + 1) % 50 == 0:
-            progress(f"kernels measured: {i + 1}/{len(configs)}")
-    del pending
-    return samples, 0.0
+def normalise(suite: Suite, results: dict[str, dict[str, Any]], key: str = "median_ms"
+              ) -> tuple[dict[str, float], float | None]:
+    """One device's case figures (``key``: the medians, or the 10th percentiles) on the scale of its median probe,
+    and that probe (None: no probe came back; the figures are then taken as they are)."""
+    roles = suite.extra["cases"]
+    probes = {c.group: results[c.id]["median_ms"] for c in suite.cases
+              if roles[c.id]["role"] == "probe" and c.id in results and results[c.id]["median_ms"] > 0}
+    reference = float(np.median(list(probes.values()))) if probes else None
+    out = {}
+    for c in suite.cases:
+        r = results.get(c.id)
+        if r is None:
+            continue
+        factor = reference / probes[c.group] if reference and c.group in probes else 1.0
+        out[c.id] = float(r.get(key, r["median_ms"])) * factor
+    return out, reference
 
 
-def fit_kernel_predictor(threads: int, tmp: Path, models: int, progress: Callable[[str], None], scale: int = 1):
-    """Kernel forests from isolated measurements, then a per-precision linear correction fitted on whole
-    random models (feeds, fetches and boundary quantization are not in any single kernel). All timings
-    are normalised to the speed reference's latency at the start, so a drift of the machine's speed
-    during calibration does not bend the fit."""
+@dataclass
+class Measured:
+    """The suite's figures combined over devices."""
+
+    #: case id -> ms, the median over devices of each device's normalised figure
+    ms: dict[str, float]
+    #: kernel case id -> microseconds in context, the median over devices of (kernel - prefix)
+    kernel_us: dict[str, float]
+    #: the probe's latency, the median over devices of each device's median probe (None: none came back)
+    reference_ms: float | None
+    #: device id -> cases it measured
+    counts: dict[str, int] = field(default_factory=dict)
+    #: case id -> ms, the same for each case's 10th percentile: what a device reaches (the peak rates)
+    p10_ms: dict[str, float] = field(default_factory=dict)
+
+
+def combine(suite: Suite, per_device: dict[str, dict[str, dict[str, Any]]]) -> Measured:
+    """``per_device``: device id -> case id -> the device's result for it (``median_ms`` at least)."""
+    roles = suite.extra["cases"]
+    ms: dict[str, list[float]] = {}
+    p10: dict[str, list[float]] = {}
+    kernel: dict[str, list[float]] = {}
+    references = []
+    for results in per_device.values():
+        scaled, reference = normalise(suite, results)
+        if reference:
+            references.append(reference)
+        for case_id, value in normalise(suite, results, "p10_ms")[0].items():
+            p10.setdefault(case_id, []).append(value)
+        for case_id, value in scaled.items():
+            ms.setdefault(case_id, []).append(value)
+            meta = roles[case_id]
+            if meta["role"] == "kernel" and meta["pair"] in scaled:
+                kernel.setdefault(case_id, []).append(max((value - scaled[meta["pair"]]) * 1e3, MIN_KERNEL_US))
+    return Measured(ms={k: float(np.median(v)) for k, v in ms.items()},
+                    kernel_us={k: float(np.median(v)) for k, v in kernel.items()},
+                    reference_ms=float(np.median(references)) if references else None,
+                    counts={d: len(r) for d, r in per_device.items()},
+                    p10_ms={k: float(np.median(v)) for k, v in p10.items()})
+
+
+def _errors(predicted: np.ndarray, measured: np.ndarray) -> dict[str, Any]:
+    err = np.abs(predicted - measured) / measured
+    if not len(err):
+        return {"models": 0, "median_abs_error_pct": None, "within_10pct": None, "max_abs_error_pct": None}
+    return {"models": int(len(err)), "median_abs_error_pct": round(float(np.median(err) * 100), 2),
+            "within_10pct": round(float((err <= 0.1).mean()), 3),
+            "max_abs_error_pct": round(float(err.max() * 100), 2)}
+
+
+def _models(built: BuiltSuite, measured: Measured) -> list[tuple[str, str, float]]:
+    """(case id, precision, measured ms) of every whole model that came back."""
+    return [(cid, m["precision"], measured.ms[cid]) for cid, m in built.suite.extra["cases"].items()
+            if m["role"] == "model" and measured.ms.get(cid, 0) > 0]
+
+
+def fit_predictor(built: BuiltSuite, measured: Measured):
+    """The kernel-level predictor and its correction, and its error on the whole models (overall and per
+    precision)."""
     from scipy.optimize import nnls
 
-    from ..compare import SpeedProbe
     from ..kernels import KernelPredictor
 
-    probe = SpeedProbe(threads, tmp)
-    reference_ms = probe.probe()
-    samples, base_us = measure_kernels(threads, tmp, progress, scale=scale, probe=probe, reference_ms=reference_ms)
+    cases = built.suite.extra["cases"]
+    samples = [{"kernel": cases[cid]["kernel"], "us": round(us, 3)} for cid, us in sorted(measured.kernel_us.items())]
+    if not samples:
+        return None, {"kernels": 0, **_errors(np.array([]), np.array([]))}
     predictor = KernelPredictor(samples)
-    calib_x = np.random.default_rng(1).random((16, 1, 28, 28), dtype=np.float32)
     rows: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
     times: dict[str, list[float]] = {"fp32": [], "int8": []}
-    for i, (name, model, shape) in enumerate(calibration_models(models, seed=100)):
-        fp32 = export_model("onnx", model, shape, tmp / f"w{name}.onnx", 17)
-        q, _ = quantize_model("int8-static", fp32, tmp / f"w{name}q.onnx", calib_x, calib_x[:1],
-                              np.zeros(1, np.int64), 1.0)
-        factor = reference_ms / probe.probe()
-        for key, path in (("fp32", fp32), ("int8", q)):
-            rows[key].append(predictor.kind_sums_us(path)[0])
-            times[key].append(steady_latency_ms(path, shape, threads) * 1e3 * factor)
-    correction, errors = {}, []
+    for cid, precision, ms in _models(built, measured):
+        rows[precision].append(predictor.kind_sums_us(built.file(cid))[0])
+        times[precision].append(ms * 1e3)
+    predicted, actual, per = [], [], {}
     for key in rows:
+        if not rows[key]:
+            continue
         a, t = np.array(rows[key]), np.array(times[key])
         w = 1 / t
         scale = np.maximum(a.max(0), 1e-9)
         coef, _ = nnls(a / scale * w[:, None], t * w)
         coef = coef / scale
-        correction[key] = [round(float(c), 5) for c in coef]
-        errors += list(np.abs(a @ coef - t) / t)
-    predictor.correction = correction
-    err = np.array(errors)
-    predictor.reference_ms = round(reference_ms, 5)
-    return predictor, {"kernels": len(samples), "reference_ms": round(reference_ms, 5), "models": len(err),
-                       "median_abs_error_pct": round(float(np.median(err) * 100), 2),
-                       "within_10pct": round(float((err <= 0.1).mean()), 3)}
+        predictor.correction[key] = [round(float(c), 5) for c in coef]
+        predicted += list(a @ coef)
+        actual += list(t)
+        per[key] = _errors(a @ coef, t)
+    predictor.reference_ms = round(measured.reference_ms, 5) if measured.reference_ms else None
+    return predictor, {"kernels": len(samples), **_errors(np.array(predicted), np.array(actual)), "by_precision": per}
+
+
+def fit_op_factors(built: BuiltSuite, measured: Measured, profile: TargetProfile) -> dict[str, Any] | None:
+    """Op factors on the whole models against ``profile``'s roofline (its peaks as measured), or None when no
+    whole model came back."""
+    from ..static import analyse
+
+    models = _models(built, measured)
+    if not models:
+        return None
+    rows = [features(analyse(built.file(cid)), profile) for cid, _, _ in models]
+    times = [ms / 1e3 for _, _, ms in models]
+    session, factors, fitted = fit_factors(rows, times)
+    return {"session_overhead_us": round(session * 1e6, 3), "ops": {k: v.model_dump() for k, v in factors.items()},
+            "fit": _errors(fitted, np.array(times))}
+
+
+def with_peaks(target: TargetProfile, peaks: dict[str, float]) -> TargetProfile:
+    """``target`` with the peak rates its devices measured (those that came back)."""
+    cpu = {k: v for k, v in (("peak_gflops_fp32", peaks.get("gflops_fp32")),
+                             ("peak_gops_int8", peaks.get("gops_int8"))) if v}
+    memory = {"bandwidth_gbs": peaks["bandwidth_gbs"]} if peaks.get("bandwidth_gbs") else {}
+    return target.model_copy(update={"cpu": target.cpu.model_copy(update=cpu),
+                                     "memory": target.memory.model_copy(update=memory)})

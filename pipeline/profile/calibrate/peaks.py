@@ -1,20 +1,20 @@
-"""This machine's facts and peak rates: CPU model and clock from the OS, then onnxruntime's fp32 convolution
-rate, the int8 (QDQ) rate of the same convolution, and memory bandwidth (a large copy)."""
+"""A device's facts and peak rates. The rates come from three cases of the calibration suite, timed on the device
+like every other case: a large convolution (fp32, and its int8 QDQ version: the compute peaks) and a ReLU over
+32 MiB (memory bandwidth, read + write). This host's CPU model and clock come from the OS."""
 
 from __future__ import annotations
 
 import platform
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import psutil
-import torch
-from torch import nn
 
-from ...export import export_model, quantize_model
+#: the peak convolution: 128 -> 256 channels, 3x3, at 28x28
+PEAK_SHAPE = (128, 28, 28)
+PEAK_MACS = 256 * 128 * 9 * 28 * 28
+#: the bandwidth case: a ReLU over this many float32 elements (32 MiB; beyond the caches of the devices we know)
+BANDWIDTH_SHAPE = (8, 1024, 1024)
+BANDWIDTH_ELEMENTS = 8 * 1024 * 1024
 
 
 def cpu_clock_ghz() -> float:
@@ -39,42 +39,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _time(fn: Callable[[], Any], min_s: float = 0.3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(5):
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < min_s / 5:
-            fn()
-            n += 1
-        best = min(best, (time.perf_counter() - t0) / n)
-    return best
+def peak_modules():
+    """(case id, module, input shape without the batch, int8?) of the three peak cases."""
+    import torch
+    from torch import nn
 
-
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = threads
-    o.log_severity_level = 3
-    return ort.InferenceSession(str(path), o, providers=["CPUExecutionProvider"])
-
-
-def measure_peaks(threads: int, tmp: Path) -> dict[str, float]:
-    """fp32 GFLOP/s of a large convolution, int8 GOP/s of its QDQ version, copy bandwidth GB/s."""
     torch.manual_seed(0)
     conv = nn.Sequential(nn.Conv2d(128, 256, 3, padding=1)).eval()
-    shape = (128, 28, 28)
-    macs = 256 * 128 * 9 * 28 * 28
-    fp32 = export_model("onnx", conv, shape, tmp / "peak.onnx", 17)
-    x = np.random.default_rng(0).random((8, *shape), dtype=np.float32)
-    int8, _ = quantize_model("int8-static", fp32, tmp / "peak-int8.onnx", x, x[:1], np.zeros(1, np.int64), 1.0)
+    return [("peak-fp32", conv, PEAK_SHAPE, False), ("peak-int8", conv, PEAK_SHAPE, True),
+            ("bandwidth", nn.ReLU().eval(), BANDWIDTH_SHAPE, False)]
+
+
+def rates(ms: dict[str, float]) -> dict[str, float]:
+    """The peak rates from the three cases' latencies (ms): fp32 GFLOP/s, int8 GOP/s, copy GB/s."""
     out = {}
-    for key, path in (("gflops_fp32", fp32), ("gops_int8", int8)):
-        s = _session(path, threads)
-        feed = {s.get_inputs()[0].name: x[:1]}
-        out[key] = round(2 * macs / _time(lambda: s.run(None, feed)) / 1e9, 2)
-    a = np.ones(32 * 2**20, dtype=np.float32)  # 128 MiB: far beyond the caches
-    b = np.empty_like(a)
-    out["bandwidth_gbs"] = round(2 * a.nbytes / _time(lambda: np.copyto(b, a)) / 1e9, 2)  # read + write
+    for key, case in (("gflops_fp32", "peak-fp32"), ("gops_int8", "peak-int8")):
+        if ms.get(case):
+            out[key] = round(2 * PEAK_MACS / (ms[case] * 1e-3) / 1e9, 2)
+    if ms.get("bandwidth"):
+        out["bandwidth_gbs"] = round(2 * 4 * BANDWIDTH_ELEMENTS / (ms["bandwidth"] * 1e-3) / 1e9, 2)
     return out

@@ -79,49 +79,64 @@ _CH = [1, 3, 8, 12, 16, 24, 32, 40, 48, 64, 80, 88, 96, 128, 160, 192]
 _DW = [16, 24, 32, 48, 64, 72, 96, 128, 144, 192, 256, 384]
 _FC_IN = [64, 84, 120, 128, 256, 400, 512, 784, 1024, 1568, 2048]
 _FC_OUT = [10, 32, 64, 84, 120, 128, 256, 512]
+_PW = [6, 11, 16, 20, 24, 40, 44, 64, 72, 96, 120, 144, 192, 240, 320]
 
 
-def kernel_configs(seed: int = 0, scale: int = 1) -> list:
-    """Random single-kernel configurations spanning what small CNNs use."""
+def kernel_configs(seed: int = 0, scale: float = 1) -> list:
+    """Random single-kernel configurations spanning what small CNNs and their pruned versions use, and the
+    larger inputs of 224-pixel networks. ``scale`` multiplies every family's count (each keeps one at least);
+    the families are drawn in a fixed order from one stream, so a family added at the end leaves the earlier
+    ones as they were."""
     from ..kernels import Kernel
 
     rng = np.random.default_rng(seed)
     pick = lambda xs: int(rng.choice(xs))  # noqa: E731
+    n = lambda count: max(1, round(count * scale))  # noqa: E731
     out = []
-    for _ in range(140 * scale):
+    for _ in range(n(140)):
         h = pick([28, 28, 14, 14, 7, 4])
         k = pick([1, 3, 3, 5])
         out.append(Kernel("conv", False, pick(_CH), pick(_CH[2:]), k, pick([1, 1, 2]) if h >= 14 else 1, h, h))
     # first layers: one or three input channels on a full-size input, every output width including the odd
     # ones structured pruning leaves (their int8 kernels are im2col-bound and much slower than MACs say)
-    for _ in range(30 * scale):
+    for _ in range(n(30)):
         h = pick([28, 28, 14])
         out.append(Kernel("conv", False, pick([1, 1, 3]), pick([3, 4, 6, 8, 12, 16, 24, 32, 48, 64]),
                           pick([3, 5, 5, 7]), pick([1, 1, 2]), h, h))
-    for _ in range(20 * scale):  # pruned widths in the body
+    for _ in range(n(20)):  # pruned widths in the body
         h = pick([14, 10, 7, 4])
         out.append(Kernel("conv", False, pick([3, 5, 6, 8, 11, 12, 20, 24]), pick([4, 6, 8, 11, 12, 16, 20, 24]),
                           pick([3, 5]), 1, h, h))
-    for _ in range(50 * scale):
+    for _ in range(n(50)):
         h = pick([28, 14, 14, 7, 4])
         c = pick(_DW)
         out.append(Kernel("dwconv", False, c, c, 3, pick([1, 1, 2]) if h >= 14 else 1, h, h))
-    for _ in range(50 * scale):
+    for _ in range(n(50)):
         out.append(Kernel("gemm", False, pick(_FC_IN), pick(_FC_OUT), 1, 1, 1, 1))
-    for _ in range(15 * scale):  # the small heads of pruned networks
+    for _ in range(n(15)):  # the small heads of pruned networks
         out.append(Kernel("gemm", False, pick([42, 60, 64, 100, 200, 392, 400]), pick([10, 21, 42, 60, 64]), 1, 1, 1, 1))
-    for _ in range(25 * scale):
+    for _ in range(n(25)):
         h = pick([28, 14, 10, 7])
         c = pick(_CH[2:])
         out.append(Kernel("pool", False, c, c, 2, 2, h, h))
-    for _ in range(20 * scale):
+    for _ in range(n(20)):
         h = pick([7, 4, 2, 1])
         c = pick(_CH[4:] + [256, 384])
         out.append(Kernel("gpool", False, c, c, 1, 1, h, h))
-    for _ in range(25 * scale):
+    for _ in range(n(25)):
         h = pick([28, 14, 7, 4])
         c = pick(_CH[4:])
         out.append(Kernel("add", False, c, c, 1, 1, h, h))
+    for _ in range(n(40)):  # pointwise (1x1) convolutions at the widths pruning and expansion leave
+        h = pick([56, 28, 28, 14, 14, 7])
+        out.append(Kernel("conv", False, pick(_PW), pick(_PW), 1, 1, h, h))
+    for _ in range(n(25)):  # depthwise at odd (pruned) widths, 5x5, and the large inputs of 224-pixel networks
+        h = pick([112, 56, 56, 28, 14, 7])
+        c = pick([20, 40, 56, 88, 120, 144, 200, 240] if h <= 56 else [16, 24, 32, 48])
+        out.append(Kernel("dwconv", False, c, c, pick([3, 3, 5]), pick([1, 2]) if h >= 14 else 1, h, h))
+    for _ in range(n(10)):  # first layers of 224-pixel networks: three channels, stride 2
+        h = pick([224, 112])
+        out.append(Kernel("conv", False, 3, pick([8, 16, 24, 32]), 3, 2, h, h))
     return out
 
 
