@@ -47,7 +47,7 @@ from .errors import (
 )
 from .faults import crash_point
 from .guard import PoisonGuard, RateLimit, StartBackoff
-from .health import Benchmark, benchmark, health_check
+from .health import Benchmark, benchmark, check_golden, health_check
 from .manifest import (
     Manifest,
     decode_payload,
@@ -57,6 +57,7 @@ from .manifest import (
     verify_envelope,
 )
 from .mqtt import MqttLink, Will
+from .serving import InferenceServer, ModelHolder, ServeConfig, Served, TrafficStats
 from .protocol import (
     DEFAULT_WINDOW,
     MAX_JOB_BYTES,
@@ -122,6 +123,11 @@ class Agent:
         self.dropped = 0  # messages refused before the worker saw them (oversized)
         self.session: Session | None = None
         self.last_bench: Benchmark | None = None
+        # the local inference API (device_agent.serving): the model applications call, swapped without a failed
+        # request; started before the broker connects, so the device's applications never wait for the network
+        self.serving = ModelHolder()
+        self.traffic = TrafficStats()
+        self.api: InferenceServer | None = None
         self._inbox: queue.Queue[tuple[str, bytes, Callable[[], Any] | None]] = queue.Queue(INBOX_SIZE)
         self._stop = threading.Event()
         self._transfer: _Transfer | None = None
@@ -184,8 +190,8 @@ class Agent:
     def _publish_metrics(self, bench: Benchmark) -> None:
         m = self.telemetry.metrics(bench, self.store.active(), self.session, self.store.active_manifest(),
                                    self.state.get("state"))
-        self.link.publish(self._t(Leaf.METRICS), encode(dataclasses.replace(m, boot=self.boot, seq=next(self._seq))),
-                          qos=1)
+        m = dataclasses.replace(m, boot=self.boot, seq=next(self._seq), traffic=self.traffic.snapshot())
+        self.link.publish(self._t(Leaf.METRICS), encode(m), qos=1)
 
     # ------------------------------------------------------------------------------ lifecycle
     def load_active(self) -> None:
@@ -194,7 +200,41 @@ class Agent:
             if self.store.active() is not None:
                 log.error("active model in slot %s is missing or damaged", self.store.active().slot)
             return
-        self.session = get_runtime(self.cfg.runtime).load(active.path, self.cfg.threads)
+        self._serve(get_runtime(self.cfg.runtime).load(active.path, self.cfg.threads), self.store.active_manifest())
+
+    def _serve(self, session: Session, manifest: Manifest | None) -> None:
+        """``session`` answers from now on: the agent's benchmark and every new API request; requests already
+        running on the previous model finish there."""
+        self.session = session
+        describe: dict[str, Any] = {}
+        if manifest is not None and manifest.preprocess is not None:
+            describe["preprocess"] = manifest.preprocess.to_dict()
+        if manifest is not None and manifest.labels is not None:
+            describe["labels"] = list(manifest.labels)
+        self.serving.swap(Served(session, manifest.name if manifest else "model",
+                                 manifest.version if manifest else None, describe))
+
+    def start_api(self) -> None:
+        """Listen for the device's applications (``serve:`` in agent.yaml). A socket that cannot be opened (a
+        path too long, a directory without rights, another agent on it) is an event; the agent goes on without
+        the API rather than not at all."""
+        path = self.cfg.socket_path
+        s = self.cfg.serve
+        if path is None and s.port is None:
+            return
+        cfg = ServeConfig(socket_path=path, tcp_port=s.port, workers=s.workers, queue=s.queue,
+                          deadline_ms=s.deadline_ms, max_connections=s.max_connections,
+                          max_body_bytes=int(s.max_body_mb * 2**20), socket_mode=s.socket_mode)
+        try:
+            self.api = InferenceServer(self.serving, cfg, self.traffic).start()
+        except OSError as exc:
+            self.api = None
+            log.error("inference API not started: %s", exc)
+            self._pending_events.append(("serve_failed", f"inference API not started on {path}: "
+                                                         f"{short(str(exc), 300)}", None))
+            return
+        log.info("inference API on %s%s", path, f" and 127.0.0.1:{self.api.tcp_address[1]}" if self.api.tcp_address
+                 else "")
 
     def resume_from_disk(self) -> None:
         """Pick an interrupted download back up before connecting, so chunks the broker kept for us and
@@ -237,6 +277,7 @@ class Agent:
             if self._stop.wait(delay):
                 return
         self.load_active()
+        self.start_api()
         self.resume_from_disk()
         self.link.start(timeout=connect_timeout)
         if self._calibration_resume is not None:
@@ -263,6 +304,8 @@ class Agent:
                     self._event("agent_error", f"periodic work: {type(exc).__name__}: {short(str(exc))}", limited=True)
             backoff.record_clean_stop()
         finally:
+            if self.api is not None:
+                self.api.stop()
             if self._calibration is not None:  # kept on disk: it resumes on the next start
                 self._calibration.cancel()
                 self._calibration.join(10)
@@ -567,7 +610,8 @@ class Agent:
             return
         self.store.activate(slot, m)
         crash_point("activated")
-        self.session, self.last_bench = session, bench
+        self.last_bench = bench
+        self._serve(session, m)  # loaded and health-checked above: warm before the first request reaches it
         self._save_state(state=State.ACTIVATED.value, highest_version=m.version, reason=None)
         self._publish_status(State.ACTIVATED, job_id=tr.job_id, version=m.version,
                              result_code=int(ResultCode.SUCCESS))
@@ -720,11 +764,12 @@ class Agent:
             manifest = Manifest.from_signed(envelope.get("signed") if isinstance(envelope, dict) else None)
             session = get_runtime(manifest.runtime).load(self.store.slot_dir(other) / manifest.filename,
                                                          self.cfg.threads)
+            check_golden(session, manifest)  # warm, and still right, before a request reaches it
         except (AgentError, OSError, ValueError) as exc:
             return self._event("rollback_refused", f"slot {other}: {short(str(exc), 300)}", job_id=cmd_id,
                                active_version=active.version if active else None)
         self.store.activate(other, manifest)
-        self.session = session
+        self._serve(session, manifest)
         self._save_state(state=State.ACTIVATED.value)
         self._publish_status(State.ACTIVATED, version=manifest.version, reason="rolled back on command")
         self._event("rolled_back", f"back to v{manifest.version} in slot {other} on command", version=manifest.version,

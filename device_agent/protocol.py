@@ -342,6 +342,10 @@ class Metrics(Message):
     ts: float = field(default_factory=now)
     boot: int | None = None
     seq: int | None = None
+    #: the latency figures above are the agent's benchmark on the manifest's golden vectors ("golden"); real
+    #: traffic through the inference API is ``traffic``: device_agent.serving.TrafficStats.snapshot()
+    source: str = "golden"
+    traffic: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -124,9 +124,14 @@ class TrafficStats:
         self.queue_depth = 0
         self.queue_peak = 0
 
+    #: versions kept (the oldest goes first): the active one, the one it replaced, a few before
+    MAX_VERSIONS = 4
+
     def _of(self, version: int | None) -> dict[str, Any]:
         key = str(version)
         if key not in self._versions:
+            if len(self._versions) >= self.MAX_VERSIONS:
+                del self._versions[next(iter(self._versions))]
             self._versions[key] = {"buckets": [0] * (len(BUCKETS_MS) + 1), "count": 0, "sum_ms": 0.0,
                                    "errors": {k: 0 for k in ERROR_KINDS}}
         return self._versions[key]

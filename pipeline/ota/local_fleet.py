@@ -39,6 +39,16 @@ class LocalFleet:
     def config_path(self, device_id: str) -> Path:
         return self.workdir / device_id / "agent.yaml"
 
+    def socket_path(self, device_id: str) -> Path:
+        """Where the agent serves its inference API: beside its state, unless that path is longer than a Unix
+        socket's name may be (107 bytes); then a short one in a private directory under the temp dir."""
+        path = (self.workdir / device_id / "state" / "infer.sock").resolve()
+        if len(str(path).encode()) <= 100:
+            return path
+        private = Path(tempfile.gettempdir()) / f"edgefleet-{os.getuid()}"
+        private.mkdir(mode=0o700, exist_ok=True)
+        return private / f"{device_id[:40]}-{zlib.crc32(str(self.workdir.resolve()).encode()):08x}.sock"
+
     def write_config(self, device_id: str) -> Path:
         path = self.config_path(device_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -47,7 +57,7 @@ class LocalFleet:
             "trusted_keys": [str(self.trusted_key)], "topic_prefix": self.prefix,
             "broker": {"host": self.broker.host, "port": self.broker.port, "protocol": self.broker.protocol},
             "threads": self.threads, "emulated": True, "benchmark_runs": 100,
-            "metrics_interval_s": self.metrics_interval_s,
+            "metrics_interval_s": self.metrics_interval_s, "serve": {"socket": str(self.socket_path(device_id))},
         }
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
