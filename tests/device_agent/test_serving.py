@@ -295,3 +295,30 @@ def test_the_agent_config_says_where_and_how_it_serves(tmp_path):
                           ({"sockets": "x"}, "unknown key"), ("yes", "'serve' must be a mapping")):
         with pytest.raises(ConfigError, match=expected):
             parse_config({**base, "serve": bad}, "agent.yaml", tmp_path)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(["<f4", "<f2", "<f8", "<i8", "<i4", "|i1", "|u1", "|b1", ">f4"]),
+       st.lists(st.integers(0, 5), min_size=0, max_size=4), st.booleans())
+def test_npy_bodies_round_trip_without_numpy_load(dtype, shape, fortran):
+    from device_agent.npy import read_npy, write_npy
+
+    a = np.random.default_rng(0).integers(0, 2, shape).astype(dtype)
+    a = np.asfortranarray(a) if fortran else a
+    back = read_npy(write_npy(a))
+    assert back.dtype == a.dtype and back.shape == a.shape and np.array_equal(back, a)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (b"PK\x03\x04", "magic"), (b"\x93NUMPY\x01\x00\xff\xff", "longer than the body"),
+    (b"\x93NUMPY\x09\x00\x00\x00", "version 9"),
+])
+def test_npy_bodies_that_are_not_plain_arrays_are_refused(data, expected):
+    from device_agent.npy import read_npy, write_npy
+
+    with pytest.raises(ValueError, match=expected):
+        read_npy(data)
+    with pytest.raises(ValueError, match="only numbers"):
+        read_npy(write_npy(np.array(["a", "b"])))
+    with pytest.raises(ValueError, match="needs 64 bytes"):
+        read_npy(write_npy(np.zeros(16, np.float32))[:-4])
