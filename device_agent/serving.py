@@ -481,6 +481,18 @@ class _TcpServer(_Bounded, socketserver.ThreadingMixIn, socketserver.TCPServer):
 _MAX_HEADERS, _MAX_HEADER_LINE = 100, 8192
 
 
+def _read_exactly(stream, n: int) -> bytearray:
+    """``n`` bytes of the body into one buffer, read straight into it (a .npy image is used in place)."""
+    body = bytearray(n)
+    view, got = memoryview(body), 0
+    while got < n:
+        k = stream.readinto(view[got:])
+        if not k:
+            raise ConnectionError(f"the request body ended after {got} of {n} bytes")
+        got += k
+    return body
+
+
 class _Headers(dict):
     """Request headers by lower-cased name; ``get`` takes any case."""
 
@@ -605,7 +617,7 @@ def _handler(api: InferenceServer) -> type[BaseHTTPRequestHandler]:
                     api.stats.error(None, "too_large")
                     raise RequestError(413, "too_large", f"a body of {int(length):,} bytes; at most "
                                                          f"{api.cfg.max_body_bytes:,}")
-                body = self.rfile.read(int(length))
+                body = _read_exactly(self.rfile, int(length))
                 deadline = self.headers.get("X-Deadline-Ms")
                 try:
                     deadline_ms = float(deadline) if deadline is not None else None
