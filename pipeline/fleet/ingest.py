@@ -6,7 +6,8 @@ committed: a crash between batches loses nothing the broker was told we had.
 
 Whatever a device publishes, the ingester goes on: each message is checked (topic, device id, size and nesting,
 then the protocol's decoder) before anything parses or stores it, and one that fails is counted by reason
-(``Drop``), logged (rate-limited), acknowledged and skipped.
+(``Drop``), logged (rate-limited), acknowledged and skipped. Within a stored metrics message, each traffic value
+the store leaves out (``pipeline.fleet.traffic.Skip``) is counted in ``traffic_skipped``.
 
 Calibration timings (``<device>/calibration``) are not fleet telemetry: the command that asked for them collects
 them (``pipeline targets calibrate``, pipeline.ota.calibration). The ingester does not subscribe to them, and one
@@ -24,6 +25,7 @@ import re
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from device_agent.protocol import PROTOCOL_VERSION, Leaf, ProtocolError, check_i
 
 from .retention import RetentionPolicy, apply_retention
 from .store import FleetStore
+from .traffic import Skip
 
 log = logging.getLogger(__name__)
 LEAVES = (Leaf.METRICS, Leaf.STATUS, Leaf.EVENTS, Leaf.ONLINE)
@@ -140,6 +143,7 @@ class Ingester:
         self.received = 0  # messages taken from the broker
         self.dropped_by: dict[Drop, int] = dict.fromkeys(Drop, 0)  # messages skipped, by reason
         self.ignored = 0  # messages of the IGNORED leaves: not telemetry, not dropped
+        self.traffic_skipped: Counter = Counter()  # traffic values the store left out, by traffic.Skip
         self.error: str | None = None  # why run() stopped, when it failed
         self._stop = threading.Event()
 
@@ -150,7 +154,8 @@ class Ingester:
     def counters(self) -> dict[str, Any]:
         """What /metrics exports of this ingester."""
         return {"received": self.received, "stored": self.stored, "up": int(self.error is None),
-                "dropped": {r.value: n for r, n in self.dropped_by.items()}}
+                "dropped": {r.value: n for r, n in self.dropped_by.items()},
+                "traffic_skipped": {r.value: self.traffic_skipped[r] for r in Skip}}
 
     def stop(self) -> None:
         self._stop.set()
@@ -179,14 +184,14 @@ class Ingester:
         every one for want of the database itself (locked, full, unreadable), that is raised and nothing is
         dropped: the caller keeps the batch unacknowledged and tries again."""
         try:
-            self.stored += store.ingest(pending)
+            self.stored += store.ingest(pending, skipped=self.traffic_skipped)
             return
         except Exception as batch_error:  # noqa: BLE001
             log.warning("batch of %d refused (%s); storing message by message", len(pending), batch_error)
         refused: list[tuple[Message, Exception]] = []
         for message in pending:
             try:
-                self.stored += store.ingest([message])
+                self.stored += store.ingest([message], skipped=self.traffic_skipped)
             except Exception as exc:  # noqa: BLE001
                 refused.append((message, exc))
         if len(refused) == len(pending) and all(isinstance(e, sqlite3.OperationalError) for _, e in refused):

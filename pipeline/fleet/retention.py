@@ -1,6 +1,8 @@
 """Retention with downsampling: recent metrics stay raw, older ones become one row per device and time bucket,
-the oldest go. Events follow the rollups' window. One transaction per pass: a crash leaves either the raw
-rows or their rollup, never neither.
+the oldest go. Events follow the rollups' window. The inference API's traffic keeps each device's boots of the
+raw window and its latest one; older boots are summed into one row per device and version, and rows not updated
+within the rollups' window go (``traffic.fold``). One transaction per pass: a crash leaves either the raw rows
+or their rollup, never neither.
 
 A bucket keeps what a budget check needs: the mean of medians and throughput, the worst tail latency,
 memory and temperature, the mean energy per inference, the highest error count (a counter), and how many
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from . import traffic
 from .store import FleetStore
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
@@ -81,5 +84,6 @@ def apply_retention(store: FleetStore, policy: RetentionPolicy, now: float | Non
         dropped = db.execute("DELETE FROM metrics_rollup WHERE ts < ?", (oldest,)).rowcount
         events = db.execute("DELETE FROM events WHERE ts < ?", (oldest,)).rowcount
         after = db.execute("SELECT count(*) FROM metrics_rollup").fetchone()[0]
+        folded = traffic.fold(db, cut, oldest)
     return {"raw_rolled_up": int(raw), "buckets_added": int(after - before + dropped),
-            "rollups_dropped": int(dropped), "events_dropped": int(events)}
+            "rollups_dropped": int(dropped), "events_dropped": int(events), **folded}

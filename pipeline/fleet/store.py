@@ -14,8 +14,11 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from . import traffic
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,16 @@ MIGRATIONS = [
     "ALTER TABLE deployments ADD COLUMN predicted TEXT",
     # each device's latest reports of one version, found by seeking, not by sorting the whole table
     "CREATE INDEX metrics_by_series ON metrics(device_id, version, emulated, ts)",
+    # the inference API's traffic (pipeline.fleet.traffic): per device and agent boot its latest snapshot's order
+    # and own figures (folded = 1: the sum of the boots retention folded, up to this one) ...
+    """CREATE TABLE traffic_boots (
+        device_id TEXT NOT NULL, boot INTEGER NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, rejected INTEGER,
+        queue_depth INTEGER, queue_peak INTEGER, folded INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (device_id, boot))""",
+    # ... and per device, boot and version (-1: no model) the totals and the snapshot they last grew from (JSON
+    # traffic.Counts; last is NULL on a folded row)
+    """CREATE TABLE traffic (
+        device_id TEXT NOT NULL, boot INTEGER NOT NULL, version INTEGER NOT NULL, ts REAL NOT NULL,
+        total TEXT NOT NULL, last TEXT, PRIMARY KEY (device_id, boot, version))""",
 ]
 
 METRIC_COLUMNS = ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "throughput_ips", "rss_mb", "cpu_percent",
@@ -269,15 +282,19 @@ class FleetStore:
         return [dict(r) for r in self.db.execute("SELECT * FROM device_results WHERE deployment_id = ?",
                                                  (deployment_id,)).fetchall()]
 
-    def ingest(self, messages: list[tuple[str, str, dict[str, Any]]], now: float | None = None) -> int:
+    def ingest(self, messages: list[tuple[str, str, dict[str, Any]]], now: float | None = None,
+               skipped: Counter | None = None) -> int:
         """Store a batch of (device_id, kind, body) in one transaction; duplicates (QoS 1 redeliveries) are
         ignored, fields of the wrong type are stored as unknown (see ``clean``). Returns the rows written.
+        A metrics message's ``traffic`` goes to ``pipeline.fleet.traffic.record``; what it leaves out is added to
+        ``skipped`` (by ``traffic.Skip``) once the batch is committed.
 
         A device's row follows what it said in its own order, (boot, seq), or in arrival order for messages that
         carry none; its clock dates its metrics and events but never decides which status wins. ``last_seen`` is
         the host's time of storing (``now``), the online flag its own column."""
         now = time.time() if now is None else now
         written = 0
+        skips: Counter = Counter()
         with self.db:
             self.db.execute("BEGIN")
             for device, kind, b in messages:
@@ -291,6 +308,8 @@ class FleetStore:
                     written += cur.rowcount
                     self._seen(device, now, order(b), active_version=b.get("version"), slot=b.get("slot"),
                                state=b.get("state"))
+                    if b.get("traffic") is not None:
+                        traffic.record(self.db, device, *order(b), now, b["traffic"], skips)  # beside the row
                 elif kind == "status":
                     self._seen(device, now, order(b), target=b.get("target"), active_version=b.get("active_version"),
                                slot=b.get("active_slot"), state=b.get("state"), job_id=b.get("job_id"),
@@ -313,6 +332,8 @@ class FleetStore:
                         "ELSE last_seen END, boot = CASE WHEN excluded.online THEN NULL ELSE boot END, "
                         "seq = CASE WHEN excluded.online THEN NULL ELSE seq END",
                         (device, int(bool(b.get("online", False))), now))
+        if skipped is not None:
+            skipped.update(skips)
         return written
 
     #: status fields that describe the current job: cleared, not kept, when a status leaves them out
@@ -359,7 +380,7 @@ class FleetStore:
         return [dict(r) for r in self.db.execute(sql, ((device, limit) if device else (limit,))).fetchall()]
 
     def count(self, table: str) -> int:
-        if table not in ("metrics", "metrics_rollup", "events", "devices", "deployments"):
+        if table not in ("metrics", "metrics_rollup", "events", "devices", "deployments", "traffic", "traffic_boots"):
             raise ValueError(table)
         return int(self.db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
 
