@@ -57,13 +57,14 @@ def cmd_fleet(args: argparse.Namespace, ui) -> int:
     store = FleetStore(db)
     try:
         view = FleetView(store, BudgetBook.from_config(cfg))
-        devices, predictions = view.overview()["devices"], view.predictions()
+        devices, predictions, traffic = view.overview()["devices"], view.predictions(), view.traffic()
     finally:
         store.close()
-    if not output.emit(args, {"devices": devices, "predictions": predictions}):
-        from ..ui.tables import print_fleet, print_predictions
+    if not output.emit(args, {"devices": devices, "predictions": predictions, "traffic": traffic}):
+        from ..ui.tables import print_fleet, print_predictions, print_traffic
 
         print_fleet(ui, devices)
+        print_traffic(ui, traffic)
         print_predictions(ui, predictions)
     return output.OK
 
@@ -88,7 +89,8 @@ def _ingest(args: argparse.Namespace, ui, cfg, db: Path) -> int:
         from ..errors import DeliveryError
 
         raise DeliveryError(f"fleet ingest stopped: {exc}") from None
-    ui.info(f"stored {ingester.stored} row(s)")
+    skipped = sum(ingester.traffic_skipped.values())
+    ui.info(f"stored {ingester.stored} row(s)" + (f"; left out {skipped} malformed traffic value(s)" if skipped else ""))
     return output.OK
 
 

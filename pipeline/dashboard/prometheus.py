@@ -3,11 +3,18 @@
 The library owns the exposition: names (``_total`` on counters), escaping and content negotiation (the text
 format, or OpenMetrics when the scraper asks for it). Naming follows Prometheus conventions: an ``edgefleet_``
 prefix, base units in the name (seconds, bytes, joules, celsius, ratio). Labels are bounded by the fleet:
-``device``, ``target``, ``percentile``, ``budget``, ``status``, ``source``, ``reason``; nothing per request or
-per message, and only device ids and target names that follow the protocol's id rule become label values. Each
-device's figures are its latest report; Prometheus keeps the history (the store keeps it too, for the built-in
-dashboard). Latency percentiles are the device's own (over its last window), hence a gauge with a ``percentile``
-label, not a summary: there is no sum or count to go with them.
+``device``, ``target``, ``percentile``, ``budget``, ``status``, ``source``, ``reason``, ``kind``; nothing per
+request, per message or per model version, and only device ids and target names that follow the protocol's id
+rule become label values. Each device's figures are its latest report; Prometheus keeps the history (the store
+keeps it too, for the built-in dashboard). The benchmark's latency percentiles are the device's own (its timing
+of the manifest's golden vectors), hence a gauge with a ``percentile`` label, not a summary: there is no sum or
+count to go with them.
+
+Real traffic through the devices' inference API (``pipeline.fleet.traffic``) is a histogram,
+``edgefleet_inference_request_duration_seconds{device, target}`` over the agent's fixed buckets
+(``device_agent.serving.BUCKETS_MS`` in seconds), summed over the device's model versions and agent restarts:
+its counters never go backwards while the store keeps them. Beside it the requests, the errors by ``kind`` (the
+API's kinds, and ``benchmark`` for the agent's own benchmark runs) and the rejected requests.
 
 How far the predictions are off (``pipeline.fleet.accuracy``) is per class, never per device: ``target``,
 ``basis`` (``target``: real devices against their class's prediction; ``host``: emulated agents against this
@@ -18,13 +25,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from device_agent.protocol import ProtocolError, check_id
+from device_agent.serving import BUCKETS_MS, ERROR_KINDS
 
 from ..fleet.accuracy import TOLERANCES
+from ..fleet.traffic import Skip
 from .views import BUDGET_METRICS, FleetView
 
 PERCENTILES = (("50", "latency_ms_p50"), ("95", "latency_ms_p95"), ("99", "latency_ms_p99"))
@@ -75,6 +85,7 @@ class FleetCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         devices = [d for d in self.view.overview()["devices"] if label_safe(d["device_id"])]
         yield from self._devices(devices)
+        yield from self._traffic(devices, [t for t in self.view.traffic()["devices"] if label_safe(t["device_id"])])
         yield from self._targets(devices)
         yield self._deployments()
         yield from self._predictions(self.view.predictions())
@@ -98,14 +109,13 @@ class FleetCollector(Collector):
         yield gauge("edgefleet_device_update_progress_ratio", "Progress of the device's current OTA job, 0-1.",
                     ["device"], [((d["device_id"],), d.get("progress")) for d in devices if d["updating"]])
         yield gauge("edgefleet_inference_latency_seconds",
-                    "Inference latency percentiles the device measured over its last metrics window.",
+                    "Benchmark latency percentiles: the agent's timing of the manifest's golden vectors in its latest "
+                    "report (real requests: edgefleet_inference_request_duration_seconds).",
                     ["device", "percentile"],
                     [((d["device_id"], p), _scaled((d["metrics"] or {}).get(key), 1e-3))
                      for p, key in PERCENTILES for d in devices])
         yield gauge("edgefleet_inference_throughput_per_second", "Inferences per second the device sustains.",
                     ["device"], per_device("throughput_ips"))
-        yield counter("edgefleet_inference_errors", "Inference errors since the agent started.", ["device"],
-                      per_device("errors"))
         yield gauge("edgefleet_inference_energy_joules",
                     "Energy per inference; source is measured (power counters) or predicted (target power model).",
                     ["device", "source"],
@@ -125,6 +135,39 @@ class FleetCollector(Collector):
                     [((d["device_id"], name), int(name in d["budget"]["over"]))
                      for d in devices if d["budget"]["status"] != "unknown" for name in BUDGET_METRICS
                      if (d["budgets"] or {}).get(name) is not None])
+
+    @staticmethod
+    def _traffic(devices: list[dict[str, Any]], traffic: list[dict[str, Any]]) -> Iterator[Metric]:
+        """The inference API's figures per device (``pipeline.fleet.traffic.traffic_summary``), and the errors of
+        the agent's benchmark (``errors`` of its latest report) as kind ``benchmark``."""
+        def target(d: dict[str, Any]) -> str:
+            return d["target"] if label_safe(d.get("target")) else ""
+
+        histogram = HistogramMetricFamily(
+            "edgefleet_inference_request_duration_seconds",
+            "Time the model took to answer a request of the device's inference API (requests it answered), summed "
+            "over the device's model versions and agent restarts.", labels=["device", "target"])
+        bounds = [*(floatToGoString(b / 1000) for b in BUCKETS_MS), "+Inf"]
+        for t in traffic:
+            cumulative, buckets = 0, []
+            for bound, n in zip(bounds, t["buckets"]):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            histogram.add_metric([t["device_id"], target(t)], buckets, t["sum_ms"] / 1000)
+        yield histogram
+        yield counter("edgefleet_inference_requests",
+                      "Requests the device's inference API received, answered or not (answered: the histogram's "
+                      "count; the rest are errors).", ["device", "target"],
+                      [((t["device_id"], target(t)), t["requests"]) for t in traffic])
+        errors = [((t["device_id"], target(t), kind), t["errors"].get(kind, 0)) for t in traffic for kind in ERROR_KINDS]
+        errors += [((d["device_id"], target(d), "benchmark"), (d["metrics"] or {}).get("errors")) for d in devices]
+        yield counter("edgefleet_inference_errors",
+                      "Failed inferences by kind: the inference API's (bad_request, too_large, overloaded, deadline, "
+                      "no_model, runtime), and benchmark (the agent's own benchmark runs, since it started).",
+                      ["device", "target", "kind"], errors)
+        yield counter("edgefleet_inference_rejected",
+                      "Requests the device's inference API turned away because its queue or connections were full "
+                      "(503).", ["device", "target"], [((t["device_id"], target(t)), t["rejected"]) for t in traffic])
 
     @staticmethod
     def _targets(devices: list[dict[str, Any]]) -> Iterator[Metric]:
@@ -180,6 +223,10 @@ class FleetCollector(Collector):
         yield counter("edgefleet_ingest_dropped_messages",
                       "Messages this ingester skipped, by reason: topic, device_id, size, json, schema, store, "
                       "internal.", ["reason"], sorted(((r,), n) for r, n in ingest.get("dropped", {}).items()))
+        yield counter("edgefleet_ingest_traffic_skipped",
+                      "Traffic values (in stored metrics messages) this ingester left out, by reason: "
+                      + ", ".join(s.value for s in Skip) + ".", ["reason"],
+                      sorted(((r,), n) for r, n in ingest.get("traffic_skipped", {}).items()))
 
 
 def render(view: FleetView, ingest: dict[str, Any] | None = None, accept: str = "") -> tuple[bytes, str]:

@@ -16,6 +16,7 @@ from device_agent.protocol import TERMINAL_STATES, State
 from ..errors import ConfigError
 from ..fleet.accuracy import prediction_check
 from ..fleet.store import FleetStore
+from ..fleet.traffic import traffic_summary
 from ..ota.status import SETTLED, DeviceStatus
 
 #: budget name -> (metric it limits, unit)
@@ -120,3 +121,8 @@ class FleetView:
     def predictions(self) -> dict[str, Any]:
         """The fleet's measurements against what was predicted, per class (``pipeline.fleet.accuracy``)."""
         return prediction_check(self.store)
+
+    def traffic(self) -> dict[str, Any]:
+        """What the devices' applications asked of their models, per device and per class and version
+        (``pipeline.fleet.traffic``)."""
+        return traffic_summary(self.store)

@@ -110,8 +110,36 @@ def print_fleet(ui: UI, devices: list[dict[str, Any]]) -> None:
                      m.get("latency_ms_p95", "-"), m.get("rss_mb", "-"), m.get("energy_mj", "-"),
                      "over: " + ", ".join(b["over"]) if b["over"] else b["status"]])
         styles.append("red" if b["over"] or not d["online"] else None)
-    ui.table("Fleet", ["device", "class", "link", "version", "slot", "state", "last seen", "p95 ms", "RSS MB",
+    ui.table("Fleet", ["device", "class", "link", "version", "slot", "state", "last seen", "bench p95 ms", "RSS MB",
                        "energy mJ", "budgets"], rows, styles)
+    if rows:
+        ui.info("bench p95: the agent's benchmark on the model's golden vectors; real requests are under Traffic")
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:g}"
+
+
+def print_traffic(ui: UI, traffic: dict[str, Any]) -> None:
+    """``fleet status``: what the devices' applications asked of their models through the inference API
+    (``pipeline.fleet.traffic.traffic_summary``), one row per device and version, red where requests failed."""
+    rows, styles = [], []
+    for d in traffic["devices"]:
+        for i, v in enumerate(d["versions"]):
+            errors = ", ".join(f"{k} {n}" for k, n in v["errors"].items())
+            rows.append([d["device_id"] if i == 0 else "", "none" if v["version"] is None else v["version"],
+                         v["requests"], v["answered"], _ms(v["p50_ms"]), _ms(v["p95_ms"]), _ms(v["p99_ms"]),
+                         f"{v['errors_total']} ({errors})" if errors else 0,
+                         d["rejected"] if i == 0 else "", _ms(d["queue_peak"]) if i == 0 else ""])
+            styles.append("red" if v["errors_total"] else None)
+    if not rows:
+        ui.info("traffic: no device has reported requests to its inference API yet")
+        return
+    ui.table("Traffic (requests to each device's inference API, summed over agent restarts)",
+             ["device", "version", "requests", "answered", "p50 ms", "p95 ms", "p99 ms", "errors", "rejected",
+              "queue peak"], rows, styles)
+    ui.info("p50/p95/p99: the upper bound of the latency bucket each falls in; version none: requests no model "
+            "answered")
 
 
 #: what a comparison's basis means, as the table says it
@@ -157,6 +185,9 @@ def print_retention(ui: UI, done: dict[str, int], policy) -> None:
     ui.info(f"rolled {done['raw_rolled_up']} raw row(s) older than {policy.raw_s:g} s into "
             f"{policy.bucket_s:g} s buckets ({done['buckets_added']} new); dropped {done['rollups_dropped']} "
             f"rollup(s) and {done['events_dropped']} event(s) older than {policy.rollup_s:g} s")
+    if done.get("traffic_boots_folded") or done.get("traffic_rows_dropped"):
+        ui.info(f"traffic: folded {done['traffic_boots_folded']} earlier agent boot(s) into their device's totals, "
+                f"dropped {done['traffic_rows_dropped']} row(s) not updated within {policy.rollup_s:g} s")
 
 
 def print_provisioned(ui: UI, results: list, seconds: float) -> None:

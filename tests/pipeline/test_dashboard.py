@@ -112,10 +112,24 @@ def test_an_old_store_is_migrated_in_place_without_losing_rows(tmp_path):
 
 
 # -- views and /metrics -----------------------------------------------------------------------------------------
+def served(latencies_ms: list[float], version: int = 3, errors: tuple[str, ...] = ()) -> dict:
+    """What an agent's inference API counted (``TrafficStats.snapshot()``) after answering ``latencies_ms``."""
+    from device_agent.serving import TrafficStats
+
+    stats = TrafficStats()
+    for ms in latencies_ms:
+        stats.observe(version, ms)
+    for kind in errors:
+        stats.error(version if kind != "overloaded" else None, kind)
+    return stats.snapshot()
+
+
 def fill(store) -> None:
     store.ingest([status("fast", "rpi4"), status("slow", "rpi4", job_id="j9", version=4, progress=0.5,
                                                  state="downloading"),
-                  metrics("fast", T0 + 1, p50=3.0, p95=4.0), metrics("slow", T0 + 1, p50=60.0, p95=75.0),
+                  metrics("fast", T0 + 1, p50=3.0, p95=4.0, boot=1, seq=1,
+                          traffic=served([0.2, 0.7, 3.0, 40.0], errors=("runtime", "overloaded"))),
+                  metrics("slow", T0 + 1, p50=60.0, p95=75.0),
                   ("fast", "online", {"online": True, "ts": T0}), ("slow", "online", {"online": False, "ts": T0})])
 
 
@@ -153,10 +167,47 @@ def test_metrics_endpoint_speaks_prometheus_in_base_units(store, tmp_path):
     assert samples[("edgefleet_device_update_progress_ratio", (("device", "slow"),))] == 0.5
     assert samples[("edgefleet_deployments_total", (("status", "succeeded"), ("target", "rpi4")))] == 1
     assert families["edgefleet_deployments"].type == "counter"
-    # no label whose values grow with traffic (basis, metric and tolerance: the prediction check's, per class)
+    # the inference API's requests: a histogram in seconds with cumulative buckets, per device and class
+    assert families["edgefleet_inference_request_duration_seconds"].type == "histogram"
+    fast = (("device", "fast"), ("target", "rpi4"))
+    bucket = lambda le: samples[("edgefleet_inference_request_duration_seconds_bucket",  # noqa: E731
+                                 tuple(sorted((*fast, ("le", le)))))]
+    assert (bucket("0.00025"), bucket("0.001"), bucket("0.005"), bucket("0.05"), bucket("+Inf")) == (1, 2, 3, 4, 4)
+    assert samples[("edgefleet_inference_request_duration_seconds_count", fast)] == 4
+    assert samples[("edgefleet_inference_request_duration_seconds_sum", fast)] == pytest.approx(0.0439)
+    assert samples[("edgefleet_inference_requests_total", fast)] == 6  # 4 answered, 2 failed
+    assert samples[("edgefleet_inference_errors_total", tuple(sorted((*fast, ("kind", "runtime")))))] == 1
+    assert samples[("edgefleet_inference_errors_total", tuple(sorted((*fast, ("kind", "benchmark")))))] == 0
+    assert samples[("edgefleet_inference_rejected_total", fast)] == 1
+    assert ("edgefleet_inference_requests_total", (("device", "slow"), ("target", "rpi4"))) not in samples
+    # no label whose values grow with traffic (basis, metric and tolerance: the prediction check's, per class; kind:
+    # the inference API's error kinds and benchmark; le: the histogram's fixed buckets), none per model version
     labels = {k for f in families.values() for s in f.samples for k in s.labels}
     assert labels <= {"device", "target", "percentile", "budget", "status", "source", "reason", "basis", "metric",
-                      "tolerance"}
+                      "tolerance", "kind", "le"}
+
+
+def test_the_traffic_api_and_fleet_status_show_the_one_summary(store, tmp_path):
+    import subprocess
+    import sys
+
+    from pipeline.fleet.traffic import traffic_summary
+
+    fill(store)
+    with Dashboard(store.path, port=0) as dash:
+        code, _, body = get(dash.url + "api/traffic")
+    assert code == 200 and json.loads(body) == json.loads(json.dumps(traffic_summary(store)))
+    [fast] = json.loads(body)["devices"]
+    assert (fast["device_id"], fast["requests"], fast["answered"], fast["p95_ms"], fast["rejected"]) == (
+        "fast", 6, 4, 50.0, 1)
+    status = subprocess.run([sys.executable, "-m", "pipeline.cli", "fleet", "status", "--db", str(store.path),
+                             "--json"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert json.loads(status.stdout)["traffic"] == json.loads(body)
+    table = subprocess.run([sys.executable, "-m", "pipeline.cli", "fleet", "status", "--db", str(store.path)],
+                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                           env={**__import__("os").environ, "COLUMNS": "200"})
+    assert "Traffic" in table.stderr and "bench p95 ms" in table.stderr and "1 (runtime 1)" in table.stderr
 
 
 def test_metrics_speak_openmetrics_when_the_scraper_asks(store):
@@ -250,6 +301,8 @@ def test_the_grafana_dashboard_queries_only_metrics_we_export(store):
     body, _ = prometheus.render(FleetView(store, BudgetBook.from_config(None)),
                                 {"received": 1, "stored": 1, "up": 1, "dropped": {"json": 1}})
     names = set(re.findall(r"^# TYPE (\w+) \w+", body.decode(), re.M))  # the library names counters _total
+    names |= {f"{n}_{part}" for n in re.findall(r"^# TYPE (\w+) histogram", body.decode(), re.M)
+              for part in ("bucket", "sum", "count")}  # a histogram is queried by its series
     grafana = json.loads((REPO / "docs" / "grafana-dashboard.json").read_text())
     queries = [t["expr"] for p in grafana["panels"] for t in p["targets"]]
     queries += [v["query"] for v in grafana["templating"]["list"] if v["type"] == "query"]

@@ -14,6 +14,7 @@ from fleet_probe import until, wait_subscribed
 
 from device_agent.mqtt import MqttLink
 from device_agent.protocol import Leaf, Metrics, Status, encode, topic
+from device_agent.serving import TrafficStats
 from pipeline.dashboard import Dashboard
 from pipeline.fleet import FleetStore
 from pipeline.fleet.ingest import Ingester
@@ -35,13 +36,17 @@ def test_metrics_pass_promtool_check(mosquitto, tmp_path):
         try:
             wait_subscribed(pub, lambda: ingester.received > 0)
             now = time.time()
+            traffic = TrafficStats()  # what the device's inference API counted: a histogram for promtool to read
+            for ms in (0.2, 3.0, 3.0, 7000.0):
+                traffic.observe(3, ms)
+            traffic.error(3, "deadline")
             for device in ("dev-1", "dev-2"):
                 messages = [(Leaf.ONLINE, b"online"),
                             (Leaf.STATUS, encode(Status(device, "downloading", "rpi4", active_version=3, job_id="j4",
                                                         version=4, progress=0.5, boot=1, seq=1))),
                             (Leaf.METRICS, encode(Metrics(device, 3, 3.0, 4.0, 80.0, 10, True, 4.5, 250.0, 2, 35.0,
                                                           51.5, 1.9, "predicted", "a", 60.0, ts=now, boot=1,
-                                                          seq=2)))]
+                                                          seq=2, traffic=traffic.snapshot())))]
                 for leaf, payload in messages:
                     pub.publish(topic("edgefleet", device, leaf), payload, qos=1).wait_for_publish(5)
             pub.publish("edgefleet/v1/dev-1/metrics", b"[" * 100_000, qos=1).wait_for_publish(5)
@@ -57,6 +62,11 @@ def test_metrics_pass_promtool_check(mosquitto, tmp_path):
     assert 'edgefleet_ingest_dropped_messages_total{reason="size"} 1.0' in text
     assert 'edgefleet_ingest_dropped_messages_total{reason="device_id"} 1.0' in text
     assert 'edgefleet_inference_latency_seconds{device="dev-2",percentile="95"} 0.004' in text
+    assert 'edgefleet_inference_request_duration_seconds_bucket{device="dev-2",le="0.005",target="rpi4"} 3.0' in text
+    assert 'edgefleet_inference_request_duration_seconds_bucket{device="dev-2",le="+Inf",target="rpi4"} 4.0' in text
+    assert 'edgefleet_inference_request_duration_seconds_count{device="dev-2",target="rpi4"} 4.0' in text
+    assert 'edgefleet_inference_requests_total{device="dev-2",target="rpi4"} 5.0' in text
+    assert 'edgefleet_inference_errors_total{device="dev-2",kind="deadline",target="rpi4"} 1.0' in text
     checked = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
     assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), \
         (checked.stdout + checked.stderr).decode()

@@ -174,6 +174,29 @@ function renderPredictions(check) {
   $("predictions-empty").hidden = rows.length > 0;
 }
 
+function renderTraffic(traffic) {
+  const rows = traffic.devices.map(d => {
+    const id = d.device_id;
+    const tr = document.createElement("tr");
+    tr.dataset.testid = `traffic-${id}`;
+    tr.appendChild(td(id));
+    tr.appendChild(td(d.target));
+    const cell = (key, text, value) => td(text, "num", {"data-testid": `traffic-${key}-${id}`,
+                                                        "data-value": String(value ?? "")});
+    tr.appendChild(cell("requests", String(d.requests), d.requests));
+    tr.appendChild(cell("answered", String(d.answered), d.answered));
+    for (const q of ["p50", "p95", "p99"]) tr.appendChild(cell(q, num(d[`${q}_ms`], 2), d[`${q}_ms`]));
+    const errors = cell("errors", d.errors_total ? badge(String(d.errors_total), "over") : "0", d.errors_total);
+    errors.title = Object.entries(d.errors).map(([k, n]) => `${k}: ${n}`).join(", ") || "no failed request";
+    tr.appendChild(errors);
+    tr.appendChild(cell("rejected", String(d.rejected), d.rejected));
+    tr.appendChild(cell("queue-peak", d.queue_peak ?? "–", d.queue_peak));
+    return tr;
+  });
+  $("traffic").tBodies[0].replaceChildren(...rows);
+  $("traffic-empty").hidden = rows.length > 0;
+}
+
 function renderEvents(rows) {
   $("events").tBodies[0].replaceChildren(...rows.map(e => {
     const tr = document.createElement("tr");
@@ -203,10 +226,13 @@ async function refresh() {
   try {
     // each panel stands on its own: one endpoint failing leaves the others refreshing, and says why
     const settled = await Promise.allSettled(
-      [api("/api/overview"), api("/api/deployments?limit=20"), api("/api/events?limit=50"), api("/api/predictions")]);
-    const [overview, deployments, events, predictions] = settled.map((s) => s.status === "fulfilled" ? s.value : null);
+      [api("/api/overview"), api("/api/deployments?limit=20"), api("/api/events?limit=50"), api("/api/predictions"),
+       api("/api/traffic")]);
+    const [overview, deployments, events, predictions, traffic] =
+      settled.map((s) => s.status === "fulfilled" ? s.value : null);
     if (overview) renderFleet(overview);
     await renderDevice();
+    if (traffic) renderTraffic(traffic);
     if (predictions) renderPredictions(predictions);
     if (deployments) renderDeployments(deployments);
     if (events) renderEvents(events);
