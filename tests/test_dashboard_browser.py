@@ -9,15 +9,18 @@ import sys
 import time
 import urllib.request
 
+import numpy as np
 import pytest
 import yaml
 
 from conftest import OUTPUT, small_deploy_config
+from device_agent.client import Client
 from pipeline.fleet import FleetStore
 from pipeline.ota import LocalFleet
 
 pytestmark = pytest.mark.slow
 DEVICES = ["rpi4-emu-0", "rpi4-emu-1"]
+REQUESTS = [7, 12]  # each device's application calls its model this often
 
 
 def wait_for(check, timeout: float, what: str):
@@ -74,6 +77,14 @@ def test_the_dashboard_shows_a_live_fleet_as_the_store_has_it(mosquitto, key_dir
                 wait_for(lambda d=d: sum(p["version"] == version for p in series(db, d)) >= 3, 30,
                          f"metrics of v{version} from {d}")
                 page.wait_for_selector(f"[data-testid=version-{d}][data-value='{version}']", timeout=15_000)
+            # the devices' applications call the model: the traffic panel counts them, live
+            for d, n in zip(DEVICES, REQUESTS):
+                with Client(str(fleet.socket_path(d)), timeout=30) as client:
+                    spec = client.model()["inputs"][0]
+                    x = np.zeros([1 if not isinstance(k, int) else k for k in spec["shape"]], spec["dtype"])
+                    for _ in range(n):
+                        assert client.infer({spec["name"]: x}).version == version
+                page.wait_for_selector(f"[data-testid=traffic-answered-{d}][data-value='{n}']", timeout=20_000)
         # the agents stopped: their last will reaches the page through the broker, the ingester and the stream
         for d in DEVICES:
             page.wait_for_selector(f"[data-testid=online-{d}] :text('offline')", timeout=20_000)
@@ -96,6 +107,21 @@ def test_the_dashboard_shows_a_live_fleet_as_the_store_has_it(mosquitto, key_dir
                                            ("energy_mj", "energy_mj")) if m[key] > getattr(budgets, name)]
             assert page.locator(f"[data-testid=budget-{d}]").inner_text() == ("over: " + ", ".join(over) if over else "ok")
         assert page.locator("[data-testid=count-devices]").inner_text() == "2"
+
+        # the traffic panel shows what /api/traffic says (the fleet store's traffic_summary), cell by cell
+        traffic = {t["device_id"]: t for t in json.loads(urllib.request.urlopen(url + "api/traffic", timeout=10).read())
+                   ["devices"]}
+        for d, n in zip(DEVICES, REQUESTS):
+            t = traffic[d]
+            assert (t["answered"], t["requests"], t["errors_total"]) == (n, n, 0), t
+            for key, field, digits in (("requests", "requests", None), ("answered", "answered", None),
+                                       ("p50", "p50_ms", 2), ("p95", "p95_ms", 2), ("p99", "p99_ms", 2),
+                                       ("errors", "errors_total", None), ("rejected", "rejected", None),
+                                       ("queue-peak", "queue_peak", None)):
+                cell = page.locator(f"[data-testid=traffic-{key}-{d}]")
+                assert float(cell.get_attribute("data-value")) == t[field], (d, key)
+                expected = f"{t[field]:.{digits}f}" if digits else str(t[field])
+                assert cell.inner_text() == expected, (d, key, cell.inner_text())
         assert page.locator("[data-testid=count-online]").inner_text() == "0"
 
         # per-device charts
