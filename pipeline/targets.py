@@ -64,10 +64,29 @@ class Cpu(_Strict):
 
 
 class Memory(_Strict):
+    """The RAM a deployed model holds in the agent's process, beyond ``runtime_overhead_mb`` (Python and the
+    runtime): the agent's own modules, a loaded session's fixed cost, the weights as the runtime keeps them (the
+    parsed initializers and their prepacked copies), and the activations' arena. The defaults are onnxruntime's,
+    measured on this project's x86-64 host over 30 models (MobileNetV2/V3, ResNet-18, DS-CNN, two held-out nets;
+    dense, pruned, int8): a least-squares fit of the RSS the agent's process reaches after loading and running
+    each, every one of the 30 within 9% (bench/results/memory.json); a fully connected layer's weights, which
+    those nets hardly have, from a 4-layer MLP of 24 MB (tests/pipeline/test_memory_prediction.py)."""
+
     ram_mb: float = Field(gt=0)
     bandwidth_gbs: float = Field(gt=0)
     weights_in_flash: bool = Field(False, description="weights are read from flash in place (MCUs, TFLite Micro): "
                                    "they do not count towards peak RAM")
+    agent_mb: float = Field(22.6, ge=0, description="the agent's own modules (MQTT, TLS, signatures, its code) "
+                            "beyond Python and the runtime")
+    session_mb: float = Field(12.7, ge=0, description="a loaded session's fixed cost (thread pools, allocators)")
+    weight_copies_fp32: float = Field(2.94, ge=0, description="resident bytes per byte of a convolution's float "
+                                      "weights (parsed, and prepacked for the kernel)")
+    weight_copies_int8: float = Field(2.38, ge=0, description="resident bytes per byte of a convolution's int8 "
+                                      "weights")
+    weight_copies_matmul: float = Field(0.9, ge=0, description="resident bytes per byte of a fully connected "
+                                        "layer's weights (read in place)")
+    activation_factor: float = Field(0.58, ge=0, description="resident bytes per byte of the peak activations "
+                                     "(the arena reuses what the liveness analysis counts twice)")
 
 
 class Power(_Strict):

@@ -106,6 +106,19 @@ def _uncalibrated(profile: StaticProfile, target: TargetProfile) -> dict[str, fl
     return dict(out)
 
 
+def predict_memory_mb(profile: StaticProfile, target: TargetProfile) -> float:
+    """The agent's RSS with the model loaded and run (``Memory``'s model). A microcontroller (weights in flash)
+    holds its activations' arena beside the runtime, and nothing else."""
+    mem = target.memory
+    if mem.weights_in_flash:
+        return target.runtime_overhead_mb + profile.peak_activation_bytes / 2**20
+    copies = mem.weight_copies_int8 if profile.quantized else mem.weight_copies_fp32
+    other = max(profile.weight_bytes - profile.matmul_weight_bytes, 0)
+    return (target.runtime_overhead_mb + mem.agent_mb + mem.session_mb
+            + (copies * other + mem.weight_copies_matmul * profile.matmul_weight_bytes
+               + mem.activation_factor * profile.peak_activation_bytes) / 2**20)
+
+
 def predict(profile: StaticProfile, target: TargetProfile, host: TargetProfile | None = None) -> dict[str, Any]:
     """Latency, peak memory and energy per inference on ``target`` (batch 1, all cores)."""
     eff = target.efficiency
@@ -120,8 +133,7 @@ def predict(profile: StaticProfile, target: TargetProfile, host: TargetProfile |
                f"{eff.per_op_overhead_us:g} us per op)")
     total_s = eff.session_overhead_us * 1e-6 + sum(seconds.values())
     latency_ms = total_s * 1e3
-    resident = profile.peak_activation_bytes + (0 if target.memory.weights_in_flash else profile.weight_bytes)
-    peak_memory_mb = target.runtime_overhead_mb + resident / 2**20
+    peak_memory_mb = predict_memory_mb(profile, target)
     energy_mj = latency_ms * target.power.active_w  # ms x W = mJ: the whole board while it infers
     compute_bound = sum(1 for n in profile.nodes if n.category in _COMPUTE)
     peak = target.cpu.peak_gops_int8 if profile.quantized else target.cpu.peak_gflops_fp32

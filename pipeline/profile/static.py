@@ -107,6 +107,9 @@ class StaticProfile:
     peak_activation_bytes: int
     quantized: bool
     nodes: list[NodeCost] = field(default_factory=list)
+    #: the weights a fully connected layer (Gemm, MatMul) reads, directly or through its DequantizeLinear: the
+    #: runtime keeps them about once, where a convolution's are also kept prepacked (``Memory``)
+    matmul_weight_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -224,6 +227,9 @@ def analyse(path: Path) -> StaticProfile:
     return ANALYSERS.get(fmt)(path)
 
 
+_MATMUL_OPS = frozenset({"Gemm", "MatMul", "QLinearMatMul", "MatMulInteger", "QGemm"})
+
+
 @ANALYSERS.register("onnx")
 def analyse_onnx(path: Path) -> StaticProfile:
     """Static profile of an ONNX model."""
@@ -294,5 +300,9 @@ def analyse_onnx(path: Path) -> StaticProfile:
         start = produced_at.get(name, 0)
         end = n if name in graph_outputs else last_use.get(name, start)
         live[start:end + 1] += _nbytes(vi)
+    matmul_inputs = {i for node in g.node if node.op_type in _MATMUL_OPS for i in node.input}
+    matmul_inputs |= {node.input[0] for node in g.node if node.op_type == "DequantizeLinear"
+                      and node.output[0] in matmul_inputs}
+    matmul_bytes = sum(numpy_helper.to_array(inits[t]).nbytes for t in matmul_inputs if t in inits and t not in qparams)
     return StaticProfile(params, nonzero, path.stat().st_size, weight_bytes, sum(c.macs for c in nodes),
-                         int(live.max()) if n else 0, quantized, nodes)
+                         int(live.max()) if n else 0, quantized, nodes, matmul_bytes)
