@@ -14,7 +14,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from fleet_probe import until, wait_subscribed
+from fleet_probe import wait_subscribed
 
 from conftest import make_artifact
 from device_agent.client import Client, InferenceError

@@ -90,7 +90,8 @@ def _ingest(args: argparse.Namespace, ui, cfg, db: Path) -> int:
 
         raise DeliveryError(f"fleet ingest stopped: {exc}") from None
     skipped = sum(ingester.traffic_skipped.values())
-    ui.info(f"stored {ingester.stored} row(s)" + (f"; left out {skipped} malformed traffic value(s)" if skipped else ""))
+    ui.info(f"stored {ingester.stored} row(s)"
+            + (f"; left out {skipped} malformed traffic value(s)" if skipped else ""))
     return output.OK
 
 

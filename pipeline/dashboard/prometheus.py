@@ -159,7 +159,8 @@ class FleetCollector(Collector):
                       "Requests the device's inference API received, answered or not (answered: the histogram's "
                       "count; the rest are errors).", ["device", "target"],
                       [((t["device_id"], target(t)), t["requests"]) for t in traffic])
-        errors = [((t["device_id"], target(t), kind), t["errors"].get(kind, 0)) for t in traffic for kind in ERROR_KINDS]
+        errors = [((t["device_id"], target(t), kind), t["errors"].get(kind, 0))
+                  for t in traffic for kind in ERROR_KINDS]
         errors += [((d["device_id"], target(d), "benchmark"), (d["metrics"] or {}).get("errors")) for d in devices]
         yield counter("edgefleet_inference_errors",
                       "Failed inferences by kind: the inference API's (bad_request, too_large, overloaded, deadline, "

@@ -184,7 +184,7 @@ def read_snapshot(value: Any, skipped: Counter) -> Snapshot | None:
         counts = Counts.read(entry, skipped)
         if counts is not None:
             versions[version] = counts
-    agent = {}
+    agent: dict[str, int | None] = {}
     for name in ("rejected", "queue_depth", "queue_peak"):
         agent[name] = _count(value.get(name))
         if name in value and agent[name] is None:
@@ -259,7 +259,8 @@ def fold(db: sqlite3.Connection, before: float, forget_before: float) -> dict[st
                 prev, prev_ts = totals.get(r[0], (Counts(), 0.0))
                 totals[r[0]] = (prev + counts, max(prev_ts, float(r[2] or 0)))
         for table in ("traffic", "traffic_boots"):
-            db.execute(f"DELETE FROM {table} WHERE device_id = ? AND boot IN ({marks})", (device, *(b for b, _ in into)))
+            db.execute(f"DELETE FROM {table} WHERE device_id = ? AND boot IN ({marks})",
+                       (device, *(b for b, _ in into)))
         db.execute("INSERT INTO traffic_boots (device_id, boot, seq, ts, rejected, queue_depth, queue_peak, folded) "
                    "VALUES (?,?,0,?,?,NULL,NULL,1)", (device, upto, ts, rejected))
         db.executemany("INSERT INTO traffic (device_id, boot, version, ts, total, last) VALUES (?,?,?,?,?,NULL)",
