@@ -165,7 +165,8 @@ class TrafficStats:
 
 def quantile_ms(buckets: list[int], q: float) -> float | None:
     """The ``q`` quantile from a histogram over BUCKETS_MS: the upper bound of the bucket it falls in (the last
-    finite bound for the overflow bucket), as Prometheus' histogram_quantile reads an upper bound."""
+    finite bound for the overflow bucket), a conservative figure; Prometheus' histogram_quantile interpolates
+    within the bucket instead, so it reads a little lower."""
     total = sum(buckets)
     if total == 0:
         return None
@@ -382,6 +383,7 @@ class InferenceServer:
         try:
             served = self.holder.acquire()
             if served is None:
+                self.stats.error(None, "no_model")
                 raise RequestError(503, "no_model", "no model is active on this device yet", retry_after=5)
             try:
                 feeds = parse_feeds(body, content_type, served.session)
