@@ -56,6 +56,17 @@ class Kernel:
                 self.cin % 16, self.cout % 16, np.log1p(ho * wo), self.cin * self.k * self.k,
                 np.log1p(self.cout)]
 
+    @property
+    def work(self) -> float:
+        """What the kernel's time grows with: its MACs and its output elements (compute kernels), the elements
+        it reads (pooling, adds). The forests learn the time per unit of work, which stays bounded beyond the
+        sizes a calibration timed, so a kernel larger than any of them is priced by its work, not capped at the
+        largest one measured."""
+        ho, wo = -(-self.h // self.stride), -(-self.w // self.stride)
+        if self.kind in ("conv", "dwconv", "gemm"):
+            return float(self.macs + 16 * self.cout * ho * wo)
+        return float(self.cin * self.h * self.w)
+
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "int8": self.int8, "cin": self.cin, "cout": self.cout, "k": self.k,
                 "stride": self.stride, "h": self.h, "w": self.w}
@@ -158,8 +169,9 @@ class KernelPredictor:
         for s in samples:
             groups.setdefault((s["kernel"]["kind"], s["kernel"]["int8"]), []).append(s)
         for key, rows in groups.items():
-            x = np.array([Kernel(**r["kernel"]).features() for r in rows])
-            y = np.log(np.array([max(r["us"], 0.05) for r in rows]))
+            kernels = [Kernel(**r["kernel"]) for r in rows]
+            x = np.array([k.features() for k in kernels])
+            y = np.log(np.array([max(r["us"], 0.05) for r in rows]) / np.array([max(k.work, 1.0) for k in kernels]))
             forest = RandomForestRegressor(n_estimators=120, min_samples_leaf=2, random_state=0, n_jobs=1)
             self.forests[key] = forest.fit(x, y)
 
@@ -170,7 +182,8 @@ class KernelPredictor:
             forest = self.forests.get(key) or self.forests.get((key[0], not key[1]))
             if forest is None:
                 continue  # a kind never measured here: counted as free, and said so by `coverage`
-            out[idx] = np.exp(forest.predict(np.array([kernels[i].features() for i in idx])))
+            work = np.array([max(kernels[i].work, 1.0) for i in idx])
+            out[idx] = work * np.exp(forest.predict(np.array([kernels[i].features() for i in idx])))
         return out
 
     def kind_sums_us(self, path: Path) -> tuple[np.ndarray, bool]:
