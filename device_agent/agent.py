@@ -56,7 +56,7 @@ from .manifest import (
     load_public_key,
     verify_envelope,
 )
-from .mqtt import MqttLink, Will
+from .mqtt import ConnectError, MqttLink, Will
 from .serving import InferenceServer, ModelHolder, ServeConfig, Served, TrafficStats
 from .protocol import (
     DEFAULT_WINDOW,
@@ -279,7 +279,11 @@ class Agent:
         self.load_active()
         self.start_api()
         self.resume_from_disk()
-        self.link.start(timeout=connect_timeout)
+        if not self._connect(connect_timeout):  # stopped before the broker was ever reached
+            if self.api is not None:
+                self.api.stop()
+            backoff.record_clean_stop()
+            return
         if self._calibration_resume is not None:
             self._resume_calibration(self._calibration_resume)
         last_metrics = time.monotonic()
@@ -314,6 +318,24 @@ class Agent:
                 self._transfer.download.close()
             self.link.publish(self._t(Leaf.ONLINE), b"offline", qos=1, retain=True).wait_for_publish(2)
             self.link.stop()
+
+    def _connect(self, timeout: float) -> bool:
+        """Connect to the broker. While it cannot be reached the inference API keeps serving the device's
+        applications, and the agent tries again, backing off to a minute; its traffic counters keep counting and
+        go out with the first metrics after it connects. Without the API, an unreachable broker fails the start
+        as before (the service manager restarts the agent). False: stopped while waiting."""
+        delay = 1.0
+        while True:
+            try:
+                self.link.start(timeout=timeout)
+                return True
+            except ConnectError as exc:
+                if self.api is None:
+                    raise
+                log.warning("%s; serving the local API meanwhile, trying again in %.0f s", exc, delay)
+            if self._stop.wait(delay):  # the back-off between attempts; a stop ends it at once
+                return False
+            delay = min(delay * 2, 60.0)
 
     def stop(self) -> None:
         self._stop.set()

@@ -79,3 +79,58 @@ def test_a_deploy_and_a_rollback_under_steady_traffic_fail_no_request(mosquitto,
             phases = [v for k, v in enumerate(versions) if k == 0 or versions[k - 1] != v]
             assert phases == [10, 11, 10], phases
         assert {v for s in seen for v in s} == {10, 11} and seen[0][-1] == 10
+
+
+def test_the_agent_serves_while_the_broker_is_down_and_reports_the_traffic_when_it_is_back(tmp_path, key_dir,
+                                                                                           tiny_onnx):
+    """The broker goes away and the agent restarts: it cannot connect, and still answers its applications; when
+    the broker is back on its address, the agent connects and its metrics carry every request it answered."""
+    import json
+
+    from device_agent.config import BrokerConfig
+    from device_agent.mqtt import MqttLink
+    from device_agent.protocol import Leaf, topic
+    from pipeline.broker import LocalBroker, mosquitto_binary
+
+    from conftest import require
+
+    require(mosquitto_binary() is not None, "mosquitto")
+    broker = LocalBroker("mosquitto", tmp_path / "broker").start()
+    port = broker.port
+    fleet = LocalFleet(tmp_path / "devices", broker.config, "rpi4", 1, key_dir / "signing.pub", PREFIX,
+                       metrics_interval_s=0.5)
+    try:
+        fleet.start()
+        [device] = fleet.device_ids
+        [r] = deliver(broker.config, PREFIX, make_artifact(tiny_onnx, tmp_path / "arts", key_dir, version=20),
+                      [device], 30)
+        assert r.status == "activated"
+        broker.stop()
+        fleet.procs[device].terminate()
+        fleet.procs[device].wait(10)
+        fleet.spawn(device)  # a restart while the broker is unreachable
+        x = np.zeros((1, 1, 8, 8), np.float32)
+        with Client(str(fleet.socket_path(device)), timeout=30) as client:
+            answered = [client.infer(x).version for _ in range(30)]
+        assert answered == [20] * 30 and fleet.procs[device].poll() is None  # serving, not exiting
+        seen = threading.Event()
+        counts: list[int] = []
+
+        def on_metrics(name, payload):
+            body = json.loads(payload)
+            traffic = (body.get("traffic") or {}).get("versions", {}).get("20")
+            if traffic:
+                counts.append(traffic["count"])
+                if traffic["count"] >= 30:
+                    seen.set()
+        broker = LocalBroker("mosquitto", tmp_path / "broker").start(port=port)
+        watcher = MqttLink(BrokerConfig(host="127.0.0.1", port=port), "traffic-watch", on_metrics,
+                           [(topic(PREFIX, device, Leaf.METRICS), 1)]).start()
+        try:
+            assert seen.wait(60), counts  # the agent reconnected by itself and reported what it had answered
+        finally:
+            watcher.stop()
+        assert counts[-1] == 30
+    finally:
+        fleet.stop()
+        broker.stop()
