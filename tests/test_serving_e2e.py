@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from conftest import make_artifact
+from traffic import SteadyTraffic
 from device_agent.client import Client
 from pipeline.ota import LocalFleet, deliver
 from pipeline.ota.commands import roll_back
@@ -39,41 +40,15 @@ def test_a_deploy_and_a_rollback_under_steady_traffic_fail_no_request(mosquitto,
         assert described["version"] == 10 and described["inputs"][0]["shape"][1:] == [1, 8, 8]
 
         x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
-        stop, failures, seen = threading.Event(), [], [[] for _ in range(4)]
-        answered = threading.Condition()
-
-        def traffic(i):
-            with Client(sock, timeout=30) as client:
-                while not stop.is_set():
-                    try:
-                        version = client.infer(x).version
-                    except Exception as exc:  # noqa: BLE001 - any failure is what the test counts
-                        failures.append(repr(exc))
-                        version = None
-                    with answered:
-                        if version is not None:
-                            seen[i].append(version)
-                        answered.notify_all()
-
-        def answers_reach(n):
-            with answered:
-                assert answered.wait_for(lambda: sum(map(len, seen)) >= n or failures, timeout=60)
-
-        threads = [threading.Thread(target=traffic, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
-        try:
-            answers_reach(100)
+        with SteadyTraffic(sock, x) as traffic:
+            traffic.wait_for(100)
             [r] = deliver(mosquitto.config, PREFIX, make_artifact(other, arts, key_dir, version=11), [device], 60)
             assert r.status == "activated"
-            answers_reach(sum(map(len, seen)) + 100)
+            traffic.wait_for(traffic.answers + 100)
             [back] = roll_back(mosquitto.config, PREFIX, [device], 30)
             assert back.status == DeviceStatus.ROLLED_BACK and back.active_version == 10, back
-            answers_reach(sum(map(len, seen)) + 100)
-        finally:
-            stop.set()
-            for t in threads:
-                t.join()
+            traffic.wait_for(traffic.answers + 100)
+        failures, seen = traffic.failures, traffic.seen
         assert failures == []
         for versions in seen:  # 10 until the switch, 11 until the rollback, 10 after: never out of order
             phases = [v for k, v in enumerate(versions) if k == 0 or versions[k - 1] != v]

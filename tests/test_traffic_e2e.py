@@ -51,7 +51,7 @@ def report_until(link: MqttLink, device: str, db, answered: int, boot: int, time
             d = traffic_of(db, device)
             if d is not None and d["answered"] == answered and d["boot"] == boot:
                 return d
-            time.sleep(0.1)
+            time.sleep(0.1)  # a poll interval: the loop waits for the store to show the requests
         if time.monotonic() >= deadline:
             break
     pytest.fail(f"the store never showed {answered} answered requests of boot {boot}: {traffic_of(db, device)}")

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from device_agent.client import Client, InferenceError, Unavailable
+from traffic import SteadyTraffic
 from device_agent.runtimes import get_runtime
 from device_agent.serving import (BUCKETS_MS, InferenceServer, ModelHolder, ServeConfig, Served, TrafficStats,
                                   quantile_ms)
@@ -179,36 +180,12 @@ def test_swaps_under_steady_traffic_fail_no_request_and_release_the_old_model(tm
     holder.swap(served(models["small"], 1, released=released))
     cfg = ServeConfig(socket_path=tmp_path / "swap.sock", workers=2, queue=64)
     x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
-    stop, failures, seen = threading.Event(), [], [[] for _ in range(4)]
-    answered = threading.Condition()
-
-    def answers_reach(n):
-        with answered:
-            assert answered.wait_for(lambda: sum(map(len, seen)) >= n or failures, timeout=60)
-
-    with InferenceServer(holder, cfg):
-        def traffic(i):
-            with Client(str(cfg.socket_path)) as client:
-                while not stop.is_set():
-                    try:
-                        version = client.infer({"image": x}).version
-                    except Exception as exc:  # noqa: BLE001 - any failure is what the test counts
-                        failures.append(repr(exc))
-                        version = None
-                    with answered:
-                        if version is not None:
-                            seen[i].append(version)
-                        answered.notify_all()
-        threads = [threading.Thread(target=traffic, args=(i,)) for i in range(4)]
-        for t in threads:
-            t.start()
+    with InferenceServer(holder, cfg), SteadyTraffic(str(cfg.socket_path), {"image": x}) as traffic:
         for version in range(2, 12):
-            answers_reach(sum(map(len, seen)) + 20)  # some traffic on each version before the next swap
+            traffic.wait_for(traffic.answers + 20)  # some traffic on each version before the next swap
             holder.swap(served(models["other" if version % 2 else "small"], version, released=released))
-        answers_reach(400)
-        stop.set()
-        for t in threads:
-            t.join()
+        traffic.wait_for(400)
+    failures, seen = traffic.failures, traffic.seen
     assert failures == []
     for versions in seen:
         assert versions == sorted(versions)  # never answered by an older model after a newer one

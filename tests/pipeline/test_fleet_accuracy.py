@@ -8,13 +8,12 @@ import json
 import math
 import sqlite3
 import urllib.request
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.dashboard import BudgetBook, Dashboard, FleetView, prometheus
+from pipeline.dashboard import Dashboard, prometheus
 from pipeline.fleet import FleetStore
 from pipeline.fleet.accuracy import COMPARED, prediction_check, predictions
 from pipeline.fleet.store import MIGRATIONS
