@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .calibration import RUNTIME as CALIBRATION_RUNTIME
-from .calibration import Batch
+from .suite_runner import RUNTIME as CALIBRATION_RUNTIME
+from .suite_runner import Batch
 from .calibrator import PAYLOAD, CalibrationJob
 from .config import AgentConfig
 from .download import Download

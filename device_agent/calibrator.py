@@ -1,7 +1,7 @@
 """A calibration job on its own thread: the agent keeps serving messages while a suite is timed.
 
 The agent hands a verified suite (``PAYLOAD`` in the job's work directory) to a ``CalibrationJob``; the job's thread
-runs ``device_agent.calibration.run_suite`` and publishes what it measures through ``publish`` (the agent turns each
+runs ``device_agent.suite_runner.run_suite`` and publishes what it measures through ``publish`` (the agent turns each
 batch into a ``Calibration`` message). It never touches the agent's state: what the agent must record is posted
 back through ``post`` (``{"job_id", "kind": "progress" | "done" | "failed" | "superseded", ...}``) and handled on
 the agent's own worker, the one writer of ``state.json``.
@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .calibration import Batch, Summary, run_suite
+from .suite_runner import Batch, Summary, run_suite
 from .errors import ProtocolError, VerificationError
 from .protocol import ResultCode, short
 

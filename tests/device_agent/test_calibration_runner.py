@@ -9,13 +9,12 @@ import threading
 import zipfile
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from calibration_suites import four_models, suite_zip, write_zip
-from device_agent.calibration import (
-    MAX_GROUP_ATTEMPTS, MAX_UNPACKED_BYTES, PROGRESS_FILE, SUITE_FILE, Case, Suite, run_suite, unpack,
-)
+from device_agent.calibration import SUITE_FILE, Case, Suite
+from device_agent.suite_runner import MAX_GROUP_ATTEMPTS, MAX_UNPACKED_BYTES, PROGRESS_FILE, run_suite, unpack
 from device_agent.errors import ProtocolError, VerificationError
 from device_agent.protocol import MAX_CALIBRATION_RESULTS, Calibration, encode
 
@@ -259,6 +258,7 @@ _NAMES = st.sampled_from([SUITE_FILE, "a.onnx", "../a.onnx", "/a.onnx", "b/", "b
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(entries=st.lists(st.tuples(_NAMES, st.binary(max_size=64) | st.just(b"SUITE")), max_size=5),
        garbage=st.binary(max_size=64), mangle=st.integers(0, 200))
+@example(entries=[("b/", b""), ("b/", b"SUITE")], garbage=b"", mangle=68)  # a zip version zipfile cannot read
 def test_any_payload_gives_a_suite_or_one_error(entries, garbage, mangle, tmp_path):
     suite = Suite("s", (Case("a", "a.onnx", (1, 4)),)).to_json()
     buf = io.BytesIO()
