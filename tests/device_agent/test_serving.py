@@ -299,3 +299,30 @@ def test_npy_bodies_that_are_not_plain_arrays_are_refused(data, expected):
         read_npy(write_npy(np.array(["a", "b"])))
     with pytest.raises(ValueError, match="needs 64 bytes"):
         read_npy(write_npy(np.zeros(16, np.float32))[:-4])
+
+
+def test_the_example_application_classifies_an_image_as_the_model_was_trained(tmp_path, models):
+    """examples/classify.py, as a user runs it: it reads the spec and class names from /v1/model, prepares a PNG
+    with them and prints the top classes with the version that answered."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from PIL import Image
+
+    from device_agent.preprocess import Preprocess
+
+    Image.fromarray((np.random.default_rng(0).random((20, 30)) * 255).astype("uint8")).save(tmp_path / "photo.png")
+    holder = ModelHolder()
+    spec = Preprocess(channels=1, resize=(8, 8), scale=1 / 255)
+    session = get_runtime("onnxruntime").load(models["small"], 1)
+    holder.swap(Served(session, "digits", 7, {"preprocess": spec.to_dict(), "labels": [f"d{i}" for i in range(10)]}))
+    example = Path(__file__).resolve().parents[2] / "examples" / "classify.py"
+    with InferenceServer(holder, ServeConfig(socket_path=tmp_path / "app.sock")):
+        done = subprocess.run([sys.executable, str(example), str(tmp_path / "photo.png"), "--socket",
+                               str(tmp_path / "app.sock")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    image = np.asarray(Image.open(tmp_path / "photo.png").convert("L"))
+    scores = session.run({"image": spec.apply(image)[None].astype(np.float32)})[0][0]
+    assert lines[0].split()[0] == f"d{int(scores.argmax())}" and "digits v7" in lines[-1]
