@@ -152,7 +152,8 @@ def test_deploy_records_the_refusal_in_the_report_table_store_and_telemetry(mosq
     workdir = cfg.resolve(cfg.workdir)
     art = predicted_artifact(tiny_onnx, tmp_path / "a", key_dir, version=90)
     # this host's prediction as no host can meet it: the canary is a regression, whatever the machine
-    monkeypatch.setattr(stage, "host_latency_ms", lambda artifact: IMPOSSIBLE_MS)
+    real = stage.host_prediction
+    monkeypatch.setattr(stage, "host_prediction", lambda artifact: {**(real(artifact) or {}), "latency_ms": IMPOSSIBLE_MS})
     ui = UI()
     delivery, info = stage.deliver_stage(cfg.fleet, external_broker(cfg), target, art, workdir, ui)
     assert info["rollout"]["aborted"]

@@ -149,11 +149,3 @@ def host_prediction(artifact) -> dict | None:
             log.warning("no prediction for this host for %s (%s: %s): emulated agents' figures are not judged",
                         m.filename, type(exc).__name__, exc)
             return None
-
-
-def host_latency_ms(artifact) -> float | None:
-    """The latency predicted for ``artifact``'s model on this host (``host_prediction``). An emulated agent's
-    measurement is compared with it, never with the target's budget (``pipeline.ota.rollout.too_slow``). None
-    when there is no such prediction: then emulated agents' latency is not judged."""
-    predicted = host_prediction(artifact)
-    return None if predicted is None else float(predicted["latency_ms"])

@@ -21,7 +21,7 @@ from ..profile import host_threads
 from ..targets import TargetProfile
 from ..ui import UI
 from .http_server import ArtifactServer
-from .local_fleet import LocalFleet, host_latency_ms, host_prediction
+from .local_fleet import LocalFleet, host_prediction
 from .rollout import RolloutPolicy, rollout
 from .status import DeploymentStatus, DeviceStatus
 
@@ -64,12 +64,14 @@ def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: Tar
     host (the profile stage's), which emulated agents are judged against; else this host's prediction."""
     r = fleet.rollout
     judge_latency = r.abort_on_latency and not force
+    on_host = host_prediction(artifact)  # analysed once: the rollout's fallback and the fleet store's record
+    host_predicted_ms = float(on_host["latency_ms"]) if on_host is not None else None
     # real devices meet the target's budget; emulated agents (on this host) the prediction for this host
     policy = RolloutPolicy(r.canary_fraction, r.canary_min, r.max_failure_fraction,
                            target.budgets.latency_ms if judge_latency else None,
-                           host_latency_ms=(host_measured_ms or host_latency_ms(artifact)) if judge_latency else None,
+                           host_latency_ms=(host_measured_ms or host_predicted_ms) if judge_latency else None,
                            host_basis="measured" if host_measured_ms else "predicted")
-    predicted = predictions(target.name, artifact.manifest.predicted, host_prediction(artifact))
+    predicted = predictions(target.name, artifact.manifest.predicted, on_host)
     db = workdir / "fleet.db"
     with contextlib.ExitStack() as stack:
         broker, broker_info, devices = open_fleet(fleet, external, target, workdir, stack, ui,
