@@ -22,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from .drift import Reference
 from .errors import ProtocolError, VerificationError
 from .preprocess import Preprocess
 from .protocol import ResultCode, short
@@ -158,6 +159,7 @@ class Manifest:
     preprocess: Preprocess | None = None  # how the inputs are prepared from an image (device_agent.preprocess)
     labels: tuple[str, ...] | None = None  # the first output's class names, index by index, where the data has them
     kind: str = "model"  # one of KINDS
+    reference: Reference | None = None  # the drift reference statistics of the model's data (device_agent.drift)
 
     @classmethod
     def from_signed(cls, signed: Any) -> "Manifest":
@@ -189,6 +191,8 @@ class Manifest:
             else Preprocess.from_dict(signed["preprocess"], "manifest: preprocess"),
             labels=_labels(signed.get("labels")),
             kind=_field(signed, "kind", str, optional=True) or "model",
+            reference=None if signed.get("reference") is None
+            else Reference.from_dict(signed["reference"], "manifest: reference"),
         )
         if m.expires is not None:
             _timestamp(m.expires, "expires")
@@ -201,6 +205,8 @@ class Manifest:
         if "/" in m.filename or m.filename.startswith("."):
             raise ProtocolError(f"manifest: filename {m.filename!r} must be a plain file name")
         _check_labels_fit(m.labels, m.io)
+        if m.reference is not None:
+            m.reference.check_io(m.io)
         if m.kind not in KINDS:
             raise ProtocolError(f"manifest: kind {short(m.kind)} unknown; this agent reads {list(KINDS)}")
         return m
@@ -226,6 +232,8 @@ class Manifest:
             body["labels"] = list(self.labels)
         if self.kind != "model":  # absent for a model: older manifests stay byte for byte
             body["kind"] = self.kind
+        if self.reference is not None:  # absent without one, as preprocess and labels
+            body["reference"] = self.reference.to_dict()
         return json.loads(json.dumps(body))  # plain JSON values: exactly what a receiver parses and re-serialises
 
     def check_expiry(self, at: dt.datetime | None = None) -> None:
