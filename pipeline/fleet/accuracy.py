@@ -24,6 +24,10 @@ What is compared with what:
 
 Raw metrics only (``fleet.retention.raw``, 7 days by default): rollups average p50 and keep the worst p95 and
 RSS of a bucket, which would skew the comparison.
+
+The same reports feed the class's refit (``measured_models``, ``pipeline targets calibrate --from-fleet``), and
+every calibration of a class is recorded beside them (``record_calibration``, ``latest_calibrations``: the
+``calibrations`` table, shown by ``pipeline fleet status``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import enum
 import json
 import math
 import statistics
+import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
@@ -217,3 +222,68 @@ def _order(target: str | None, version: int, basis: str, metric: str) -> tuple:
     ``COMPARED``'s order."""
     return (target is None, target or "", version, [b.value for b in Basis].index(basis),
             [c.name for c in COMPARED].index(metric))
+
+
+def measured_models(store: FleetStore, target: str, per_series: int = PER_SERIES) -> dict[str, Any]:
+    """What the fleet measured of the models checked against ``target``'s predictions (``predicted_for``: the
+    class's own devices, or for ``host`` the emulated agents on this host), as ``pipeline targets calibrate
+    --from-fleet`` refits from it: per deployed class and version, each device's median p50 (of its latest
+    ``per_series`` reports, as the check takes them), their median, and the artifact the latest deployment of that
+    version stored (``None``: never deployed from this host). ``invalid`` counts reports without a usable p50."""
+    by_version: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    invalid = 0
+    for r in store.db.execute(_REPORTS, (per_series,)):
+        cls = r["target"] if isinstance(r["target"], str) else None
+        version = r["version"] if isinstance(r["version"], int) and not isinstance(r["version"], bool) else None
+        basis = (Basis.HOST if r["emulated"] else Basis.TARGET).value
+        if cls is None or version is None or predicted_for(cls, basis) != target:
+            continue
+        if (p50 := positive(r["latency_ms_p50"])) is None:
+            invalid += 1
+            continue
+        by_version[(cls, version)][r["device_id"]].append(p50)
+    models = []
+    for (cls, version), per_device in sorted(by_version.items()):
+        row = store.db.execute("SELECT artifact FROM deployments WHERE target = ? AND version = ? "
+                               "ORDER BY id DESC LIMIT 1", (cls, version)).fetchone()
+        medians = {d: statistics.median(v) for d, v in sorted(per_device.items())}
+        models.append({"target": cls, "version": version, "artifact": row["artifact"] if row else None,
+                       "devices": medians, "measured_ms": statistics.median(medians.values()),
+                       "samples": sum(map(len, per_device.values()))})
+    return {"target": target, "per_series": per_series, "models": models, "invalid": invalid}
+
+
+#: a calibration's record: what ``record_calibration`` takes, and JSON columns among them
+CALIBRATION_FIELDS = ("target", "version", "date", "basis", "devices", "samples", "wall_s", "fit", "kernels_file")
+_CALIBRATION_JSON = ("devices", "samples", "fit")
+
+
+def record_calibration(store: FleetStore, *, target: str, version: int, date: str, basis: str, devices: list[str],
+                       samples: dict[str, Any], wall_s: float | None, fit: dict[str, Any] | None,
+                       kernels_file: str | None) -> int:
+    """One calibration of a class (``basis``: ``suite``, timed on its devices, or ``from_fleet``, refit with the
+    fleet's measured models): who measured it, how many samples (``{"suite": {device: cases timed}, "fleet":
+    {"<class> v<version>": reports}}``), its fit's error and where it was written."""
+    with store.db:
+        store.db.execute("BEGIN")
+        cur = store.db.execute(
+            "INSERT INTO calibrations (ts, target, version, date, basis, devices, samples, wall_s, fit, kernels_file)"
+            " VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (time.time(), target, version, date, basis, json.dumps(devices), json.dumps(samples), wall_s,
+             json.dumps(fit, default=str) if fit else None, kernels_file))
+    return int(cur.lastrowid)
+
+
+def latest_calibrations(store: FleetStore) -> list[dict[str, Any]]:
+    """Each class's latest calibration, by class; a JSON column that cannot be read is None."""
+    out = []
+    for r in store.db.execute("SELECT c.* FROM calibrations c JOIN (SELECT target, max(id) AS id FROM calibrations "
+                              "GROUP BY target) l ON c.id = l.id ORDER BY c.target"):
+        row = {k: r[k] for k in ("ts", *CALIBRATION_FIELDS)}
+        for k in _CALIBRATION_JSON:
+            try:
+                row[k] = json.loads(row[k]) if isinstance(row[k], str) else None
+            except (ValueError, RecursionError):
+                row[k] = None
+        out.append(row)
+    return out

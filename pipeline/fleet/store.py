@@ -75,6 +75,11 @@ MIGRATIONS = [
     """CREATE TABLE traffic (
         device_id TEXT NOT NULL, boot INTEGER NOT NULL, version INTEGER NOT NULL, ts REAL NOT NULL,
         total TEXT NOT NULL, last TEXT, PRIMARY KEY (device_id, boot, version))""",
+    # every calibration of a device class (pipeline.fleet.accuracy.record_calibration): basis "suite" (timed on its
+    # devices) or "from_fleet" (refit with the fleet's measured models); devices, samples and fit are JSON
+    """CREATE TABLE calibrations (
+        id INTEGER PRIMARY KEY, ts REAL NOT NULL, target TEXT NOT NULL, version INTEGER NOT NULL, date TEXT,
+        basis TEXT NOT NULL, devices TEXT, samples TEXT, wall_s REAL, fit TEXT, kernels_file TEXT)""",
 ]
 
 METRIC_COLUMNS = ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "throughput_ips", "rss_mb", "cpu_percent",
