@@ -6,7 +6,8 @@ normal OTA path, see ``pipeline.calibration``), and from what they measured the 
 (``write``) the class's kernel-level predictor with its provenance into the user directory
 (``pipeline.targets.user_dir()``: ``$EDGEFLEET_TARGETS_DIR``, else ``~/.config/edgefleet/targets``), never into
 the installation. ``host`` is calibrated the same way, through a local agent process; for it ``host.yaml`` is
-written too (its peak rates and op factors). ``suite`` holds what is timed, ``peaks`` the rates.
+written too (its peak rates and op factors). ``suite`` holds what is timed, ``peaks`` the rates. ``refit`` fits
+the predictor again from the stored suite results and the fleet's measured models (``--from-fleet``).
 """
 
 from __future__ import annotations

@@ -125,27 +125,42 @@ def _errors(predicted: np.ndarray, measured: np.ndarray) -> dict[str, Any]:
             "max_abs_error_pct": round(float(err.max() * 100), 2)}
 
 
-def _models(built: BuiltSuite, measured: Measured) -> list[tuple[str, str, float]]:
+def whole_models(built: BuiltSuite, measured: Measured) -> list[tuple[str, str, float]]:
     """(case id, precision, measured ms) of every whole model that came back."""
     return [(cid, m["precision"], measured.ms[cid]) for cid, m in built.suite.extra["cases"].items()
             if m["role"] == "model" and measured.ms.get(cid, 0) > 0]
 
 
+def kernel_samples(suite: Suite, measured: Measured) -> list[dict[str, Any]]:
+    """The kernels' times in context as the predictor's forests take them: {kernel, us}."""
+    cases = suite.extra["cases"]
+    return [{"kernel": cases[cid]["kernel"], "us": round(us, 3)} for cid, us in sorted(measured.kernel_us.items())]
+
+
+def fit_correction(rows: np.ndarray, times_us: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """A precision's correction (see ``KernelPredictor.correction``) by non-negative least squares on whole models
+    (``rows``: their kind sums): each model's relative error counts, squared, ``weights`` times (1 each by default)."""
+    from scipy.optimize import nnls
+
+    a, t = np.asarray(rows, dtype=float), np.asarray(times_us, dtype=float)
+    w = (np.sqrt(weights) if weights is not None else 1.0) / t
+    scale = np.maximum(a.max(0), 1e-9)
+    coef, _ = nnls(a / scale * w[:, None], t * w)
+    return coef / scale
+
+
 def fit_predictor(built: BuiltSuite, measured: Measured):
     """The kernel-level predictor and its correction, and its error on the whole models (overall and per
     precision)."""
-    from scipy.optimize import nnls
-
     from ..kernels import KernelPredictor
 
-    cases = built.suite.extra["cases"]
-    samples = [{"kernel": cases[cid]["kernel"], "us": round(us, 3)} for cid, us in sorted(measured.kernel_us.items())]
+    samples = kernel_samples(built.suite, measured)
     if not samples:
         return None, {"kernels": 0, **_errors(np.array([]), np.array([]))}
     predictor = KernelPredictor(samples)
     rows: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
     times: dict[str, list[float]] = {"fp32": [], "int8": []}
-    for cid, precision, ms in _models(built, measured):
+    for cid, precision, ms in whole_models(built, measured):
         rows[precision].append(predictor.kind_sums_us(built.file(cid))[0])
         times[precision].append(ms * 1e3)
     predicted, actual, per = [], [], {}
@@ -153,10 +168,7 @@ def fit_predictor(built: BuiltSuite, measured: Measured):
         if not rows[key]:
             continue
         a, t = np.array(rows[key]), np.array(times[key])
-        w = 1 / t
-        scale = np.maximum(a.max(0), 1e-9)
-        coef, _ = nnls(a / scale * w[:, None], t * w)
-        coef = coef / scale
+        coef = fit_correction(a, t)
         predictor.correction[key] = [round(float(c), 5) for c in coef]
         predicted += list(a @ coef)
         actual += list(t)
@@ -170,7 +182,7 @@ def fit_op_factors(built: BuiltSuite, measured: Measured, profile: TargetProfile
     whole model came back."""
     from ..static import analyse
 
-    models = _models(built, measured)
+    models = whole_models(built, measured)
     if not models:
         return None
     rows = [features(analyse(built.file(cid)), profile) for cid, _, _ in models]
