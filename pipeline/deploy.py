@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .broker import external_broker
+from .bundle.drift import reference_inputs
 from .bundle.stage import bundle_stage
 from .config import DeployConfig
 from .errors import BudgetError, ConfigError
@@ -59,7 +60,9 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
     with ui.stage("Sign and bundle"):
         artifact = bundle_stage(exported.path, data.x_test, prof, ui, name=cfg.name, workdir=workdir,
                                 key_dir=cfg.resolve(cfg.signing.key_dir), url_base=url_base,
-                                preprocess=data.preprocess, labels=labels_for(data, report))
+                                preprocess=data.preprocess, labels=labels_for(data, report),
+                                reference_data=reference_inputs(data, cfg.drift.reference_split),
+                                reference_samples=cfg.drift.reference_samples, classes=data.num_classes)
         report["artifact"] = artifact.to_dict()
 
     report["delivery"], report["broker"] = deliver_stage(cfg.fleet, external_broker(cfg), target, artifact, workdir,

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from device_agent.drift import Reference
 from device_agent.errors import ProtocolError
 from device_agent.manifest import Manifest, sign_envelope
 from device_agent.preprocess import Preprocess
@@ -67,12 +68,13 @@ def build_artifact(
     golden_inputs: np.ndarray | None, budgets: dict[str, Any], predicted: dict[str, Any], health: dict[str, Any],
     key_dir: Path, expires_days: float | None = 30, chunk_size: int = DEFAULT_CHUNK_SIZE,
     url_base: str | None = None, preprocess: Preprocess | None = None, labels: tuple[str, ...] | None = None,
-    kind: str = "model",
+    kind: str = "model", reference: Reference | None = None,
 ) -> Artifact:
     """``url_base``: where the artifact directory will be served over HTTP(S); its payload's URL is then
     signed into the manifest and devices fetch it with Range requests instead of MQTT chunks. ``preprocess``:
     how the inputs (the golden ones included) were prepared from an image, signed in for the device's application;
-    ``labels``: the class names of the first output, index by index. ``kind``: ``model``, or ``calibration`` for a
+    ``labels``: the class names of the first output, index by index; ``reference``: the drift reference statistics
+    of the model's data (:func:`pipeline.bundle.drift.drift_reference`). ``kind``: ``model``, or ``calibration`` for a
     calibration suite (a zip, see device_agent.calibration): never installed, so it has no io and no golden
     vectors (``golden_inputs`` is ignored)."""
     from device_agent.runtimes import get_runtime
@@ -98,7 +100,7 @@ def build_artifact(
         raw_sha256=hashlib.sha256(raw).hexdigest(),
         url=f"{url_base.rstrip('/')}/{out.name}/{payload_name(model_path.name, encoding)}" if url_base else None,
         io=io, golden=golden, health=health, budgets=budgets, predicted=predicted, preprocess=preprocess,
-        labels=tuple(labels) if labels is not None else None, kind=kind,
+        labels=tuple(labels) if labels is not None else None, kind=kind, reference=reference,
     )
     signed = manifest.to_signed()  # the device's own schema builds what it will parse, and checks it as the device will
     try:

@@ -17,8 +17,8 @@ from ..errors import ConfigError
 from .errors import error_lines, invalid, short
 from .fleet import FleetConfig
 from .names import check_names
-from .sections import (DataConfig, ExportConfig, FinetuneConfig, FitConfig, ModelConfig, SigningConfig, Strict,
-                       TargetOverride)
+from .sections import (DataConfig, DriftConfig, ExportConfig, FinetuneConfig, FitConfig, ModelConfig, SigningConfig,
+                       Strict, TargetOverride)
 from .steps import Step, TypedStep
 from .views import CompressView
 
@@ -39,6 +39,7 @@ class DeployConfig(Strict):
     targets: dict[str, TargetOverride] = Field(default_factory=dict)
     fleet: FleetConfig = FleetConfig()
     signing: SigningConfig = SigningConfig()
+    drift: DriftConfig = DriftConfig()
     workdir: Path = Path(".edgefleet")
 
     #: the directory deploy.yaml lives in; relative paths resolve against it

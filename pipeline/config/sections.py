@@ -144,6 +144,29 @@ class FitConfig(Strict):
         return v
 
 
+class DriftConfig(Strict):
+    """``drift:``: the reference statistics signed into every manifest, and the scores that raise drift events
+    (device_agent.drift: PSI 0.1 is a moderate shift, 0.25 a significant one; a mean shift is in reference std)."""
+
+    reference_samples: int = Field(2000, ge=0, le=100_000, description="samples the exported model is run on for "
+                                   "the manifest's drift reference; 0: no reference")
+    reference_split: Literal["test", "train"] = Field("test", description="the data split the reference summarises: "
+                                                      "the held-out test split (a model is more confident on the data "
+                                                      "it was fitted to), or the training split")
+    window: int = Field(1000, ge=1, le=1_000_000, description="requests a device's drift scores cover")
+    psi_outputs: float = Field(0.25, gt=0, lt=1e6, description="PSI of the predicted-class shares")
+    psi_confidence: float = Field(0.25, gt=0, lt=1e6, description="PSI of the top-1 confidence histogram")
+    mean_shift: float = Field(0.25, gt=0, lt=1e6, description="|live mean - reference mean| / reference std, "
+                              "of any input channel")
+    min_samples: int = Field(200, ge=1, le=1_000_000, description="samples in the window before any event")
+
+    def thresholds(self):
+        """The thresholds as both ends read them (device_agent.drift.Thresholds)."""
+        from device_agent.drift import Thresholds
+
+        return Thresholds(self.psi_outputs, self.psi_confidence, self.mean_shift, self.min_samples)
+
+
 class TargetOverride(Strict):
     budgets: Budgets = Budgets()
 
