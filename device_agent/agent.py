@@ -46,6 +46,7 @@ from .errors import (
     VerificationError,
 )
 from .faults import crash_point
+from .heap import release_free_memory
 from .guard import PoisonGuard, RateLimit, StartBackoff
 from .health import Benchmark, benchmark, check_golden, health_check
 from .manifest import (
@@ -213,6 +214,7 @@ class Agent:
             describe["labels"] = list(manifest.labels)
         self.serving.swap(Served(session, manifest.name if manifest else "model",
                                  manifest.version if manifest else None, describe))
+        release_free_memory()  # what loading the session allocated and freed again (device_agent.heap)
 
     def start_api(self) -> None:
         """Listen for the device's applications (``serve:`` in agent.yaml). A socket that cannot be opened (a

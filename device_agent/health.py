@@ -6,10 +6,10 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-import psutil
 
 from .errors import HealthCheckError
 from .manifest import Manifest
+from .procstat import rss_mb
 from .runtimes import Session
 
 
@@ -21,10 +21,6 @@ class Benchmark:
     runs: int
     latency_ms_p99: float = 0.0
     throughput_ips: float = 0.0  # inferences per second, back to back
-
-
-def rss_mb() -> float:
-    return psutil.Process().memory_info().rss / 2**20
 
 
 def benchmark(session: Session, feeds: dict[str, np.ndarray], runs: int, warmup: int = 5) -> Benchmark:

@@ -18,11 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from .drift import Reference
+from .ed25519 import PublicKey
 from .errors import ProtocolError, VerificationError
 from .preprocess import Preprocess
 from .protocol import ResultCode, short
@@ -66,26 +64,27 @@ def decode_tensor(obj: Any, what: str) -> np.ndarray:
 
 # --------------------------------------------------------------------------- keys
 
-def keyid(public_key: Ed25519PublicKey) -> str:
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return hashlib.sha256(raw).hexdigest()[:16]
+def keyid(public_key: Any) -> str:
+    """The id a signature names its key by: the first 16 hex digits of the raw key's sha256. Takes the agent's
+    PublicKey or a ``cryptography`` Ed25519 key (the host's)."""
+    return PublicKey.of(public_key).keyid()
 
 
-def load_public_key(path: str | Path) -> Ed25519PublicKey:
+def load_public_key(path: str | Path) -> PublicKey:
     try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except (OSError, ValueError) as exc:
+        return PublicKey.load(path)
+    except OSError as exc:
         raise VerificationError(f"trusted key {path}: cannot load ({exc})", ResultCode.UPDATE_FAILED) from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise VerificationError(f"trusted key {path}: not an Ed25519 public key", ResultCode.UPDATE_FAILED)
-    return key
+    except ValueError as exc:
+        raise VerificationError(f"trusted key {path}: {exc}", ResultCode.UPDATE_FAILED) from None
 
 
 def canonical_bytes(signed: dict[str, Any]) -> bytes:
     return json.dumps(signed, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def sign_envelope(signed: dict[str, Any], private_key: Ed25519PrivateKey) -> dict[str, Any]:
+def sign_envelope(signed: dict[str, Any], private_key: Any) -> dict[str, Any]:
+    """The host's side: ``private_key`` is a ``cryptography`` Ed25519PrivateKey (the agent never signs)."""
     sig = private_key.sign(canonical_bytes(signed))
     return {
         "signed": signed,
@@ -93,9 +92,9 @@ def sign_envelope(signed: dict[str, Any], private_key: Ed25519PrivateKey) -> dic
     }
 
 
-def verify_envelope(envelope: Any, trusted: dict[str, Ed25519PublicKey]) -> dict[str, Any]:
-    """Return the signed body when one signature verifies with a trusted key. Total: any value gives the
-    signed body or VerificationError."""
+def verify_envelope(envelope: Any, trusted: dict[str, Any]) -> dict[str, Any]:
+    """Return the signed body when one signature verifies with a trusted key (a PublicKey, or the host's
+    ``cryptography`` key). Total: any value gives the signed body or VerificationError."""
     signed = envelope.get("signed") if isinstance(envelope, dict) else None
     signatures = envelope.get("signatures") if isinstance(envelope, dict) else None
     if not isinstance(signed, dict) or not isinstance(signatures, list) or not 0 < len(signatures) <= 8:
@@ -113,13 +112,15 @@ def verify_envelope(envelope: Any, trusted: dict[str, Ed25519PublicKey]) -> dict
         key = trusted.get(kid) if isinstance(kid, str) else None
         if key is None:
             continue
+        key = PublicKey.of(key)
         sig = entry.get("sig")
         try:
             if not isinstance(sig, str) or len(sig) > 128:
                 raise ValueError("not a base64 Ed25519 signature")
-            key.verify(base64.b64decode(sig, validate=True), body)
+            if not key.verify(base64.b64decode(sig, validate=True), body):
+                raise ValueError("the signature does not verify")
             return signed
-        except (InvalidSignature, ValueError):
+        except ValueError:
             raise VerificationError(
                 f"manifest: signature by key {kid} does not verify; the manifest was altered or signed "
                 "by another key", ResultCode.INTEGRITY_FAILURE,

@@ -9,7 +9,6 @@ arrays, the data length checked against the shape before a byte is interpreted.
 
 from __future__ import annotations
 
-import io
 import math
 import re
 import struct
@@ -57,7 +56,20 @@ def read_npy(data: bytes) -> np.ndarray:
     return np.frombuffer(body, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
 
 
+def npy_parts(array: np.ndarray) -> tuple[bytes, memoryview]:
+    """An array as ``.npy``: the header, and the array's own bytes (no copy of a C-contiguous array), to send
+    one after the other."""
+    array = np.asarray(array, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
+    if array.dtype.kind not in _KINDS:
+        raise ValueError(f"dtype {array.dtype}: only numbers and booleans travel as .npy here")
+    shape = repr(tuple(int(d) for d in array.shape))  # (1, 3, 224, 224), (5,), ()
+    text = f"{{'descr': '{array.dtype.str}', 'fortran_order': False, 'shape': {shape}, }}"
+    pad = -(len(MAGIC) + 4 + len(text) + 1) % 64  # numpy aligns the data to 64 bytes
+    header = text + " " * pad + "\n"
+    return MAGIC + b"\x01\x00" + struct.pack("<H", len(header)) + header.encode("latin-1"), \
+        memoryview(array.reshape(-1).view(np.uint8))
+
+
 def write_npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.asarray(array), allow_pickle=False)
-    return buf.getvalue()
+    head, data = npy_parts(array)
+    return head + data.tobytes()

@@ -27,20 +27,18 @@ import json
 import logging
 import math
 import os
-import socket
-import socketserver
-import stat
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
 
+from . import httpd
 from .feeds import NPY, RequestError, parse_feeds
+from .heap import release_free_memory
 from .npy import write_npy
 from .runtimes import Session
 
@@ -228,22 +226,24 @@ class InferenceServer:
         self.stats = stats or TrafficStats()
         self.gate = Gate(config.workers, config.queue, self.stats)
         self._connections = threading.BoundedSemaphore(config.max_connections)
-        self._servers: list[socketserver.BaseServer] = []
+        self._servers: list[httpd.UnixServer | httpd.TcpServer] = []
         self._threads: list[threading.Thread] = []
         self.tcp_address: tuple[str, int] | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> "InferenceServer":
         handler = _handler(self)
+        # a refused connection is counted; a closed one hands back what its thread's malloc arena holds
+        bounds = (self._connections, lambda: self.stats.error(None, "overloaded"), release_free_memory)
         if self.cfg.socket_path is not None:
             path = Path(self.cfg.socket_path)
-            _clear_stale_socket(path)
+            httpd.clear_stale_socket(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            server = _UnixServer(str(path), handler, self)
+            server = httpd.UnixServer(str(path), handler, *bounds)
             os.chmod(path, self.cfg.socket_mode)
             self._servers.append(server)
         if self.cfg.tcp_port is not None:
-            server = _TcpServer(("127.0.0.1", self.cfg.tcp_port), handler, self)
+            server = httpd.TcpServer(("127.0.0.1", self.cfg.tcp_port), handler, *bounds)
             self.tcp_address = server.server_address[:2]
             self._servers.append(server)
         for server in self._servers:
@@ -322,216 +322,39 @@ class InferenceServer:
             self.gate.leave()
 
 
-def _clear_stale_socket(path: Path) -> None:
-    """A socket file left by an agent that died: removed when nothing answers on it; anything else is refused."""
-    try:
-        mode = path.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket; refusing to replace it")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(str(path))
-    except (ConnectionRefusedError, FileNotFoundError):
-        path.unlink(missing_ok=True)
-        return
-    finally:
-        probe.close()
-    raise OSError(f"{path}: another process is serving on it")
-
-
-class _Bounded:
-    """Per connection one thread, at most ``max_connections`` of them; beyond, a 503 and the connection closes."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-
-    def __init__(self, address, handler, api: InferenceServer) -> None:
-        self.api = api
-        self._open: set[socket.socket] = set()
-        self._open_lock = threading.Lock()
-        super().__init__(address, handler)  # type: ignore[call-arg]
-
-    def close_connections(self) -> None:
-        with self._open_lock:
-            for sock in self._open:
-                try:
-                    sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def process_request(self, request, client_address):  # noqa: ANN001
-        if not self.api._connections.acquire(blocking=False):
-            try:
-                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Length: 0\r\n"
-                                b"Connection: close\r\n\r\n")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            self.api.stats.error(None, "overloaded")
-            return
-        super().process_request(request, client_address)  # type: ignore[misc]
-
-    def process_request_thread(self, request, client_address):  # noqa: ANN001
-        with self._open_lock:
-            self._open.add(request)
-        try:
-            super().process_request_thread(request, client_address)  # type: ignore[misc]
-        finally:
-            with self._open_lock:
-                self._open.discard(request)
-            self.api._connections.release()
-
-
-class _UnixServer(_Bounded, socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    pass
-
-
-class _TcpServer(_Bounded, socketserver.ThreadingMixIn, socketserver.TCPServer):
-    pass
-
-
-_MAX_HEADERS, _MAX_HEADER_LINE = 100, 8192
-
-
-def _read_exactly(stream, n: int) -> bytearray:
-    """``n`` bytes of the body into one buffer, read straight into it (a .npy image is used in place)."""
-    body = bytearray(n)
-    view, got = memoryview(body), 0
-    while got < n:
-        k = stream.readinto(view[got:])
-        if not k:
-            raise ConnectionError(f"the request body ended after {got} of {n} bytes")
-        got += k
-    return body
-
-
-class _Headers(dict):
-    """Request headers by lower-cased name; ``get`` takes any case."""
-
-    def __setitem__(self, key: str, value: str) -> None:
-        super().__setitem__(key.lower(), value)
-
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
-        return super().get(key.lower(), default)
-
-
-def _handler(api: InferenceServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "edgefleet-agent"
-        timeout = 60  # an idle keep-alive connection is closed after a minute
-        rbufsize = 256 * 1024  # a 224x224x3 float32 body is 600 KB: read in few calls, not 8 KB ones
-
-        def parse_request(self) -> bool:
-            """The request line and headers, without the email package the standard parser goes through (a
-            third of a small request's cost): bounded line count and length, HTTP/1.0 and 1.1, keep-alive,
-            Expect: 100-continue (curl sends it for bodies over 1 KB)."""
-            line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-            self.requestline = line
-            self.command = None
-            self.close_connection = True
-            parts = line.split()
-            if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-                self.send_error(400, "bad request line")
-                return False
-            self.command, self.path, self.request_version = parts
-            headers = _Headers()
-            for _ in range(_MAX_HEADERS + 1):
-                raw = self.rfile.readline(_MAX_HEADER_LINE + 1)
-                if len(raw) > _MAX_HEADER_LINE:
-                    self.send_error(431, "header line too long")
-                    return False
-                if raw in (b"\r\n", b"\n", b""):
-                    break
-                name, sep, value = str(raw, "iso-8859-1").partition(":")
-                if not sep:
-                    self.send_error(400, "malformed header line")
-                    return False
-                headers[name.strip()] = value.strip()
-            else:
-                self.send_error(431, "too many headers")
-                return False
-            self.headers = headers  # type: ignore[assignment]
-            connection = headers.get("Connection", "").lower()
-            self.close_connection = connection == "close" or (self.request_version == "HTTP/1.0"
-                                                              and connection != "keep-alive")
-            if headers.get("Expect", "").lower() == "100-continue":
-                self.send_response_only(100)
-                self.end_headers()
-            return True
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
-            log.debug("inference api: " + format, *args)
-
-        def _send(self, status: int, body: bytes, content_type: str, rid: str, version: Any = None,
-                  retry_after: float | None = None, latency_ms: float | None = None,
-                  output: str | None = None) -> None:
-            head = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}", f"Content-Type: {content_type}",
-                    f"Content-Length: {len(body)}", f"X-Request-Id: {rid}"]
-            if version is not None:
-                head.append(f"X-Model-Version: {version}")
-            if latency_ms is not None:
-                head.append(f"X-Latency-Ms: {latency_ms:.4f}")
-            if output is not None and output.isprintable() and len(output) <= 256:
-                head.append(f"X-Output-Name: {output}")
-            if retry_after is not None:
-                head.append(f"Retry-After: {int(math.ceil(retry_after))}")
-            if self.close_connection:
-                head.append("Connection: close")
-            self.log_request(status)
-            # one write for a small answer; the head, then the body as it is, for a large one (no copy)
-            data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-            if len(body) < 65536:
-                self.wfile.write(data + body)
-            else:
-                self.wfile.write(data)
-                self.wfile.write(body)
-
-        def _json(self, status: int, doc: dict[str, Any], rid: str, **kw: Any) -> None:
-            self._send(status, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode(),
-                       "application/json", rid, **kw)
-
-        def _fail(self, exc: RequestError, rid: str) -> None:
-            self._json(exc.status, {"id": rid, "error": exc.kind, "message": str(exc)}, rid,
-                       retry_after=exc.retry_after)
-
-        def _rid(self) -> str:
+def _handler(api: InferenceServer) -> type[httpd.Handler]:
+    class Handler(httpd.Handler):
+        def dispatch(self) -> None:
             given = self.headers.get("X-Request-Id", "")
-            return given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
-
-        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
-            rid = self._rid()
+            rid = given if 0 < len(given) <= 128 and given.isprintable() else uuid.uuid4().hex
             try:
-                if self.path == "/v1/health":
+                if self.command == "POST" and self.path == "/v1/infer":
+                    return self.infer(rid)
+                if self.command == "GET" and self.path == "/v1/health":
                     served = api.holder.current
                     if served is None:
                         raise RequestError(503, "no_model", "no model is active on this device yet")
-                    return self._json(200, {"status": "ok", "model": served.name, "version": served.version}, rid,
-                                      version=served.version)
-                if self.path == "/v1/model":
+                    return self._json(200, {"status": "ok", "model": served.name, "version": served.version},
+                                      rid, version=served.version)
+                if self.command == "GET" and self.path == "/v1/model":
                     doc = api.describe()
                     return self._json(200, doc, rid, version=doc["version"])
-                raise RequestError(404, "bad_request", f"no such endpoint: {self.path[:80]}")
+                if self.command in ("GET", "POST"):
+                    raise RequestError(404, "bad_request", f"no such endpoint: {self.path[:80]}")
+                raise RequestError(405, "bad_request", f"method {str(self.command)[:20]} not allowed; GET or POST")
             except RequestError as exc:
+                if exc.kind == "bad_request" and exc.status in (404, 405):
+                    api.stats.error(None, "bad_request")
                 self._fail(exc, rid)
 
-        def do_POST(self) -> None:  # noqa: N802
-            rid = self._rid()
+        def infer(self, rid: str) -> None:
             try:
-                if self.path != "/v1/infer":
-                    raise RequestError(404, "bad_request", f"no such endpoint: {self.path[:80]}")
-                length = self.headers.get("Content-Length")
-                if length is None or not length.isdigit():
-                    self.close_connection = True
-                    raise RequestError(411, "bad_request", "Content-Length is required")
-                if int(length) > api.cfg.max_body_bytes:
-                    self.close_connection = True  # the body is not read: the connection cannot be reused
-                    api.stats.error(None, "too_large")
-                    raise RequestError(413, "too_large", f"a body of {int(length):,} bytes; at most "
-                                                         f"{api.cfg.max_body_bytes:,}")
-                body = _read_exactly(self.rfile, int(length))
+                try:
+                    body = self.body(api.cfg.max_body_bytes)
+                except httpd.HttpError as exc:
+                    kind = "too_large" if exc.status == 413 else "bad_request"
+                    api.stats.error(None, kind)
+                    raise RequestError(exc.status, kind, str(exc)) from None
                 deadline = self.headers.get("X-Deadline-Ms")
                 try:
                     deadline_ms = float(deadline) if deadline is not None else None
@@ -556,5 +379,27 @@ def _handler(api: InferenceServer) -> type[BaseHTTPRequestHandler]:
             except ValueError:  # a NaN or infinity in an output: JSON cannot carry it
                 self._fail(RequestError(500, "runtime", "the output holds NaN or infinity; ask for "
                                                         f"Accept: {NPY}"), rid)
+
+        def _send(self, status: int, body: bytes, content_type: str, rid: str, version: Any = None,
+                  retry_after: float | None = None, latency_ms: float | None = None,
+                  output: str | None = None) -> None:
+            head = [f"X-Request-Id: {rid}"]
+            if version is not None:
+                head.append(f"X-Model-Version: {version}")
+            if latency_ms is not None:
+                head.append(f"X-Latency-Ms: {latency_ms:.4f}")
+            if output is not None and output.isprintable() and len(output) <= 256:
+                head.append(f"X-Output-Name: {output}")
+            if retry_after is not None:
+                head.append(f"Retry-After: {int(math.ceil(retry_after))}")
+            self.send(status, body, content_type, head)
+
+        def _json(self, status: int, doc: dict[str, Any], rid: str, **kw: Any) -> None:
+            self._send(status, json.dumps(doc, separators=(",", ":"), allow_nan=False).encode(),
+                       "application/json", rid, **kw)
+
+        def _fail(self, exc: RequestError, rid: str) -> None:
+            self._json(exc.status, {"id": rid, "error": exc.kind, "message": str(exc)}, rid,
+                       retry_after=exc.retry_after)
 
     return Handler

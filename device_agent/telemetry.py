@@ -7,12 +7,11 @@ from __future__ import annotations
 import logging
 import time
 
-import psutil
-
 from .errors import AgentError
 from .health import Benchmark
 from .manifest import Manifest
 from .power import EnergyMeter, temperature_c
+from .procstat import CpuShare
 from .protocol import Metrics
 from .runtimes import Session
 from .slots import ActiveModel
@@ -25,8 +24,7 @@ class Telemetry:
         self.device_id, self.emulated = device_id, emulated
         self.errors = 0  # inference errors since the agent started
         self._started = time.monotonic()
-        self._proc = psutil.Process()
-        self._proc.cpu_percent(interval=None)  # starts the CPU accounting window
+        self._cpu = CpuShare()  # starts the CPU accounting window
         self._meter = EnergyMeter.probe()
 
     def energy(self, bench: Benchmark, session: Session | None,
@@ -51,6 +49,6 @@ class Telemetry:
         return Metrics(self.device_id, active.version if active else None, bench.latency_ms_p50,
                        bench.latency_ms_p95, bench.rss_mb, bench.runs, self.emulated,
                        latency_ms_p99=bench.latency_ms_p99, throughput_ips=bench.throughput_ips, errors=self.errors,
-                       cpu_percent=round(self._proc.cpu_percent(interval=None), 1), temperature_c=temperature_c(),
+                       cpu_percent=round(self._cpu.percent(), 1), temperature_c=temperature_c(),
                        energy_mj=energy, energy_source=source, slot=active.slot if active else None,
                        uptime_s=round(time.monotonic() - self._started, 1), state=state)
