@@ -4,7 +4,12 @@ other.
 build the suite (profile/calibrate/build) -> sign it as a ``calibration`` artifact (bundle) -> open the fleet (the
 class's devices on the fleet's broker; for ``host``, a local agent process on a local broker, as deploy starts
 them) -> deliver it and collect the timings (ota/calibration) -> fit and write the class's predictor with its
-provenance (profile/calibrate). This module only sequences those calls and assembles the report.
+provenance (profile/calibrate) -> record the run in the fleet store (fleet/accuracy). This module only sequences
+those calls and assembles the report.
+
+``--from-fleet`` (:func:`refit_from_fleet`) ships nothing: the latest stored suite results and the fleet store's
+measurements of the class's deployed models (fleet/accuracy) -> the refit (profile/calibrate/refit) -> written and
+recorded as above.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import contextlib
 import datetime as dt
 import json
 import shutil
+import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -152,7 +159,7 @@ def run_calibration(fleet: FleetConfig, external: BrokerConfig | None, target: T
             run = run_calibration_job(broker, fleet.topic_prefix, artifact, devices,
                                       {c.id for c in built.suite.cases}, timeout_s, progress=_progress(ui))
     atomic_write_bytes(out / "results.json", json.dumps(
-        {"run": run.to_dict(), "results": run.results()}, default=str).encode())
+        {"run": run.to_dict(), "results": run.results(), "artifact": str(artifact.dir)}, default=str).encode())
     atomic_write_bytes(out / SUITE_FILE, built.suite.to_json())
     report: dict[str, Any] = {"target": target.name, "version": version, "suite": built.to_dict(),
                               "artifact": artifact.to_dict(), "devices": [d.to_dict() for d in run.devices],
@@ -172,4 +179,91 @@ def run_calibration(fleet: FleetConfig, external: BrokerConfig | None, target: T
     built.zip_path.unlink(missing_ok=True)
     report.update(provenance=provenance, peaks=fitted["peaks"], kernel_fit=fitted["kernel_fit"],
                   op_fit=(fitted["ops"] or {}).get("fit"), wall_s=round(time.perf_counter() - t0, 1))
+    k = fitted["kernel_fit"]
+    _record(workdir, ui, target=target.name, version=version, date=provenance["date"], basis="suite",
+            devices=provenance["devices"], samples={"suite": provenance["samples"], "fleet": {}},
+            wall_s=report["wall_s"],
+            fit={"on": "suite models", **{key: k.get(key) for key in ("kernels", "models", "median_abs_error_pct",
+                                                                       "within_10pct", "max_abs_error_pct")}},
+            kernels_file=report["written"].get("kernels"))
+    return report
+
+
+def _record(workdir: Path, ui: UI, **run: Any) -> None:
+    """The run in the fleet store's calibrations (what ``pipeline fleet status`` shows). The calibration is
+    written by then: a store that cannot take the record costs a warning, not the run."""
+    from .fleet import FleetStore
+    from .fleet.accuracy import record_calibration
+
+    try:
+        store = FleetStore(workdir / "fleet.db")
+        try:
+            record_calibration(store, **run)
+        finally:
+            store.close()
+    except sqlite3.Error as exc:
+        ui.warn(f"the calibration is written but not recorded in the fleet store {workdir / 'fleet.db'}: {exc}")
+
+
+def _missing(target: str, workdir: Path, db: Path, stored, measured: dict[str, Any] | None) -> list[str]:
+    """What ``--from-fleet`` lacks, each with the command that provides it."""
+    problems = []
+    if stored is None:
+        problems.append(f"no stored calibration of {target} under {workdir / 'calibration'}: run `pipeline targets "
+                        f"calibrate --target {target}` first")
+    if measured is None or not measured["models"]:
+        who = ("no emulated agent (local agents measure this host) has reported on a model deployed from here: run "
+               "`pipeline deploy` first" if target == HOST else
+               f"no device of class {target} has reported on a model deployed from here: run `pipeline deploy "
+               f"--target {target}`, then `pipeline fleet ingest` while the devices report")
+        problems.append(f"{who} (fleet store {db}{'' if db.is_file() else ': none yet'})")
+    return problems
+
+
+def refit_from_fleet(target: TargetProfile, workdir: Path, ui: UI) -> dict[str, Any]:
+    """Refit ``target``'s predictor from its latest stored suite results and what its fleet measured of the models
+    deployed to it (``pipeline targets calibrate --from-fleet``): offline, against ``workdir``'s store and files."""
+    from .fleet import FleetStore
+    from .fleet.accuracy import measured_models
+    from .profile.calibrate import refit
+
+    t0 = time.perf_counter()
+    db = workdir / "fleet.db"
+    stored = refit.latest_stored(workdir, target.name)
+    measured = None
+    if db.is_file():
+        store = FleetStore(db)
+        try:
+            measured = measured_models(store, target.name)
+        finally:
+            store.close()
+    if problems := _missing(target.name, workdir, db, stored, measured):
+        raise ConfigError(f"targets calibrate --from-fleet --target {target.name}: " + "; ".join(problems))
+    with tempfile.TemporaryDirectory(prefix="refit-") as tmp:
+        with ui.stage(f"Read {target.name} v{stored.version}'s suite results and the fleet's models"):
+            built = refit.suite_files(stored, Path(tmp) / "suite")
+            models, skipped = refit.fleet_files(measured["models"], Path(tmp) / "fleet")
+            for s in skipped:
+                ui.warn(f"{s['target']} v{s['version']} left out: {s['reason']}")
+            if not models:
+                raise ConfigError(f"targets calibrate --from-fleet --target {target.name}: none of the "
+                                  f"{len(skipped)} measured model version(s) can be read back: " +
+                                  "; ".join(f"v{s['version']}: {s['reason']}" for s in skipped))
+            ui.info(f"{len(models)} fleet model(s) measured by {len({d for m in models for d in m.devices})} "
+                    f"device(s), beside the suite's results from {len(stored.results)} device(s)")
+        with ui.stage(f"Refit {target.name}'s predictor on the suite and the fleet's models"):
+            fitted = refit.refit(built, stored.results, models, target)
+    prov = refit.provenance(stored, models, fitted, time.perf_counter() - t0)
+    written = refit.store_refit(fitted, target, prov)
+    report = {"target": target.name, "basis": "from_fleet", "version": stored.version, "rows": fitted["rows"],
+              "weights": fitted["weights"], "share": fitted["share"], "fleet": fitted["fleet"],
+              "suite_models": fitted["suite_models"], "models": fitted["models"], "skipped": skipped,
+              "invalid_reports": measured["invalid"], "provenance": prov, "written": written,
+              "wall_s": round(time.perf_counter() - t0, 1)}
+    _record(workdir, ui, target=target.name, version=stored.version, date=prov["date"], basis="from_fleet",
+            devices=sorted({*prov["devices"], *prov["fleet"]["devices"]}),
+            samples={"suite": prov["samples"], "fleet": {f"{m.target} v{m.version}": m.samples for m in models}},
+            wall_s=report["wall_s"], fit={"on": "fleet models", **fitted["fleet"]["refit"],
+                                          "old": fitted["fleet"]["old"]},
+            kernels_file=written["kernels"])
     return report

@@ -54,18 +54,23 @@ def cmd_fleet(args: argparse.Namespace, ui) -> int:
     from ..dashboard import BudgetBook, FleetView
     from ..fleet import FleetStore
 
+    from ..fleet.accuracy import latest_calibrations
+
     store = FleetStore(db)
     try:
         view = FleetView(store, BudgetBook.from_config(cfg))
         devices, predictions, traffic = view.overview()["devices"], view.predictions(), view.traffic()
+        calibrations = latest_calibrations(store)
     finally:
         store.close()
-    if not output.emit(args, {"devices": devices, "predictions": predictions, "traffic": traffic}):
-        from ..ui.tables import print_fleet, print_predictions, print_traffic
+    if not output.emit(args, {"devices": devices, "predictions": predictions, "traffic": traffic,
+                              "calibrations": calibrations}):
+        from ..ui.tables import print_calibrations, print_fleet, print_predictions, print_traffic
 
         print_fleet(ui, devices)
         print_traffic(ui, traffic)
         print_predictions(ui, predictions)
+        print_calibrations(ui, calibrations)
     return output.OK
 
 

@@ -87,6 +87,53 @@ def print_calibration(ui: UI, report: dict[str, Any]) -> None:
         ui.warn(f"did not finish: {', '.join(report['unfinished'])} (what they sent is in the fit)")
 
 
+def _pct(v: float | None, fmt: str = ".0%") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def print_refit(ui: UI, report: dict[str, Any]) -> None:
+    """``targets calibrate --from-fleet``: per fleet model what it measured and what the old and the refit
+    predictor say, the rows the fit used, the errors of both, and what was written."""
+    ui.table(f"Fleet models of {report['target']}", ["deployed to", "version", "devices", "reports", "measured ms",
+                                                     "old ms", "refit ms"],
+             [[m["target"], m["version"], len(m["devices"]), m["samples"], m["measured_ms"], m["old_ms"],
+               m["refit_ms"]] for m in report["models"]])
+    r = report["rows"]
+    ui.info(f"rows: {r['suite_kernels']} suite kernels and {r['suite_models']} suite models (v{report['version']}), "
+            f"{r['fleet_models']} fleet model(s) carrying {report['share']:.0%} of the whole-model fit")
+    for what, errors in (("fleet models", report["fleet"]), ("suite models", report["suite_models"])):
+        ui.table(f"Error on the {what}: (measured - predicted) / predicted", ["predictor", "models", "median",
+                                                                            "median |error|", "±10%", "±20%"],
+                 [[name, f"{e['models']}" + (f" (+{e['unpredicted']} at 0 ms)" if e.get("unpredicted") else ""),
+                   _pct(e["median_error"], "+.1%"),
+                   "-" if e["median_abs_error_pct"] is None else f"{e['median_abs_error_pct']}%",
+                   _pct(e["within_10pct"]), _pct(e["within_20pct"])] for name, e in errors.items()])
+    for path in (report.get("written") or {}).values():
+        ui.info(f"wrote {path} (basis from_fleet)")
+
+
+def print_calibrations(ui: UI, rows: list[dict[str, Any]]) -> None:
+    """``fleet status``: each class's latest calibration as the fleet store recorded it
+    (``pipeline.fleet.accuracy.latest_calibrations``), then where each class's kernels file is."""
+    if not rows:
+        ui.info("calibrations: none recorded (pipeline targets calibrate --target T)")
+        return
+    out = []
+    for c in rows:
+        fit, samples = c.get("fit") or {}, c.get("samples") or {}
+        suite = samples.get("suite") if isinstance(samples.get("suite"), dict) else {}
+        fleet = samples.get("fleet") if isinstance(samples.get("fleet"), dict) else {}
+        error = fit.get("median_abs_error_pct")
+        out.append([c["target"], c["basis"], c["date"] or "-", len(c.get("devices") or []),
+                    f"{sum(v for v in suite.values() if isinstance(v, int))} + {len(fleet)}",
+                    "-" if error is None else f"{error}% ({fit.get('models')} {fit.get('on') or ''})".strip(),
+                    _pct(fit.get("within_10pct"))])
+    ui.table("Calibrations (latest per class)", ["class", "basis", "date", "devices", "suite cases + fleet models",
+                                                 "median |error|", "±10%"], out)
+    for c in rows:
+        ui.info(f"{c['target']} v{c['version']}: {c['kernels_file'] or 'no kernels file written'}")
+
+
 def print_broker_config(ui: UI, made: dict[str, Any], devices: list[str], port: int) -> None:
     """``broker config``: the files written and how to run the broker on them."""
     ui.info(f"wrote {made['config']} (TLS on port {port}, client certificates required) and {made['acl']}")

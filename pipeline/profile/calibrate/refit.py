@@ -173,15 +173,22 @@ def fleet_weights(suite_models: int, fleet_models: int, share: float = FLEET_SHA
 
 def fleet_errors(predicted: list[float], measured: list[float]) -> dict[str, Any]:
     """By the fleet's definition, (measured - predicted) / predicted: the median, the median of |error| (percent),
-    the shares within each tolerance."""
+    the shares within each tolerance; a model predicted at nothing (a predictor that prices none of its kernels)
+    has no such error and is counted as ``unpredicted``."""
     errors = [(m - p) / p for p, m in zip(predicted, measured) if p > 0]
+    unpredicted = sum(1 for p in predicted if not p > 0)
     if not errors:
-        return {"models": 0, "median_error": None, "median_abs_error_pct": None,
+        return {"models": 0, "unpredicted": unpredicted, "median_error": None, "median_abs_error_pct": None,
                 **{f"within_{round(t * 100)}pct": None for t in TOLERANCES}}
-    return {"models": len(errors), "median_error": round(statistics.median(errors), 4),
+    return {"models": len(errors), "unpredicted": unpredicted, "median_error": round(statistics.median(errors), 4),
             "median_abs_error_pct": round(100 * statistics.median(abs(e) for e in errors), 2),
             **{f"within_{round(t * 100)}pct": round(sum(abs(e) <= t + 1e-12 for e in errors) / len(errors), 3)
                for t in TOLERANCES}}
+
+
+def _figure(ms: float) -> float:
+    """Six significant digits: a model that runs in microseconds keeps its figure."""
+    return float(f"{ms:.6g}")
 
 
 def refit(built: BuiltSuite, results: dict[str, dict[str, dict[str, Any]]], fleet: list[FleetModel],
@@ -229,7 +236,7 @@ def refit(built: BuiltSuite, results: dict[str, dict[str, dict[str, Any]]], flee
     new_suite = [predictor.predict_ms(built.file(cid)) for cid, _, _ in suite_cases]
     measured_suite = [ms for _, _, ms in suite_cases]
     per_model = [{"target": m.target, "version": m.version, "devices": sorted(m.devices), "samples": m.samples,
-                  "measured_ms": round(m.measured_ms, 4), "old_ms": round(o, 4), "refit_ms": round(n, 4)}
+                  "measured_ms": _figure(m.measured_ms), "old_ms": _figure(o), "refit_ms": _figure(n)}
                  for m, o, n in zip(fleet, old_fleet, new_fleet)]
     return {"predictor": predictor, "share": share, "weights": weights,
             "rows": {"suite_kernels": len(samples), "suite_models": len(suite_cases), "fleet_models": len(fleet)},
@@ -257,7 +264,7 @@ def provenance(stored: StoredCalibration, fleet: list[FleetModel], fitted: dict[
             "suite": {"version": stored.version, "results_file": str(stored.dir / "results.json"),
                       "job_id": stored.run.get("job_id")},
             "fleet": {"models": [{"target": m.target, "version": m.version, "devices": sorted(m.devices),
-                                  "samples": m.samples, "measured_ms": round(m.measured_ms, 4)} for m in fleet],
+                                  "samples": m.samples, "measured_ms": _figure(m.measured_ms)} for m in fleet],
                       "devices": fleet_devices, "share": fitted["share"]},
             "rows": fitted["rows"], "wall_s": round(wall_s, 1)}
 
