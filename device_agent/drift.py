@@ -9,6 +9,7 @@ metrics; :class:`Thresholds` (deploy.yaml's ``drift:``) say which scores raise e
 The reference, as the manifest carries it::
 
     {"samples": 2000,                       # reference samples summarised
+     "window": 1000,                        # optional: requests the device's monitor scores over
      "input": {"channel_axis": 1,           # the first input's axis (batch is 0) whose entries are channels:
                                             #   1 for NCHW (and [N, F] features), 3 for NHWC
                "mean": [0.48, 0.45, 0.40],  # per channel, over every sample and position, after preprocessing
@@ -57,7 +58,7 @@ SUM_TOLERANCE = 1e-3
 #: the monitor's window is this many slots; see DriftMonitor
 SLOTS = 8
 MAX_WINDOW = 10_000_000
-_KEYS = {"": ("samples", "input", "output"), "input": ("channel_axis", "mean", "std"),
+_KEYS = {"": ("samples", "input", "output", "window"), "input": ("channel_axis", "mean", "std"),
          "output": ("scores", "classes", "confidence")}
 
 
@@ -74,6 +75,7 @@ class Reference:
     scores: str | None = None  # one of SCORES; None: no output block (not a classifier)
     classes: tuple[float, ...] | None = None
     confidence: tuple[float, ...] | None = None
+    window: int | None = None  # requests the device's monitor scores over (deploy.yaml drift.window); None: its own
 
     @property
     def channels(self) -> int:
@@ -98,16 +100,19 @@ class Reference:
             raise ProtocolError(f"{where}.input.std: {len(std)} values for {len(mean)} channel means")
         if any(s <= 0 for s in std):
             raise ProtocolError(f"{where}.input.std: every value must be > 0, got {short(list(std), 60)}")
+        window = obj.get("window")
+        if window is not None and (not _int(window) or not 1 <= window <= MAX_WINDOW):
+            raise ProtocolError(f"{where}.window: expected an integer in [1, {MAX_WINDOW}], got {short(window, 60)}")
         out = obj.get("output")
         if out is None:
-            return cls(samples, axis, mean, std)
+            return cls(samples, axis, mean, std, window=window)
         _keys(out, "output", where)
         scores = out.get("scores")
         if not isinstance(scores, str) or scores not in SCORES:
             raise ProtocolError(f"{where}.output.scores: expected one of {', '.join(SCORES)}, got {short(scores, 60)}")
         return cls(samples, axis, mean, std, scores,
                    _shares(out.get("classes"), f"{where}.output.classes", MAX_CLASSES),
-                   _shares(out.get("confidence"), f"{where}.output.confidence", MAX_BINS))
+                   _shares(out.get("confidence"), f"{where}.output.confidence", MAX_BINS), window)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values, the inverse of ``from_dict`` (``Reference.from_dict(r.to_dict()) == r``)."""
@@ -116,6 +121,8 @@ class Reference:
         if self.scores is not None:
             out["output"] = {"scores": self.scores, "classes": list(self.classes or ()),
                              "confidence": list(self.confidence or ())}
+        if self.window is not None:
+            out["window"] = self.window
         return out
 
     def check_io(self, io: Any, where: str = "manifest: reference") -> None:
@@ -258,6 +265,39 @@ class DriftScores:
     psi_confidence: float | None = None
     mean_shift: tuple[float, ...] | None = None
     max_mean_shift: float | None = None
+
+    @classmethod
+    def from_dict(cls, obj: Any, where: str = "metrics: drift") -> "DriftScores":
+        """The host's parse of :meth:`to_dict` (a ``version`` key beside it is allowed and left to the caller).
+        Total: any value gives DriftScores or ProtocolError naming the field."""
+        known = ("version", "window", "requests", "samples", "skipped", "psi_outputs", "psi_confidence",
+                 "mean_shift", "max_mean_shift")
+        if not isinstance(obj, dict):
+            raise ProtocolError(f"{where}: expected an object, got {type(obj).__name__}")
+        unknown = [k for k in obj if k not in known]
+        if unknown:
+            raise ProtocolError(f"{where}: unknown key {short(unknown[0], 40)}; known: {', '.join(known)}")
+        counts = {}
+        for key in ("window", "requests", "samples", "skipped"):
+            v = obj.get(key)
+            if not _int(v) or not 0 <= v < 2**53:
+                raise ProtocolError(f"{where}.{key}: expected a count, got {short(v, 40)}")
+            counts[key] = v
+
+        def score(key: str, v: Any) -> float | None:
+            if v is None:
+                return None
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v < 1e12:
+                raise ProtocolError(f"{where}.{key}: expected a score >= 0, got {short(v, 40)}")
+            return float(v)
+
+        shift = obj.get("mean_shift")
+        if shift is not None and (not isinstance(shift, list) or not 0 < len(shift) <= MAX_CHANNELS):
+            raise ProtocolError(f"{where}.mean_shift: expected a list of 1 to {MAX_CHANNELS} scores")
+        return cls(**counts, psi_outputs=score("psi_outputs", obj.get("psi_outputs")),
+                   psi_confidence=score("psi_confidence", obj.get("psi_confidence")),
+                   mean_shift=None if shift is None else tuple(score("mean_shift", v) or 0.0 for v in shift),
+                   max_mean_shift=score("max_mean_shift", obj.get("max_mean_shift")))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values for a metrics message (six significant digits)."""

@@ -23,6 +23,7 @@ from .drift import Reference
 from .ed25519 import PublicKey
 from .errors import ProtocolError, VerificationError
 from .preprocess import Preprocess
+from .quality import Shadow
 from .protocol import ResultCode, short
 
 MANIFEST_TYPE = "edgefleet.manifest"
@@ -161,6 +162,7 @@ class Manifest:
     labels: tuple[str, ...] | None = None  # the first output's class names, index by index, where the data has them
     kind: str = "model"  # one of KINDS
     reference: Reference | None = None  # the drift reference statistics of the model's data (device_agent.drift)
+    shadow: Shadow | None = None  # a candidate to shadow beside the active model, not to activate (.quality)
 
     @classmethod
     def from_signed(cls, signed: Any) -> "Manifest":
@@ -194,6 +196,7 @@ class Manifest:
             kind=_field(signed, "kind", str, optional=True) or "model",
             reference=None if signed.get("reference") is None
             else Reference.from_dict(signed["reference"], "manifest: reference"),
+            shadow=None if signed.get("shadow") is None else Shadow.from_dict(signed["shadow"]),
         )
         if m.expires is not None:
             _timestamp(m.expires, "expires")
@@ -210,6 +213,8 @@ class Manifest:
             m.reference.check_io(m.io)
         if m.kind not in KINDS:
             raise ProtocolError(f"manifest: kind {short(m.kind)} unknown; this agent reads {list(KINDS)}")
+        if m.shadow is not None and m.kind != "model":
+            raise ProtocolError(f"manifest: a {m.kind} is not a model to shadow")
         return m
 
     def to_signed(self) -> dict[str, Any]:
@@ -235,6 +240,8 @@ class Manifest:
             body["kind"] = self.kind
         if self.reference is not None:  # absent without one, as preprocess and labels
             body["reference"] = self.reference.to_dict()
+        if self.shadow is not None:
+            body["shadow"] = self.shadow.to_dict()
         return json.loads(json.dumps(body))  # plain JSON values: exactly what a receiver parses and re-serialises
 
     def check_expiry(self, at: dt.datetime | None = None) -> None:

@@ -11,7 +11,7 @@ Topics are scoped per device so broker ACLs stay simple::
     <prefix>/v1/<device>/metrics        device -> host: latency, memory
     <prefix>/v1/<device>/events         device -> host: refusals, rollbacks, activations
     <prefix>/v1/<device>/calibration    device -> host: timings of a calibration suite, as they are measured
-    <prefix>/v1/<device>/cmd            host -> device: report, rollback, benchmark
+    <prefix>/v1/<device>/cmd            host -> device: report, rollback, benchmark, drop_shadow
 
 Everything but ``stream/data`` is UTF-8 JSON carrying ``"v": PROTOCOL_VERSION``.
 Only MQTT 3.1.1 features are required; MQTT 5 is used where the broker offers it.
@@ -62,6 +62,10 @@ class State(str, enum.Enum):
     TESTING = "testing"
     #: timing a calibration suite (a job of kind ``calibration``: never installed, ends idle or failed)
     CALIBRATING = "calibrating"
+    #: a candidate (a manifest with ``shadow``) installed and health-checked beside the active model, which
+    #: keeps serving; the candidate runs on sampled requests until the host promotes it (a job for the same
+    #: version without ``shadow``) or drops it (the ``drop_shadow`` command)
+    SHADOWING = "shadowing"
     ACTIVATED = "activated"
     ROLLED_BACK = "rolled_back"
     FAILED = "failed"
@@ -346,6 +350,11 @@ class Metrics(Message):
     #: traffic through the inference API is ``traffic``: device_agent.serving.TrafficStats.snapshot()
     source: str = "golden"
     traffic: dict[str, Any] | None = None
+    #: the model's behaviour on live traffic (device_agent.quality): the active version's drift scores
+    #: (``{"version", ...DriftScores}``), live accuracy from the application's feedback, a shadowed candidate
+    drift: dict[str, Any] | None = None
+    accuracy: dict[str, Any] | None = None
+    shadow: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)

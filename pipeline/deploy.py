@@ -62,7 +62,8 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
                                 key_dir=cfg.resolve(cfg.signing.key_dir), url_base=url_base,
                                 preprocess=data.preprocess, labels=labels_for(data, report),
                                 reference_data=reference_inputs(data, cfg.drift.reference_split),
-                                reference_samples=cfg.drift.reference_samples, classes=data.num_classes)
+                                reference_samples=cfg.drift.reference_samples, classes=data.num_classes,
+                                drift_window=cfg.drift.window)
         report["artifact"] = artifact.to_dict()
 
     report["delivery"], report["broker"] = deliver_stage(cfg.fleet, external_broker(cfg), target, artifact, workdir,

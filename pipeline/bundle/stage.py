@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -22,19 +23,22 @@ def bundle_stage(model: Path, golden_inputs: np.ndarray, prof: ProfileReport, ui
                  workdir: Path, key_dir: Path, url_base: str | None = None,
                  preprocess: Preprocess | None = None, labels: tuple[str, ...] | None = None,
                  reference_data: np.ndarray | None = None, reference_samples: int = REFERENCE_SAMPLES,
-                 classes: int | None = None) -> Artifact:
+                 classes: int | None = None, drift_window: int | None = None) -> Artifact:
     """Sign ``model`` as the next version for ``prof``'s target under ``workdir/artifacts`` (the key in
     ``key_dir`` is made on first use); ``url_base``: where the artifacts are served over HTTP, if they are;
     ``preprocess``: the data's spec (how ``golden_inputs`` were prepared), recorded in the manifest; ``labels``: the
     data's class names, recorded there when they fit the model's output; ``reference_data``: the model's data
     (:func:`pipeline.bundle.drift.reference_inputs`), of which at most ``reference_samples`` are summarised into the
     manifest's drift reference (none without it, or with 0); ``classes``: the data's class count (the reference has
-    output statistics when the model scores that many)."""
+    output statistics when the model scores that many); ``drift_window``: the requests the device's drift monitor
+    scores over (deploy.yaml ``drift.window``), carried in the reference."""
     reference = None
     if reference_data is not None:
         reference, line = drift_reference(model, reference_data, samples=reference_samples, classes=classes,
                                           layout=preprocess.layout if preprocess is not None else None)
         ui.info(line + (" (signed into the manifest)" if reference is not None else ""))
+        if reference is not None and drift_window is not None:
+            reference = dataclasses.replace(reference, window=drift_window)
     artifact = build_artifact(
         model, workdir / "artifacts", name=name, version=next_version(workdir), target=prof.target,
         url_base=url_base, runtime=runtime_for(model), golden_inputs=golden_inputs[:GOLDEN_CASES],
