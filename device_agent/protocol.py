@@ -71,7 +71,8 @@ class State(str, enum.Enum):
     FAILED = "failed"
 
 
-TERMINAL_STATES = frozenset({State.ACTIVATED, State.ROLLED_BACK, State.FAILED})
+#: where a job ends: activated, rolled back or failed; a shadow job (a manifest with ``shadow``) ends shadowing
+TERMINAL_STATES = frozenset({State.ACTIVATED, State.ROLLED_BACK, State.FAILED, State.SHADOWING})
 
 
 class ResultCode(enum.IntEnum):

@@ -27,6 +27,8 @@ class DeviceStatus(enum.StrEnum):
     #: asked to roll back, the device said it cannot (nothing to go back to, e.g. a first deployment) and kept
     #: the model it runs
     ROLLBACK_REFUSED = "rollback_refused"
+    #: a shadow job's outcome: the candidate is installed and shadowed, the device's model unchanged
+    SHADOWING = State.SHADOWING.value
     #: the device reached no verdict on the update within the timeout (it may have reported progress)
     TIMEOUT = "timeout"
     #: the device never answered a command within the timeout: what it runs is unknown
