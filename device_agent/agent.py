@@ -38,6 +38,7 @@ from .suite_runner import Batch
 from .calibrator import PAYLOAD, CalibrationJob
 from .config import AgentConfig
 from .download import Download
+from .drift import DriftMonitor
 from .errors import (
     AgentError,
     HealthCheckError,
@@ -79,6 +80,7 @@ from .protocol import (
     topic,
 )
 from .runtimes import Session, available_runtimes, get_runtime
+from .shadowing import ShadowControl
 from .slots import SlotStore
 from .storage import atomic_write_json, read_json
 from .telemetry import Telemetry
@@ -92,6 +94,8 @@ MAX_RETRIES = 12
 INBOX_SIZE = 1000
 #: Characters of an event's message; untrusted text in it is already quoted short.
 MAX_EVENT_TEXT = 512
+#: requests a drift monitor scores over when the model's reference does not say (deploy.yaml drift.window)
+DRIFT_WINDOW = 1000
 
 
 @dataclass
@@ -106,7 +110,7 @@ class _Transfer:
     http: Any = None  # an HttpFetch when the manifest names a URL
 
 
-class Agent:
+class Agent(ShadowControl):
     def __init__(self, config: AgentConfig) -> None:
         self.cfg = config
         self.root = config.state_dir
@@ -135,6 +139,7 @@ class Agent:
         self._pending_events: list[tuple[str, str, str | None]] = []  # to publish once connected
         self._calibration: CalibrationJob | None = None  # the suite being timed, on its own thread
         self._calibration_resume: dict[str, Any] | None = None  # one to restart once connected
+        self._shadow = None  # a candidate run beside the active model (device_agent.shadowing)
         self.telemetry = Telemetry(config.device_id, config.emulated)
         self.link = MqttLink(
             config.broker,
@@ -191,7 +196,8 @@ class Agent:
     def _publish_metrics(self, bench: Benchmark) -> None:
         m = self.telemetry.metrics(bench, self.store.active(), self.session, self.store.active_manifest(),
                                    self.state.get("state"))
-        m = dataclasses.replace(m, boot=self.boot, seq=next(self._seq), traffic=self.traffic.snapshot())
+        m = dataclasses.replace(m, boot=self.boot, seq=next(self._seq), traffic=self.traffic.snapshot(),
+                                **self._quality())
         self.link.publish(self._t(Leaf.METRICS), encode(m), qos=1)
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -212,8 +218,10 @@ class Agent:
             describe["preprocess"] = manifest.preprocess.to_dict()
         if manifest is not None and manifest.labels is not None:
             describe["labels"] = list(manifest.labels)
+        reference = manifest.reference if manifest is not None else None
+        monitor = DriftMonitor(reference, reference.window or DRIFT_WINDOW) if reference is not None else None
         self.serving.swap(Served(session, manifest.name if manifest else "model",
-                                 manifest.version if manifest else None, describe))
+                                 manifest.version if manifest else None, describe, monitor=monitor))
         release_free_memory()  # what loading the session allocated and freed again (device_agent.heap)
 
     def start_api(self) -> None:
@@ -280,6 +288,7 @@ class Agent:
                 return
         self.load_active()
         self.start_api()
+        self._resume_shadow()
         self.resume_from_disk()
         if not self._connect(connect_timeout):  # stopped before the broker was ever reached
             if self.api is not None:
@@ -422,8 +431,11 @@ class Agent:
     def _on_job(self, job: Job) -> None:
         if job.job_id == self.state.get("job_id") and self.state.get("state") in {s.value for s in
                                                                                   (State.ACTIVATED, State.ROLLED_BACK,
-                                                                                   State.FAILED)}:
-            return  # a retained job we already finished
+                                                                                   State.FAILED, State.SHADOWING)}:
+            return  # a retained job we already finished (or shadow)
+        sh = self.state.get("shadow")
+        if isinstance(sh, dict) and sh.get("job_id") == job.job_id:
+            return  # the retained shadow job: its candidate is shadowed, or was dropped
         if self._transfer is not None and self._transfer.job_id == job.job_id:
             return
         cal = self.state.get("calibration")
@@ -439,6 +451,11 @@ class Agent:
             return self._refuse_unaccepted(job.job_id, None, str(exc), exc.result_code)
         except ProtocolError as exc:
             return self._refuse_unaccepted(job.job_id, None, str(exc), ResultCode.UNSUPPORTED_PACKAGE)
+        if manifest.kind == "model" and self._promote(job, manifest):
+            return
+        if self.state.get("shadow") is not None and manifest.kind == "model":  # a new model supersedes the candidate
+            self._end_shadow()
+            self._save_state(shadow=None)
         self._cancel_calibration(f"superseded by job {job.job_id}")  # one job at a time, of either kind
         if self._transfer is not None:  # a newer job supersedes the one in flight
             self._transfer.download.discard()
@@ -618,28 +635,35 @@ class Agent:
         path = self.store.install(slot, decoded, m, tr.envelope)
         crash_point("installed")
         tr.download.discard()
+        self._test_and_activate(tr.job_id, slot, path, m)
+
+    def _test_and_activate(self, job_id: str, slot: str, path: Path, m: Manifest) -> None:
+        """Load and health-check the model installed in ``slot``; activate it, or shadow it when its manifest
+        says so (a candidate shadowed is loaded on one thread: it runs beside the model that serves)."""
         self._save_state(state=State.TESTING.value)
         crash_point("testing")
-        self._publish_status(State.TESTING, job_id=tr.job_id, version=m.version)
+        self._publish_status(State.TESTING, job_id=job_id, version=m.version)
         try:
-            session = get_runtime(m.runtime).load(path, self.cfg.threads)
+            session = get_runtime(m.runtime).load(path, 1 if m.shadow is not None else self.cfg.threads)
             bench = health_check(session, m, self.cfg.benchmark_runs)
         except (HealthCheckError, RuntimeBackendError, ProtocolError) as exc:
             self.store.mark(slot, "bad", m.version, str(exc))
             self._save_state(state=State.ROLLED_BACK.value, reason=str(exc))
-            self._publish_status(State.ROLLED_BACK, job_id=tr.job_id, version=m.version, reason=str(exc),
+            self._publish_status(State.ROLLED_BACK, job_id=job_id, version=m.version, reason=str(exc),
                                  result_code=int(ResultCode.UPDATE_FAILED))
             self._event("rolled_back", f"v{m.version} failed its health check, kept the previous model: {exc}",
-                        job_id=tr.job_id, version=m.version, result_code=int(ResultCode.UPDATE_FAILED))
+                        job_id=job_id, version=m.version, result_code=int(ResultCode.UPDATE_FAILED))
             return
+        if m.shadow is not None:
+            return self._begin_shadow(job_id, slot, session, m)
         self.store.activate(slot, m)
         crash_point("activated")
         self.last_bench = bench
         self._serve(session, m)  # loaded and health-checked above: warm before the first request reaches it
         self._save_state(state=State.ACTIVATED.value, highest_version=m.version, reason=None)
-        self._publish_status(State.ACTIVATED, job_id=tr.job_id, version=m.version,
+        self._publish_status(State.ACTIVATED, job_id=job_id, version=m.version,
                              result_code=int(ResultCode.SUCCESS))
-        self._event("activated", f"v{m.version} active in slot {slot}", job_id=tr.job_id, version=m.version)
+        self._event("activated", f"v{m.version} active in slot {slot}", job_id=job_id, version=m.version)
         self._publish_metrics(bench)
 
     # ------------------------------------------------------------------------------ calibration
@@ -773,8 +797,11 @@ class Agent:
                 self._event("reported", f"{command} done", job_id=cmd_id)
         elif command == "rollback":
             self._rollback(cmd_id)
+        elif command == "drop_shadow":
+            self._drop_shadow(cmd_id)
         else:
-            raise ProtocolError(f"cmd: unknown command {short(command, 60)}; known: report, benchmark, rollback")
+            raise ProtocolError(f"cmd: unknown command {short(command, 60)}; known: report, benchmark, rollback, "
+                                "drop_shadow")
 
     def _rollback(self, cmd_id: str | None = None) -> None:
         active = self.store.active()

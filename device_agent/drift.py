@@ -222,6 +222,12 @@ def class_rows(out: Any, classes: int | None = None) -> np.ndarray | None:
     return rows if rows.dtype in (np.float32, np.float64) else rows.astype(np.float32)
 
 
+def top1_classes(out: Any) -> np.ndarray | None:
+    """Each row's top-1 class when ``out`` is one score per class (:func:`class_rows`), else None."""
+    rows = class_rows(out)
+    return None if rows is None else rows.argmax(axis=1)
+
+
 def top1(rows: np.ndarray, scores: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Each row's top-1 class and its confidence in [0, 1] (the softmax of logits, or the probability itself);
     None when a row is not finite."""
@@ -468,4 +474,4 @@ def events(scores: DriftScores, thresholds: Thresholds) -> list[dict[str, Any]]:
 
 __all__ = ["CONFIDENCE_BINS", "EPS", "MAX_BINS", "MAX_CHANNELS", "MAX_CLASSES", "SCORES", "DriftMonitor",
            "DriftScores", "Reference", "Thresholds", "channel_sums", "class_rows", "confidence_bins", "events",
-           "looks_like_probabilities", "psi", "top1"]
+           "looks_like_probabilities", "psi", "top1", "top1_classes"]

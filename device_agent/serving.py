@@ -37,9 +37,11 @@ from typing import Any
 
 
 from . import httpd
+from .drift import top1_classes
 from .feeds import NPY, RequestError, parse_feeds
 from .heap import release_free_memory
 from .npy import write_npy
+from .quality import LiveAccuracy
 from .runtimes import Session
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class Served:
     release: Callable[[], None] | None = None
     inflight: int = 0
     retired: bool = False
+    monitor: Any = None  # a device_agent.drift.DriftMonitor of this version's live inputs, when it has a reference
 
 
 class ModelHolder:
@@ -229,6 +232,8 @@ class InferenceServer:
         self._servers: list[httpd.UnixServer | httpd.TcpServer] = []
         self._threads: list[threading.Thread] = []
         self.tcp_address: tuple[str, int] | None = None
+        self.accuracy = LiveAccuracy()  # answers waiting for the application's feedback (POST /v1/feedback)
+        self.shadow: Any = None  # a device_agent.shadow.ShadowRunner while a candidate is shadowed
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> "InferenceServer":
@@ -283,8 +288,9 @@ class InferenceServer:
         return {"name": served.name, "version": served.version, "inputs": specs(served.session.inputs),
                 "outputs": specs(served.session.outputs), **served.describe}
 
-    def infer(self, body: bytes, content_type: str, deadline_ms: float | None) -> tuple[Served, list, float]:
-        """Run one request: (the model that answered, its outputs, ms). Raises RequestError."""
+    def infer(self, body: bytes, content_type: str, deadline_ms: float | None
+              ) -> tuple[Served, dict[str, Any], list, float]:
+        """Run one request: (the model that answered, its feeds, its outputs, ms). Raises RequestError."""
         deadline = time.monotonic() + (deadline_ms if deadline_ms is not None else self.cfg.deadline_ms) / 1e3
         try:
             self.gate.enter(deadline)
@@ -311,7 +317,7 @@ class InferenceServer:
                     self.stats.error(served.version, "deadline")
                     raise RequestError(504, "deadline", f"the answer came {ms:.1f} ms later, past the deadline")
                 self.stats.observe(served.version, ms)
-                return served, outputs, ms
+                return served, feeds, outputs, ms
             except RequestError as exc:
                 if exc.kind == "bad_request":
                     self.stats.error(served.version, "bad_request")
@@ -322,6 +328,47 @@ class InferenceServer:
             self.gate.leave()
 
 
+    def answering(self, served: Served, rid: str, outputs: list) -> None:
+        """Before the answer goes out: its top-1 class waits for the application's feedback (so feedback sent
+        the moment the answer arrives finds it)."""
+        top = top1_classes(outputs[0] if outputs else None)
+        if top is not None and len(top) == 1:
+            self.accuracy.answered(rid, served.version, int(top[0]))
+
+    def answered(self, served: Served, rid: str, feeds: dict[str, Any], outputs: list, ms: float) -> None:
+        """After the answer went out: the drift monitor, the shadow. Never raises (a failure here is logged;
+        the application already has its answer)."""
+        try:
+            if served.monitor is not None and served.session.inputs:
+                served.monitor.observe(feeds.get(served.session.inputs[0].name), outputs[0] if outputs else None)
+            shadow = self.shadow
+            if shadow is not None:
+                shadow.offer(rid, feeds, outputs, ms, served.version)
+        except Exception:  # noqa: BLE001 - nothing after the answer may take the connection down
+            log.exception("inference api: after answering %s", rid)
+
+    def feedback(self, body: bytes) -> dict[str, Any]:
+        """``{"id": REQUEST_ID, "label": CLASS INDEX or NAME}``: the truth for a request answered earlier."""
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise RequestError(400, "bad_request", 'expected JSON {"id": REQUEST_ID, "label": CLASS}') from None
+        rid, label = (doc.get("id"), doc.get("label")) if isinstance(doc, dict) else (None, None)
+        if not isinstance(rid, str) or not 0 < len(rid) <= 128:
+            raise RequestError(400, "bad_request", 'expected {"id": REQUEST_ID, "label": CLASS}: the id of an '
+                                                   "answered request (its X-Request-Id)")
+        served = self.holder.current
+        names = list(served.describe.get("labels") or ()) if served is not None else []
+        if isinstance(label, str) and label in names:
+            label = names.index(label)
+        if not isinstance(label, int) or isinstance(label, bool) or label < 0:
+            known = f"; or one of the model's labels ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" \
+                if names else ""
+            raise RequestError(400, "bad_request", f"label {str(label)[:40]!r}: a class index{known}")
+        correct = self.accuracy.feedback(rid, label)
+        return {"id": rid, "matched": correct is not None, "correct": correct or {}}
+
+
 def _handler(api: InferenceServer) -> type[httpd.Handler]:
     class Handler(httpd.Handler):
         def dispatch(self) -> None:
@@ -330,6 +377,8 @@ def _handler(api: InferenceServer) -> type[httpd.Handler]:
             try:
                 if self.command == "POST" and self.path == "/v1/infer":
                     return self.infer(rid)
+                if self.command == "POST" and self.path == "/v1/feedback":
+                    return self._json(200, api.feedback(self._body()), rid)
                 if self.command == "GET" and self.path == "/v1/health":
                     served = api.holder.current
                     if served is None:
@@ -347,14 +396,17 @@ def _handler(api: InferenceServer) -> type[httpd.Handler]:
                     api.stats.error(None, "bad_request")
                 self._fail(exc, rid)
 
+        def _body(self) -> bytearray:
+            try:
+                return self.body(api.cfg.max_body_bytes)
+            except httpd.HttpError as exc:
+                kind = "too_large" if exc.status == 413 else "bad_request"
+                api.stats.error(None, kind)
+                raise RequestError(exc.status, kind, str(exc)) from None
+
         def infer(self, rid: str) -> None:
             try:
-                try:
-                    body = self.body(api.cfg.max_body_bytes)
-                except httpd.HttpError as exc:
-                    kind = "too_large" if exc.status == 413 else "bad_request"
-                    api.stats.error(None, kind)
-                    raise RequestError(exc.status, kind, str(exc)) from None
+                body = self._body()
                 deadline = self.headers.get("X-Deadline-Ms")
                 try:
                     deadline_ms = float(deadline) if deadline is not None else None
@@ -363,10 +415,17 @@ def _handler(api: InferenceServer) -> type[httpd.Handler]:
                         from None
                 if deadline_ms is not None and not 0 < deadline_ms <= 3_600_000:
                     raise RequestError(400, "bad_request", "X-Deadline-Ms must be in (0, 3600000]")
-                served, outputs, ms = api.infer(body, self.headers.get("Content-Type", "application/json"),
-                                                deadline_ms)
+                served, feeds, outputs, ms = api.infer(body, self.headers.get("Content-Type", "application/json"),
+                                                       deadline_ms)
             except RequestError as exc:
                 return self._fail(exc, rid)
+            api.answering(served, rid, outputs)
+            try:
+                self._answer(served, rid, outputs, ms)
+            finally:
+                api.answered(served, rid, feeds, outputs, ms)
+
+        def _answer(self, served: Served, rid: str, outputs: list, ms: float) -> None:
             if NPY in self.headers.get("Accept", "") and len(outputs) == 1:
                 return self._send(200, write_npy(outputs[0]), NPY, rid, version=served.version, latency_ms=ms,
                                   output=served.session.outputs[0].name)
