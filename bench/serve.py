@@ -11,7 +11,9 @@ clients'):
 - throughput over a fixed time with 1 and 4 concurrent clients (4 threads sharing the in-process session, or 4
   client connections), the served share of in-process;
 - the agent's RSS with the model loaded against a bare process that imports onnxruntime and loads the model;
-- failed requests while a new version is delivered and then rolled back under 4 clients of traffic.
+- failed requests while a new version is delivered and then rolled back under 4 clients of traffic;
+- this machine's floor for serving from another process at all: a bare Unix-socket echo of the same bytes around
+  the same busy time (no HTTP, no model), so the agent's own share of the overhead can be told from the OS's.
 """
 
 from __future__ import annotations
@@ -73,6 +75,65 @@ def models(tmp: Path, quick: bool) -> list[tuple[str, Path, tuple[int, ...]]]:
         out.append(("mobilenetv2-224", export_model("onnx", big, (3, 224, 224), tmp / "mnv2.onnx", 17),
                     (3, 224, 224)))
     return out
+
+
+ECHO = """
+import socket, sys, time
+path, size, work = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]) / 1e3
+srv = socket.socket(socket.AF_UNIX); srv.bind(path); srv.listen(1); print("ready", flush=True)
+conn, _ = srv.accept()
+buf, answer = bytearray(size), bytes(4096)
+view = memoryview(buf)
+while True:
+    got = 0
+    while got < size:
+        k = conn.recv_into(view[got:])
+        if not k:
+            sys.exit(0)
+        got += k
+    end = time.perf_counter() + work
+    while time.perf_counter() < end:  # the model's run: this process keeps its core busy meanwhile
+        pass
+    conn.sendall(answer)
+"""
+
+
+def ipc_floor(tmp: Path, nbytes: int, work_ms: float, n: int) -> dict[str, Any]:
+    """What any inference served by another process costs on this machine, whatever the server: a process that
+    reads a request of ``nbytes`` over a Unix socket, keeps its core busy for ``work_ms`` (the model's run) and
+    answers 4 KB, against the same busy wait in-process; no HTTP, no parsing, no model. On a VM the two
+    wake-ups per request (each side's blocked read woken by the other's write) cost far more than on the
+    device's bare metal."""
+    import socket
+
+    path = str(tmp / f"echo-{nbytes}-{time.monotonic_ns()}.sock")
+    proc = subprocess.Popen([sys.executable, "-c", ECHO, path, str(nbytes), str(work_ms)], stdout=subprocess.PIPE,
+                            text=True)
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(path)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 2**20)
+        body, answer = bytes(nbytes), bytearray(4096)
+        local, remote = np.empty(n), np.empty(n)
+        for k in range(-5, n):
+            t0 = time.perf_counter()
+            end = t0 + work_ms / 1e3
+            while time.perf_counter() < end:
+                pass
+            t1 = time.perf_counter()
+            sock.sendall(body)
+            got = 0
+            while got < len(answer):
+                got += sock.recv_into(memoryview(answer)[got:])
+            t2 = time.perf_counter()
+            if k >= 0:
+                local[k], remote[k] = t1 - t0, t2 - t1
+        sock.close()
+    finally:
+        proc.wait(10)
+    return {"ipc_floor_p50_us": round(float(np.median(remote) - np.median(local)) * 1e6, 1),
+            "ipc_floor_ratio": round(float(np.median(remote) / np.median(local)), 3)}
 
 
 def latency(session, client, x: np.ndarray, n: int) -> dict[str, Any]:
@@ -163,6 +224,7 @@ def main() -> None:
             with Client(sock) as client:
                 n = max(50, min(2000, int(window / max(session_latency(session, iname, x), 1e-5))))
                 row = {"model": name, **latency(session, client, x, n)}
+            row.update(ipc_floor(tmp, x.nbytes + 128, row["inprocess_p50_ms"], min(n, 500)))
             log(f"{name}: throughput, 1 and 4 clients, {window:g} s each")
             for clients in (1, 4):
                 local = throughput(lambda: (lambda: session.run(None, {iname: x})), clients, window)
@@ -236,6 +298,8 @@ def main() -> None:
               f" (+{r['rss_over_bare_mb']:.1f})")
         print(f"{'':16s} served share of in-process throughput: {r['served_share_1']:.0%} (1 client), "
               f"{r['served_share_4']:.0%} (4 clients); the agent's own run p50 {r['agent_run_p50_ms']:.3f} ms")
+        print(f"{'':16s} this machine's floor for any other-process server (a bare Unix-socket echo of the same "
+              f"bytes around the same busy time): +{r['ipc_floor_p50_us']:.0f} us, ratio {r['ipc_floor_ratio']:.3f}")
     print(f"swap: {swap['requests']} requests during {swap['deliveries']} deliveries and a rollback "
           f"({swap['rollback']}): {swap['failed']} failed")
     print(f"wrote {args.out}")
