@@ -28,7 +28,9 @@ from .status import DeploymentStatus, DeviceStatus
 
 
 def resign(old_dir: Path, workdir: Path, key_dir: Path, out_root: Path):
-    """The model of an earlier artifact, signed again under a new version (same golden inputs and budgets)."""
+    """The model of an earlier artifact, signed again under a new version: the same golden inputs, budgets,
+    predictions and health limits, and what the device's application and monitors read from the manifest (the
+    preprocessing spec, the class names, the drift reference), so a rolled-back model serves as it did."""
     old = load_artifact(old_dir)
     m = old.manifest
     raw = old.model_path.read_bytes()
@@ -42,7 +44,8 @@ def resign(old_dir: Path, workdir: Path, key_dir: Path, out_root: Path):
     golden = np.concatenate([decode_tensor(next(iter(c["inputs"].values())), "golden") for c in m.golden["cases"]])
     return build_artifact(model, out_root, name=m.name, version=next_version(workdir), target=m.target,
                           runtime=m.runtime, golden_inputs=golden, budgets=m.budgets, predicted=m.predicted,
-                          health=m.health, key_dir=key_dir)
+                          health=m.health, key_dir=key_dir, preprocess=m.preprocess, labels=m.labels,
+                          reference=m.reference)
 
 
 def run_rollback(cfg: DeployConfig, target_name: str, ui: UI, to_version: int | None = None) -> dict[str, Any]:
