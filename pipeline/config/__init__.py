@@ -18,7 +18,7 @@ from __future__ import annotations
 from ..targets import Budgets
 from .errors import error_lines, format_validation_error
 from .fleet import (BrokerAddress, DashboardConfig, DeviceSpec, FleetConfig, HttpConfig, ProvisionConfig,
-                    RetentionConfig, RolloutConfig)
+                    RetentionConfig, RolloutConfig, ShadowConfig)
 from .load import (CONFIG_VERSION, MAX_CONFIG_BYTES, MAX_CONFIG_DEPTH, MAX_CONFIG_NODES, DeployConfig, dump_deploy,
                    json_schema, load_deploy, parse_deploy)
 from .names import ZOO_NAMES, check_names
@@ -30,6 +30,6 @@ from .views import CompressView
 __all__ = ["BUDGET_KEYS", "CONFIG_VERSION", "MAX_CONFIG_BYTES", "MAX_CONFIG_DEPTH", "MAX_CONFIG_NODES", "ZOO_NAMES",
            "BrokerAddress", "Budgets", "CompressStep", "CompressView", "DashboardConfig", "DataConfig", "DeployConfig",
            "DeviceSpec", "DriftConfig", "ExportConfig", "FinetuneConfig", "FitConfig", "FleetConfig", "HttpConfig",
-           "ModelConfig", "ProvisionConfig", "RetentionConfig", "RolloutConfig", "SigningConfig", "Step", "Strict",
-           "TargetOverride", "TrainConfig", "TypedStep", "check_names", "dump_deploy", "error_lines",
+           "ModelConfig", "ProvisionConfig", "RetentionConfig", "RolloutConfig", "ShadowConfig", "SigningConfig",
+           "Step", "Strict", "TargetOverride", "TrainConfig", "TypedStep", "check_names", "dump_deploy", "error_lines",
            "format_validation_error", "json_schema", "load_deploy", "parse_deploy", "parse_steps", "step_union"]

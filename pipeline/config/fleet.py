@@ -22,11 +22,42 @@ class BrokerAddress(Strict):
     key_file: Path | None = None
 
 
+class ShadowConfig(Strict):
+    """``rollout.shadow:``, stage 0 of a rollout: the candidate is installed beside the active model, which keeps
+    serving, and runs off the request path on a share of the live requests; it is promoted (canaries, then the
+    rest) only when every shadowing device agrees with its active model often enough, over enough requests, without
+    being too slow. See docs/rollouts.md."""
+
+    sample: float = Field(0.1, gt=0, le=1, description="share of the live requests the candidate also runs on")
+    max_cpu: float = Field(0.25, gt=0, le=1, description="share of one core the candidate's runs may take at most")
+    min_agreement: float = Field(0.9, ge=0, le=1, description="per device, the share of compared requests with the "
+                                 "active model's top-1 class (an error in a shadow run does not agree)")
+    max_distance: float | None = Field(None, ge=0, lt=1e300, description="the mean absolute output distance allowed "
+                                       "(the judge for outputs that are not class scores; none: such outputs abort)")
+    min_samples: int = Field(200, ge=1, le=10_000_000, description="requests compared on each device before it is "
+                             "judged")
+    max_latency_ratio: float | None = Field(1.5, gt=0, lt=1e6, description="the candidate's p95 over the active "
+                                            "model's, on the same requests; none: not judged (the target's p95 "
+                                            "budget still is, unless abort_on_latency is off)")
+    timeout_s: float = Field(600, gt=0, description="for the samples to come in, once the devices are shadowing")
+    devices: Literal["canary", "all"] = Field("canary", description="which devices shadow: the rollout's canaries, "
+                                              "or every device of the class")
+    report_every_s: float = Field(5.0, gt=0, le=3600, description="how often the host asks a shadowing device for "
+                                  "its counters (each ask runs the agent's short benchmark)")
+
+    def leaf(self):
+        """What the shadow job's signed manifest carries (device_agent.quality.Shadow)."""
+        from device_agent.quality import Shadow
+
+        return Shadow(self.sample, self.max_cpu)
+
+
 class RolloutConfig(Strict):
     canary_fraction: float = Field(0.2, gt=0, le=1, description="share of the devices updated first")
     canary_min: int = Field(1, ge=1)
     max_failure_fraction: float = Field(0.0, ge=0, le=1, description="canary failures tolerated before aborting")
     abort_on_latency: bool = Field(True, description="abort when a canary's measured p95 exceeds the latency budget")
+    shadow: ShadowConfig | None = Field(None, description="a shadow stage before the canaries; none: no shadow stage")
 
 
 class HttpConfig(Strict):
