@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -19,13 +20,15 @@ from device_agent.errors import ProtocolError
 from device_agent.manifest import Manifest, sign_envelope
 from device_agent.preprocess import Preprocess
 from device_agent.protocol import DEFAULT_CHUNK_SIZE
+from device_agent.quality import Shadow
 from device_agent.storage import atomic_write_bytes, atomic_write_json, read_json
 
 from ..errors import ExportError
 from .golden import golden_section, reference_session
 from .keys import load_or_create, public_key_path
 
-__all__ = ["Artifact", "build_artifact", "golden_section", "load_or_create", "next_version", "public_key_path"]
+__all__ = ["Artifact", "build_artifact", "golden_section", "load_or_create", "next_version", "public_key_path",
+           "shadow_artifact"]
 
 
 @dataclass(frozen=True)
@@ -102,12 +105,7 @@ def build_artifact(
         io=io, golden=golden, health=health, budgets=budgets, predicted=predicted, preprocess=preprocess,
         labels=tuple(labels) if labels is not None else None, kind=kind, reference=reference,
     )
-    signed = manifest.to_signed()  # the device's own schema builds what it will parse, and checks it as the device will
-    try:
-        Manifest.from_signed(signed)
-    except ProtocolError as exc:
-        raise ExportError(f"bundle {out.name}: the device would refuse this manifest: {exc}") from None
-    envelope = sign_envelope(signed, key)
+    envelope, checked = _sign(manifest, key, out.name)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -116,7 +114,30 @@ def build_artifact(
     shutil.copy(public_key_path(key_dir), tmp / "signing.pub")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a reader sees the whole artifact or none of it
-    return Artifact(out, out / payload_name(model_path.name, encoding), envelope, Manifest.from_signed(signed))
+    return Artifact(out, out / payload_name(model_path.name, encoding), envelope, checked)
+
+
+def shadow_artifact(artifact: Artifact, shadow: Shadow, key_dir: Path) -> Artifact:
+    """``artifact``'s manifest with the ``shadow`` leaf, signed as a second envelope over the same payload: the job
+    that has a device install the candidate beside its active model and shadow it there, never activate it
+    (device_agent.quality). The payload, its sha256 and the artifact's files are those of ``artifact``; the normal
+    envelope (``manifest.json``) stays what promotes it."""
+    if artifact.manifest.kind != "model":
+        raise ExportError(f"bundle {artifact.dir.name}: a {artifact.manifest.kind} is not a model to shadow")
+    manifest = dataclasses.replace(artifact.manifest, shadow=shadow)
+    envelope, checked = _sign(manifest, load_or_create(key_dir), f"{artifact.dir.name} (shadow)")
+    return Artifact(artifact.dir, artifact.model_path, envelope, checked)
+
+
+def _sign(manifest: Manifest, key: Any, what: str) -> tuple[dict[str, Any], Manifest]:
+    """The signed envelope of ``manifest`` and the manifest as the device will read it: the device's own schema
+    builds what it will parse, and checks it as the device will, before anything is signed."""
+    signed = manifest.to_signed()
+    try:
+        checked = Manifest.from_signed(signed)
+    except ProtocolError as exc:
+        raise ExportError(f"bundle {what}: the device would refuse this manifest: {exc}") from None
+    return sign_envelope(signed, key), checked
 
 
 def payload_name(filename: str, encoding: str) -> str:

@@ -7,6 +7,7 @@ rolled_back | failed), or timeout when it reached no verdict in time.
 
 from __future__ import annotations
 
+import enum
 import logging
 import queue
 import threading
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class DeviceResult:
     device_id: str
-    status: DeviceStatus = DeviceStatus.TIMEOUT
+    #: a DeviceStatus; after a shadow stage that stopped the rollout, a pipeline.ota.shadow.ShadowStatus
+    status: enum.Enum = DeviceStatus.TIMEOUT
     active_version: int | None = None
     reason: str | None = None
     result_code: int | None = None
@@ -119,8 +121,11 @@ class ChunkServer:
 
 def deliver(
     broker: BrokerConfig, prefix: str, artifact: Artifact, devices: list[str], timeout_s: float,
-    progress: Callable[[str, DeviceResult], None] | None = None,
+    progress: Callable[[str, DeviceResult], None] | None = None, until: enum.Enum = DeviceStatus.ACTIVATED,
 ) -> list[DeviceResult]:
+    """``until``: the status whose value is the agent state that ends a device's delivery well: ``activated`` (then
+    its metrics of the new version are waited for too), or for a shadow job ``shadowing`` (pipeline.ota.shadow);
+    the agent's terminal states end it as well."""
     job_id = f"j{artifact.version}-{uuid.uuid4().hex[:8]}"
     results = {d: DeviceResult(d) for d in devices}
     done: set[str] = set()  # devices with their verdict (and, after an activation, their metrics)
@@ -147,7 +152,10 @@ def deliver(
                     r.states.append(st.state)
                 r.device_state = st.state
                 r.active_version, r.reason, r.result_code = st.active_version, st.reason, st.result_code
-                if st.state in _TERMINAL:
+                if st.state == until.value and until is not DeviceStatus.ACTIVATED:
+                    r.status = until
+                    done.add(device_id)
+                elif st.state in _TERMINAL:
                     r.status = DeviceStatus(st.state)
                     if st.state != State.ACTIVATED.value:  # no metrics follow a refusal or rollback
                         done.add(device_id)
