@@ -7,7 +7,12 @@ committed: a crash between batches loses nothing the broker was told we had.
 Whatever a device publishes, the ingester goes on: each message is checked (topic, device id, size and nesting,
 then the protocol's decoder) before anything parses or stores it, and one that fails is counted by reason
 (``Drop``), logged (rate-limited), acknowledged and skipped. Within a stored metrics message, each traffic value
-the store leaves out (``pipeline.fleet.traffic.Skip``) is counted in ``traffic_skipped``.
+the store leaves out (``pipeline.fleet.traffic.Skip``) is counted in ``traffic_skipped``, each quality value (drift,
+live accuracy, shadow: ``pipeline.fleet.quality.Skip``) in ``quality_skipped``.
+
+Quality values are recorded right after the batch's own transaction (``pipeline.fleet.quality.ingest``), with
+deploy.yaml's ``drift:`` thresholds deciding the drift events (the defaults without one); the batch is acknowledged
+only once both committed, and a redelivered batch is recorded once (both follow the device's (boot, seq)).
 
 Calibration timings (``<device>/calibration``) are not fleet telemetry: the command that asked for them collects
 them (``pipeline targets calibrate``, pipeline.ota.calibration). The ingester does not subscribe to them, and one
@@ -31,9 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from device_agent.config import BrokerConfig
+from device_agent.drift import Thresholds
 from device_agent.mqtt import MqttLink
 from device_agent.protocol import PROTOCOL_VERSION, Leaf, ProtocolError, check_id, decode, parse_topic
 
+from . import quality
 from .retention import RetentionPolicy, apply_retention
 from .store import FleetStore
 from .traffic import Skip
@@ -131,8 +138,12 @@ def parse(prefix: str, name: str, payload: bytes) -> Message:
 class Ingester:
     def __init__(self, broker: BrokerConfig, db: Path, prefix: str = "edgefleet", group: str = "ingest",
                  shared: bool = True, batch: int = 500, flush_s: float = 0.5, client_id: str | None = None,
-                 retention: RetentionPolicy | None = None, retention_every_s: float = 3600) -> None:
+                 retention: RetentionPolicy | None = None, retention_every_s: float = 3600,
+                 drift: Thresholds | None = None) -> None:
+        """``drift``: the thresholds that raise drift events (deploy.yaml's ``drift:``, ``cfg.drift.thresholds()``);
+        None: ``Thresholds()``, the defaults."""
         self.db, self.prefix, self.batch, self.flush_s = db, prefix, batch, flush_s
+        self.thresholds = drift if drift is not None else Thresholds()
         self.retention, self.retention_every_s = retention, retention_every_s
         share = f"$share/{group}/" if shared else ""
         subs = [(f"{share}{prefix}/v{PROTOCOL_VERSION}/+/{leaf.value}", 1) for leaf in LEAVES]
@@ -144,6 +155,8 @@ class Ingester:
         self.dropped_by: dict[Drop, int] = dict.fromkeys(Drop, 0)  # messages skipped, by reason
         self.ignored = 0  # messages of the IGNORED leaves: not telemetry, not dropped
         self.traffic_skipped: Counter = Counter()  # traffic values the store left out, by traffic.Skip
+        self.quality_skipped: Counter = Counter()  # drift, accuracy and shadow values left out, by quality.Skip
+        self.drift_events = 0  # drift_detected and drift_cleared events recorded
         self.error: str | None = None  # why run() stopped, when it failed
         self._stop = threading.Event()
 
@@ -155,7 +168,8 @@ class Ingester:
         """What /metrics exports of this ingester."""
         return {"received": self.received, "stored": self.stored, "up": int(self.error is None),
                 "dropped": {r.value: n for r, n in self.dropped_by.items()},
-                "traffic_skipped": {r.value: self.traffic_skipped[r] for r in Skip}}
+                "traffic_skipped": {r.value: self.traffic_skipped[r] for r in Skip},
+                "quality_skipped": {r.value: self.quality_skipped[r] for r in quality.Skip}}
 
     def stop(self) -> None:
         self._stop.set()
@@ -184,20 +198,30 @@ class Ingester:
         every one for want of the database itself (locked, full, unreadable), that is raised and nothing is
         dropped: the caller keeps the batch unacknowledged and tries again."""
         try:
-            self.stored += store.ingest(pending, skipped=self.traffic_skipped)
+            self._store(store, pending)
             return
         except Exception as batch_error:  # noqa: BLE001
             log.warning("batch of %d refused (%s); storing message by message", len(pending), batch_error)
         refused: list[tuple[Message, Exception]] = []
         for message in pending:
             try:
-                self.stored += store.ingest([message], skipped=self.traffic_skipped)
+                self._store(store, [message])
             except Exception as exc:  # noqa: BLE001
                 refused.append((message, exc))
         if len(refused) == len(pending) and all(isinstance(e, sqlite3.OperationalError) for _, e in refused):
             raise refused[0][1]
         for (device, leaf, _), exc in refused:
             self._drop(Drop.STORE, f"{self.prefix}/v{PROTOCOL_VERSION}/{device}/{leaf}", exc)
+
+    def _store(self, store: FleetStore, messages: list[Message]) -> None:
+        """The messages' rows, then their quality values: two transactions (the store's own ``ingest`` is one); a
+        message stored again after the second failed is a duplicate the first ignores. ``stored`` grows once both
+        are done: whoever waits on it finds the quality values committed too."""
+        written = store.ingest(messages, skipped=self.traffic_skipped)
+        try:
+            self.drift_events += quality.ingest(store, messages, self.thresholds, skipped=self.quality_skipped)
+        finally:
+            self.stored += written
 
     def run(self, until: Callable[[], bool] | None = None) -> None:
         try:

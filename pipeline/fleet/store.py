@@ -80,6 +80,27 @@ MIGRATIONS = [
     """CREATE TABLE calibrations (
         id INTEGER PRIMARY KEY, ts REAL NOT NULL, target TEXT NOT NULL, version INTEGER NOT NULL, date TEXT,
         basis TEXT NOT NULL, devices TEXT, samples TEXT, wall_s REAL, fit TEXT, kernels_file TEXT)""",
+    # the model's behaviour on live traffic (pipeline.fleet.quality): per device and version the latest drift scores
+    # in the device's order (JSON DriftScores), their state under the thresholds recorded beside them, the scores
+    # above them (JSON), and alarm = 1 from a drift_detected event until its drift_cleared ...
+    """CREATE TABLE quality_drift (
+        device_id TEXT NOT NULL, version INTEGER NOT NULL, boot INTEGER, seq INTEGER, ts REAL NOT NULL,
+        scores TEXT NOT NULL, state TEXT NOT NULL, drifting TEXT, thresholds TEXT, alarm INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (device_id, version))""",
+    # ... live accuracy per device and agent boot: the latest snapshot's order and its unmatched feedback ...
+    """CREATE TABLE quality_accuracy_boots (
+        device_id TEXT NOT NULL, boot INTEGER NOT NULL, seq INTEGER NOT NULL, ts REAL NOT NULL, unmatched INTEGER,
+        window_s REAL, PRIMARY KEY (device_id, boot))""",
+    # ... and per device, boot and version the totals and the snapshot they last grew from ...
+    """CREATE TABLE quality_accuracy (
+        device_id TEXT NOT NULL, boot INTEGER NOT NULL, version INTEGER NOT NULL, ts REAL NOT NULL,
+        labelled INTEGER NOT NULL, correct INTEGER NOT NULL, last_labelled INTEGER, last_correct INTEGER,
+        PRIMARY KEY (device_id, boot, version))""",
+    # ... and a shadowed candidate's comparison per device, boot and candidate (JSON quality.Comparison)
+    """CREATE TABLE quality_shadow (
+        device_id TEXT NOT NULL, boot INTEGER NOT NULL, candidate INTEGER NOT NULL, seq INTEGER NOT NULL,
+        ts REAL NOT NULL, active INTEGER, sample REAL, top1 INTEGER, total TEXT NOT NULL, last TEXT,
+        PRIMARY KEY (device_id, boot, candidate))""",
 ]
 
 METRIC_COLUMNS = ("latency_ms_p50", "latency_ms_p95", "latency_ms_p99", "throughput_ips", "rss_mb", "cpu_percent",
