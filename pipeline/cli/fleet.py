@@ -1,4 +1,4 @@
-"""``pipeline fleet {status,ingest,retain}`` and ``pipeline dashboard``: the fleet as the store sees it."""
+"""``pipeline fleet {status,drift,ingest,retain}`` and ``pipeline dashboard``: the fleet as the store sees it."""
 
 from __future__ import annotations
 
@@ -41,6 +41,13 @@ def _retention(cfg):
     return (cfg.fleet.retention if cfg is not None else RetentionConfig()).policy()
 
 
+def _thresholds(cfg):
+    """What raises drift events: deploy.yaml's ``drift:``, or the defaults without a deploy.yaml."""
+    from device_agent.drift import Thresholds
+
+    return cfg.drift.thresholds() if cfg is not None else Thresholds()
+
+
 def _prefix(args: argparse.Namespace, cfg) -> str:
     return args.prefix or (cfg.fleet.topic_prefix if cfg is not None else "edgefleet")
 
@@ -51,6 +58,8 @@ def cmd_fleet(args: argparse.Namespace, ui) -> int:
         return _ingest(args, ui, cfg, db)
     if args.action == "retain":
         return _retain(args, ui, cfg, db)
+    if args.action == "drift":
+        return _drift(args, ui, db)
     from ..dashboard import BudgetBook, FleetView
     from ..fleet import FleetStore
 
@@ -60,17 +69,41 @@ def cmd_fleet(args: argparse.Namespace, ui) -> int:
     try:
         view = FleetView(store, BudgetBook.from_config(cfg))
         devices, predictions, traffic = view.overview()["devices"], view.predictions(), view.traffic()
-        calibrations = latest_calibrations(store)
+        calibrations, quality = latest_calibrations(store), view.quality()
     finally:
         store.close()
     if not output.emit(args, {"devices": devices, "predictions": predictions, "traffic": traffic,
-                              "calibrations": calibrations}):
-        from ..ui.tables import print_calibrations, print_fleet, print_predictions, print_traffic
+                              "calibrations": calibrations, "quality": quality}):
+        from ..ui.tables import print_calibrations, print_fleet, print_predictions, print_quality, print_traffic
 
         print_fleet(ui, devices)
         print_traffic(ui, traffic)
+        print_quality(ui, quality)
         print_predictions(ui, predictions)
         print_calibrations(ui, calibrations)
+    return output.OK
+
+
+def _drift(args: argparse.Namespace, ui, db: Path) -> int:
+    """``fleet drift``: per device and version the drift scores, their state, live accuracy and any shadow
+    comparison (``pipeline.fleet.quality``), and the latest drift events."""
+    from ..fleet import FleetStore
+    from ..fleet.quality import drift_events, quality_summary
+
+    store = FleetStore(db)
+    try:
+        if args.device is not None and store.db.execute("SELECT 1 FROM devices WHERE device_id = ?",
+                                                        (args.device,)).fetchone() is None:
+            known = [r[0] for r in store.db.execute("SELECT device_id FROM devices ORDER BY device_id LIMIT 20")]
+            raise PipelineError(f"fleet drift --device {args.device}: no such device in {db}; "
+                                f"known: {', '.join(known) or '(none has reported)'}")
+        quality = {**quality_summary(store, args.device), "events": drift_events(store, args.device)}
+    finally:
+        store.close()
+    if not output.emit(args, quality):
+        from ..ui.tables import print_drift
+
+        print_drift(ui, quality)
     return output.OK
 
 
@@ -82,7 +115,7 @@ def _ingest(args: argparse.Namespace, ui, cfg, db: Path) -> int:
         raise PipelineError("fleet ingest: no broker; pass --broker HOST:PORT or set fleet.broker in deploy.yaml")
     prefix = _prefix(args, cfg)
     ingester = Ingester(broker, db, prefix, args.group, shared=not args.no_shared, client_id=args.client_id,
-                        retention=_retention(cfg))
+                        retention=_retention(cfg), drift=_thresholds(cfg))
     signal.signal(signal.SIGTERM, lambda *_: ingester.stop())
     ui.info(f"ingesting {prefix}/v1/+/{{metrics,status,events,online}} from {broker.host}:{broker.port} into "
             f"{db} (Ctrl-C stops)")
@@ -95,8 +128,11 @@ def _ingest(args: argparse.Namespace, ui, cfg, db: Path) -> int:
 
         raise DeliveryError(f"fleet ingest stopped: {exc}") from None
     skipped = sum(ingester.traffic_skipped.values())
+    left_out = sum(ingester.quality_skipped.values())
     ui.info(f"stored {ingester.stored} row(s)"
-            + (f"; left out {skipped} malformed traffic value(s)" if skipped else ""))
+            + (f"; left out {skipped} malformed traffic value(s)" if skipped else "")
+            + (f"; left out {left_out} malformed drift, accuracy or shadow value(s)" if left_out else "")
+            + (f"; recorded {ingester.drift_events} drift event(s)" if ingester.drift_events else ""))
     return output.OK
 
 
@@ -135,7 +171,7 @@ def cmd_dashboard(args: argparse.Namespace, ui) -> int:
     ingester = None
     if broker is not None:
         ingester = Ingester(broker, db, _prefix(args, cfg), args.group, client_id=f"dashboard-{args.group}",
-                            retention=_retention(cfg))
+                            retention=_retention(cfg), drift=_thresholds(cfg))
     dash = Dashboard(db, host, port, token, BudgetBook.from_config(cfg), ingester)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -160,8 +196,9 @@ def cmd_dashboard(args: argparse.Namespace, ui) -> int:
 
 
 def add_fleet(sub) -> None:
-    fl = sub.add_parser("fleet", help="ingest fleet telemetry into the store, show the fleet, apply retention")
-    fl.add_argument("action", choices=["status", "ingest", "retain"])
+    fl = sub.add_parser("fleet", help="ingest fleet telemetry into the store, show the fleet and its models' drift, "
+                                      "apply retention")
+    fl.add_argument("action", choices=["status", "drift", "ingest", "retain"])
     fl.add_argument("--config", default="deploy.yaml")
     fl.add_argument("--db", help="fleet store (default: WORKDIR/fleet.db)")
     fl.add_argument("--broker", help="ingest: HOST:PORT (default: fleet.broker)")
@@ -174,6 +211,7 @@ def add_fleet(sub) -> None:
     fl.add_argument("--raw", help="retain: keep raw metrics this long (default: fleet.retention.raw, 7d)")
     fl.add_argument("--bucket", help="retain: then one row per device and bucket (default 5m)")
     fl.add_argument("--keep", help="retain: drop rollups and events older than this (default 90d)")
+    fl.add_argument("--device", default=None, help="drift: only this device")
     fl.add_argument("--json", action="store_true")
     fl.set_defaults(func=cmd_fleet)
 

@@ -4,9 +4,9 @@ The library owns the exposition: names (``_total`` on counters), escaping and co
 format, or OpenMetrics when the scraper asks for it). Naming follows Prometheus conventions: an ``edgefleet_``
 prefix, base units in the name (seconds, bytes, joules, celsius, ratio). Labels are bounded by the fleet:
 ``device``, ``target``, ``percentile``, ``budget``, ``status``, ``source``, ``reason``, ``kind``; nothing per
-request, per message or per model version, and only device ids and target names that follow the protocol's id
-rule become label values. Each device's figures are its latest report; Prometheus keeps the history (the store
-keeps it too, for the built-in dashboard). The benchmark's latency percentiles are the device's own (its timing
+request or per message, per model version only where the figure is the version's own (quality, below), and only
+device ids and target names that follow the protocol's id rule become label values. Each device's figures are its
+latest report; Prometheus keeps the history (the store keeps it too, for the built-in dashboard). The benchmark's latency percentiles are the device's own (its timing
 of the manifest's golden vectors), hence a gauge with a ``percentile`` label, not a summary: there is no sum or
 count to go with them.
 
@@ -15,6 +15,14 @@ Real traffic through the devices' inference API (``pipeline.fleet.traffic``) is 
 (``device_agent.serving.BUCKETS_MS`` in seconds), summed over the device's model versions and agent restarts:
 its counters never go backwards while the store keeps them. Beside it the requests, the errors by ``kind`` (the
 API's kinds, and ``benchmark`` for the agent's own benchmark runs) and the rejected requests.
+
+How good the model is on live traffic (``pipeline.fleet.quality``) is per device and model ``version`` (or shadowed
+``candidate``), as the store keeps it: one series per version a device reported on. Drift is a gauge of the latest
+scores, ``edgefleet_drift_psi{score=outputs|confidence}``, ``edgefleet_drift_mean_shift_max`` (in reference
+standard deviations), ``edgefleet_drift_drifting`` (1 above a threshold, 0 within; absent while the window holds
+too few samples) and the window's samples; live accuracy and the shadow comparison are counters summed over agent
+restarts (``edgefleet_live_{labelled,correct}_total``, ``edgefleet_shadow_{compared,agree}_total``): accuracy
+over a range is ``increase(correct) / increase(labelled)``.
 
 How far the predictions are off (``pipeline.fleet.accuracy``) is per class, never per device: ``target``,
 ``basis`` (``target``: real devices against their class's prediction; ``host``: emulated agents against this
@@ -34,6 +42,7 @@ from device_agent.protocol import ProtocolError, check_id
 from device_agent.serving import BUCKETS_MS, ERROR_KINDS
 
 from ..fleet.accuracy import TOLERANCES
+from ..fleet.quality import Skip as QualitySkip
 from ..fleet.traffic import Skip
 from .views import BUDGET_METRICS, FleetView
 
@@ -89,6 +98,7 @@ class FleetCollector(Collector):
         yield from self._targets(devices)
         yield self._deployments()
         yield from self._predictions(self.view.predictions())
+        yield from self._quality(self.view.quality())
         if self.ingest is not None:
             yield from self._ingest(self.ingest)
 
@@ -214,6 +224,43 @@ class FleetCollector(Collector):
                     [((c["target"], c["basis"], c["metric"], r), n) for c in rows for r, n in c["skipped"].items()])
 
     @staticmethod
+    def _quality(quality: dict[str, Any]) -> Iterator[Metric]:
+        """Drift, live accuracy and shadow comparisons per device (``pipeline.fleet.quality.quality_summary``)."""
+        devices = [d for d in quality["devices"] if label_safe(d["device_id"])]
+        drift = [((d["device_id"], d["target"] if label_safe(d.get("target")) else "", str(v["version"])), v["drift"])
+                 for d in devices for v in d["versions"] if v["drift"]]
+        yield gauge("edgefleet_drift_psi",
+                    "Population stability index of the version's live answers against its reference data over the "
+                    "device's window: score outputs (predicted-class shares) or confidence (top-1 confidence "
+                    "histogram); above 0.25 a significant shift.", ["device", "target", "version", "score"],
+                    [((*labels, score), s[f"psi_{score}"]) for labels, s in drift
+                     for score in ("outputs", "confidence")])
+        yield gauge("edgefleet_drift_mean_shift_max",
+                    "Largest standardised shift of an input channel's live mean from the reference's, in reference "
+                    "standard deviations, over the device's window.", ["device", "target", "version"],
+                    [(labels, s["max_mean_shift"]) for labels, s in drift])
+        yield gauge("edgefleet_drift_window_samples", "Samples the device's drift window holds.",
+                    ["device", "target", "version"], [(labels, s["samples"]) for labels, s in drift])
+        yield gauge("edgefleet_drift_drifting",
+                    "1 when a drift score is above its threshold (deploy.yaml drift:), 0 when none is; absent while "
+                    "the window holds fewer than min_samples samples.", ["device", "target", "version"],
+                    [(labels, {"drifting": 1, "ok": 0}.get(s["state"])) for labels, s in drift])
+        accuracy = [((d["device_id"], str(v["version"])), v["accuracy"])
+                    for d in devices for v in d["versions"] if v["accuracy"]]
+        yield counter("edgefleet_live_labelled", "Answers of the version the device's application labelled (posted "
+                      "the true class of), summed over agent restarts.", ["device", "version"],
+                      [(labels, a["labelled"]) for labels, a in accuracy])
+        yield counter("edgefleet_live_correct", "Labelled answers of the version whose top-1 class was the label.",
+                      ["device", "version"], [(labels, a["correct"]) for labels, a in accuracy])
+        shadow = [((d["device_id"], str(s["candidate"])), s) for d in devices for s in d["shadow"]]
+        yield counter("edgefleet_shadow_compared", "Live requests the shadowed candidate answered beside the active "
+                      "model, summed over agent restarts.", ["device", "candidate"],
+                      [(labels, s["compared"]) for labels, s in shadow])
+        yield counter("edgefleet_shadow_agree", "Compared requests whose top-1 class the candidate and the active "
+                      "model agreed on (classifiers only).", ["device", "candidate"],
+                      [(labels, s["agree"]) for labels, s in shadow])
+
+    @staticmethod
     def _ingest(ingest: dict[str, Any]) -> Iterator[Metric]:
         yield gauge("edgefleet_ingest_up", "1 while this process's ingester runs, 0 after it stopped.", [],
                     [((), ingest.get("up", 1))])
@@ -228,6 +275,10 @@ class FleetCollector(Collector):
                       "Traffic values (in stored metrics messages) this ingester left out, by reason: "
                       + ", ".join(s.value for s in Skip) + ".", ["reason"],
                       sorted(((r,), n) for r, n in ingest.get("traffic_skipped", {}).items()))
+        yield counter("edgefleet_ingest_quality_skipped",
+                      "Drift, live accuracy and shadow values (in stored metrics messages) this ingester left out, by "
+                      "reason: " + ", ".join(s.value for s in QualitySkip) + ".", ["reason"],
+                      sorted(((r,), n) for r, n in ingest.get("quality_skipped", {}).items()))
 
 
 def render(view: FleetView, ingest: dict[str, Any] | None = None, accept: str = "") -> tuple[bytes, str]:

@@ -4,7 +4,8 @@ running beside it.
 - ``/``: the dashboard (HTML, JS and CSS served from this package: no CDN, works offline);
 - ``/api/overview``, ``/api/devices/<id>``, ``/api/deployments``, ``/api/events``, ``/api/predictions`` (the
   fleet's measurements against their predictions, per class), ``/api/traffic`` (the inference API's requests,
-  latency and errors per device and per class and version): JSON;
+  latency and errors per device and per class and version), ``/api/quality`` (the models on live traffic: drift
+  per device and version with its state, live accuracy, shadow comparisons): JSON;
 - ``/api/stream``: server-sent events, one ``change`` whenever the store commits (live updates);
 - ``/metrics``: Prometheus (text format, or OpenMetrics when asked); ``/healthz``: liveness, without
   authentication: 503 once the ingester has stopped.
@@ -242,6 +243,7 @@ def build_app(dash: Dashboard) -> Starlette:
         Route("/api/deployments", _api(lambda v, r: v.deployments(_int(r, "limit", 50)), dash)),
         Route("/api/predictions", _api(lambda v, r: v.predictions(), dash)),
         Route("/api/traffic", _api(lambda v, r: v.traffic(), dash)),
+        Route("/api/quality", _api(lambda v, r: v.quality(), dash)),
         Route("/api/events", _api(lambda v, r: v.events(_int(r, "limit", 50), r.query_params.get("device")), dash)),
         Route("/api/devices/{device:path}", _api(
             lambda v, r: v.device(r.path_params["device"], float(r.query_params.get("since") or 0)), dash)),

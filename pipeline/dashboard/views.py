@@ -15,6 +15,7 @@ from device_agent.protocol import TERMINAL_STATES, State
 
 from ..errors import ConfigError
 from ..fleet.accuracy import prediction_check
+from ..fleet.quality import quality_summary
 from ..fleet.store import FleetStore
 from ..fleet.traffic import traffic_summary
 from ..ota.status import SETTLED, DeviceStatus
@@ -126,3 +127,8 @@ class FleetView:
         """What the devices' applications asked of their models, per device and per class and version
         (``pipeline.fleet.traffic``)."""
         return traffic_summary(self.store)
+
+    def quality(self) -> dict[str, Any]:
+        """How good each device's model is on its live traffic: drift per device and version with its state, live
+        accuracy, shadow comparisons (``pipeline.fleet.quality``)."""
+        return quality_summary(self.store)

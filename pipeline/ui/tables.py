@@ -189,6 +189,100 @@ def print_traffic(ui: UI, traffic: dict[str, Any]) -> None:
             "answered")
 
 
+def _share(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1%}"
+
+
+def _score(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}"
+
+
+def _drift_state(drift: dict[str, Any] | None, values: bool) -> str:
+    """``ok``, ``collecting (n/min samples)``, or ``drifting: score[ value > threshold], ...``."""
+    if drift is None:
+        return "-"
+    if drift["state"] == "collecting":
+        return f"collecting ({drift['samples']}/{drift['thresholds']['min_samples']} samples)"
+    if drift["state"] == "drifting":
+        return "drifting: " + ", ".join(e["score"] + (f" {e['value']:.3g} > {e['threshold']:g}" if values else "")
+                                        for e in drift["drifting"])
+    return drift["state"]
+
+
+def _when(ts: Any) -> str:
+    """A device's timestamp (its own clock: any number) as local time, or as it is when no date has it."""
+    try:
+        return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    except (TypeError, ValueError, OverflowError, OSError):
+        return str(ts)
+
+
+def _accuracy(acc: dict[str, Any] | None) -> str:
+    return "-" if acc is None else f"{_share(acc['accuracy'])} of {acc['labelled']}"
+
+
+def _quality_rows(quality: dict[str, Any], full: bool) -> tuple[list[list[Any]], list[str | None]]:
+    rows, styles = [], []
+    for d in quality["devices"]:
+        for i, v in enumerate(d["versions"]):
+            s = v["drift"] or {}
+            row = [d["device_id"] if i == 0 else "", v["version"], _drift_state(v["drift"], values=not full)]
+            if full:
+                row += [_score(s.get("psi_outputs")), _score(s.get("psi_confidence")), _score(s.get("max_mean_shift")),
+                        f"{s['samples']}/{s['window']}" if s else "-"]
+            rows.append([*row, _accuracy(v["accuracy"])])
+            styles.append("red" if s.get("state") == "drifting" else None)
+    return rows, styles
+
+
+def _print_shadow(ui: UI, quality: dict[str, Any], full: bool) -> None:
+    rows = []
+    for d in quality["devices"]:
+        for s in d["shadow"]:
+            row = [d["device_id"], s["candidate"], s["active"] if s["active"] is not None else "-", s["compared"],
+                   _share(s["agreement"]) if s["top1"] else f"distance max {_score(s['max_distance'])}",
+                   _ms(s["active_p50_ms"]), _ms(s["candidate_p50_ms"])]
+            if full:
+                row += [s["offered"], s["dropped"], s["errors"], _score(s["mean_distance"])]
+            rows.append(row)
+    if rows:
+        ui.table("Shadow (a candidate run beside the active model on sampled live requests)",
+                 ["device", "candidate", "active", "compared", "agreement", "active p50 ms", "candidate p50 ms",
+                  *(["offered", "dropped", "errors", "mean distance"] if full else [])], rows)
+
+
+def print_quality(ui: UI, quality: dict[str, Any]) -> None:
+    """``fleet status``: per device and version the drift state and live accuracy, then any shadow comparison
+    (``pipeline.fleet.quality.quality_summary``; ``fleet drift`` has the scores), red where the model drifts."""
+    rows, styles = _quality_rows(quality, full=False)
+    if rows:
+        ui.table("Quality on live traffic", ["device", "version", "drift", "live accuracy"], rows, styles)
+        counts = quality["counts"]
+        ui.info(f"drift: {counts['drifting']} device version(s) drifting, {counts['ok']} ok, {counts['collecting']} "
+                "collecting; the scores: pipeline fleet drift")
+    elif not any(d["shadow"] for d in quality["devices"]):
+        ui.info("quality: no device has reported drift, live accuracy or a shadow comparison yet")
+    _print_shadow(ui, quality, full=False)
+
+
+def print_drift(ui: UI, quality: dict[str, Any]) -> None:
+    """``fleet drift``: per device and version the drift scores over the device's window, their state, live
+    accuracy; the shadow comparisons; the latest drift events."""
+    rows, styles = _quality_rows(quality, full=True)
+    if rows:
+        ui.table("Drift and live accuracy", ["device", "version", "state", "PSI outputs", "PSI confidence",
+                                             "max mean shift", "samples/window", "live accuracy"], rows, styles)
+        ui.info("PSI above 0.1: a moderate shift, above 0.25 significant; mean shift in reference standard "
+                "deviations; live accuracy: the application's labels, summed over agent restarts")
+    else:
+        ui.info("drift: no device has reported drift scores or live accuracy yet")
+    _print_shadow(ui, quality, full=True)
+    if quality.get("events"):
+        ui.table("Drift events", ["when", "device", "event", "message"],
+                 [[_when(e["ts"]), e["device_id"], e["kind"], e["message"] or ""] for e in quality["events"]],
+                 ["red" if e["kind"] == "drift_detected" else None for e in quality["events"]])
+
+
 #: what a comparison's basis means, as the table says it
 COMPARED_WITH = {"target": "{target}'s", "host": "host's (emulated)"}
 METRIC_NAMES = {"latency_p50": "latency p50", "latency_p95": "latency p95", "memory_rss": "RSS / peak mem"}

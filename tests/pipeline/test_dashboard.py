@@ -210,6 +210,31 @@ def test_the_traffic_api_and_fleet_status_show_the_one_summary(store, tmp_path):
     assert "Traffic" in table.stderr and "bench p95 ms" in table.stderr and "1 (runtime 1)" in table.stderr
 
 
+def test_the_quality_api_is_the_store_s_summary(store):
+    from device_agent.drift import DriftScores
+    from device_agent.quality import LiveAccuracy
+    from pipeline.fleet import quality
+
+    accuracy = LiveAccuracy()
+    accuracy.answered("r1", 3, 2)
+    accuracy.feedback("r1", 2)
+    drift = DriftScores(500, 500, 500, 0, psi_outputs=0.4, psi_confidence=0.1, mean_shift=(0.1,), max_mean_shift=0.1)
+    messages = [status("fast", "rpi4"), metrics("fast", T0 + 1, p50=3.0, p95=4.0, boot=1, seq=1,
+                                                drift={"version": 3, **drift.to_dict()},
+                                                accuracy=accuracy.snapshot())]
+    store.ingest(messages)  # what the ingester does with a batch: its rows, then its quality values
+    assert quality.ingest(store, messages) == 1  # psi_outputs 0.4 > 0.25: drift_detected
+    with Dashboard(store.path, port=0) as dash:
+        code, _, body = get(dash.url + "api/quality")
+        _, _, events = get(dash.url + "api/events")
+    assert code == 200 and json.loads(body) == json.loads(json.dumps(quality.quality_summary(store)))
+    [fast] = json.loads(body)["devices"]
+    [v3] = fast["versions"]
+    assert (fast["target"], v3["drift"]["state"], v3["drift"]["psi_outputs"]) == ("rpi4", "drifting", 0.4)
+    assert v3["accuracy"] == {"labelled": 1, "correct": 1, "accuracy": 1.0, "ts": v3["accuracy"]["ts"]}
+    assert [e["kind"] for e in json.loads(events)] == ["drift_detected"]
+
+
 def test_metrics_speak_openmetrics_when_the_scraper_asks(store):
     from prometheus_client.openmetrics.parser import text_string_to_metric_families
 

@@ -197,13 +197,65 @@ function renderTraffic(traffic) {
   $("traffic-empty").hidden = rows.length > 0;
 }
 
+const DRIFT_BADGE = {ok: "ok", drifting: "over", collecting: "unknown"};
+
+function renderQuality(quality) {
+  const rows = quality.devices.flatMap(d => d.versions.map(v => {
+    const id = `${d.device_id}-${v.version}`;
+    const s = v.drift || {};
+    const a = v.accuracy || {};
+    const tr = document.createElement("tr");
+    tr.dataset.testid = `quality-${id}`;
+    tr.appendChild(td(d.device_id));
+    tr.appendChild(td(d.target));
+    tr.appendChild(td(`v${v.version}`, "num"));
+    const cell = (key, text, value) => td(text, "num", {"data-testid": `quality-${key}-${id}`,
+                                                        "data-value": String(value ?? "")});
+    const state = td(s.state ? badge(s.state, DRIFT_BADGE[s.state] || "unknown") : "–", null,
+                     {"data-testid": `quality-state-${id}`, "data-value": s.state || ""});
+    state.title = s.state === "drifting"
+      ? s.drifting.map(e => `${e.score} ${Number(e.value).toPrecision(3)} > ${e.threshold}`).join(", ")
+      : s.state === "collecting" ? `fewer than ${s.thresholds.min_samples} samples in the window` : "";
+    tr.appendChild(state);
+    tr.appendChild(cell("psi-outputs", num(s.psi_outputs, 3), s.psi_outputs));
+    tr.appendChild(cell("psi-confidence", num(s.psi_confidence, 3), s.psi_confidence));
+    tr.appendChild(cell("mean-shift", num(s.max_mean_shift, 3), s.max_mean_shift));
+    tr.appendChild(cell("samples", s.samples ?? "–", s.samples));
+    tr.appendChild(cell("accuracy", pct(a.accuracy), a.accuracy));
+    tr.appendChild(cell("labelled", a.labelled ?? "–", a.labelled));
+    return tr;
+  }));
+  $("quality").tBodies[0].replaceChildren(...rows);
+  $("quality-empty").hidden = rows.length > 0;
+  const shadows = quality.devices.flatMap(d => d.shadow.map(s => {
+    const id = `${d.device_id}-${s.candidate}`;
+    const tr = document.createElement("tr");
+    tr.dataset.testid = `shadow-${id}`;
+    const cell = (key, text, value) => td(text, "num", {"data-testid": `shadow-${key}-${id}`,
+                                                        "data-value": String(value ?? "")});
+    tr.appendChild(td(d.device_id));
+    tr.appendChild(td(`v${s.candidate}`, "num"));
+    tr.appendChild(td(s.active === null ? "–" : `v${s.active}`, "num"));
+    tr.appendChild(cell("compared", String(s.compared), s.compared));
+    tr.appendChild(cell("agreement", s.top1 ? pct(s.agreement) : `max distance ${num(s.max_distance, 3)}`,
+                        s.agreement));
+    tr.appendChild(cell("active-p50", num(s.active_p50_ms, 2), s.active_p50_ms));
+    tr.appendChild(cell("candidate-p50", num(s.candidate_p50_ms, 2), s.candidate_p50_ms));
+    tr.appendChild(cell("dropped", String(s.dropped), s.dropped));
+    tr.appendChild(cell("errors", String(s.errors), s.errors));
+    return tr;
+  }));
+  $("shadow").tBodies[0].replaceChildren(...shadows);
+  $("shadow").hidden = shadows.length === 0;
+}
+
 function renderEvents(rows) {
   $("events").tBodies[0].replaceChildren(...rows.map(e => {
     const tr = document.createElement("tr");
     tr.appendChild(td(when(e.ts)));
     tr.appendChild(td(e.device_id));
-    tr.appendChild(td(badge(e.kind, ["rolled_back", "refused", "chunk_corrupt", "inference_error"].includes(e.kind)
-                                     ? "failed" : "unknown")));
+    tr.appendChild(td(badge(e.kind, ["rolled_back", "refused", "chunk_corrupt", "inference_error", "drift_detected"]
+                                     .includes(e.kind) ? "failed" : e.kind === "drift_cleared" ? "ok" : "unknown")));
     tr.appendChild(td(e.message, "msg"));
     return tr;
   }));
@@ -227,12 +279,13 @@ async function refresh() {
     // each panel stands on its own: one endpoint failing leaves the others refreshing, and says why
     const settled = await Promise.allSettled(
       [api("/api/overview"), api("/api/deployments?limit=20"), api("/api/events?limit=50"), api("/api/predictions"),
-       api("/api/traffic")]);
-    const [overview, deployments, events, predictions, traffic] =
+       api("/api/traffic"), api("/api/quality")]);
+    const [overview, deployments, events, predictions, traffic, quality] =
       settled.map((s) => s.status === "fulfilled" ? s.value : null);
     if (overview) renderFleet(overview);
     await renderDevice();
     if (traffic) renderTraffic(traffic);
+    if (quality) renderQuality(quality);
     if (predictions) renderPredictions(predictions);
     if (deployments) renderDeployments(deployments);
     if (events) renderEvents(events);
