@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .broker import external_broker
+from .bundle import shadow_artifact
 from .bundle.drift import reference_inputs
 from .bundle.stage import bundle_stage
 from .config import DeployConfig
@@ -65,11 +66,15 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
                                 reference_samples=cfg.drift.reference_samples, classes=data.num_classes,
                                 drift_window=cfg.drift.window)
         report["artifact"] = artifact.to_dict()
+        shadow = _shadow_job(cfg, artifact, ui)
 
     report["delivery"], report["broker"] = deliver_stage(cfg.fleet, external_broker(cfg), target, artifact, workdir,
                                                          ui, force=force, serve_http=serve_http,
-                                                         host_measured_ms=prof.measured.get("latency_ms_p50"))
+                                                         host_measured_ms=prof.measured.get("latency_ms_p50"),
+                                                         shadow=shadow)
     print_delivery(ui, report["delivery"], prof.predicted, report["broker"]["rollout"]["limits"])
+    if report["broker"]["rollout"].get("shadow") is not None:  # the shadow stage's decision, per device
+        report["shadow"] = report["broker"]["rollout"]["shadow"]
     report["wall_s"] = round(time.perf_counter() - t_start, 2)
     return report
 
@@ -129,6 +134,18 @@ def _from_file(cfg: DeployConfig, target: TargetProfile, path: Path, out: Path, 
     report["export"] = {"format": model.format.name, "simplified": cfg.export.simplify, "parity": parity,
                         "quantization": qreport or None}
     return exported, data
+
+
+def _shadow_job(cfg: DeployConfig, artifact, ui: UI):
+    """With ``fleet.rollout.shadow``, the artifact's shadow job: the same payload, its manifest signed again with the
+    ``shadow`` leaf (devices install it beside their active model and shadow it); else None."""
+    if cfg.fleet.rollout.shadow is None:
+        return None
+    leaf = cfg.fleet.rollout.shadow.leaf()
+    shadow = shadow_artifact(artifact, leaf, cfg.resolve(cfg.signing.key_dir))
+    ui.info(f"shadow job signed: v{artifact.version} to shadow {leaf.sample:.0%} of live requests with at most "
+            f"{leaf.max_cpu:.0%} of a core, beside the active model")
+    return shadow
 
 
 def labels_for(data, report: dict[str, Any]) -> tuple[str, ...] | None:

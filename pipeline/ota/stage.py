@@ -23,6 +23,7 @@ from ..ui import UI
 from .http_server import ArtifactServer
 from .local_fleet import LocalFleet, host_prediction
 from .rollout import RolloutPolicy, rollout
+from .shadow import ShadowPolicy
 from .status import DeploymentStatus, DeviceStatus
 
 
@@ -55,13 +56,15 @@ def open_fleet(fleet: FleetConfig, external: BrokerConfig | None, target: Target
 
 def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: TargetProfile, artifact: Artifact,
                   workdir: Path, ui: UI, kind: str = "deploy", force: bool = False,
-                  serve_http: HttpConfig | None = None,
-                  host_measured_ms: float | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                  serve_http: HttpConfig | None = None, host_measured_ms: float | None = None,
+                  shadow: Artifact | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Deliver ``artifact`` to ``target``'s devices (canaries first), recording the deployment in the fleet store.
 
     ``external``: the user's broker (``fleet.broker``, paths resolved), else a local one is started; returns each
     device's result and what was used (broker, rollout). ``host_measured_ms``: this model's p50 measured on this
-    host (the profile stage's), which emulated agents are judged against; else this host's prediction."""
+    host (the profile stage's), which emulated agents are judged against; else this host's prediction.
+    ``shadow``: ``artifact``'s shadow job (:func:`pipeline.bundle.shadow_artifact`): with ``fleet.rollout.shadow``,
+    the rollout starts with a shadow stage (pipeline.ota.shadow); without it, none."""
     r = fleet.rollout
     judge_latency = r.abort_on_latency and not force
     on_host = host_prediction(artifact)  # analysed once: the rollout's fallback and the fleet store's record
@@ -70,7 +73,10 @@ def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: Tar
     policy = RolloutPolicy(r.canary_fraction, r.canary_min, r.max_failure_fraction,
                            target.budgets.latency_ms if judge_latency else None,
                            host_latency_ms=(host_measured_ms or host_predicted_ms) if judge_latency else None,
-                           host_basis="measured" if host_measured_ms else "predicted")
+                           host_basis="measured" if host_measured_ms else "predicted",
+                           shadow=ShadowPolicy(**r.shadow.model_dump()) if r.shadow and shadow else None)
+    if r.shadow is not None and shadow is None:
+        ui.info(f"rollout.shadow: no shadow stage for this {kind} (no shadow job was signed for it)")
     predicted = predictions(target.name, artifact.manifest.predicted, on_host)
     db = workdir / "fleet.db"
     with contextlib.ExitStack() as stack:
@@ -93,11 +99,12 @@ def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: Tar
             ui.info(f"{d.device_id}: {state}")
             updates.put(d.device_id, state)  # live in `pipeline dashboard`
 
-        with ui.stage(f"Deliver v{artifact.version} over MQTT to {len(devices)} device(s), canaries first"):
+        first = "a shadow stage, then canaries" if policy.shadow is not None else "canaries first"
+        with ui.stage(f"Deliver v{artifact.version} over MQTT to {len(devices)} device(s), {first}"):
             try:
                 with updates:  # every queued state is written before the deployment's record ends
                     result = rollout(broker, fleet.topic_prefix, artifact, devices, fleet.timeout_s, policy,
-                                     progress=progress, note=ui.info)
+                                     progress=progress, note=ui.info, shadow=shadow)
             except BaseException as exc:  # the deployment's record ends, whatever stopped it
                 try:
                     store.finish(dep, status="failed", reason=f"{type(exc).__name__}: {exc}", results=[])
