@@ -166,3 +166,72 @@ def test_the_dashboard_shows_a_live_fleet_as_the_store_has_it(mosquitto, key_dir
             dash.wait(15)
         except subprocess.TimeoutExpired:
             dash.kill()
+
+
+def test_the_quality_panel_draws_what_a_device_reported(mosquitto, chromium, tmp_path):
+    """Drift scores from a real DriftMonitor fed shifted arrays, live accuracy and a shadow comparison, encoded as an
+    agent encodes its metrics, published on a real Mosquitto, ingested beside the dashboard and drawn by Chromium:
+    the quality panel's cells are what /api/quality says, and the drift event is among the events, live."""
+    from fleet_probe import until, wait_subscribed
+
+    from device_agent.drift import DriftMonitor, Reference
+    from device_agent.mqtt import MqttLink
+    from device_agent.protocol import Leaf, Metrics, Status, encode, topic
+    from device_agent.quality import LiveAccuracy, ShadowStats
+    from device_agent.serving import BUCKETS_MS
+    from pipeline.dashboard import Dashboard
+    from pipeline.fleet.ingest import Ingester
+
+    device = "cam-1"
+    reference = Reference(1000, 1, (0.0,), (1.0,), "probabilities", (0.5, 0.5), (0.1,) * 10)
+    monitor = DriftMonitor(reference, window=400)
+    for _ in range(300):  # every input three reference std above the mean, every answer class 0 at 0.9
+        assert monitor.observe(np.full((1, 1, 4), 3.0, np.float32), np.array([[0.9, 0.1]], np.float32))
+    accuracy = LiveAccuracy()
+    for i, label in enumerate((0, 0, 1)):
+        accuracy.answered(f"r{i}", 3, 0)
+        accuracy.feedback(f"r{i}", label)
+    hist = [0] * (len(BUCKETS_MS) + 1)
+    shadow = ShadowStats(4, 3, 0.2, offered=10, compared=10, agree=9, sum_distance=0.5, max_distance=0.2,
+                         active_ms=[*hist[:2], 10, *hist[3:]], candidate_ms=[*hist[:4], 10, *hist[5:]])
+    db = tmp_path / "fleet.db"
+    ingester = Ingester(mosquitto.config, db, flush_s=0.05)
+    with Dashboard(db, port=0, ingester=ingester) as dash:
+        page = chromium.new_page(viewport={"width": 1400, "height": 1300})
+        page.goto(dash.url)
+        page.wait_for_selector("[data-testid=live]:text('live')", timeout=15_000)
+        pub = MqttLink(mosquitto.config, "devices", lambda t, p: None).start()
+        try:
+            wait_subscribed(pub, lambda: ingester.received > 0)
+            for leaf, payload in (
+                    (Leaf.STATUS, encode(Status(device, "idle", "rpi4", active_version=3, boot=1, seq=1))),
+                    (Leaf.METRICS, encode(Metrics(device, 3, 3.0, 4.0, 80.0, 10, True, boot=1, seq=2,
+                                                  drift={"version": 3, **monitor.scores().to_dict()},
+                                                  accuracy=accuracy.snapshot(), shadow=shadow.to_dict())))):
+                pub.publish(topic("edgefleet", device, leaf), payload, qos=1).wait_for_publish(5)
+            until(lambda: ingester.drift_events == 1, 30, "the drift event recorded")
+        finally:
+            pub.stop()
+        row = f"{device}-3"
+        page.wait_for_selector(f"[data-testid=quality-state-{row}][data-value='drifting']", timeout=20_000)
+        quality = json.loads(urllib.request.urlopen(dash.url + "api/quality", timeout=10).read())
+        [d] = quality["devices"]
+        [v] = d["versions"]
+        drift, acc = v["drift"], v["accuracy"]
+        assert (drift["samples"], drift["max_mean_shift"], acc["labelled"], acc["correct"]) == (300, 3.0, 3, 2)
+        for key, value, text in (("psi-outputs", drift["psi_outputs"], f"{drift['psi_outputs']:.3f}"),
+                                 ("psi-confidence", drift["psi_confidence"], f"{drift['psi_confidence']:.3f}"),
+                                 ("mean-shift", drift["max_mean_shift"], "3.000"), ("samples", 300, "300"),
+                                 ("accuracy", acc["accuracy"], "67%"), ("labelled", 3, "3")):
+            cell = page.locator(f"[data-testid=quality-{key}-{row}]")
+            assert float(cell.get_attribute("data-value")) == pytest.approx(value, rel=1e-12), key
+            assert cell.inner_text() == text, (key, cell.inner_text())
+        assert page.locator(f"[data-testid=quality-state-{row}]").inner_text() == "drifting"
+        agreement = page.locator(f"[data-testid=shadow-agreement-{device}-4]")
+        assert (float(agreement.get_attribute("data-value")), agreement.inner_text()) == (0.9, "90%")
+        [s] = d["shadow"]
+        assert page.locator(f"[data-testid=shadow-candidate-p50-{device}-4]").inner_text() == \
+            f"{s['candidate_p50_ms']:.2f}" == "2.50"
+        page.wait_for_selector("[data-testid=events] :text('drift_detected')", timeout=15_000)
+        OUTPUT.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(OUTPUT / "dashboard-quality.png"), full_page=True)

@@ -14,7 +14,9 @@ from fleet_probe import until, wait_subscribed
 
 from device_agent.mqtt import MqttLink
 from device_agent.protocol import Leaf, Metrics, Status, encode, topic
-from device_agent.serving import TrafficStats
+from device_agent.drift import DriftScores
+from device_agent.quality import LiveAccuracy, ShadowStats
+from device_agent.serving import BUCKETS_MS, TrafficStats
 from pipeline.dashboard import Dashboard
 from pipeline.fleet import FleetStore
 from pipeline.fleet.ingest import Ingester
@@ -40,13 +42,25 @@ def test_metrics_pass_promtool_check(mosquitto, tmp_path):
             for ms in (0.2, 3.0, 3.0, 7000.0):
                 traffic.observe(3, ms)
             traffic.error(3, "deadline")
+            # how good the model is on that traffic: drift scores, live accuracy, a candidate shadowed beside it
+            drift = DriftScores(500, 500, 500, 0, psi_outputs=0.4, psi_confidence=0.05, mean_shift=(0.1, 0.3),
+                                max_mean_shift=0.3)
+            accuracy = LiveAccuracy()
+            for i, label in enumerate((1, 1, 0)):
+                accuracy.answered(f"r{i}", 3, 1)
+                accuracy.feedback(f"r{i}", label)
+            shadow = ShadowStats(4, 3, 0.1, offered=12, compared=10, dropped=2, agree=9, sum_distance=1.0,
+                                 max_distance=0.5, active_ms=[0] * 3 + [10] + [0] * (len(BUCKETS_MS) - 3),
+                                 candidate_ms=[0] * 5 + [10] + [0] * (len(BUCKETS_MS) - 5))
             for device in ("dev-1", "dev-2"):
                 messages = [(Leaf.ONLINE, b"online"),
                             (Leaf.STATUS, encode(Status(device, "downloading", "rpi4", active_version=3, job_id="j4",
                                                         version=4, progress=0.5, boot=1, seq=1))),
                             (Leaf.METRICS, encode(Metrics(device, 3, 3.0, 4.0, 80.0, 10, True, 4.5, 250.0, 2, 35.0,
                                                           51.5, 1.9, "predicted", "a", 60.0, ts=now, boot=1,
-                                                          seq=2, traffic=traffic.snapshot())))]
+                                                          seq=2, traffic=traffic.snapshot(),
+                                                          drift={"version": 3, **drift.to_dict()},
+                                                          accuracy=accuracy.snapshot(), shadow=shadow.to_dict())))]
                 for leaf, payload in messages:
                     pub.publish(topic("edgefleet", device, leaf), payload, qos=1).wait_for_publish(5)
             pub.publish("edgefleet/v1/dev-1/metrics", b"[" * 100_000, qos=1).wait_for_publish(5)
@@ -67,6 +81,14 @@ def test_metrics_pass_promtool_check(mosquitto, tmp_path):
     assert 'edgefleet_inference_request_duration_seconds_count{device="dev-2",target="rpi4"} 4.0' in text
     assert 'edgefleet_inference_requests_total{device="dev-2",target="rpi4"} 5.0' in text
     assert 'edgefleet_inference_errors_total{device="dev-2",kind="deadline",target="rpi4"} 1.0' in text
+    assert 'edgefleet_drift_psi{device="dev-2",score="outputs",target="rpi4",version="3"} 0.4' in text
+    assert 'edgefleet_drift_mean_shift_max{device="dev-2",target="rpi4",version="3"} 0.3' in text
+    assert 'edgefleet_drift_drifting{device="dev-2",target="rpi4",version="3"} 1.0' in text
+    assert 'edgefleet_live_labelled_total{device="dev-2",version="3"} 3.0' in text
+    assert 'edgefleet_live_correct_total{device="dev-2",version="3"} 2.0' in text
+    assert 'edgefleet_shadow_compared_total{candidate="4",device="dev-2"} 10.0' in text
+    assert 'edgefleet_shadow_agree_total{candidate="4",device="dev-2"} 9.0' in text
+    assert 'edgefleet_ingest_quality_skipped_total{reason="drift"} 0.0' in text
     checked = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, timeout=60)
     assert checked.returncode == 0 and not checked.stdout.strip() and not checked.stderr.strip(), \
         (checked.stdout + checked.stderr).decode()
