@@ -6,9 +6,9 @@ prefix, base units in the name (seconds, bytes, joules, celsius, ratio). Labels 
 ``device``, ``target``, ``percentile``, ``budget``, ``status``, ``source``, ``reason``, ``kind``; nothing per
 request or per message, per model version only where the figure is the version's own (quality, below), and only
 device ids and target names that follow the protocol's id rule become label values. Each device's figures are its
-latest report; Prometheus keeps the history (the store keeps it too, for the built-in dashboard). The benchmark's latency percentiles are the device's own (its timing
-of the manifest's golden vectors), hence a gauge with a ``percentile`` label, not a summary: there is no sum or
-count to go with them.
+latest report; Prometheus keeps the history (the store keeps it too, for the built-in dashboard). The benchmark's
+latency percentiles are the device's own (its timing of the manifest's golden vectors), hence a gauge with a
+``percentile`` label, not a summary: there is no sum or count to go with them.
 
 Real traffic through the devices' inference API (``pipeline.fleet.traffic``) is a histogram,
 ``edgefleet_inference_request_duration_seconds{device, target}`` over the agent's fixed buckets
