@@ -302,7 +302,8 @@ class DriftScores:
             raise ProtocolError(f"{where}.mean_shift: expected a list of 1 to {MAX_CHANNELS} scores")
         return cls(**counts, psi_outputs=score("psi_outputs", obj.get("psi_outputs")),
                    psi_confidence=score("psi_confidence", obj.get("psi_confidence")),
-                   mean_shift=None if shift is None else tuple(score("mean_shift", v) or 0.0 for v in shift),
+                   mean_shift=None if shift is None else tuple(_required(score("mean_shift", v), where)
+                                                                for v in shift),
                    max_mean_shift=score("max_mean_shift", obj.get("max_mean_shift")))
 
     def to_dict(self) -> dict[str, Any]:
@@ -312,6 +313,12 @@ class DriftScores:
                 "psi_outputs": r(self.psi_outputs), "psi_confidence": r(self.psi_confidence),
                 "mean_shift": None if self.mean_shift is None else [r(v) for v in self.mean_shift],
                 "max_mean_shift": r(self.max_mean_shift)}
+
+
+def _required(v: float | None, where: str) -> float:
+    if v is None:
+        raise ProtocolError(f"{where}.mean_shift: a channel without a score")
+    return v
 
 
 class DriftMonitor:

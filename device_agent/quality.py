@@ -23,6 +23,7 @@ The host's parsers (``*.from_dict``) are total: any value gives the object or Pr
 from __future__ import annotations
 
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -31,6 +32,12 @@ from typing import Any
 
 from .errors import ProtocolError
 from .protocol import short
+
+#: latency histogram bucket bounds, ms (fixed, so histograms from any device add up on the host); +Inf is implied.
+#: The inference API's traffic (device_agent.serving) and the shadow's comparisons count over them.
+BUCKETS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0)
+HISTOGRAM = len(BUCKETS_MS) + 1
+_VERSION_KEY = re.compile(r"[0-9]{1,19}")
 
 #: requests the agent remembers for feedback, and for how long
 MAX_PENDING, FEEDBACK_WINDOW_S = 10_000, 600.0
@@ -103,7 +110,7 @@ class LiveAccuracy:
                  clock=time.monotonic) -> None:
         self.max_pending, self.window_s, self._clock = max_pending, window_s, clock
         self._pending: OrderedDict[str, tuple[float, dict[int, int]]] = OrderedDict()  # id -> (t, {version: top1})
-        self._versions: dict[int, list[int]] = {}  # version -> [labelled, correct]
+        self._versions: OrderedDict[int, list[int]] = OrderedDict()  # version -> [labelled, correct], last used last
         self.unmatched = 0
         self._lock = threading.Lock()
 
@@ -141,11 +148,12 @@ class LiveAccuracy:
             out = {}
             for version, top1 in entry[1].items():
                 counts = self._versions.setdefault(version, [0, 0])
+                self._versions.move_to_end(version)
                 counts[0] += 1
                 counts[1] += int(top1 == label)
                 out[str(version)] = top1 == label
-            while len(self._versions) > MAX_VERSIONS:  # the oldest versions go first
-                del self._versions[min(self._versions)]
+            while len(self._versions) > MAX_VERSIONS:  # the version labelled longest ago goes first
+                self._versions.popitem(last=False)
             return out
 
     def _expire(self, now: float) -> None:
@@ -175,7 +183,7 @@ class LiveAccuracy:
             raise ProtocolError(f"{where}.versions: expected an object of at most {MAX_VERSIONS} versions")
         out: dict[int, dict[str, int]] = {}
         for key, counts in versions.items():
-            if not isinstance(key, str) or not key.isdigit() or len(key) > 19:
+            if not isinstance(key, str) or not _VERSION_KEY.fullmatch(key) or int(key) >= 2**63:
                 raise ProtocolError(f"{where}.versions: key {short(key, 30)} is not a version")
             counts = _keys(counts, ("labelled", "correct"), f"{where}.versions.{key}")
             labelled = _count(counts.get("labelled"), f"{where}.versions.{key}.labelled")
@@ -188,6 +196,11 @@ class LiveAccuracy:
 
 
 # --------------------------------------------------------------------------- shadow comparisons
+
+def _finite(v: float) -> float | None:
+    """Six significant digits, or None for what JSON cannot carry (the host would refuse the whole message)."""
+    return float(f"{v:.6g}") if math.isfinite(v) else None
+
 
 @dataclass
 class ShadowStats:
@@ -204,8 +217,8 @@ class ShadowStats:
     top1: bool = True  # the outputs are class scores: agreement is top-1; else distances only
     max_distance: float = 0.0
     sum_distance: float = 0.0
-    active_ms: list[int] = field(default_factory=list)
-    candidate_ms: list[int] = field(default_factory=list)
+    active_ms: list[int] = field(default_factory=lambda: [0] * HISTOGRAM)
+    candidate_ms: list[int] = field(default_factory=lambda: [0] * HISTOGRAM)
 
     KEYS = ("candidate", "active", "sample", "offered", "compared", "dropped", "errors", "agree", "top1",
             "max_distance", "mean_distance", "active_ms", "candidate_ms")
@@ -213,8 +226,8 @@ class ShadowStats:
     def to_dict(self) -> dict[str, Any]:
         return {"candidate": self.candidate, "active": self.active, "sample": self.sample, "offered": self.offered,
                 "compared": self.compared, "dropped": self.dropped, "errors": self.errors, "agree": self.agree,
-                "top1": self.top1, "max_distance": float(f"{self.max_distance:.6g}"),
-                "mean_distance": float(f"{self.sum_distance / self.compared:.6g}") if self.compared else None,
+                "top1": self.top1, "max_distance": _finite(self.max_distance) or 0.0,
+                "mean_distance": _finite(self.sum_distance / self.compared) if self.compared else None,
                 "active_ms": list(self.active_ms), "candidate_ms": list(self.candidate_ms)}
 
     @property
@@ -222,7 +235,7 @@ class ShadowStats:
         return self.agree / self.compared if self.compared and self.top1 else None
 
     @classmethod
-    def from_dict(cls, obj: Any, buckets: int, where: str = "metrics: shadow") -> "ShadowStats":
+    def from_dict(cls, obj: Any, buckets: int = HISTOGRAM, where: str = "metrics: shadow") -> "ShadowStats":
         """The host's parse; ``buckets``: the histogram length (len(BUCKETS_MS) + 1)."""
         obj = _keys(obj, cls.KEYS, where)
         active = obj.get("active")
@@ -241,6 +254,8 @@ class ShadowStats:
                 raise ProtocolError(f"{where}.{key}: expected {buckets} bucket counts")
             hists[key] = [_count(c, f"{where}.{key}") for c in h]
         mean = _number(obj.get("mean_distance"), f"{where}.mean_distance", optional=True)
+        if mean is not None and not math.isfinite(mean * counts["compared"]):
+            raise ProtocolError(f"{where}.mean_distance: {short(mean, 40)} over {counts['compared']} comparisons")
         return cls(candidate=_version(obj.get("candidate"), f"{where}.candidate"),
                    active=None if active is None else _version(active, f"{where}.active"),
                    sample=_number(obj.get("sample", 0.0), f"{where}.sample", 0.0, 1.0), top1=top1,

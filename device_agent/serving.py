@@ -41,13 +41,11 @@ from .drift import top1_classes
 from .feeds import NPY, RequestError, parse_feeds
 from .heap import release_free_memory
 from .npy import write_npy
-from .quality import LiveAccuracy
+from .quality import BUCKETS_MS, LiveAccuracy
 from .runtimes import Session
 
 log = logging.getLogger(__name__)
 
-#: latency histogram bucket bounds, ms (fixed, so histograms from any device add up on the host); +Inf is implied
-BUCKETS_MS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0)
 ERROR_KINDS = ("bad_request", "too_large", "overloaded", "deadline", "no_model", "runtime")
 
 

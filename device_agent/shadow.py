@@ -24,9 +24,8 @@ from typing import Any
 import numpy as np
 
 from .drift import top1_classes
-from .quality import LiveAccuracy, Shadow, ShadowStats
+from .quality import BUCKETS_MS, LiveAccuracy, Shadow, ShadowStats
 from .runtimes import Session
-from .serving import BUCKETS_MS
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +48,7 @@ class ShadowRunner:
     def __init__(self, session: Session, version: int, active: int | None, config: Shadow,
                  accuracy: LiveAccuracy | None = None, chance: Callable[[], float] = random.random) -> None:
         self.session, self.version, self.config = session, version, config
-        self.stats = ShadowStats(candidate=version, active=active, sample=config.sample,
-                                 active_ms=[0] * (len(BUCKETS_MS) + 1), candidate_ms=[0] * (len(BUCKETS_MS) + 1))
+        self.stats = ShadowStats(candidate=version, active=active, sample=config.sample)
         self.accuracy, self._chance = accuracy, chance
         self._queue: queue.Queue[tuple[str, dict, list, float] | None] = queue.Queue(QUEUE)
         self._lock = threading.Lock()

@@ -68,6 +68,28 @@ def test_what_the_agent_reports_parses_back_on_the_host():
         Shadow.from_dict({"sample": 0})
 
 
+def test_what_the_host_refuses_and_what_the_agent_never_sends():
+    for key in ("²", "١٢", "9" * 19, "-1", ""):  # digits of other scripts, past int64, signs
+        with pytest.raises(ProtocolError):
+            LiveAccuracy.from_dict({"versions": {key: {"labelled": 1, "correct": 1}}})
+    assert ShadowStats.from_dict(ShadowStats(candidate=1, active=None, sample=0.1).to_dict()).compared == 0
+    inf = ShadowStats(candidate=1, active=None, sample=0.1, compared=1, offered=1, max_distance=float("inf"),
+                      sum_distance=float("nan"))
+    assert json.loads(json.dumps(inf.to_dict(), allow_nan=False))["mean_distance"] is None
+    with pytest.raises(ProtocolError):
+        ShadowStats.from_dict({**inf.to_dict(), "compared": 2**52, "offered": 2**52, "mean_distance": 1e300})
+    with pytest.raises(ProtocolError):
+        DriftScores.from_dict({"window": 1, "requests": 1, "samples": 1, "skipped": 0, "mean_shift": [None]})
+
+
+def test_live_accuracy_keeps_the_versions_labelled_last():
+    acc = LiveAccuracy()
+    for v in [*range(10, 20), 3]:  # ten newer versions, then a rollback to version 3
+        acc.answered(f"r{v}", v, 0)
+        acc.feedback(f"r{v}", 0)
+    assert set(acc.snapshot()["versions"]) == {"3", *map(str, range(13, 20))}
+
+
 def test_pending_answers_are_bounded_and_expire():
     now = [0.0]
     acc = LiveAccuracy(max_pending=100, window_s=10, clock=lambda: now[0])
