@@ -201,6 +201,15 @@ def record(db: sqlite3.Connection, device: str, boot: int | None, seq: int | Non
     return recorded
 
 
+def forget(db: sqlite3.Connection, before: float) -> dict[str, int]:
+    """Retention, inside the caller's transaction: quality rows no report has updated since ``before`` (the
+    rollups' window) go, as traffic's do; a device's current figures are always newer than that."""
+    dropped = 0
+    for table in ("quality_drift", "quality_accuracy", "quality_accuracy_boots", "quality_shadow"):
+        dropped += int(db.execute(f"DELETE FROM {table} WHERE ts < ?", (before,)).rowcount)
+    return {"quality_rows_dropped": dropped}
+
+
 def state(scores: DriftScores, above: list[dict[str, Any]], thresholds: Thresholds) -> State:
     if scores.samples < thresholds.min_samples:
         return State.COLLECTING

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from ..errors import ConfigError
-from . import traffic
+from . import quality, traffic
 from .store import FleetStore
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
@@ -85,5 +85,6 @@ def apply_retention(store: FleetStore, policy: RetentionPolicy, now: float | Non
         events = db.execute("DELETE FROM events WHERE ts < ?", (oldest,)).rowcount
         after = db.execute("SELECT count(*) FROM metrics_rollup").fetchone()[0]
         folded = traffic.fold(db, cut, oldest)
+        forgotten = quality.forget(db, oldest)
     return {"raw_rolled_up": int(raw), "buckets_added": int(after - before + dropped),
-            "rollups_dropped": int(dropped), "events_dropped": int(events), **folded}
+            "rollups_dropped": int(dropped), "events_dropped": int(events), **folded, **forgotten}

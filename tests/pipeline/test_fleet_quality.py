@@ -532,3 +532,20 @@ def test_in_any_order_a_comparison_is_what_each_boot_counted_last(bench, life, s
     [s] = bench.device(device)["shadow"]
     assert {k: s[k] for k in Comparison.COUNTERS} == {k: expected[k] for k in Comparison.COUNTERS}
     assert s["candidate_ms"] == [sum(x) for x in zip(*(snaps[-1]["candidate_ms"] for snaps in life))]
+
+
+def test_retention_drops_quality_rows_no_report_updated_within_the_rollups_window(fleet, reference):
+    import time
+
+    from pipeline.fleet.retention import RetentionPolicy, apply_retention
+
+    fleet.send("d1", metrics("d1", 1, 1, drift=watched(reference), accuracy=labelled([(3, 0, 0)]).snapshot(),
+                             shadow=shadow().to_dict()))
+    count = lambda: sum(fleet.store.db.execute(f"SELECT count(*) FROM {t}").fetchone()[0]  # noqa: E731
+                        for t in ("quality_drift", "quality_accuracy", "quality_accuracy_boots", "quality_shadow"))
+    assert count() == 4
+    policy = RetentionPolicy(raw_s=86400, bucket_s=300, rollup_s=30 * 86400)
+    assert apply_retention(fleet.store, policy, now=time.time() + 86400)["quality_rows_dropped"] == 0
+    assert count() == 4
+    assert apply_retention(fleet.store, policy, now=time.time() + 31 * 86400)["quality_rows_dropped"] == 4
+    assert count() == 0 and quality_summary(fleet.store)["devices"] == []
