@@ -51,6 +51,7 @@ sys.exit(code)
 COMMANDS = {
     "help": ["--help"],
     "fleet-status": ["fleet", "status", "--json", "--config", "{cfg}"],
+    "fleet-drift": ["fleet", "drift", "--json", "--config", "{cfg}"],
     "dashboard-help": ["dashboard", "--help"],
     "devices": ["devices", "--offline", "--json", "--config", "{cfg}"],
     "history": ["history", "--json", "--config", "{cfg}"],
