@@ -174,3 +174,68 @@ def test_a_candidate_that_disagrees_is_dropped_before_any_device_switches(mosqui
     assert json.loads(dep["rollout"])["shadow"]["devices"] == shadow["devices"]
     assert sorted((r["phase"], r["status"], r["active_version"]) for r in rows) == [
         ("shadow", "shadow_dropped", 10)] * 2
+
+
+def test_a_first_deployment_has_nothing_to_shadow_against_and_goes_on(mosquitto, key_dir, tiny_onnx, tmp_path):
+    from pipeline.ota.rollout import RolloutPolicy, rollout
+    from pipeline.ota.shadow import ShadowPolicy
+
+    policy = RolloutPolicy(shadow=ShadowPolicy(**SHADOW))
+    with LocalFleet(tmp_path / "dev", mosquitto.config, "rpi4", 1, key_dir / "signing.pub", PREFIX) as fleet:
+        art = make_artifact(tiny_onnx, tmp_path / "a", key_dir, version=20)
+        result = rollout(mosquitto.config, PREFIX, art, fleet.device_ids, 60, policy,
+                         shadow=shadow_artifact(art, policy.shadow.leaf(), key_dir))
+        assert result.shadow.promoted and not result.aborted, result.reason
+        [d] = result.shadow.to_dict()["devices"]
+        assert (d["verdict"], d["reason"]) == ("skipped", "runs no model: nothing to compare the candidate with")
+        assert [(r.status, r.active_version) for r in result.results] == [(DeviceStatus.ACTIVATED, 20)]
+
+
+def test_a_device_without_enough_samples_at_the_timeout_aborts_and_says_how_many(mosquitto, key_dir, tiny_onnx,
+                                                                                 tmp_path):
+    from pipeline.ota.rollout import RolloutPolicy, rollout
+    from pipeline.ota.shadow import ShadowPolicy
+
+    policy = RolloutPolicy(shadow=ShadowPolicy(**{**SHADOW, "timeout_s": 2.0}))
+    with LocalFleet(tmp_path / "dev", mosquitto.config, "rpi4", 1, key_dir / "signing.pub", PREFIX) as fleet:
+        [device] = fleet.device_ids
+        assert deliver(mosquitto.config, PREFIX, make_artifact(tiny_onnx, tmp_path / "a", key_dir, version=30),
+                       [device], 60)[0].status == DeviceStatus.ACTIVATED
+        art = make_artifact(tiny_onnx, tmp_path / "b", key_dir, version=31)
+        # no application calls it: nothing is shadowed
+        result = rollout(mosquitto.config, PREFIX, art, [device], 60, policy,
+                         shadow=shadow_artifact(art, policy.shadow.leaf(), key_dir))
+        assert result.aborted and result.reason == (
+            f"shadow stage: not enough evidence: {device}: 0 of 40 requests compared (0 offered, 0 dropped, 0 failed) "
+            "in 2 s"), result.reason
+        [r] = result.results
+        assert (r.status, r.active_version) == (ShadowStatus.DROPPED, 30)
+        assert serves(fleet) == {device: 30}
+
+
+def test_a_device_that_goes_offline_while_shadowing_aborts_the_stage(mosquitto, key_dir, tiny_onnx, tmp_path):
+    from pipeline.ota.rollout import RolloutPolicy, rollout
+    from pipeline.ota.shadow import ShadowPolicy
+
+    policy = RolloutPolicy(shadow=ShadowPolicy(**SHADOW))  # 30 s for the samples: the stage ends long before
+    with LocalFleet(tmp_path / "dev", mosquitto.config, "rpi4", 2, key_dir / "signing.pub", PREFIX) as fleet:
+        first, gone = fleet.device_ids
+        assert {r.status for r in deliver(mosquitto.config, PREFIX, make_artifact(tiny_onnx, tmp_path / "a", key_dir,
+                                                                                 version=40), fleet.device_ids, 60)} \
+            == {DeviceStatus.ACTIVATED}
+
+        def progress(state, r):  # the device stops as soon as it shadows (its agent says offline as it goes)
+            if r.device_id == gone and state == "shadowing":
+                fleet.procs[gone].terminate()
+
+        art = make_artifact(tiny_onnx, tmp_path / "b", key_dir, version=41)
+        result = rollout(mosquitto.config, PREFIX, art, fleet.device_ids, 10, policy, progress=progress,
+                         shadow=shadow_artifact(art, policy.shadow.leaf(), key_dir))
+        assert result.aborted and f"{gone}: went offline with 0 of 40 requests compared" in result.reason
+        assert f"{first}: not judged: the stage ended on {gone}" in result.reason, result.reason
+        assert result.shadow.timings["samples"] < 10
+        by_id = {r.device_id: r for r in result.results}
+        assert (by_id[first].status, by_id[first].active_version) == (ShadowStatus.DROPPED, 40)
+        assert by_id[gone].status is DeviceStatus.NO_ANSWER and "offline" in by_id[gone].reason
+        with Client(str(fleet.socket_path(first))) as c:
+            assert c.model()["version"] == 40

@@ -367,8 +367,8 @@ def _collect(broker: BrokerConfig, prefix: str, collector: _Collector, policy: S
     subs = [(topic(prefix, d, leaf), 1) for d in collector.records for leaf in leaves]
     deadline = time.monotonic() + policy.timeout_s
     report = encode({"command": "report", "id": command_id("report")})
-    # live messages only: a retained status or online flag is what the delivery already read
-    with Watch(broker, prefix, subs, collector.handle, name="host-shadow", fresh_only=True) as watch:
+    # retained messages too: a device that went offline (or left shadowing) since its delivery ended says so there
+    with Watch(broker, prefix, subs, collector.handle, name="host-shadow") as watch:
         while True:
             for d in collector.waiting():  # the agent sends its counters with the metrics it sends when asked
                 watch.publish(topic(prefix, d, Leaf.CMD), report, qos=1)
@@ -381,11 +381,14 @@ def _collect(broker: BrokerConfig, prefix: str, collector: _Collector, policy: S
 def _drop(broker: BrokerConfig, prefix: str, result: ShadowResult, shadowing: list[str], timeout_s: float,
           progress: Callable[[str, DeviceResult], None] | None, note: Callable[[str], None]) -> None:
     """``drop_shadow`` to each shadowing device, and what each one answered, in its delivery result; every chosen
-    device's retained job cleared, so that none starts the candidate later with nobody deciding."""
+    device's retained job cleared, so that none starts the candidate later with nobody deciding. A device that went
+    offline is sent the command too (its session keeps it until it is back), but not waited for."""
     by_id = {r.device_id: r for r in result.delivered}
-    if shadowing:
-        note(f"asking {', '.join(shadowing)} to drop v{result.candidate}")
-        for a in command(broker, prefix, shadowing, "drop_shadow", DROP_ANSWERS, timeout_s):
+    offline = {d.device_id for d in result.devices if not d.online}
+    online = [d for d in shadowing if d not in offline]
+    if online:
+        note(f"asking {', '.join(online)} to drop v{result.candidate}")
+        for a in command(broker, prefix, online, "drop_shadow", DROP_ANSWERS, timeout_s):
             r = by_id[a.device_id]
             r.status, r.reason = a.status, f"shadow stage: {result.reason}; {a.message or a.status.value}"
             if a.active_version is not None:
@@ -396,9 +399,20 @@ def _drop(broker: BrokerConfig, prefix: str, result: ShadowResult, shadowing: li
             note(f"{r.device_id}: {a.status.value} (active v{r.active_version})")
             if progress is not None:
                 progress(a.status.value, r)
+    for d in (d for d in shadowing if d in offline):
+        r = by_id[d]
+        r.status = DeviceStatus.NO_ANSWER
+        r.reason = (f"shadow stage: {result.reason}; offline: the drop_shadow command waits for it at the broker, "
+                    "what it runs is unknown")
+        if progress is not None:
+            progress(r.status.value, r)
     for r in result.delivered:
-        if r.status is not ShadowStatus.DROPPED and r.status is not DeviceStatus.NO_ANSWER:
+        if r.device_id not in shadowing:
             r.reason = f"shadow stage: {result.reason}; {r.status.value}: {r.reason or 'no reason given'}"
     with Watch(broker, prefix, [], lambda name, payload: None, name="host-shadow-clear") as watch:
+        for d in shadowing:
+            if d in offline:
+                watch.publish(topic(prefix, d, Leaf.CMD), encode({"command": "drop_shadow",
+                                                                 "id": command_id("drop_shadow")}), qos=1)
         for r in result.delivered:
             watch.publish(topic(prefix, r.device_id, Leaf.JOB), b"", qos=1, retain=True)
