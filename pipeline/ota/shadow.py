@@ -30,8 +30,7 @@ from typing import Any
 from device_agent.config import BrokerConfig
 from device_agent.errors import ProtocolError
 from device_agent.protocol import Event, Leaf, Metrics, State, Status, encode, parse_topic, topic
-from device_agent.quality import Shadow, ShadowStats
-from device_agent.serving import BUCKETS_MS
+from device_agent.quality import BUCKETS_MS, HISTOGRAM, Shadow, ShadowStats
 
 from ..bundle import Artifact
 from .commands import command, command_id
@@ -268,7 +267,7 @@ class _Collector:
     def _metrics(self, r: DeviceShadow, m: Metrics) -> None:
         if m.shadow is None:
             return
-        stats = ShadowStats.from_dict(m.shadow, len(BUCKETS_MS) + 1)
+        stats = ShadowStats.from_dict(m.shadow, HISTOGRAM)
         if stats.candidate != self.version:
             return
         r.stats, r.emulated = stats, m.emulated

@@ -12,15 +12,14 @@ import pytest
 
 from conftest import make_artifact
 from device_agent.manifest import Manifest, keyid, load_public_key, verify_envelope
-from device_agent.quality import Shadow, ShadowStats
-from device_agent.serving import BUCKETS_MS
+from device_agent.quality import BUCKETS_MS, HISTOGRAM, Shadow, ShadowStats
 from pipeline.bundle import shadow_artifact
 from pipeline.errors import ExportError
 from pipeline.ota.rollout import RolloutPolicy, RolloutResult, latency_over
 from pipeline.ota.shadow import (DeviceShadow, ShadowPolicy, ShadowResult, Verdict, decide, histogram_quantile,
                                  judge_device)
 
-N = len(BUCKETS_MS) + 1
+N = HISTOGRAM
 
 
 def hist(ms: float, n: int) -> list[int]:
