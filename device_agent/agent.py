@@ -624,8 +624,9 @@ class Agent(CalibrationControl, ShadowControl):
                                 f"match the manifest's {m.sha256[:16]}… ({m.length} bytes)",
                                 ResultCode.INTEGRITY_FAILURE)
         decoded = tr.download.dir / "model.decoded"
+        active = self.store.active()  # what a delta is applied against (device_agent.delta)
         try:
-            decode_payload(tr.download.path, decoded, m)
+            decode_payload(tr.download.path, decoded, m, base=active.path if active is not None else None)
         except VerificationError as exc:
             tr.download.discard()
             return self._refuse(tr.job_id, m.version, str(exc), exc.result_code)

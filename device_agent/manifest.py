@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .delta import Delta, apply_delta
 from .drift import Reference
 from .ed25519 import PublicKey
 from .errors import ProtocolError, VerificationError
@@ -27,7 +28,8 @@ from .quality import Shadow
 from .protocol import ResultCode, short
 
 MANIFEST_TYPE = "edgefleet.manifest"
-ENCODINGS = ("identity", "zlib")
+#: "delta": the payload is a patch against the model the device runs (the manifest's delta leaf, .delta)
+ENCODINGS = ("identity", "zlib", "delta")
 #: what an artifact is: a model to install in a slot and serve, or a calibration suite to time and report
 #: (device_agent.calibration), never installed; absent means "model" (manifests before kinds existed)
 KINDS = ("model", "calibration")
@@ -154,7 +156,7 @@ class Manifest:
     health: dict[str, Any]
     budgets: dict[str, Any]
     predicted: dict[str, Any]
-    encoding: str = "identity"  # or "zlib": the payload is the model file deflated
+    encoding: str = "identity"  # or "zlib": the payload is the model file deflated; "delta": a patch (``delta``)
     raw_length: int = 0  # of the model file once decoded
     raw_sha256: str = ""
     url: str | None = None  # optional HTTP(S) source of the payload, fetched with Range requests
@@ -163,6 +165,7 @@ class Manifest:
     kind: str = "model"  # one of KINDS
     reference: Reference | None = None  # the drift reference statistics of the model's data (device_agent.drift)
     shadow: Shadow | None = None  # a candidate to shadow beside the active model, not to activate (.quality)
+    delta: Delta | None = None  # the payload is a patch against this base model (device_agent.delta)
 
     @classmethod
     def from_signed(cls, signed: Any) -> "Manifest":
@@ -197,6 +200,7 @@ class Manifest:
             reference=None if signed.get("reference") is None
             else Reference.from_dict(signed["reference"], "manifest: reference"),
             shadow=None if signed.get("shadow") is None else Shadow.from_dict(signed["shadow"]),
+            delta=None if signed.get("delta") is None else Delta.from_dict(signed["delta"]),
         )
         if m.expires is not None:
             _timestamp(m.expires, "expires")
@@ -215,6 +219,12 @@ class Manifest:
             raise ProtocolError(f"manifest: kind {short(m.kind)} unknown; this agent reads {list(KINDS)}")
         if m.shadow is not None and m.kind != "model":
             raise ProtocolError(f"manifest: a {m.kind} is not a model to shadow")
+        if (m.encoding == "delta") != (m.delta is not None):
+            raise ProtocolError(f"manifest: encoding {m.encoding!r} with{'out' if m.delta is None else ''} a delta "
+                                "leaf; a patch is encoding 'delta' with its delta leaf, and only that")
+        if m.delta is not None and (m.kind != "model" or m.delta.base_version >= m.version):
+            raise ProtocolError(f"manifest: a delta of a {m.kind} v{m.version} against v{m.delta.base_version}; "
+                                "a delta rebuilds a model from an older version")
         return m
 
     def to_signed(self) -> dict[str, Any]:
@@ -242,6 +252,8 @@ class Manifest:
             body["reference"] = self.reference.to_dict()
         if self.shadow is not None:
             body["shadow"] = self.shadow.to_dict()
+        if self.delta is not None:  # absent for a full artifact, as shadow
+            body["delta"] = self.delta.to_dict()
         return json.loads(json.dumps(body))  # plain JSON values: exactly what a receiver parses and re-serialises
 
     def check_expiry(self, at: dt.datetime | None = None) -> None:
@@ -339,9 +351,12 @@ def _timestamp(text: str, what: str) -> dt.datetime:
     return at if at.tzinfo is not None else at.replace(tzinfo=dt.timezone.utc)
 
 
-def decode_payload(src: Path, dst: Path, manifest: Manifest, block: int = 1 << 16) -> None:
+def decode_payload(src: Path, dst: Path, manifest: Manifest, block: int = 1 << 16, base: Path | None = None) -> None:
     """Decode a verified payload into the model file, streaming (bounded memory), refusing anything that
-    decodes to more than ``raw_length`` bytes (a decompression bomb) or to the wrong hash."""
+    decodes to more than ``raw_length`` bytes (a decompression bomb) or to the wrong hash. A delta is applied
+    against ``base``, the model the device runs (device_agent.delta: a DeltaError, a VerificationError, refuses it)."""
+    if manifest.delta is not None:
+        return apply_delta(src, base, dst, manifest.delta, manifest.raw_length, manifest.raw_sha256)
     if manifest.encoding == "identity":
         src.replace(dst)
         return
