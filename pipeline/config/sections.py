@@ -160,6 +160,17 @@ class DriftConfig(Strict):
                               "of any input channel")
     min_samples: int = Field(200, ge=1, le=1_000_000, description="samples in the window before any event")
 
+    @model_validator(mode="after")
+    def _window_holds_min_samples(self) -> "DriftConfig":
+        # a device's window slides by one eighth (device_agent.drift.SLOTS): it holds 7/8 of it at the least
+        from device_agent.drift import SLOTS
+
+        if self.min_samples > self.window * (SLOTS - 1) // SLOTS:
+            raise ValueError(f"min_samples {self.min_samples} can never be reached: a window of {self.window} "
+                             f"requests holds {self.window * (SLOTS - 1) // SLOTS} at the least as it slides; "
+                             f"make window at least {-(-self.min_samples * SLOTS // (SLOTS - 1))}")
+        return self
+
     def thresholds(self):
         """The thresholds as both ends read them (device_agent.drift.Thresholds)."""
         from device_agent.drift import Thresholds
