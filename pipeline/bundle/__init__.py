@@ -106,15 +106,21 @@ def build_artifact(
         labels=tuple(labels) if labels is not None else None, kind=kind, reference=reference,
     )
     envelope, checked = _sign(manifest, key, out.name)
+    return write_artifact(out, data, envelope, checked, key_dir)
+
+
+def write_artifact(out: Path, data: bytes, envelope: dict[str, Any], manifest: Manifest, key_dir: Path) -> Artifact:
+    """The artifact directory ``out``: the payload ``data``, the signed ``envelope`` of ``manifest``, the public key.
+    Also how a delta against an earlier model is stored (pipeline.bundle.delta)."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    atomic_write_bytes(tmp / payload_name(model_path.name, encoding), data)
+    atomic_write_bytes(tmp / payload_name(manifest.filename, manifest.encoding), data)
     atomic_write_json(tmp / "manifest.json", envelope)
     shutil.copy(public_key_path(key_dir), tmp / "signing.pub")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a reader sees the whole artifact or none of it
-    return Artifact(out, out / payload_name(model_path.name, encoding), envelope, checked)
+    return Artifact(out, out / payload_name(manifest.filename, manifest.encoding), envelope, manifest)
 
 
 def shadow_artifact(artifact: Artifact, shadow: Shadow, key_dir: Path) -> Artifact:
@@ -141,7 +147,7 @@ def _sign(manifest: Manifest, key: Any, what: str) -> tuple[dict[str, Any], Mani
 
 
 def payload_name(filename: str, encoding: str) -> str:
-    return filename + (".z" if encoding == "zlib" else "")
+    return filename + {"zlib": ".z", "delta": ".delta"}.get(encoding, "")
 
 
 def encode_payload(raw: bytes, min_gain: float = 0.1) -> tuple[bytes, str]:
