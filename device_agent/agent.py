@@ -643,12 +643,12 @@ class Agent(CalibrationControl, ShadowControl):
 
     def _test_and_activate(self, job_id: str, slot: str, path: Path, m: Manifest) -> None:
         """Load and health-check the model installed in ``slot``; activate it, or shadow it when its manifest
-        says so (a candidate shadowed is loaded on one thread: it runs beside the model that serves)."""
+        says so (health-checked and timed as the active model is, then loaded on one thread to run beside it)."""
         self._save_state(state=State.TESTING.value)
         crash_point("testing")
         self._publish_status(State.TESTING, job_id=job_id, version=m.version)
         try:
-            session = get_runtime(m.runtime).load(path, 1 if m.shadow is not None else self.cfg.threads)
+            session = get_runtime(m.runtime).load(path, self.cfg.threads)
             bench = health_check(session, m, self.cfg.benchmark_runs)
         except (HealthCheckError, RuntimeBackendError, ProtocolError) as exc:
             self.store.mark(slot, "bad", m.version, str(exc))
@@ -659,7 +659,7 @@ class Agent(CalibrationControl, ShadowControl):
                         job_id=job_id, version=m.version, result_code=int(ResultCode.UPDATE_FAILED))
             return
         if m.shadow is not None:
-            return self._begin_shadow(job_id, slot, session, m)
+            return self._begin_shadow(job_id, slot, m, bench)
         self.store.activate(slot, m)
         crash_point("activated")
         self.last_bench = bench
@@ -695,7 +695,10 @@ class Agent(CalibrationControl, ShadowControl):
             state = self.state.get("state", "idle")
             self._publish_status(State(state) if state in State._value2member_map_ else State.IDLE,
                                  job_id=self.state.get("job_id"), version=self.state.get("version"))
-            self._report_metrics()
+            if command == "report" and body.get("fresh") is False and self.last_bench is not None:
+                self._publish_metrics(self.last_bench)  # the counters now, the last benchmark's latency figures
+            else:
+                self._report_metrics()
             if cmd_id is not None:
                 self._event("reported", f"{command} done", job_id=cmd_id)
         elif command == "rollback":

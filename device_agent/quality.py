@@ -219,16 +219,23 @@ class ShadowStats:
     sum_distance: float = 0.0
     active_ms: list[int] = field(default_factory=lambda: [0] * HISTOGRAM)
     candidate_ms: list[int] = field(default_factory=lambda: [0] * HISTOGRAM)
+    #: both models timed alike when the candidate was installed (golden inputs, the serving thread count, normal
+    #: priority): ``candidate_p50_ms``, ``candidate_p95_ms``, ``active_p50_ms``, ``active_p95_ms``, ``runs``,
+    #: ``threads``. The histograms above time the candidate on the shadow's low-priority thread, beside the
+    #: traffic: what it cost there, not how fast it would serve.
+    bench: dict[str, Any] | None = None
 
     KEYS = ("candidate", "active", "sample", "offered", "compared", "dropped", "errors", "agree", "top1",
-            "max_distance", "mean_distance", "active_ms", "candidate_ms")
+            "max_distance", "mean_distance", "active_ms", "candidate_ms", "bench")
+    BENCH_KEYS = ("candidate_p50_ms", "candidate_p95_ms", "active_p50_ms", "active_p95_ms", "runs", "threads")
 
     def to_dict(self) -> dict[str, Any]:
         return {"candidate": self.candidate, "active": self.active, "sample": self.sample, "offered": self.offered,
                 "compared": self.compared, "dropped": self.dropped, "errors": self.errors, "agree": self.agree,
                 "top1": self.top1, "max_distance": _finite(self.max_distance) or 0.0,
                 "mean_distance": _finite(self.sum_distance / self.compared) if self.compared else None,
-                "active_ms": list(self.active_ms), "candidate_ms": list(self.candidate_ms)}
+                "active_ms": list(self.active_ms), "candidate_ms": list(self.candidate_ms),
+                **({"bench": dict(self.bench)} if self.bench is not None else {})}
 
     @property
     def agreement(self) -> float | None:
@@ -256,7 +263,12 @@ class ShadowStats:
         mean = _number(obj.get("mean_distance"), f"{where}.mean_distance", optional=True)
         if mean is not None and not math.isfinite(mean * counts["compared"]):
             raise ProtocolError(f"{where}.mean_distance: {short(mean, 40)} over {counts['compared']} comparisons")
-        return cls(candidate=_version(obj.get("candidate"), f"{where}.candidate"),
+        bench = obj.get("bench")
+        if bench is not None:
+            bench = _keys(bench, cls.BENCH_KEYS, f"{where}.bench")
+            bench = {k: _number(bench.get(k), f"{where}.bench.{k}", 0.0, 1e9, optional=k == "threads")
+                     for k in cls.BENCH_KEYS}  # threads null: the runtime's own default
+        return cls(candidate=_version(obj.get("candidate"), f"{where}.candidate"), bench=bench,
                    active=None if active is None else _version(active, f"{where}.active"),
                    sample=_number(obj.get("sample", 0.0), f"{where}.sample", 0.0, 1.0), top1=top1,
                    max_distance=_number(obj.get("max_distance", 0.0), f"{where}.max_distance"),

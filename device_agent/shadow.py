@@ -46,9 +46,10 @@ def _lower_priority() -> None:
 
 class ShadowRunner:
     def __init__(self, session: Session, version: int, active: int | None, config: Shadow,
-                 accuracy: LiveAccuracy | None = None, chance: Callable[[], float] = random.random) -> None:
+                 accuracy: LiveAccuracy | None = None, chance: Callable[[], float] = random.random,
+                 bench: dict[str, Any] | None = None) -> None:
         self.session, self.version, self.config = session, version, config
-        self.stats = ShadowStats(candidate=version, active=active, sample=config.sample)
+        self.stats = ShadowStats(candidate=version, active=active, sample=config.sample, bench=bench)
         self.accuracy, self._chance = accuracy, chance
         self._queue: queue.Queue[tuple[str, dict, list, float] | None] = queue.Queue(QUEUE)
         self._lock = threading.Lock()

@@ -12,8 +12,9 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import AgentError
-from .health import check_golden
+from .health import Benchmark, benchmark, check_golden
 from .manifest import Manifest, file_sha256
+from .errors import ProtocolError
 from .protocol import Job, ResultCode, State, short
 from .runtimes import Session, get_runtime
 from .shadow import ShadowRunner
@@ -35,13 +36,25 @@ class ShadowControl:
             out["shadow"] = self._shadow.snapshot()
         return out
 
-    def _begin_shadow(self, job_id: str, slot: str, session: Session, m: Manifest) -> None:
+    def _begin_shadow(self, job_id: str, slot: str, m: Manifest, bench: Benchmark) -> None:
         """The candidate stays in ``slot`` (marked ``shadow``: never a rollback target) and runs on sampled
-        requests; the active model keeps serving; ``highest_version`` stays, so the promoting job is taken."""
+        requests; the active model keeps serving; ``highest_version`` stays, so the promoting job is taken.
+        ``bench``: the candidate's health-check benchmark, set beside the active model's timed the same way
+        now (same threads, same priority, golden inputs), the like-for-like latency the host judges."""
+        timed = self._timed_beside(m, bench)
+        try:
+            session = get_runtime(m.runtime).load(self.store.slot_dir(slot) / m.filename, 1)
+        except AgentError as exc:  # loaded a moment ago with more threads: a device out of memory, say
+            self.store.mark(slot, "bad", m.version, str(exc))
+            self._save_state(state=State.ROLLED_BACK.value, reason=str(exc))
+            self._publish_status(State.ROLLED_BACK, job_id=job_id, version=m.version, reason=str(exc),
+                                 result_code=int(ResultCode.UPDATE_FAILED))
+            return self._event("rolled_back", f"v{m.version} could not be loaded to shadow: {exc}", job_id=job_id,
+                               version=m.version, result_code=int(ResultCode.UPDATE_FAILED))
         self.store.mark(slot, "shadow", m.version)
-        self._save_state(state=State.SHADOWING.value, shadow={"job_id": job_id, "version": m.version, "slot": slot},
-                         reason=None)
-        self._start_shadow(session, m)
+        self._save_state(state=State.SHADOWING.value, reason=None,
+                         shadow={"job_id": job_id, "version": m.version, "slot": slot, "bench": timed})
+        self._start_shadow(session, m, timed)
         active = self.store.active()
         self._publish_status(State.SHADOWING, job_id=job_id, version=m.version, result_code=int(ResultCode.SUCCESS))
         self._event("shadowing", f"v{m.version} in slot {slot} shadows {m.shadow.sample:.0%} of the requests "
@@ -49,11 +62,23 @@ class ShadowControl:
                                  f"v{active.version if active else '-'} keeps serving", job_id=job_id,
                     version=m.version)
 
-    def _start_shadow(self, session: Session, m: Manifest) -> None:
+    def _timed_beside(self, m: Manifest, bench: Benchmark) -> dict[str, Any] | None:
+        active, manifest = self.session, self.store.active_manifest()
+        if active is None or manifest is None:
+            return None
+        try:
+            theirs = benchmark(active, manifest.golden_pairs()[0][0], self.cfg.benchmark_runs)
+        except (AgentError, ProtocolError, IndexError):
+            return None
+        return {"candidate_p50_ms": bench.latency_ms_p50, "candidate_p95_ms": bench.latency_ms_p95,
+                "active_p50_ms": theirs.latency_ms_p50, "active_p95_ms": theirs.latency_ms_p95,
+                "runs": bench.runs, "threads": self.cfg.threads}
+
+    def _start_shadow(self, session: Session, m: Manifest, timed: dict[str, Any] | None) -> None:
         self._end_shadow()
         active = self.store.active()
         self._shadow = ShadowRunner(session, m.version, active.version if active else None, m.shadow,
-                                    self.api.accuracy if self.api is not None else None)
+                                    self.api.accuracy if self.api is not None else None, bench=timed)
         if self.api is not None:
             self.api.shadow = self._shadow
 
@@ -84,7 +109,7 @@ class ShadowControl:
             self._pending_events.append(("shadow_dropped", f"the shadowed candidate could not be resumed: "
                                                            f"{short(str(exc), 200)}", sh.get("job_id")))
             return
-        self._start_shadow(session, m)
+        self._start_shadow(session, m, sh.get("bench") if isinstance(sh.get("bench"), dict) else None)
 
     def _promote(self, job: Job, m: Manifest) -> bool:
         """The job for the version being shadowed, without ``shadow``: the candidate already in its slot (same

@@ -95,6 +95,7 @@ def test_a_candidate_is_shadowed_on_live_requests_then_dropped_or_promoted(mosqu
             m = dev.report_until(lambda m: (m.shadow or {}).get("compared", 0) >= 30)
             s = ShadowStats.from_dict(m.shadow, len(BUCKETS_MS) + 1)
             assert s.candidate == 11 and s.active == 10 and s.agreement < 0.9, s
+            assert s.bench["candidate_p95_ms"] > 0 and s.bench["active_p95_ms"] > 0  # both timed alike at install
             assert m.version == 10 and m.drift["version"] == 10 and m.drift["requests"] > 0
             dev.command({"command": "drop_shadow", "id": "drop1"})
             assert dev.watch.until(lambda: any(e.kind == "shadow_dropped" and e.job_id == "drop1"

@@ -18,7 +18,6 @@ from traffic import SteadyTraffic
 from device_agent.client import Client
 from pipeline.bundle import shadow_artifact
 from pipeline.ota import LocalFleet, deliver
-from pipeline.ota.shadow import ShadowStatus
 from pipeline.ota.status import DeviceStatus
 
 pytestmark = pytest.mark.slow
@@ -163,7 +162,7 @@ def test_a_candidate_that_disagrees_is_dropped_before_any_device_switches(mosqui
         assert failed and all(d["agreement"] == 0.0 and d["samples"] >= 40 for d in failed), shadow["devices"]
         # every device was told to drop it, and said so; none ever activated it
         assert [(d["phase"], d["status"], d["active_version"]) for d in delivery] == [
-            ("shadow", ShadowStatus.DROPPED, 10), ("shadow", ShadowStatus.DROPPED, 10)]
+            ("shadow", DeviceStatus.SHADOW_DROPPED, 10), ("shadow", DeviceStatus.SHADOW_DROPPED, 10)]
         assert all(d["events"][-1]["kind"] == "shadow_dropped" for d in delivery)
         assert all("activated" not in d["states"] for d in delivery)
         assert serves(fleet) == {d: 10 for d in fleet.device_ids}
@@ -209,7 +208,7 @@ def test_a_device_without_enough_samples_at_the_timeout_aborts_and_says_how_many
             f"shadow stage: not enough evidence: {device}: 0 of 40 requests compared (0 offered, 0 dropped, 0 failed) "
             "in 2 s"), result.reason
         [r] = result.results
-        assert (r.status, r.active_version) == (ShadowStatus.DROPPED, 30)
+        assert (r.status, r.active_version) == (DeviceStatus.SHADOW_DROPPED, 30)
         assert serves(fleet) == {device: 30}
 
 
@@ -235,7 +234,7 @@ def test_a_device_that_goes_offline_while_shadowing_aborts_the_stage(mosquitto, 
         assert f"{first}: not judged: the stage ended on {gone}" in result.reason, result.reason
         assert result.shadow.timings["samples"] < 10
         by_id = {r.device_id: r for r in result.results}
-        assert (by_id[first].status, by_id[first].active_version) == (ShadowStatus.DROPPED, 40)
+        assert (by_id[first].status, by_id[first].active_version) == (DeviceStatus.SHADOW_DROPPED, 40)
         assert by_id[gone].status is DeviceStatus.NO_ANSWER and "offline" in by_id[gone].reason
         with Client(str(fleet.socket_path(first))) as c:
             assert c.model()["version"] == 40

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class DeviceResult:
     device_id: str
-    #: a DeviceStatus; after a shadow stage that stopped the rollout, a pipeline.ota.shadow.ShadowStatus
+    #: a DeviceStatus; after a shadow stage that stopped the rollout, DeviceStatus.SHADOW_DROPPED
     status: enum.Enum = DeviceStatus.TIMEOUT
     active_version: int | None = None
     reason: str | None = None

@@ -44,17 +44,8 @@ log = logging.getLogger(__name__)
 DROP_TIMEOUT_S = 60.0
 
 
-class ShadowStatus(enum.StrEnum):
-    """A device's outcome in a shadow stage, where it differs from a delivery's (``DeviceStatus``)."""
-
-    #: the candidate installed and health-checked beside the active model, which serves: the shadow job's goal
-    SHADOWING = State.SHADOWING.value
-    #: the device said it dropped the candidate (``drop_shadow`` answered): it serves its active model
-    DROPPED = "shadow_dropped"
-
-
 #: the event that answers ``drop_shadow`` -> the status it confirms (pipeline.ota.commands.command)
-DROP_ANSWERS = {"shadow_dropped": ShadowStatus.DROPPED}
+DROP_ANSWERS = {"shadow_dropped": DeviceStatus.SHADOW_DROPPED}
 
 
 class Verdict(enum.StrEnum):
@@ -125,15 +116,24 @@ class DeviceShadow:
             return {"samples": 0}
         tried = s.compared + s.errors
         active_p95, candidate_p95 = histogram_quantile(s.active_ms, 0.95), histogram_quantile(s.candidate_ms, 0.95)
+        b = s.bench or {}
+        # how fast the candidate would serve: both models timed alike at install (the serving threads, normal
+        # priority); the shadow's own histograms time it on its low-priority thread beside the traffic
+        like = (b.get("candidate_p50_ms"), b.get("candidate_p95_ms"), b.get("active_p95_ms"))
+        if all(like):
+            served_p50, served_p95, against = like
+        else:
+            served_p50, served_p95, against = histogram_quantile(s.candidate_ms, 0.5), candidate_p95, active_p95
         return {
             "samples": s.compared, "offered": s.offered, "dropped": s.dropped, "errors": s.errors,
             "agreement": _round(s.agree / tried) if s.top1 and tried else None, "top1": s.top1,
             "mean_distance": _round(s.sum_distance / s.compared) if s.compared else None,
             "max_distance": _round(s.max_distance), "active_version": s.active, "emulated": self.emulated,
             "active_ms_p50": _round(histogram_quantile(s.active_ms, 0.5)), "active_ms_p95": _round(active_p95),
-            "candidate_ms_p50": _round(histogram_quantile(s.candidate_ms, 0.5)),
-            "candidate_ms_p95": _round(candidate_p95),
-            "latency_ratio": _round(candidate_p95 / active_p95) if candidate_p95 and active_p95 else None,
+            "shadow_ms_p50": _round(histogram_quantile(s.candidate_ms, 0.5)), "shadow_ms_p95": _round(candidate_p95),
+            "candidate_ms_p50": _round(served_p50), "candidate_ms_p95": _round(served_p95),
+            "latency_basis": "benchmark" if all(like) else "shadow", "active_ms_p95_against": _round(against),
+            "latency_ratio": _round(served_p95 / against) if served_p95 and against else None,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -179,8 +179,9 @@ def judge_device(record: DeviceShadow, policy: ShadowPolicy, over_budget: OverBu
                         f"(max {f['max_distance']:g})")
     ratio = f["latency_ratio"]
     if policy.max_latency_ratio is not None and ratio is not None and ratio > policy.max_latency_ratio:
-        problems.append(f"p95 {f['candidate_ms_p95']:g} ms is {ratio:.2f}x the active model's {f['active_ms_p95']:g} "
-                        f"ms, over the {policy.max_latency_ratio:g}x allowed")
+        problems.append(f"p95 {f['candidate_ms_p95']:g} ms is {ratio:.2f}x the active model's "
+                        f"{f['active_ms_p95_against']:g} ms ({f['latency_basis']}), over the "
+                        f"{policy.max_latency_ratio:g}x allowed")
     if over_budget is not None and f["candidate_ms_p95"] is not None:
         why = over_budget(d, {"latency_ms_p50": f["candidate_ms_p50"], "latency_ms_p95": f["candidate_ms_p95"],
                               "emulated": bool(record.emulated)})
@@ -308,10 +309,10 @@ def shadow_stage(broker: BrokerConfig, prefix: str, candidate: Artifact, devices
     note(f"shadow: v{v} beside the active model on {', '.join(devices)} ({policy.sample:.0%} of live requests, at most "
          f"{policy.max_cpu:.0%} of a core), until {policy.min_samples} requests compared on each")
     result = ShadowResult(v, policy)
-    result.delivered = deliver(broker, prefix, candidate, devices, timeout_s, progress, until=ShadowStatus.SHADOWING)
+    result.delivered = deliver(broker, prefix, candidate, devices, timeout_s, progress, until=DeviceStatus.SHADOWING)
     result.timings["deliver"] = round(time.monotonic() - started, 2)
-    shadowing = [r.device_id for r in result.delivered if r.status is ShadowStatus.SHADOWING]
-    failed = [r for r in result.delivered if r.status is not ShadowStatus.SHADOWING]
+    shadowing = [r.device_id for r in result.delivered if r.status is DeviceStatus.SHADOWING]
+    failed = [r for r in result.delivered if r.status is not DeviceStatus.SHADOWING]
     for r in failed:
         result.devices.append(DeviceShadow(r.device_id, Verdict.FAIL, f"did not reach shadowing: {r.status.value}"
                                                                       + (f" ({r.reason})" if r.reason else "")))
@@ -365,7 +366,8 @@ def _collect(broker: BrokerConfig, prefix: str, collector: _Collector, policy: S
     leaves = (Leaf.METRICS, Leaf.STATUS, Leaf.EVENTS, Leaf.ONLINE)
     subs = [(topic(prefix, d, leaf), 1) for d in collector.records for leaf in leaves]
     deadline = time.monotonic() + policy.timeout_s
-    report = encode({"command": "report", "id": command_id("report")})
+    # the counters only: no golden benchmark on the device at each ask (it ran one when it took the candidate)
+    report = encode({"command": "report", "id": command_id("report"), "fresh": False})
     # retained messages too: a device that went offline (or left shadowing) since its delivery ended says so there
     with Watch(broker, prefix, subs, collector.handle, name="host-shadow") as watch:
         while True:

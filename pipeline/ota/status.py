@@ -29,6 +29,9 @@ class DeviceStatus(enum.StrEnum):
     ROLLBACK_REFUSED = "rollback_refused"
     #: a shadow job's outcome: the candidate is installed and shadowed, the device's model unchanged
     SHADOWING = State.SHADOWING.value
+    #: after a shadow stage that stopped the rollout: the device said it dropped the candidate (``drop_shadow``
+    #: answered) and serves its active model
+    SHADOW_DROPPED = "shadow_dropped"
     #: the device reached no verdict on the update within the timeout (it may have reported progress)
     TIMEOUT = "timeout"
     #: the device never answered a command within the timeout: what it runs is unknown

@@ -69,5 +69,6 @@ def test_a_terminal_agent_state_is_a_host_status_of_the_same_value(state: State)
 
 def test_host_only_statuses_are_not_agent_states():
     agent = {s.value for s in State}
-    assert {s.value for s in DeviceStatus} - agent == {"pending", "rollback_refused", "timeout", "no_answer"}
+    assert {s.value for s in DeviceStatus} - agent == {"pending", "rollback_refused", "timeout", "no_answer",
+                                                       "shadow_dropped"}
     assert DeviceStatus.PENDING not in SETTLED

@@ -72,9 +72,23 @@ def test_a_slower_candidate_fails_on_the_ratio_of_p95s_and_only_when_asked_to():
     slow = device(stats(active_ms=1.0, candidate_ms=4.0))  # (0.5, 1] ms against (2.5, 5] ms
     verdict, reason = judge_device(slow, POLICY)
     assert verdict is Verdict.FAIL
-    assert reason == "p95 4.875 ms is 5.00x the active model's 0.975 ms, over the 1.5x allowed"
+    assert reason == "p95 4.875 ms is 5.00x the active model's 0.975 ms (shadow), over the 1.5x allowed"
     assert judge_device(slow, dataclasses.replace(POLICY, max_latency_ratio=None)) == (Verdict.PASS, None)
     assert judge_device(slow, dataclasses.replace(POLICY, max_latency_ratio=6.0)) == (Verdict.PASS, None)
+
+
+def test_both_models_timed_alike_at_install_are_the_latency_judged_when_the_agent_sends_them():
+    """The shadow's histograms time the candidate on a low-priority thread beside the traffic; the benchmark the
+    agent ran of both at install (same threads, same priority) is what a promotion would serve at."""
+    s = stats(active_ms=1.0, candidate_ms=40.0)  # starved on its nice-19 thread: 40x in the histograms
+    s.bench = {"candidate_p50_ms": 1.1, "candidate_p95_ms": 1.2, "active_p50_ms": 1.0, "active_p95_ms": 1.0,
+               "runs": 100, "threads": 2}
+    assert judge_device(device(s), POLICY) == (Verdict.PASS, None)
+    s.bench = {**s.bench, "candidate_p95_ms": 2.0}
+    assert judge_device(device(s), POLICY) == (
+        Verdict.FAIL, "p95 2 ms is 2.00x the active model's 1 ms (benchmark), over the 1.5x allowed")
+    f = device(s).figures()
+    assert f["latency_basis"] == "benchmark" and f["shadow_ms_p95"] > 25
 
 
 def test_the_targets_budget_holds_a_real_device_never_an_emulated_one():
@@ -145,7 +159,8 @@ def test_the_record_is_what_the_store_keeps():
                    "dropped": 7, "errors": 3, "agreement": 0.9802, "top1": True, "mean_distance": 0.0,
                    "max_distance": 0.0, "active_version": 1, "emulated": False, "active_ms_p50": 0.75,
                    "active_ms_p95": 0.975, "candidate_ms_p50": 0.75, "candidate_ms_p95": 0.975,
-                   "latency_ratio": 1.0}
+                   "shadow_ms_p50": 0.75, "shadow_ms_p95": 0.975, "latency_basis": "shadow",
+                   "active_ms_p95_against": 0.975, "latency_ratio": 1.0}
     result = RolloutResult([], ["pi-1"], aborted=False,
                            shadow=ShadowResult(2, POLICY, devices=[d], promoted=True, wall_s=1.5))
     record = json.loads(json.dumps(result.to_dict()))  # the deployments row's rollout JSON
