@@ -235,3 +235,26 @@ def test_the_quality_panel_draws_what_a_device_reported(mosquitto, chromium, tmp
         page.wait_for_selector("[data-testid=events] :text('drift_detected')", timeout=15_000)
         OUTPUT.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(OUTPUT / "dashboard-quality.png"), full_page=True)
+
+
+def test_a_rollout_s_shadow_decision_is_drawn_with_its_deployment(chromium, tmp_path):
+    """A deployment whose rollout went through a shadow stage: the deployments table says what the stage decided,
+    for which candidate, on how many compared requests and with what agreement, as the store's rollout record has
+    it (pipeline.ota.shadow.ShadowResult.to_dict)."""
+    from pipeline.dashboard import Dashboard
+
+    db = tmp_path / "fleet.db"
+    store = FleetStore(db)
+    devices = [{"device_id": d, "verdict": "pass", "reason": None, "samples": n, "agreement": a}
+               for d, n, a in (("pi-1", 240, 0.975), ("pi-2", 210, 0.99))]
+    shadow = {"candidate": 12, "decision": "promoted", "devices": devices, "policy": {"min_samples": 200}}
+    store.record(name="m", target="rpi4", version=12, sha256="0" * 64, artifact=str(tmp_path), kind="deploy",
+                 status="succeeded", reason=None,
+                 results=[{"device_id": d["device_id"], "status": "activated", "active_version": 12} for d in devices],
+                 rollout={"canaries": ["pi-1"], "aborted": False, "shadow": shadow})
+    store.close()
+    with Dashboard(db, port=0) as dash:
+        page = chromium.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(dash.url)
+        cell = page.wait_for_selector("[data-testid^=deployment-reason-]:has-text('shadow promoted')", timeout=15_000)
+        assert cell.inner_text() == "shadow promoted v12: 450 requests compared on 2 device(s), agreement ≥ 98%."

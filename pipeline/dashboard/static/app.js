@@ -132,7 +132,17 @@ function renderDeployments(rows) {
     const phases = [...new Set(r.devices.map(x => x.phase).filter(Boolean))];
     if (phases.length) cell.append(`(${phases.join(" → ")})`);
     tr.appendChild(td(cell, null, {"data-testid": `deployment-progress-${r.id}`}));
-    tr.appendChild(td(r.reason || "", "msg"));
+    const why = document.createElement("span");
+    const sh = r.rollout && r.rollout.shadow;
+    if (sh) {  // the shadow stage's decision (pipeline.ota.shadow): promoted or aborted, and on what evidence
+      const agree = (sh.devices || []).map(x => x.agreement).filter(a => a !== null && a !== undefined);
+      const samples = (sh.devices || []).reduce((n, x) => n + (x.samples || 0), 0);
+      why.append(badge(`shadow ${sh.decision}`, sh.decision === "promoted" ? "activated" : "aborted"),
+                 ` v${sh.candidate}: ${samples} requests compared on ${(sh.devices || []).length} device(s)` +
+                 (agree.length ? `, agreement ≥ ${pct(Math.min(...agree))}` : "") + (r.reason ? ". " : "."));
+    }
+    why.append(r.reason || "");
+    tr.appendChild(td(why, "msg", {"data-testid": `deployment-reason-${r.id}`}));
     return tr;
   }));
 }
