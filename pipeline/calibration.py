@@ -117,6 +117,7 @@ def run_calibration(fleet: FleetConfig, external: BrokerConfig | None, target: T
     budget plus fleet.timeout_s for the download)."""
     from .bundle import build_artifact, next_version, public_key_path
     from .ota.calibration import run_calibration_job
+    from .ota.http_server import ArtifactServer, plan_http
     from .profile.calibrate import build_suite, fit_calibration, store_calibration
     from .profile.calibrate.build import DEFAULT_BUDGET_S
 
@@ -133,13 +134,21 @@ def run_calibration(fleet: FleetConfig, external: BrokerConfig | None, target: T
     out = workdir / "calibration" / f"{target.name}-v{version}"
     with ui.stage(f"Build the calibration suite for {target.name}"):
         built = build_suite(target, out, scale=scale, threads=threads, budget_s=budget_s, progress=ui.info)
+    # a suite is tens of MB: with fleet.http it travels as a deploy's payload does, by Range requests
+    serve_http, url_base = plan_http(fleet.http)
     with ui.stage("Sign it as a calibration artifact"):
         artifact = build_artifact(built.zip_path, workdir / "artifacts", name=f"{target.name}-calibration",
                                   version=version, target=target.name, runtime="onnxruntime", golden_inputs=None,
-                                  budgets={}, predicted={}, health={}, key_dir=key_dir, kind="calibration")
-        ui.info(f"{artifact.dir.name}: {artifact.size_bytes:,} bytes, {artifact.manifest.chunks} chunk(s)")
+                                  budgets={}, predicted={}, health={}, key_dir=key_dir, kind="calibration",
+                                  url_base=url_base)
+        ui.info(f"{artifact.dir.name}: {artifact.size_bytes:,} bytes, "
+                + (f"fetched from {artifact.manifest.url}" if artifact.manifest.url
+                   else f"{artifact.manifest.chunks} chunk(s)"))
     timeout_s = timeout_s or budget_s + fleet.timeout_s
     with contextlib.ExitStack() as stack:
+        if serve_http is not None:
+            server = stack.enter_context(ArtifactServer(workdir / "artifacts", serve_http.host, serve_http.port))
+            ui.info(f"serving the suite over HTTP at {server.base_url}")
         broker = external
         if broker is None:
             from .broker import LocalBroker

@@ -20,13 +20,15 @@ from conftest import require, small_deploy_config
 pytestmark = pytest.mark.slow
 
 
-def test_host_is_calibrated_through_a_local_agent_and_the_profile_predicts_from_it(tmp_path):
+def test_host_is_calibrated_through_a_local_agent_over_http_and_the_profile_predicts_from_it(tmp_path):
+    """The suite travels as fleet.http says (here: served by the host, fetched by Range requests); the MQTT
+    chunks of a suite are the next test's."""
     from pipeline.broker import mosquitto_binary
     from pipeline.profile.kernels import KernelPredictor
     from pipeline.targets import load_target_file
 
     require(mosquitto_binary() is not None, "mosquitto")
-    config = small_deploy_config(tmp_path, local_broker="mosquitto")
+    config = small_deploy_config(tmp_path, local_broker="mosquitto", http={"serve": True})
     targets = tmp_path / "targets"
     env = {**os.environ, "EDGEFLEET_TARGETS_DIR": str(targets)}
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "targets", "calibrate", "--target", "host",
@@ -38,6 +40,7 @@ def test_host_is_calibrated_through_a_local_agent_and_the_profile_predicts_from_
     cases = report["suite"]["cases"]
     assert device["status"] == "finished" and device["cases"] == cases and report["unfinished"] == []
     assert device["device_id"] == "host-emu-0" and device["refused_messages"] == 0
+    assert "serving the suite over HTTP" in proc.stderr and device["chunks_served"] == 0  # fetched, not chunked
     assert f"host-emu-0: finished {cases}/{cases} cases" in proc.stderr  # progress, device by device
 
     today = dt.date.today().isoformat()
