@@ -159,7 +159,10 @@ class _Zlib:
         self._d, self._tail = zlib.decompressobj(), b""
 
     def feed(self, data: bytes, limit: int) -> bytes:
-        out = self._d.decompress(self._tail + data, limit)
+        try:
+            out = self._d.decompress(self._tail + data, limit)
+        except zlib.error as exc:
+            raise DeltaError(DELTA_FAILED, f"damaged patch (zlib: {short(str(exc), 120)})") from None
         self._tail = self._d.unconsumed_tail
         return out
 
@@ -181,7 +184,10 @@ class _Xz:
         self._d = lzma.LZMADecompressor(lzma.FORMAT_XZ, memlimit=XZ_MEMLIMIT)
 
     def feed(self, data: bytes, limit: int) -> bytes:
-        return self._d.decompress(data, limit)
+        try:
+            return self._d.decompress(data, limit)
+        except lzma.LZMAError as exc:  # a damaged stream, or one asking for more memory than XZ_MEMLIMIT
+            raise DeltaError(DELTA_FAILED, f"damaged patch (xz: {short(str(exc), 120)})") from None
 
     @property
     def needs_input(self) -> bool:
@@ -196,10 +202,14 @@ class _Xz:
         return self._d.unused_data
 
 
+def _xz(data: bytes) -> bytes:
+    return lzma.compress(data, lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=6)  # an 8 MiB dictionary
+
+
 #: codec id -> (name, decoder, the host's encoder)
 CODECS: dict[int, tuple[str, Callable[[], Any], Callable[[bytes], bytes]]] = {
     1: ("zlib", _Zlib, lambda data: zlib.compress(data, 9)),
-    2: ("xz", _Xz, lambda data: lzma.compress(data, lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=6)),
+    2: ("xz", _Xz, _xz),
 }
 CODEC_IDS = {name: cid for cid, (name, _, _) in CODECS.items()}
 
@@ -335,7 +345,7 @@ def apply_delta(patch: Path, base: Path | None, dst: Path, delta: Delta, raw_len
         written, digest = FORMATS[delta.format](patch, base, dst, raw_length)
     except OSError as exc:
         raise DeltaError(DELTA_FAILED, f"cannot apply the patch here: {exc}") from None
-    except (zlib.error, lzma.LZMAError, MemoryError, ValueError) as exc:  # ValueError: numpy on a damaged block
+    except (MemoryError, ValueError) as exc:  # ValueError: numpy on a damaged block
         raise DeltaError(DELTA_FAILED, f"damaged patch ({type(exc).__name__}: {short(str(exc), 120)})") from None
     if written != raw_length or digest != raw_sha256:
         raise DeltaError(DELTA_FAILED, f"the rebuilt model has {written} bytes, sha256 {digest[:16]}…; the manifest "

@@ -5,7 +5,7 @@ Two ways to find the ops, both measured and the smaller kept:
 - ``tensors`` (weight-aware): the byte range of every ONNX initializer's ``raw_data`` in both files (read from the
   protobuf wire format, :func:`onnx_tensors`). A tensor of the same name and size is copied when unchanged, else
   XORed against its old self (a fine-tune leaves the sign, the exponent and the high mantissa bits as they were:
-  zeros) or inserted, whichever compresses smaller, its bytes planar by element width; everything else (the graph,
+  zeros) or inserted, planar by element width or not, whichever compresses smaller; everything else (the graph,
   tensors renamed or resized) goes through the byte matcher below.
 - ``binary``: the byte matcher over the whole file, for any format (TFLite too): exact matches of 32 bytes or more
   anywhere in the base (a hash of every window, the base sampled every 8 bytes) become copies, extended both ways;
@@ -287,13 +287,12 @@ def tensor_ops(base: bytes, new: bytes, matcher: Matcher) -> list[Op] | None:
         if same is not None:
             ops += matcher.ops(at, t.start) + [Op(COPY, same.start, size)]
         elif old is not None and old.end - old.start == size:
-            xor = n[t.start:t.end] ^ b[old.start:old.end]
-            plain = _estimate(n[t.start:t.end], t.width)
-            ops += matcher.ops(at, t.start)
-            if _estimate(xor, t.width) < plain:
-                ops.append(Op(XOR, old.start, size, t.width))
-            else:
-                ops.append(Op(INSERT, 0, size, t.width))
+            # XOR or insert, planar by the element width (a fine-tune's dense small changes) or not (a pruning
+            # step's sparse ones: planes would spell each position out once per byte): what compresses best
+            data = {XOR: n[t.start:t.end] ^ b[old.start:old.end], INSERT: n[t.start:t.end]}
+            kind, width = min(((k, w) for k in (XOR, INSERT) for w in {1, t.width}),
+                              key=lambda kw: _estimate(data[kw[0]], kw[1]))
+            ops += matcher.ops(at, t.start) + [Op(kind, old.start if kind == XOR else 0, size, width)]
         else:
             continue  # renamed or resized: the matcher takes it with the bytes around it
         at = t.end
@@ -331,6 +330,12 @@ def build_patches(base: bytes, new: bytes) -> dict[str, bytes | None]:
     return out
 
 
+def choose(full_bytes: int, sizes: dict[str, int | None]) -> str:
+    """The candidate to send: the smallest patch when it saves MIN_GAIN of ``full_bytes``, else ``full``."""
+    name, size = min(((n, s) for n, s in sizes.items() if s is not None), key=lambda ns: ns[1], default=(None, None))
+    return "full" if name is None or size > (1 - MIN_GAIN) * full_bytes else name
+
+
 # --------------------------------------------------------------------------- the artifact
 
 def model_bytes(artifact: Artifact) -> bytes:
@@ -355,10 +360,10 @@ def delta_artifact(full: Artifact, base: Artifact, key_dir: Path) -> DeltaChoice
     old, new = model_bytes(base), model_bytes(full)
     patches = build_patches(old, new)
     sizes = {name: len(p) if p is not None else None for name, p in patches.items()}
-    name, patch = min(((n, p) for n, p in patches.items() if p is not None), key=lambda np_: len(np_[1]),
-                      default=(None, None))
-    if patch is None or len(patch) > (1 - MIN_GAIN) * full.size_bytes:
+    name = choose(full.size_bytes, sizes)
+    if name == "full":
         return DeltaChoice(full, base.version, full.size_bytes, sizes, "full", time.perf_counter() - t0)
+    patch = patches[name]
     out = full.dir.with_name(f"{full.dir.name}-from-v{base.version}")
     manifest = dataclasses.replace(
         m, encoding="delta", delta=Delta(base.version, base.manifest.raw_sha256, "ops"), length=len(patch),
