@@ -186,7 +186,7 @@ class _Xz:
     def feed(self, data: bytes, limit: int) -> bytes:
         try:
             return self._d.decompress(data, limit)
-        except lzma.LZMAError as exc:  # a damaged stream, or one asking for more memory than XZ_MEMLIMIT
+        except (lzma.LZMAError, EOFError) as exc:  # damaged, over XZ_MEMLIMIT, or read past its end
             raise DeltaError(DELTA_FAILED, f"damaged patch (xz: {short(str(exc), 120)})") from None
 
     @property
@@ -224,10 +224,10 @@ class _Stream:
     def read(self, n: int) -> bytes:
         parts, got = [], 0
         while got < n:
+            if self._d.eof:
+                raise DeltaError(DELTA_FAILED, "the patch's stream ends before its ops do")
             out = self._d.feed(b"", n - got) if not self._d.needs_input else b""
-            if not out:
-                if self._d.eof:
-                    raise DeltaError(DELTA_FAILED, "the patch's stream ends before its ops do")
+            if not out and not self._d.eof:
                 chunk = self._f.read(BLOCK)
                 if not chunk:
                     raise DeltaError(DELTA_FAILED, "the patch is truncated")

@@ -60,10 +60,18 @@ class Group:
 class WaveDelivery:
     results: list[DeviceResult]
     groups: list[Group]
+    #: chunk frames the host published for the wave: every group's delivery and every fallback
+    egress_bytes: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"groups": [g.to_dict() for g in self.groups],
-                "bytes_sent": sum(r.bytes_sent for r in self.results)}
+        return {"groups": [g.to_dict() for g in self.groups], "egress_bytes": self.egress_bytes}
+
+
+def _egress(delivered: list[DeviceResult]) -> int:
+    """What one delivery published: its own count where it keeps one (a broadcast's chunks are no device's), else
+    the chunks it sent each device."""
+    egress = getattr(delivered, "egress_bytes", None)
+    return int(egress) if isinstance(egress, int) else sum(r.bytes_sent for r in delivered)
 
 
 # --------------------------------------------------------------------------- what the fleet store knows
@@ -131,10 +139,12 @@ def deliver_wave(broker: BrokerConfig, prefix: str, full: Artifact, devices: lis
     device that refused a delta. ``running``: each device's version (:func:`running_versions`)."""
     groups = plan(full, {d: running.get(d) for d in devices}, bases, key_dir)
     results: dict[str, DeviceResult] = {}
+    egress = [0]
     lock = threading.Lock()
 
     def one(group: Group) -> None:
         got = deliver(broker, prefix, group.artifact, group.devices, timeout_s, progress)
+        sent = _egress(got)
         if group.is_delta:
             again = [r for r in got if refused_delta(r)]
             for r in again:
@@ -142,17 +152,20 @@ def deliver_wave(broker: BrokerConfig, prefix: str, full: Artifact, devices: lis
                          group.base_version, r.reason)
             group.fallback = [r.device_id for r in again]
             if again:
-                second = {r.device_id: r for r in deliver(broker, prefix, full, group.fallback, timeout_s, progress)}
+                full_got = deliver(broker, prefix, full, group.fallback, timeout_s, progress)
+                sent += _egress(full_got)
+                second = {r.device_id: r for r in full_got}
                 got = [_both(r, second[r.device_id]) if r.device_id in second else r for r in got]
         with lock:
             results.update({r.device_id: r for r in got})
+            egress[0] += sent
 
     threads = [threading.Thread(target=one, args=(g,), name=f"wave-v{g.base_version}", daemon=True) for g in groups]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return WaveDelivery([results[d] for d in devices], groups)
+    return WaveDelivery([results[d] for d in devices], groups, egress[0])
 
 
 def _both(first: DeviceResult, second: DeviceResult) -> DeviceResult:

@@ -176,6 +176,16 @@ def test_bounds_on_ops_and_base(tmp_path):
     assert _apply(tmp_path, plain, base, new).read_bytes() == new
 
 
+@pytest.mark.parametrize("codec", ["zlib", "xz"])
+def test_a_header_promising_more_ops_than_the_stream_holds(tmp_path, codec):
+    """Found by the corruption property: an xz decoder read past its end raised EOFError, not DeltaError."""
+    patch = bytearray(encode_ops([Op(COPY, 0, 1)], b"\0", b"\0", codec))
+    magic, version, cid, _, blen, nlen = HEADER.unpack(bytes(patch[:HEADER.size]))
+    patch[:HEADER.size] = HEADER.pack(magic, version, cid, 3, blen, nlen)
+    with pytest.raises(DeltaError, match="ends before its ops do"):
+        _apply(tmp_path, bytes(patch), b"\0", b"\0")
+
+
 def test_the_base_must_be_what_the_device_runs(tmp_path):
     base, new = b"old model" * 100, b"new model" * 100
     patch = encode_ops([Op(INSERT, 0, len(new))], base, new)
