@@ -1,6 +1,11 @@
 """Compare the latency of model variants fairly on a noisy machine: interleave them (A B, B A, ...) in
 rounds, take per-round ratios against the first variant, report the median, its interval and the spread. How
-many rounds, and how many runs in each, adapt to the models' latency and to the spread (:class:`Adaptive`)."""
+many rounds, and how many runs in each, adapt to the models' latency and to the spread (:class:`Adaptive`).
+
+A round's figure for a variant is the one a calibrating device takes (``device_agent.suite_runner.round_figure_ms``:
+a low percentile of the round's runs, since interference only adds time), and a variant's latency the median of its
+round figures, as a device reports a calibration case: predictions fitted on what devices measured are checked
+here against the same statistic."""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from device_agent.suite_runner import round_figure_ms
 
 
 def _session(path: Path, threads: int):
@@ -52,13 +59,14 @@ def _time(session, feed, runs: int) -> float:
         t0 = time.perf_counter()
         session.run(None, feed)
         t[k] = time.perf_counter() - t0
-    return float(np.median(t))
+    return round_figure_ms(t)
 
 
 def compare_latency(paths: list[Path], input_shape: tuple[int, ...], threads: int = 1, rounds: int | None = None,
                     runs: int | None = None, warmup: int | None = None,
                     adaptive: Adaptive | None = None) -> list[dict[str, Any]]:
-    """Median latency per variant and its speedup over ``paths[0]`` (median of per-round ratios).
+    """Latency per variant (the median of its round figures, see the module's docstring) and its speedup over
+    ``paths[0]`` (median of per-round ratios).
 
     By default the rounds adapt to the models (:class:`Adaptive`): runs per round from each model's latency,
     rounds until the speedups' intervals are tight or the time budget is spent. ``rounds`` and ``runs`` fix them
