@@ -225,3 +225,34 @@ def test_architecture_names_compare_by_what_they_are():
     assert normal_arch("arm64") == normal_arch("aarch64") == "aarch64"
     assert normal_arch("AMD64") == normal_arch("x86_64") == "x86_64"
     assert normal_arch("xtensa") == "xtensa" and normal_arch("aarch64") != normal_arch("x86_64")
+
+
+def test_kernels_of_squeeze_excitation_hardswish_grouped_and_ghost_layers(tmp_path):
+    """What a MobileNetV3 / GhostNet block runs as kernels: the grouped 1x1 as a dense convolution of 4 groups,
+    Hardswish as an elementwise kernel (no runtime fuses it), the SE gate's Hardsigmoid fused into its 1x1
+    convolution and its scale as a broadcast product, the ghost concat, and a ReLU after a residual add fused."""
+    from pipeline.profile.kernels import Kernel, kernels_of
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.expand = nn.Sequential(nn.Conv2d(8, 32, 1, groups=4, bias=False), nn.BatchNorm2d(32), nn.Hardswish())
+            self.dw = nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+            self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(32, 8, 1), nn.ReLU(), nn.Conv2d(8, 32, 1),
+                                      nn.Hardsigmoid())
+            self.project = nn.Conv2d(32, 4, 1)
+            self.cheap = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+
+        def forward(self, x):
+            y = self.dw(self.expand(x))
+            y = self.project(y * self.gate(y))
+            return torch.relu(x + torch.cat([y, self.cheap(y)], 1))
+
+    path = export_model("onnx", Block().eval(), (8, 10, 10), tmp_path / "b.onnx", 17)
+    ks = kernels_of(path)
+    assert Kernel("conv", False, 8, 32, 1, 1, 10, 10, groups=4) in ks
+    assert [k.op for k in ks if k.kind == "eltwise"] == ["hardswish", "bcast", "concat"]
+    assert sum(k.kind == "dwconv" for k in ks) == 2 and sum(k.kind == "conv" for k in ks) == 4
+    assert [k.kind for k in ks].count("gpool") == 1 and [k.kind for k in ks].count("add") == 1
+    bcast = next(k for k in ks if k.op == "bcast")
+    assert (bcast.cin, bcast.h, bcast.w) == (32, 10, 10)

@@ -137,16 +137,38 @@ def kernel_samples(suite: Suite, measured: Measured) -> list[dict[str, Any]]:
     return [{"kernel": cases[cid]["kernel"], "us": round(us, 3)} for cid, us in sorted(measured.kernel_us.items())]
 
 
-def fit_correction(rows: np.ndarray, times_us: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+#: how strongly each kind's factor in a correction is held at 1 (the kernels as measured): a factor off by x costs
+#: as much as PRIOR x x relative error on one model. Without it a kind that is a small share of every whole model
+#: (a global pool, an add) takes whatever factor absorbs what no kernel explains (the fp32 global pool's came out
+#: at 8.9 on this host), and carries it to networks where that kind is more of the time
+PRIOR = 0.15
+
+
+def fit_correction(rows: np.ndarray, times_us: np.ndarray, weights: np.ndarray | None = None,
+                   prior: float = PRIOR) -> np.ndarray:
     """A precision's correction (see ``KernelPredictor.correction``) by non-negative least squares on whole models
-    (``rows``: their kind sums): each model's relative error counts, squared, ``weights`` times (1 each by default)."""
+    (``rows``: their kind sums): each model's relative error counts, squared, ``weights`` times (1 each by default),
+    and each kind's factor is held towards 1 with ``prior`` (:data:`PRIOR`), so kinds the models hardly contain keep
+    their kernels' own figures; the session term and the Q/DQ term are free."""
     from scipy.optimize import nnls
 
     a, t = np.asarray(rows, dtype=float), np.asarray(times_us, dtype=float)
     w = (np.sqrt(weights) if weights is not None else 1.0) / t
     scale = np.maximum(a.max(0), 1e-9)
-    coef, _ = nnls(a / scale * w[:, None], t * w)
-    return coef / scale
+    lhs, rhs = a / scale * w[:, None], t * w
+    kinds = range(1, a.shape[1] - 1)  # [session, kinds..., Q/DQ]
+    if prior > 0:
+        held = [k for k in kinds if a[:, k].any()]
+        p = np.zeros((len(held), a.shape[1]))
+        for r, k in enumerate(held):
+            p[r, k] = prior / scale[k]  # prior x (b_k - 1), b_k being the scaled unknown over scale[k]
+        lhs, rhs = np.vstack([lhs, p]), np.concatenate([rhs, [prior] * len(held)])
+    coef, _ = nnls(lhs, rhs)
+    coef = coef / scale
+    for k in kinds:  # a kind no model contains keeps its kernels' figures
+        if not a[:, k].any():
+            coef[k] = 1.0
+    return coef
 
 
 def fit_predictor(built: BuiltSuite, measured: Measured):
@@ -154,10 +176,13 @@ def fit_predictor(built: BuiltSuite, measured: Measured):
     precision)."""
     from ..kernels import KernelPredictor
 
+    from .block import choose_block
+
     samples = kernel_samples(built.suite, measured)
     if not samples:
         return None, {"kernels": 0, **_errors(np.array([]), np.array([]))}
-    predictor = KernelPredictor(samples)
+    block, evidence = choose_block(samples)
+    predictor = KernelPredictor(samples, block=block)
     rows: dict[str, list[np.ndarray]] = {"fp32": [], "int8": []}
     times: dict[str, list[float]] = {"fp32": [], "int8": []}
     for cid, precision, ms in whole_models(built, measured):
@@ -174,7 +199,8 @@ def fit_predictor(built: BuiltSuite, measured: Measured):
         actual += list(t)
         per[key] = _errors(a @ coef, t)
     predictor.reference_ms = round(measured.reference_ms, 5) if measured.reference_ms else None
-    return predictor, {"kernels": len(samples), **_errors(np.array(predicted), np.array(actual)), "by_precision": per}
+    return predictor, {"kernels": len(samples), **_errors(np.array(predicted), np.array(actual)), "by_precision": per,
+                       "block": evidence}
 
 
 def fit_op_factors(built: BuiltSuite, measured: Measured, profile: TargetProfile) -> dict[str, Any] | None:

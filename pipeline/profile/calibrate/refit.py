@@ -38,6 +38,7 @@ from device_agent.errors import ProtocolError
 
 from ...errors import ConfigError
 from ...targets import TargetProfile
+from .block import choose_block
 from .build import BuiltSuite
 from .fit import combine, fit_correction, kernel_samples, whole_models
 from .write import write_kernels
@@ -208,7 +209,7 @@ def refit(built: BuiltSuite, results: dict[str, dict[str, dict[str, Any]]], flee
     suite_cases = whole_models(built, measured)
     old_suite = [float(predict_model(built.file(cid), target)["latency_ms"]) for cid, _, _ in suite_cases]
 
-    predictor = KernelPredictor(samples)
+    predictor = KernelPredictor(samples, block=choose_block(samples)[0])
     rows: dict[str, list[np.ndarray]] = {p: [] for p in PRECISIONS}
     times: dict[str, list[float]] = {p: [] for p in PRECISIONS}
     counts: dict[str, dict[str, int]] = {p: {"suite": 0, "fleet": 0} for p in PRECISIONS}
