@@ -64,8 +64,10 @@ from .manifest import (
 from .mqtt import ConnectError, MqttLink, Will
 from .serving import InferenceServer, ModelHolder, ServeConfig, Served, TrafficStats
 from .protocol import (
+    ARTIFACTS_LEVEL,
     DEFAULT_WINDOW,
     MAX_JOB_BYTES,
+    PROTOCOL_VERSION,
     CorruptChunk,
     Event,
     Job,
@@ -78,6 +80,7 @@ from .protocol import (
     decode_chunk,
     encode,
     parse_topic,
+    artifact_topic,
     short,
     topic,
 )
@@ -111,6 +114,10 @@ class _Transfer:
     last_progress: float
     retries: int = 0
     http: Any = None  # an HttpFetch when the manifest names a URL
+    #: a broadcast wave's topic (the job's ``artifact_topic``): its chunks arrive there unasked, once each
+    artifact_topic: str | None = None
+    #: asked for chunks on stream/get (always, without a broadcast; with one, once it has passed or stalled)
+    repairing: bool = False
 
 
 class Agent(CalibrationControl, ShadowControl):
@@ -278,6 +285,9 @@ class Agent(CalibrationControl, ShadowControl):
             return
         dl = Download(self.root / "downloads", job_id, manifest.length, manifest.chunk_size, manifest.chunks)
         self._transfer = _Transfer(job_id, manifest, saved["manifest"], dl, set(dl.requested), time.monotonic())
+        if saved.get("artifact_topic") == artifact_topic(self.cfg.topic_prefix, job_id) and not manifest.url:
+            self._transfer.artifact_topic = saved["artifact_topic"]
+            self.link.subscribe(saved["artifact_topic"], 1)  # subscribed as the link connects
         self._pending_events.append(("resumed", f"download resumes at {dl.resumed}/{manifest.chunks} chunks after a "
                                                 f"restart", job_id))
 
@@ -401,6 +411,8 @@ class Agent(CalibrationControl, ShadowControl):
                 else:
                     self._request_more(self._transfer, again=True)
             return
+        if name.startswith(f"{self.cfg.topic_prefix}/v{PROTOCOL_VERSION}/{ARTIFACTS_LEVEL}/"):
+            return self._on_chunk(payload)  # a broadcast chunk: the frame names its job, checked there
         try:
             _, leaf = parse_topic(self.cfg.topic_prefix, name)
             if leaf is Leaf.JOB:
@@ -444,6 +456,9 @@ class Agent(CalibrationControl, ShadowControl):
         cal = self.state.get("calibration")
         if isinstance(cal, dict) and cal.get("job_id") == job.job_id:
             return  # the retained calibration job we are timing, or timed
+        if job.artifact_topic is not None and job.artifact_topic != artifact_topic(self.cfg.topic_prefix, job.job_id):
+            raise ProtocolError(f"job: artifact_topic {short(job.artifact_topic)} is not this device's "
+                                f"{artifact_topic(self.cfg.topic_prefix, job.job_id)!r}")
         try:
             signed = verify_envelope(job.manifest, self.trusted)
             manifest = Manifest.from_signed(signed)
@@ -462,11 +477,17 @@ class Agent(CalibrationControl, ShadowControl):
         self._cancel_calibration(f"superseded by job {job.job_id}")  # one job at a time, of either kind
         if self._transfer is not None:  # a newer job supersedes the one in flight
             self._transfer.download.discard()
+            self._leave_broadcast(self._transfer)
             self._event("superseded", f"job {self._transfer.job_id} replaced by {job.job_id}")
         dl = Download(self.root / "downloads", job.job_id, manifest.length, manifest.chunk_size, manifest.chunks)
-        atomic_write_json(dl.dir / "job.json", {"job_id": job.job_id, "manifest": job.manifest})
-        self._transfer = _Transfer(job.job_id, manifest, job.manifest, dl, set(), time.monotonic())
+        broadcast = job.artifact_topic if not manifest.url else None
+        atomic_write_json(dl.dir / "job.json", {"job_id": job.job_id, "manifest": job.manifest,
+                                                **({"artifact_topic": broadcast} if broadcast else {})})
+        self._transfer = _Transfer(job.job_id, manifest, job.manifest, dl, set(), time.monotonic(),
+                                   artifact_topic=broadcast)
         self._save_state(state=State.DOWNLOADING.value, job_id=job.job_id, version=manifest.version, reason=None)
+        if broadcast:  # subscribed before `downloading` goes out: the host broadcasts once it has seen that status
+            self.link.subscribe(broadcast, 1)
         self._publish_status(State.DOWNLOADING, job_id=job.job_id, version=manifest.version,
                              progress=round(dl.resumed / manifest.chunks, 4))
         if dl.resumed:
@@ -479,8 +500,13 @@ class Agent(CalibrationControl, ShadowControl):
             # the broker kept our session: what we had asked for is still on its way; wait for it (the retry
             # timer asks again if it never comes) instead of making the host send it twice
             self._transfer.outstanding = set(dl.requested)
-        else:
+        elif not broadcast:
             self._request_more(self._transfer)
+        # with a broadcast: nothing asked for until it has passed (its last chunk) or stalls (_tick asks)
+
+    def _leave_broadcast(self, tr: _Transfer) -> None:
+        if tr.artifact_topic is not None:
+            self.link.unsubscribe(tr.artifact_topic)
 
     def _already_active(self, job: Job, m: Manifest) -> bool:
         """A crash between the switch and its bookkeeping: the new model is active; finish the record."""
@@ -524,6 +550,7 @@ class Agent(CalibrationControl, ShadowControl):
             tr.outstanding.clear()
         if tr.outstanding:
             return
+        tr.repairing = True
         want = tr.download.missing(DEFAULT_WINDOW)
         tr.outstanding = set(want)
         tr.download.note_requested(want)
@@ -582,6 +609,12 @@ class Agent(CalibrationControl, ShadowControl):
         tr.last_progress, tr.retries = time.monotonic(), 0
         if tr.download.complete:
             self._finish(tr)
+        elif tr.artifact_topic is not None and not tr.repairing:  # the broadcast is still going by
+            if index == tr.manifest.chunks - 1:  # ... or has passed: ask for what it did not bring
+                self._request_more(tr)
+            elif len(tr.download.have) % DEFAULT_WINDOW == 0:
+                self._publish_status(State.DOWNLOADING, job_id=tr.job_id, version=tr.manifest.version,
+                                     progress=round(len(tr.download.have) / tr.manifest.chunks, 4))
         elif not tr.outstanding:
             self._publish_status(State.DOWNLOADING, job_id=tr.job_id, version=tr.manifest.version,
                                  progress=round(len(tr.download.have) / tr.manifest.chunks, 4))
@@ -591,6 +624,7 @@ class Agent(CalibrationControl, ShadowControl):
         tr = self._transfer
         if tr is not None and body.get("job_id") == tr.job_id:
             tr.download.discard()
+            self._leave_broadcast(tr)
             self._transfer = None
             self._refuse(tr.job_id, tr.manifest.version, f"host cannot serve the artifact: {short(body.get('reason'))}",
                          ResultCode.CONNECTION_LOST)
@@ -602,6 +636,7 @@ class Agent(CalibrationControl, ShadowControl):
         tr.retries += 1
         if tr.retries > MAX_RETRIES:
             tr.download.close()
+            self._leave_broadcast(tr)
             self._transfer = None
             self._refuse(tr.job_id, tr.manifest.version, f"no chunk for {RETRY_S * MAX_RETRIES:g} s; "
                          "download kept for resumption", ResultCode.CONNECTION_LOST)
@@ -612,6 +647,7 @@ class Agent(CalibrationControl, ShadowControl):
 
     def _finish(self, tr: _Transfer) -> None:
         self._transfer = None
+        self._leave_broadcast(tr)
         m = tr.manifest
         tr.download.close()
         self._save_state(state=State.VERIFYING.value)

@@ -164,9 +164,18 @@ class MqttLink:
 
     # -- use ----------------------------------------------------------------------------------
     def subscribe(self, topic: str, qos: int = 1) -> None:
-        self.subscriptions.append((topic, qos))
+        """Subscribe now (when connected) and after every reconnect. The SUBSCRIBE goes out on the connection ahead
+        of anything published after this call, so a broker has registered it before it routes those."""
+        if (topic, qos) not in self.subscriptions:
+            self.subscriptions.append((topic, qos))
         if self._client is not None:
             self._client.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        """Drop a subscription made with :meth:`subscribe` (a persistent session would keep it otherwise)."""
+        self.subscriptions = [(t, q) for t, q in self.subscriptions if t != topic]
+        if self._client is not None:
+            self._client.unsubscribe(topic)
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
         if self._client is None:

@@ -12,6 +12,7 @@ Topics are scoped per device so broker ACLs stay simple::
     <prefix>/v1/<device>/events         device -> host: refusals, rollbacks, activations
     <prefix>/v1/<device>/calibration    device -> host: timings of a calibration suite, as they are measured
     <prefix>/v1/<device>/cmd            host -> device: report, rollback, benchmark, drop_shadow
+    <prefix>/v1/_artifacts/<job>        host -> a wave's devices: every chunk of a job once (broadcast)
 
 Everything but ``stream/data`` is UTF-8 JSON carrying ``"v": PROTOCOL_VERSION``.
 Only MQTT 3.1.1 features are required; MQTT 5 is used where the broker offers it.
@@ -102,6 +103,18 @@ def check_id(value: str, what: str) -> str:
 
 def topic(prefix: str, device_id: str, leaf: Leaf) -> str:
     return f"{prefix}/v{PROTOCOL_VERSION}/{device_id}/{leaf.value}"
+
+
+#: the topic level under ``<prefix>/v1/`` of broadcast artifacts: never a device id (those start with a letter or
+#: digit), as ``_sync`` (the host's watch markers) is not
+ARTIFACTS_LEVEL = "_artifacts"
+#: the longest artifact topic a job may name (a prefix is a 1-64 character id, a job id too)
+MAX_TOPIC_CHARS = 160
+
+
+def artifact_topic(prefix: str, job_id: str) -> str:
+    """Where a broadcast wave's chunks go, once each: ``<prefix>/v1/_artifacts/<job_id>`` (host -> devices)."""
+    return f"{prefix}/v{PROTOCOL_VERSION}/{ARTIFACTS_LEVEL}/{job_id}"
 
 
 def parse_topic(prefix: str, name: str) -> tuple[str, Leaf]:
@@ -272,13 +285,31 @@ class Message:
 
 @dataclass(frozen=True)
 class Job:
+    """``artifact_topic`` (optional, absent when unicast): the topic a broadcast wave's chunks arrive on, which the
+    device subscribes to before it reports ``downloading``; always ``artifact_topic(prefix, job_id)``, which the
+    agent checks against its own prefix (a job can never make a device subscribe elsewhere)."""
+
     job_id: str
     manifest: dict[str, Any]  # a signed envelope, see device_agent.manifest
+    artifact_topic: str | None = None
 
     @classmethod
     def parse(cls, payload: bytes) -> "Job":
         body = decode(payload, "job", MAX_JOB_BYTES)
-        return cls(check_id(require(body, "job_id", str, "job"), "job_id"), require(body, "manifest", dict, "job"))
+        job_id = check_id(require(body, "job_id", str, "job"), "job_id")
+        name = body.get("artifact_topic")
+        if name is not None and not (isinstance(name, str) and len(name) <= MAX_TOPIC_CHARS
+                                     and name.endswith(f"/v{PROTOCOL_VERSION}/{ARTIFACTS_LEVEL}/{job_id}")
+                                     and not any(c in name for c in "+#\0")):
+            raise ProtocolError(f"job: artifact_topic {short(name)} is not .../v{PROTOCOL_VERSION}/{ARTIFACTS_LEVEL}/"
+                                f"{job_id}")
+        return cls(job_id, require(body, "manifest", dict, "job"), name)
+
+    def to_bytes(self) -> bytes:
+        body: dict[str, Any] = {"job_id": self.job_id, "manifest": self.manifest}
+        if self.artifact_topic is not None:
+            body["artifact_topic"] = self.artifact_topic
+        return encode(body)
 
 
 @dataclass(frozen=True)
