@@ -2,8 +2,8 @@
 
 Writes a CA, a server certificate, a client certificate for the host and one per device (the
 certificate's common name becomes the MQTT username: ``use_identity_as_username``), and an ACL under
-which a device may publish only on its own topics and read only its own jobs, chunks and commands,
-and only the host may publish OTA topics.
+which a device may publish only on its own topics and read only its own jobs, chunks and commands
+and the broadcast artifact topics (``<prefix>/v1/_artifacts/<job>``), and only the host may publish OTA topics.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import getpass
 from pathlib import Path
 
-from device_agent.protocol import PROTOCOL_VERSION, Leaf, check_id
+from device_agent.protocol import ARTIFACTS_LEVEL, PROTOCOL_VERSION, Leaf, check_id
 
 from .pki import CertificateAuthority
 
@@ -27,6 +27,8 @@ def acl(prefix: str) -> str:
              "# every device: its own topics only (%u is its username, its certificate CN)"]
     lines += [f"pattern write {base}/%u/{leaf.value}" for leaf in _DEVICE_PUBLISHES]
     lines += [f"pattern read {base}/%u/{leaf.value}" for leaf in _DEVICE_READS]
+    lines += ["", "# every device reads the broadcast artifacts (a wave's chunks, one publish each); only the host writes",
+              f"pattern read {base}/{ARTIFACTS_LEVEL}/+"]
     return "\n".join(lines) + "\n"
 
 

@@ -148,6 +148,9 @@ class FleetConfig(Strict):
                                       description="the inventory: device ids, or {id, target, host, ...} each")
     provision: ProvisionConfig = ProvisionConfig()
     timeout_s: float = Field(120, gt=0)
+    broadcast: Literal["auto", "always", "never"] = Field(
+        "auto", description="publish each chunk once for a whole wave on its artifact topic (auto: waves of more "
+                            "than one device), or serve every device on its own (never)")
     rollout: RolloutConfig = RolloutConfig()
     http: HttpConfig = HttpConfig()
     retention: RetentionConfig = RetentionConfig()

@@ -1,7 +1,8 @@
 """Deliver one signed artifact to a set of devices and wait for each one's verdict.
 
 The host publishes the job (retained), serves the chunks each device asks for, and collects
-status and metrics. A device's terminal state is its delivery status (``DeviceStatus``: activated |
+status and metrics. A wave of more than one device is broadcast (pipeline.ota.broadcast): every chunk is
+published once on the job's artifact topic, and what a device still lacks is served to it alone. A device's terminal state is its delivery status (``DeviceStatus``: activated |
 rolled_back | failed), or timeout when it reached no verdict in time.
 """
 
@@ -20,10 +21,12 @@ from typing import Any
 from device_agent.config import BrokerConfig
 from device_agent.errors import ProtocolError
 from device_agent.protocol import (
-    TERMINAL_STATES, Event, Leaf, Metrics, State, Status, StreamGet, encode, encode_chunk, parse_topic, topic,
+    TERMINAL_STATES, Event, Job, Leaf, Metrics, State, Status, StreamGet, artifact_topic, encode, encode_chunk,
+    parse_topic, topic,
 )
 
 from ..bundle import Artifact
+from .broadcast import SUBSCRIBE_WAIT_S, BroadcastMode, BroadcastResult, broadcast_chunks, use_broadcast
 from .status import DeviceStatus
 from .watch import Watch
 
@@ -55,16 +58,35 @@ class DeviceResult:
                 "device_state": self.device_state}
 
 
+class Delivery(list):
+    """A delivery's :class:`DeviceResult` list, with what the wave cost the host: ``broadcast`` (None when unicast)
+    and ``egress_bytes``, the chunk frames the host published, broadcast and per device together."""
+
+    broadcast: BroadcastResult | None = None
+
+    @property
+    def egress_bytes(self) -> int:
+        return (self.broadcast.bytes_sent if self.broadcast else 0) + sum(r.bytes_sent for r in self)
+
+    def summary(self) -> dict[str, Any]:
+        b = self.broadcast
+        return {"mode": "broadcast" if b else "unicast", "egress_bytes": self.egress_bytes,
+                "broadcast_bytes": b.bytes_sent if b else 0, "broadcast_chunks": b.chunks if b else 0,
+                "repair_bytes": sum(r.bytes_sent for r in self), "subscribed": b.subscribed if b else None}
+
+
 #: a chunk sent this recently is not sent again on a plain request: it may still be queued for the device
 RESEND_AFTER_S = 3.0
 _TERMINAL = frozenset(s.value for s in TERMINAL_STATES)
 
 
-def publish_job(link, prefix: str, devices: list[str], job_id: str, artifact: Artifact) -> None:
-    """The signed manifest on each device's job topic, retained: a device that connects later still gets it."""
+def publish_job(link, prefix: str, devices: list[str], job_id: str, artifact: Artifact,
+                broadcast_topic: str | None = None) -> None:
+    """The signed manifest on each device's job topic, retained: a device that connects later still gets it.
+    ``broadcast_topic``: the wave's artifact topic, which the devices subscribe to."""
+    payload = Job(job_id, artifact.envelope, broadcast_topic).to_bytes()
     for device_id in devices:
-        link.publish(topic(prefix, device_id, Leaf.JOB), encode({"job_id": job_id, "manifest": artifact.envelope}),
-                     qos=1, retain=True)
+        link.publish(topic(prefix, device_id, Leaf.JOB), payload, qos=1, retain=True)
 
 
 class ChunkServer:
@@ -122,14 +144,22 @@ class ChunkServer:
 def deliver(
     broker: BrokerConfig, prefix: str, artifact: Artifact, devices: list[str], timeout_s: float,
     progress: Callable[[str, DeviceResult], None] | None = None, until: enum.Enum = DeviceStatus.ACTIVATED,
-) -> list[DeviceResult]:
+    broadcast: BroadcastMode | str | None = None, subscribe_wait_s: float = SUBSCRIBE_WAIT_S,
+) -> Delivery:
     """``until``: the status whose value is the agent state that ends a device's delivery well: ``activated`` (then
     its metrics of the new version are waited for too), or for a shadow job ``shadowing`` (pipeline.ota.shadow);
-    the agent's terminal states end it as well."""
+    the agent's terminal states end it as well. ``broadcast``: a :class:`BroadcastMode` (None: the one in effect,
+    ``auto`` unless :func:`pipeline.ota.broadcast.broadcasting` says otherwise); a broadcast waits up to
+    ``subscribe_wait_s`` for the devices to subscribe (their ``downloading`` status), then publishes each chunk
+    once, while the devices' own requests are served as ever."""
     job_id = f"j{artifact.version}-{uuid.uuid4().hex[:8]}"
+    wide = use_broadcast(broadcast, len(devices)) and not artifact.manifest.url
+    delivery = Delivery()
+    delivery.broadcast = BroadcastResult() if wide else None
     results = {d: DeviceResult(d) for d in devices}
     done: set[str] = set()  # devices with their verdict (and, after an activation, their metrics)
     requests: queue.Queue[tuple[str, StreamGet]] = queue.Queue()
+    offline: set[str] = set()  # devices whose retained online flag says offline: a broadcast does not wait for them
 
     def on_message(name: str, payload: bytes) -> None:
         try:
@@ -140,7 +170,9 @@ def deliver(
         if r is None or not payload:
             return
         try:
-            if leaf is Leaf.STREAM_GET:
+            if leaf is Leaf.ONLINE:
+                (offline.discard if payload == b"online" else offline.add)(device_id)
+            elif leaf is Leaf.STREAM_GET:
                 req = StreamGet.parse(payload)
                 if req.job_id == job_id:
                     requests.put((device_id, req))
@@ -182,16 +214,29 @@ def deliver(
         except ProtocolError as exc:
             log.warning("%s: %s", name, exc)
 
-    subs = [(f"{prefix}/v1/+/{leaf.value}", 1) for leaf in (Leaf.STATUS, Leaf.METRICS, Leaf.STREAM_GET, Leaf.EVENTS)]
+    leaves = (Leaf.STATUS, Leaf.METRICS, Leaf.STREAM_GET, Leaf.EVENTS) + ((Leaf.ONLINE,) if wide else ())
+    subs = [(f"{prefix}/v1/+/{leaf.value}", 1) for leaf in leaves]
     watch = Watch(broker, prefix, subs, on_message, name="host").start()
     server = ChunkServer(watch.link, prefix, artifact, job_id, results, requests).start()
+    deadline = time.monotonic() + timeout_s
     try:
-        publish_job(watch.link, prefix, devices, job_id, artifact)
-        watch.until(lambda: done >= set(devices), timeout_s)
+        name = artifact_topic(prefix, job_id) if wide else None
+        publish_job(watch.link, prefix, devices, job_id, artifact, name)
+        if name is not None:  # a device says downloading once it has subscribed; one that says anything has answered
+            wait = min(subscribe_wait_s, timeout_s)
+            watch.settle(wait)  # every retained online flag is in: devices offline now join late, through repairs
+            watch.until(lambda: all(d in done or d in offline or results[d].states for d in devices), wait)
+            delivery.broadcast.subscribed = sum(1 for d in devices if results[d].states and d not in done)
+            broadcast_chunks(watch.link, name, artifact, job_id, delivery.broadcast)
+            log.info("broadcast %s: %d chunks, %d bytes in %.2f s to %d subscribed device(s)", job_id,
+                     delivery.broadcast.chunks, delivery.broadcast.bytes_sent, delivery.broadcast.seconds,
+                     delivery.broadcast.subscribed)
+        watch.until(lambda: done >= set(devices), max(0.0, deadline - time.monotonic()))
     finally:
         server.stop()
         watch.stop()
     for r in results.values():
         if r.device_id not in done and r.status is DeviceStatus.TIMEOUT:
             r.reason = r.reason or f"no verdict within {timeout_s:g} s (last state: {r.states[-1] if r.states else 'none'})"
-    return [results[d] for d in devices]
+    delivery.extend(results[d] for d in devices)
+    return delivery

@@ -20,6 +20,7 @@ from ..fleet.accuracy import predictions
 from ..profile import host_threads
 from ..targets import TargetProfile
 from ..ui import UI
+from .broadcast import broadcasting
 from .http_server import ArtifactServer
 from .local_fleet import LocalFleet, host_prediction
 from .rollout import RolloutPolicy, rollout
@@ -102,7 +103,8 @@ def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: Tar
         first = "a shadow stage, then canaries" if policy.shadow is not None else "canaries first"
         with ui.stage(f"Deliver v{artifact.version} over MQTT to {len(devices)} device(s), {first}"):
             try:
-                with updates:  # every queued state is written before the deployment's record ends
+                # every queued state is written before the deployment's record ends; waves broadcast per fleet.broadcast
+                with updates, broadcasting(fleet.broadcast):
                     result = rollout(broker, fleet.topic_prefix, artifact, devices, fleet.timeout_s, policy,
                                      progress=progress, note=ui.info, shadow=shadow)
             except BaseException as exc:  # the deployment's record ends, whatever stopped it
