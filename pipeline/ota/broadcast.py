@@ -2,7 +2,8 @@
 
 The job names ``<prefix>/v1/_artifacts/<job_id>`` (``device_agent.protocol.artifact_topic``); each device subscribes
 to it (QoS 1) before it reports ``downloading``. Once the wave's devices have said so (or a short wait has passed:
-the others join late), the host publishes every chunk there once, paced by the broker's acknowledgements; what a
+the others join late), the host publishes every chunk there once, paced by the broker's acknowledgements, the last one retained while the
+delivery lasts (a device that subscribes late gets it at once, so it knows the broadcast has passed); what a
 device still lacks (it joined late, restarted, or the broker dropped something) it asks for on its own
 ``stream/get``, which the :class:`~pipeline.ota.delivery.ChunkServer` answers as for a unicast delivery. An agent
 that does not know the field asks for everything itself: unicast is the fallback without anything to negotiate.
@@ -82,13 +83,18 @@ def broadcast_chunks(link, name: str, artifact: Artifact, job_id: str, result: B
             if len(inflight) >= window:
                 _wait(inflight.popleft(), ack_timeout_s)
             frame = encode_chunk(job_id, index, f.read(m.chunk_size))
-            inflight.append(link.publish(name, frame, qos=1))
+            inflight.append(link.publish(name, frame, qos=1, retain=index == m.chunks - 1))
             result.chunks += 1
             result.bytes_sent += len(frame)
     while inflight:
         _wait(inflight.popleft(), ack_timeout_s)
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def clear_retained(link, name: str) -> None:
+    """Drop the retained last chunk: the broker keeps nothing of a finished delivery."""
+    link.publish(name, b"", qos=1, retain=True)
 
 
 def _wait(info, timeout: float) -> None:

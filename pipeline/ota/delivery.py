@@ -26,7 +26,9 @@ from device_agent.protocol import (
 )
 
 from ..bundle import Artifact
-from .broadcast import SUBSCRIBE_WAIT_S, BroadcastMode, BroadcastResult, broadcast_chunks, use_broadcast
+from .broadcast import (
+    SUBSCRIBE_WAIT_S, BroadcastMode, BroadcastResult, broadcast_chunks, clear_retained, use_broadcast,
+)
 from .status import DeviceStatus
 from .watch import Watch
 
@@ -219,8 +221,8 @@ def deliver(
     watch = Watch(broker, prefix, subs, on_message, name="host").start()
     server = ChunkServer(watch.link, prefix, artifact, job_id, results, requests).start()
     deadline = time.monotonic() + timeout_s
+    name = artifact_topic(prefix, job_id) if wide else None
     try:
-        name = artifact_topic(prefix, job_id) if wide else None
         publish_job(watch.link, prefix, devices, job_id, artifact, name)
         if name is not None:  # a device says downloading once it has subscribed; one that says anything has answered
             wait = min(subscribe_wait_s, timeout_s)
@@ -234,6 +236,8 @@ def deliver(
         watch.until(lambda: done >= set(devices), max(0.0, deadline - time.monotonic()))
     finally:
         server.stop()
+        if name is not None:
+            clear_retained(watch.link, name)
         watch.stop()
     for r in results.values():
         if r.device_id not in done and r.status is DeviceStatus.TIMEOUT:
