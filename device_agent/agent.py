@@ -96,6 +96,11 @@ log = logging.getLogger(__name__)
 #: Seconds without a chunk before the device asks again, and how many unanswered asks abort.
 RETRY_S = 5.0
 MAX_RETRIES = 12
+#: Seconds a device that subscribed to a broadcast waits for its first chunk before it asks on its own: more than
+#: the host waits for a wave to subscribe (pipeline.ota.broadcast.SUBSCRIBE_WAIT_S, 15 s), so the first devices of a
+#: wave do not ask for what is about to be broadcast; a late one learns the broadcast has passed from its last
+#: chunk, which the host keeps retained on the artifact topic while the delivery lasts
+BROADCAST_WAIT_S = 20.0
 #: Messages waiting for the worker; past this the network thread waits (the broker holds the rest).
 INBOX_SIZE = 1000
 #: Characters of an event's message; untrusted text in it is already quoted short.
@@ -412,7 +417,9 @@ class Agent(CalibrationControl, ShadowControl):
                     self._request_more(self._transfer, again=True)
             return
         if name.startswith(f"{self.cfg.topic_prefix}/v{PROTOCOL_VERSION}/{ARTIFACTS_LEVEL}/"):
-            return self._on_chunk(payload)  # a broadcast chunk: the frame names its job, checked there
+            if payload:  # an empty one clears the retained last chunk
+                self._on_chunk(payload)  # a broadcast chunk: the frame names its job, checked there
+            return
         try:
             _, leaf = parse_topic(self.cfg.topic_prefix, name)
             if leaf is Leaf.JOB:
@@ -631,7 +638,8 @@ class Agent(CalibrationControl, ShadowControl):
 
     def _tick(self) -> None:
         tr = self._transfer
-        if tr is None or tr.manifest.url or time.monotonic() - tr.last_progress < RETRY_S:
+        quiet = RETRY_S if tr is None or tr.repairing or tr.artifact_topic is None else BROADCAST_WAIT_S
+        if tr is None or tr.manifest.url or time.monotonic() - tr.last_progress < quiet:
             return
         tr.retries += 1
         if tr.retries > MAX_RETRIES:
