@@ -404,7 +404,7 @@ class Agent(CalibrationControl, ShadowControl):
                 kind, message, job_id = self._pending_events.pop(0)
                 self._event(kind, message, job_id=job_id)
             state = State(self.state.get("state", State.IDLE.value))
-            kept = (State.ACTIVATED, State.ROLLED_BACK, State.FAILED, State.CALIBRATING)
+            kept = (State.ACTIVATED, State.ROLLED_BACK, State.FAILED, State.CALIBRATING, State.SHADOWING)
             self._publish_status(state if state in kept else State.IDLE, job_id=self.state.get("job_id"),
                                  version=self.state.get("version"))
             if self._transfer is not None and self._transfer.manifest.url:
@@ -478,9 +478,8 @@ class Agent(CalibrationControl, ShadowControl):
             return self._refuse_unaccepted(job.job_id, None, str(exc), ResultCode.UNSUPPORTED_PACKAGE)
         if manifest.kind == "model" and self._promote(job, manifest):
             return
-        if self.state.get("shadow") is not None and manifest.kind == "model":  # a new model supersedes the candidate
-            self._end_shadow()
-            self._save_state(shadow=None)
+        if self.state.get("shadow") is not None:  # one job at a time: any other supersedes the candidate
+            self._supersede_shadow(job.job_id)
         self._cancel_calibration(f"superseded by job {job.job_id}")  # one job at a time, of either kind
         if self._transfer is not None:  # a newer job supersedes the one in flight
             self._transfer.download.discard()
@@ -685,7 +684,8 @@ class Agent(CalibrationControl, ShadowControl):
         tr.download.discard()
         self._test_and_activate(tr.job_id, slot, path, m)
 
-    def _test_and_activate(self, job_id: str, slot: str, path: Path, m: Manifest) -> None:
+    def _test_and_activate(self, job_id: str, slot: str, path: Path, m: Manifest,
+                           envelope: dict[str, Any] | None = None) -> None:
         """Load and health-check the model installed in ``slot``; activate it, or shadow it when its manifest
         says so (health-checked and timed as the active model is, then loaded on one thread to run beside it)."""
         self._save_state(state=State.TESTING.value)
@@ -696,19 +696,22 @@ class Agent(CalibrationControl, ShadowControl):
             bench = health_check(session, m, self.cfg.benchmark_runs)
         except (HealthCheckError, RuntimeBackendError, ProtocolError) as exc:
             self.store.mark(slot, "bad", m.version, str(exc))
-            self._save_state(state=State.ROLLED_BACK.value, reason=str(exc))
+            self._save_state(state=State.ROLLED_BACK.value, reason=str(exc), shadow=None)
             self._publish_status(State.ROLLED_BACK, job_id=job_id, version=m.version, reason=str(exc),
                                  result_code=int(ResultCode.UPDATE_FAILED))
             self._event("rolled_back", f"v{m.version} failed its health check, kept the previous model: {exc}",
                         job_id=job_id, version=m.version, result_code=int(ResultCode.UPDATE_FAILED))
             return
         if m.shadow is not None:
+            del session  # the shadow loads its own, on one thread: two copies of the candidate at most, not three
             return self._begin_shadow(job_id, slot, m, bench)
+        if envelope is not None:  # a promoted candidate: the slot's manifest becomes the promoting one
+            atomic_write_json(self.store.slot_dir(slot) / "manifest.json", envelope)
         self.store.activate(slot, m)
         crash_point("activated")
         self.last_bench = bench
         self._serve(session, m)  # loaded and health-checked above: warm before the first request reaches it
-        self._save_state(state=State.ACTIVATED.value, highest_version=m.version, reason=None)
+        self._save_state(state=State.ACTIVATED.value, highest_version=m.version, reason=None, shadow=None)
         self._publish_status(State.ACTIVATED, job_id=job_id, version=m.version,
                              result_code=int(ResultCode.SUCCESS))
         self._event("activated", f"v{m.version} active in slot {slot}", job_id=job_id, version=m.version)

@@ -72,18 +72,39 @@ class _Connection:
         if socket_path is not None:  # a 600 KB image in the socket at once, not in three rounds of wake-ups
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         self.reader = self.sock.makefile("rb", 256 * 1024)
+        self.exchanges = 0
 
     def exchange(self, method: str, path: str, body: bytes | tuple[bytes, memoryview] | None,
                  headers: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         """One request and its answer; ``body`` may come in parts (a .npy header and the array's own memory),
-        written with one ``sendmsg`` where the kernel takes them, never joined into a copy."""
+        written with one ``sendmsg`` where the kernel takes them, never joined into a copy. Raises _NotSent when
+        the request cannot have been taken (the agent closed before it was all written and said nothing), _Lost
+        when it was written and no answer came (``idle``: not a byte of one, on a connection that had answered
+        before: the agent closed it while idle and never saw this request)."""
         parts = [p for p in ((body,) if isinstance(body, bytes) else body or ()) if len(p)]
         head = [f"{method} {path} HTTP/1.1", "Host: localhost", f"Content-Length: {sum(len(p) for p in parts)}",
                 *(f"{k}: {v}" for k, v in headers.items())]
-        _send_all(self.sock, [("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), *parts])
+        reused, self.exchanges = self.exchanges > 0, self.exchanges + 1
+        try:
+            _send_all(self.sock, [("\r\n".join(head) + "\r\n\r\n").encode("latin-1"), *parts])
+        except OSError as exc:  # the agent closed first: it may have said why (a 413, a 503) before it did
+            try:
+                return self._answer()
+            except (OSError, ValueError):
+                raise _NotSent(f"{type(exc).__name__}: {exc}") from None
+        try:
+            return self._answer()
+        except _Silent as exc:
+            raise _Lost(str(exc), idle=reused) from None
+        except (OSError, ValueError) as exc:
+            raise _Lost(f"{type(exc).__name__}: {exc}", idle=False) from None
+
+    def _answer(self) -> tuple[int, dict[str, str], bytes]:
         status_line = self.reader.readline(65537)
+        if not status_line:
+            raise _Silent("the connection closed before any answer")
         parts = status_line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
             raise ConnectionError(f"no HTTP answer ({status_line[:40]!r})")
         answer: dict[str, str] = {}
         while True:
@@ -94,15 +115,33 @@ class _Connection:
                 raise ConnectionError("the connection closed in the answer's headers")
             name, _, value = line.decode("latin-1").partition(":")
             answer[name.strip().lower()] = value.strip()
-        length = int(answer.get("content-length", "0"))
-        payload = self.reader.read(length)
-        if len(payload) != length:
+        length = answer.get("content-length", "0")
+        if not (length.isascii() and length.isdigit()):
+            raise ConnectionError(f"an answer of Content-Length {length[:20]!r}")
+        payload = self.reader.read(int(length))
+        if len(payload) != int(length):
             raise ConnectionError("the connection closed in the answer's body")
         return int(parts[1]), answer, payload
 
     def close(self) -> None:
         self.reader.close()
         self.sock.close()
+
+
+class _Silent(ConnectionError):
+    """EOF where an answer's first byte should be."""
+
+
+class _NotSent(ConnectionError):
+    """The request did not reach the agent whole: sending it again is safe."""
+
+
+class _Lost(ConnectionError):
+    """The request was written and no answer came: the model may have run."""
+
+    def __init__(self, message: str, idle: bool) -> None:
+        super().__init__(message)
+        self.idle = idle
 
 
 def _send_all(sock: socket.socket, parts: list) -> None:
@@ -136,7 +175,10 @@ class Client:
 
     def _request(self, method: str, path: str, body: bytes | tuple[bytes, memoryview] | None = None,
                  headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        """One exchange; retried on a fresh connection while nothing answered, until the timeout."""
+        """One exchange, sent again (on a fresh connection, backing off, until the timeout) only where the agent
+        cannot have taken it: nobody to connect to (an agent restarting), a send cut short with no answer, an
+        idle keep-alive connection the agent had closed, or a 503 (busy; with Retry-After). A request written
+        whole whose answer was lost is not sent again (the model may have run): that is an InferenceError."""
         give_up = time.monotonic() + self.timeout
         pause = 0.05
         while True:
@@ -148,9 +190,18 @@ class Client:
                     self.close()
                 if status != 503:
                     return status, answer, data
-                retry = float(answer.get("retry-after") or 1)
+                try:
+                    retry = float(answer.get("retry-after") or 1)
+                except ValueError:
+                    retry = 1.0
                 why = _message(data) or "the agent is busy"
-            except (OSError, ValueError) as exc:  # refused, reset, timed out, a garbled answer: connect again
+            except _Lost as exc:
+                self.close()
+                if not exc.idle:
+                    raise InferenceError(502, "lost", f"the request was sent and its answer lost ({exc}); not "
+                                                      "sent again: the model may have run it") from None
+                retry, why = 0.0, str(exc)  # the agent closed an idle connection: this request never reached it
+            except (OSError, ValueError) as exc:  # refused, no socket yet, a send cut short: connect again
                 self.close()
                 retry, why = pause, f"{type(exc).__name__}: {exc}"
                 pause = min(pause * 2, 1.0)

@@ -308,10 +308,12 @@ class DriftScores:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values for a metrics message (six significant digits)."""
-        r = lambda v: None if v is None else float(f"{v:.6g}")  # noqa: E731
+        # six significant digits; a score JSON cannot carry, or past what the host takes, is sent as unknown
+        r = lambda v: None if v is None or not math.isfinite(v) or abs(v) >= 1e12 else float(f"{v:.6g}")  # noqa: E731
         return {"window": self.window, "requests": self.requests, "samples": self.samples, "skipped": self.skipped,
                 "psi_outputs": r(self.psi_outputs), "psi_confidence": r(self.psi_confidence),
-                "mean_shift": None if self.mean_shift is None else [r(v) for v in self.mean_shift],
+                "mean_shift": None if self.mean_shift is None or any(r(v) is None for v in self.mean_shift)
+                else [r(v) for v in self.mean_shift],
                 "max_mean_shift": r(self.max_mean_shift)}
 
 

@@ -18,6 +18,8 @@ import ctypes
 import ctypes.util
 import hashlib
 import logging
+import os
+import re
 import threading
 from pathlib import Path
 
@@ -28,6 +30,7 @@ SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
 PEM_BEGIN, PEM_END = "-----BEGIN PUBLIC KEY-----", "-----END PUBLIC KEY-----"
 KEY_BYTES, SIGNATURE_BYTES = 32, 64
 _NID_ED25519 = 1087  # EVP_PKEY_ED25519
+_LIBCRYPTO = re.compile(r"libcrypto(\.so|-[0-9a-f]+\.so)")
 
 
 class PublicKey:
@@ -153,9 +156,11 @@ def _loaded_libcrypto() -> str | None:
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
-                path = line.rstrip("\n").partition("/")[2]
-                if "libcrypto" in path.rsplit("/", 1)[-1]:
-                    return "/" + path
+                path = "/" + line.rstrip("\n").partition("/")[2]
+                name = path.rsplit("/", 1)[-1]
+                # libcrypto.so.3, or a wheel's libcrypto-<hash>.so; not libcryptopp; not a file replaced on disk
+                if _LIBCRYPTO.match(name) and not path.endswith(" (deleted)") and os.path.isfile(path):
+                    return path
     except OSError:
         pass
     return ctypes.util.find_library("crypto")

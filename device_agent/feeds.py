@@ -19,6 +19,7 @@ class RequestError(Exception):
     def __init__(self, status: int, kind: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.kind, self.retry_after = status, kind, retry_after
+        self.counted = False  # in the traffic stats already (the API counts where it knows the version)
 
 
 _DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "int64": np.int64,

@@ -9,7 +9,6 @@ after each swap. Elsewhere (musl, macOS) there is no such call and this does not
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,7 @@ def _malloc_trim():
     if not _looked:
         _looked = True
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            libc = ctypes.CDLL(None)  # the process's own symbols: glibc's when it has malloc_trim (no ldconfig fork)
             _trim = libc.malloc_trim
             _trim.argtypes, _trim.restype = [ctypes.c_size_t], ctypes.c_int
         except (OSError, AttributeError):

@@ -53,16 +53,43 @@ def reason(status: int) -> str:
         return ""
 
 
-def read_exactly(stream, n: int) -> bytearray:
-    """``n`` bytes of the body into one buffer, read straight into it (a .npy image is used in place)."""
-    body = bytearray(n)
-    view, got = memoryview(body), 0
+def read_exactly(stream, n: int, step: int = 256 * 1024) -> bytearray:
+    """``n`` bytes of the body into one buffer, grown as the bytes arrive (a client that declares 32 MB and sends
+    nothing holds nothing), read straight into it (a .npy image is used in place)."""
+    body = bytearray(min(n, step))
+    got = 0
     while got < n:
-        k = stream.readinto(view[got:])
+        if got == len(body):
+            body.extend(bytes(min(n - got, max(step, got))))  # double as it comes, up to what was declared
+        k = stream.readinto(memoryview(body)[got:])
         if not k:
             raise ConnectionError(f"the request body ended after {got} of {n} bytes")
         got += k
     return body
+
+
+class BodyBudget:
+    """Bytes of request bodies being read at once, over every connection: a body that would go past ``total``
+    is refused (503) before a byte of it is read, so many connections declaring large bodies cannot exhaust the
+    device's memory."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.used = total, 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.total:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+_TOKEN = set("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
 class Handler(socketserver.StreamRequestHandler):
@@ -75,6 +102,9 @@ class Handler(socketserver.StreamRequestHandler):
 
     command: str | None = None
     path: str = ""
+    _declared: int = 0  # the request's Content-Length
+    _body_read: bool = False
+    _answered: bool = False
     request_version: str = "HTTP/1.1"
     headers: Headers
     close_connection: bool = True
@@ -82,10 +112,19 @@ class Handler(socketserver.StreamRequestHandler):
     def handle(self) -> None:
         self.close_connection = False
         while not self.close_connection:
+            self._answered = False
             try:
                 self.handle_one()
             except (TimeoutError, ConnectionError, OSError) as exc:  # the client went away or fell silent
                 log.debug("inference api: connection closed (%s)", exc)
+                return
+            except Exception:  # noqa: BLE001 - a bug answers this request with a 500, and the connection closes
+                log.exception("inference api: a request failed")
+                if not self._answered:
+                    try:
+                        self.send_error(500, "the agent failed on this request", kind="internal")
+                    except OSError:
+                        pass
                 return
 
     def handle_one(self) -> None:
@@ -95,6 +134,7 @@ class Handler(socketserver.StreamRequestHandler):
             return
         self.headers = Headers()
         self.close_connection = True  # until the request says otherwise
+        self._body_read, self._declared = False, 0
         try:
             if len(line) > MAX_REQUEST_LINE:
                 raise HttpError(414, "request line too long")
@@ -102,6 +142,8 @@ class Handler(socketserver.StreamRequestHandler):
         except HttpError as exc:
             return self.send_error(exc.status, str(exc))
         self.dispatch()
+        if not self._body_read and self._declared:  # a body nobody read cannot be told from the next request
+            self.close_connection = True
 
     def _parse(self, line: bytes) -> None:
         parts = str(line, "iso-8859-1").rstrip("\r\n").split()
@@ -114,38 +156,61 @@ class Handler(socketserver.StreamRequestHandler):
                 raise HttpError(431, "header line too long")
             if raw in (b"\r\n", b"\n", b""):
                 break
-            name, sep, value = str(raw, "iso-8859-1").partition(":")
-            if not sep:
+            text = str(raw, "iso-8859-1")
+            name, sep, value = text.partition(":")
+            if not sep or not name or not set(name) <= _TOKEN:  # folded lines, spaces before the colon (RFC 9112)
                 raise HttpError(400, "malformed header line")
-            self.headers[name.strip()] = value.strip()
+            if name.lower() in self.headers and name.lower() in ("content-length", "host", "transfer-encoding"):
+                raise HttpError(400, f"{name} given twice")
+            self.headers[name] = value.strip()
         else:
             raise HttpError(431, "too many headers")
+        if self.headers.get("Transfer-Encoding") is not None:
+            raise HttpError(501, "Transfer-Encoding is not taken here; send the body with a Content-Length")
+        length = self.headers.get("Content-Length")
+        if length is not None and not (length.isascii() and length.isdigit() and len(length) <= 18):
+            raise HttpError(400, f"Content-Length {length[:20]!r} is not a byte count")
+        self._declared = int(length) if length is not None else 0
         connection = self.headers.get("Connection", "").lower()
         self.close_connection = connection == "close" or (self.request_version == "HTTP/1.0"
                                                           and connection != "keep-alive")
-        if self.headers.get("Expect", "").lower() == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-
     def dispatch(self) -> None:
         raise NotImplementedError
 
-    def body(self, limit: int) -> bytearray:
-        """The request body by its Content-Length; HttpError 411 without one, 413 over ``limit`` (the connection
-        then closes: a body not read cannot be skipped)."""
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            self.close_connection = True
+    def on_error(self, kind: str) -> None:
+        """A request refused before it reached the API (counted by the subclass)."""
+
+    def body(self, limit: int, budget: BodyBudget | None = None) -> bytearray:
+        """The request body by its Content-Length; HttpError 411 without one, 413 over ``limit``, 503 when the
+        bodies being read on every connection would pass ``budget`` (the connection then closes: a body not read
+        cannot be skipped). ``Expect: 100-continue`` is answered here, once the body is wanted and fits."""
+        if self.headers.get("Content-Length") is None:
             raise HttpError(411, "Content-Length is required")
-        if int(length) > limit:
-            self.close_connection = True
-            raise HttpError(413, f"a body of {int(length):,} bytes; at most {limit:,}")
-        return read_exactly(self.rfile, int(length))
+        n = self._declared
+        if n > limit:
+            raise HttpError(413, f"a body of {n:,} bytes; at most {limit:,}")
+        if budget is not None and not budget.take(n):
+            raise HttpError(503, f"{budget.used:,} bytes of request bodies are being read already; retry")
+        try:
+            if self.headers.get("Expect", "").lower() == "100-continue":
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            body = read_exactly(self.rfile, n)
+        finally:
+            if budget is not None:
+                budget.give(n)
+        self._body_read = True
+        return body
 
     def send(self, status: int, body: bytes, content_type: str, headers: list[str] | None = None) -> None:
         head = [f"HTTP/1.1 {status} {reason(status)}", f"Content-Type: {content_type}",
                 f"Content-Length: {len(body)}", *(headers or ())]
+        if not self._body_read and self._declared:
+            self.close_connection = True  # the body was not read: the connection cannot carry another request
         if self.close_connection:
             head.append("Connection: close")
+        elif self.request_version == "HTTP/1.0":
+            head.append("Connection: keep-alive")
+        self._answered = True
         data = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
         if len(body) < 65536:  # one write for a small answer; the head, then the body as it is (no copy)
             self.wfile.write(data + body)
@@ -153,11 +218,12 @@ class Handler(socketserver.StreamRequestHandler):
             self.wfile.write(data)
             self.wfile.write(body)
 
-    def send_error(self, status: int, message: str) -> None:
+    def send_error(self, status: int, message: str, kind: str = "bad_request") -> None:
         """A request that never reached the API: a JSON error, and the connection closes."""
         self.close_connection = True
+        self.on_error(kind)
         rid = uuid.uuid4().hex
-        self.send(status, json.dumps({"id": rid, "error": "bad_request", "message": message}).encode(),
+        self.send(status, json.dumps({"id": rid, "error": kind, "message": message}).encode(),
                   "application/json", [f"X-Request-Id: {rid}"])
 
 

@@ -120,10 +120,10 @@ class LiveAccuracy:
             return
         now = self._clock()
         with self._lock:
-            entry = self._pending.pop(rid, None)
+            entry = self._pending.pop(rid, None)  # an id used again: its answers go to the tail, timed now
             answers = entry[1] if entry is not None else {}
             answers[version] = top1
-            self._pending[rid] = (entry[0] if entry is not None else now, answers)
+            self._pending[rid] = (now, answers)
             self._expire(now)
 
     def also(self, rid: str, version: int, top1: int | None) -> None:

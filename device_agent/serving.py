@@ -46,7 +46,10 @@ from .runtimes import Session
 
 log = logging.getLogger(__name__)
 
-ERROR_KINDS = ("bad_request", "too_large", "overloaded", "deadline", "no_model", "runtime")
+ERROR_KINDS = ("bad_request", "too_large", "overloaded", "deadline", "no_model", "runtime", "internal")
+#: a feedback body is an id and a label
+MAX_FEEDBACK_BYTES = 4096
+TRIM_EVERY_S = 10.0
 
 
 # --------------------------------------------------------------------------- the model requests run on
@@ -231,13 +234,16 @@ class InferenceServer:
         self._threads: list[threading.Thread] = []
         self.tcp_address: tuple[str, int] | None = None
         self.accuracy = LiveAccuracy()  # answers waiting for the application's feedback (POST /v1/feedback)
+        # request bodies read at once over every connection: two of the largest (more wait with a 503)
+        self.bodies = httpd.BodyBudget(2 * config.max_body_bytes)
+        self._trimmed = -TRIM_EVERY_S
         self.shadow: Any = None  # a device_agent.shadow.ShadowRunner while a candidate is shadowed
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def start(self) -> "InferenceServer":
         handler = _handler(self)
         # a refused connection is counted; a closed one hands back what its thread's malloc arena holds
-        bounds = (self._connections, lambda: self.stats.error(None, "overloaded"), release_free_memory)
+        bounds = (self._connections, lambda: self.stats.error(None, "overloaded"), self._trim)
         if self.cfg.socket_path is not None:
             path = Path(self.cfg.socket_path)
             httpd.clear_stale_socket(path)
@@ -295,12 +301,15 @@ class InferenceServer:
         except RequestError as exc:
             current = self.holder.current
             self.stats.error(current.version if current is not None else None, exc.kind)
+            exc.counted = True
             raise
         try:
             served = self.holder.acquire()
             if served is None:
                 self.stats.error(None, "no_model")
-                raise RequestError(503, "no_model", "no model is active on this device yet", retry_after=5)
+                exc = RequestError(503, "no_model", "no model is active on this device yet", retry_after=5)
+                exc.counted = True
+                raise exc
             try:
                 feeds = parse_feeds(body, content_type, served.session)
                 t0 = time.perf_counter()
@@ -308,23 +317,36 @@ class InferenceServer:
                     outputs = served.session.run(feeds)
                 except Exception as exc:  # noqa: BLE001 - a runtime failure answers this request, nothing more
                     self.stats.error(served.version, "runtime")
-                    raise RequestError(500, "runtime", f"the model failed on this input: "
-                                                       f"{type(exc).__name__}: {str(exc)[:200]}") from None
+                    failed = RequestError(500, "runtime", f"the model failed on this input: "
+                                                          f"{type(exc).__name__}: {str(exc)[:200]}")
+                    failed.counted = True
+                    raise failed from None
                 ms = (time.perf_counter() - t0) * 1e3
                 if time.monotonic() > deadline:
                     self.stats.error(served.version, "deadline")
-                    raise RequestError(504, "deadline", f"the answer came {ms:.1f} ms later, past the deadline")
+                    late = RequestError(504, "deadline", f"the answer came {ms:.1f} ms later, past the deadline")
+                    late.counted = True
+                    raise late
                 self.stats.observe(served.version, ms)
                 return served, feeds, outputs, ms
             except RequestError as exc:
-                if exc.kind == "bad_request":
-                    self.stats.error(served.version, "bad_request")
+                if not exc.counted:
+                    self.stats.error(served.version, exc.kind)
+                    exc.counted = True
                 raise
             finally:
                 self.holder.release(served)
         finally:
             self.gate.leave()
 
+
+    def _trim(self) -> None:
+        """A connection closed: the bodies its thread held go back to the kernel, at most every TRIM_EVERY_S
+        (malloc_trim takes glibc's heap locks for ~2 ms on a fragmented heap; one-shot clients close often)."""
+        now = time.monotonic()
+        if now - self._trimmed >= TRIM_EVERY_S:
+            self._trimmed = now
+            release_free_memory()
 
     def answering(self, served: Served, rid: str, outputs: list) -> None:
         """Before the answer goes out: its top-1 class waits for the application's feedback (so feedback sent
@@ -376,7 +398,7 @@ def _handler(api: InferenceServer) -> type[httpd.Handler]:
                 if self.command == "POST" and self.path == "/v1/infer":
                     return self.infer(rid)
                 if self.command == "POST" and self.path == "/v1/feedback":
-                    return self._json(200, api.feedback(self._body()), rid)
+                    return self._json(200, api.feedback(self._body(MAX_FEEDBACK_BYTES)), rid)
                 if self.command == "GET" and self.path == "/v1/health":
                     served = api.holder.current
                     if served is None:
@@ -390,17 +412,18 @@ def _handler(api: InferenceServer) -> type[httpd.Handler]:
                     raise RequestError(404, "bad_request", f"no such endpoint: {self.path[:80]}")
                 raise RequestError(405, "bad_request", f"method {str(self.command)[:20]} not allowed; GET or POST")
             except RequestError as exc:
-                if exc.kind == "bad_request" and exc.status in (404, 405):
-                    api.stats.error(None, "bad_request")
                 self._fail(exc, rid)
 
-        def _body(self) -> bytearray:
+        def on_error(self, kind: str) -> None:
+            api.stats.error(None, kind)
+
+        def _body(self, limit: int | None = None) -> bytearray:
             try:
-                return self.body(api.cfg.max_body_bytes)
+                return self.body(limit or api.cfg.max_body_bytes, api.bodies)
             except httpd.HttpError as exc:
-                kind = "too_large" if exc.status == 413 else "bad_request"
-                api.stats.error(None, kind)
-                raise RequestError(exc.status, kind, str(exc)) from None
+                kind = {413: "too_large", 503: "overloaded"}.get(exc.status, "bad_request")
+                raise RequestError(exc.status, kind, str(exc), retry_after=1 if exc.status == 503 else None) \
+                    from None
 
         def infer(self, rid: str) -> None:
             try:
@@ -445,7 +468,7 @@ def _handler(api: InferenceServer) -> type[httpd.Handler]:
                 head.append(f"X-Model-Version: {version}")
             if latency_ms is not None:
                 head.append(f"X-Latency-Ms: {latency_ms:.4f}")
-            if output is not None and output.isprintable() and len(output) <= 256:
+            if output is not None and output.isascii() and output.isprintable() and len(output) <= 256:
                 head.append(f"X-Output-Name: {output}")
             if retry_after is not None:
                 head.append(f"Retry-After: {int(math.ceil(retry_after))}")
@@ -456,6 +479,8 @@ def _handler(api: InferenceServer) -> type[httpd.Handler]:
                        "application/json", rid, **kw)
 
         def _fail(self, exc: RequestError, rid: str) -> None:
+            if not exc.counted:  # refused before a model was picked (a path, a header, a body): no version
+                api.stats.error(None, exc.kind)
             self._json(exc.status, {"id": rid, "error": exc.kind, "message": str(exc)}, rid,
                        retry_after=exc.retry_after)
 

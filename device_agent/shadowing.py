@@ -18,7 +18,7 @@ from .errors import ProtocolError
 from .protocol import Job, ResultCode, State, short
 from .runtimes import Session, get_runtime
 from .shadow import ShadowRunner
-from .storage import atomic_write_json, read_json
+from .storage import read_json
 
 
 class ShadowControl:
@@ -102,7 +102,10 @@ class ShadowControl:
             m = Manifest.from_signed(envelope.get("signed") if isinstance(envelope, dict) else None)
             if m.shadow is None or m.version != sh.get("version"):
                 raise ValueError("the slot's manifest is not the candidate's")
-            session = get_runtime(m.runtime).load(self.store.slot_dir(slot) / m.filename, 1)
+            path = self.store.slot_dir(slot) / m.filename
+            if file_sha256(path) != m.raw_sha256:
+                raise ValueError(f"{m.filename} in slot {slot} is not the bytes its manifest signs")
+            session = get_runtime(m.runtime).load(path, 1)
             check_golden(session, m)
         except (AgentError, OSError, ValueError) as exc:
             self._save_state(state=State.ACTIVATED.value if self.store.active() else State.IDLE.value, shadow=None)
@@ -113,7 +116,9 @@ class ShadowControl:
 
     def _promote(self, job: Job, m: Manifest) -> bool:
         """The job for the version being shadowed, without ``shadow``: the candidate already in its slot (same
-        bytes) is activated without a second download. False when the slot does not hold those bytes."""
+        bytes) is activated without a second download. False when the slot does not hold those bytes. The shadow
+        record stays until the activation: a power cut on the way leaves the slot a candidate, and the retained
+        job promotes it again on the next start."""
         sh = self.state.get("shadow")
         if not isinstance(sh, dict) or sh.get("version") != m.version or m.shadow is not None:
             return False
@@ -123,13 +128,29 @@ class ShadowControl:
                 or file_sha256(path) != m.raw_sha256:
             return False
         self._end_shadow()
-        atomic_write_json(self.store.slot_dir(slot) / "manifest.json", job.manifest)  # the promoting envelope
-        self._save_state(state=State.INSTALLING.value, job_id=job.job_id, version=m.version, slot=slot, shadow=None,
-                         reason=None)
+        self._cancel_calibration(f"superseded by job {job.job_id}")
+        if self._transfer is not None:
+            self._transfer.download.discard()
+            self._event("superseded", f"job {self._transfer.job_id} replaced by {job.job_id}")
+            self._transfer = None
+        self._save_state(state=State.INSTALLING.value, job_id=job.job_id, version=m.version, slot=slot, reason=None)
         self._event("promoting", f"v{m.version}: the candidate shadowed in slot {slot} is activated", job_id=job.job_id,
                     version=m.version)
-        self._test_and_activate(job.job_id, slot, path, m)
+        self._test_and_activate(job.job_id, slot, path, m, envelope=job.manifest)
         return True
+
+    def _supersede_shadow(self, job_id: str) -> None:
+        """Another job was accepted while a candidate was shadowed: the candidate is dropped, said so."""
+        sh = self.state.get("shadow")
+        stats = self._shadow.snapshot() if self._shadow is not None else None
+        self._end_shadow()
+        version = sh.get("version") if isinstance(sh, dict) else None
+        if isinstance(sh, dict) and sh.get("slot") in ("a", "b") and isinstance(version, int):
+            self.store.mark(sh["slot"], "dropped", version, f"superseded by job {job_id}")
+        self._save_state(shadow=None)
+        compared = f" after {stats['compared']} comparisons" if stats else ""
+        self._event("shadow_dropped", f"v{version} dropped{compared}: superseded by job {job_id}",
+                    job_id=sh.get("job_id") if isinstance(sh, dict) else None, version=version)
 
     def _drop_shadow(self, cmd_id: str | None) -> None:
         sh = self.state.get("shadow")

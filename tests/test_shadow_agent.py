@@ -125,3 +125,31 @@ def test_a_candidate_is_shadowed_on_live_requests_then_dropped_or_promoted(mosqu
         assert traffic.failures == []
         versions = {v for s in traffic.seen for v in s}
         assert versions == {10, 12}  # the dropped candidate never answered a request
+
+
+def test_a_restarted_agent_shadows_its_candidate_again_and_says_so(mosquitto, key_dir, tiny_onnx, tmp_path):
+    from device_agent.protocol import Status
+
+    arts = tmp_path / "artifacts"
+    with LocalFleet(tmp_path / "devices", mosquitto.config, "rpi4", 1, key_dir / "signing.pub", PREFIX) as fleet:
+        [device] = fleet.device_ids
+        [r] = deliver(mosquitto.config, PREFIX, make_artifact(tiny_onnx, arts, key_dir, version=10), [device], 30)
+        assert r.status == "activated"
+        [r] = deliver(mosquitto.config, PREFIX, as_shadow(make_artifact(tiny_onnx, arts, key_dir, version=11),
+                                                          key_dir), [device], 30)
+        assert r.status == DeviceStatus.SHADOWING
+        statuses: list[Status] = []
+        with Device(mosquitto.config, device) as dev:
+            status_watch = Watch(mosquitto.config, PREFIX, [(topic(PREFIX, device, Leaf.STATUS), 1)],
+                                 lambda name, payload: statuses.append(Status.parse(payload)), fresh_only=True)
+            with status_watch:
+                fleet.procs[device].terminate()
+                fleet.procs[device].wait(10)
+                fleet.procs[device] = fleet.spawn(device)
+                assert status_watch.until(lambda: any(s.boot and s.boot > 1 for s in statuses), 30)
+            after = [s for s in statuses if s.boot and s.boot > 1]
+            assert {s.state for s in after} == {"shadowing"} and after[-1].version == 11, after
+            x = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+            with SteadyTraffic(str(fleet.socket_path(device)), x, clients=1) as traffic:
+                m = dev.report_until(lambda m: (m.shadow or {}).get("compared", 0) >= 5)
+            assert traffic.failures == [] and m.shadow["candidate"] == 11 and m.version == 10

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from device_agent.client import Client, InferenceError, Unavailable
+from fleet_probe import until
 from traffic import SteadyTraffic
 from device_agent.runtimes import get_runtime
 from device_agent.serving import (BUCKETS_MS, InferenceServer, ModelHolder, ServeConfig, Served, TrafficStats,
@@ -326,3 +327,102 @@ def test_the_example_application_classifies_an_image_as_the_model_was_trained(tm
     image = np.asarray(Image.open(tmp_path / "photo.png").convert("L"))
     scores = session.run({"image": spec.apply(image)[None].astype(np.float32)})[0][0]
     assert lines[0].split()[0] == f"d{int(scores.argmax())}" and "digits v7" in lines[-1]
+
+
+def _exchange(sock_path, data: bytes) -> bytes:
+    """Everything the server writes back on one connection for ``data``, until it closes it."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(10)
+    s.connect(str(sock_path))
+    s.sendall(data)
+    out = b""
+    while chunk := s.recv(65536):
+        out += chunk
+    s.close()
+    return out
+
+
+def test_a_body_that_was_not_read_closes_the_connection_and_is_never_a_request(api):
+    smuggled = b"GET /v1/model HTTP/1.1\r\nHost: x\r\n\r\n"
+    for head in (b"GET /v1/health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n",
+                 b"POST /v1/nope HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"):
+        out = _exchange(api.cfg.socket_path, head % len(smuggled) + smuggled)
+        assert out.count(b"HTTP/1.1 ") == 1 and b"Connection: close" in out, out[:300]
+
+
+@pytest.mark.parametrize("headers,status", [
+    (b"Content-Length: 2\r\nContent-Length: 2\r\n", b"400"),
+    (b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n", b"501"),
+    (b"Content-Length : 2\r\n", b"400"),
+    (b"X-A: 1\r\n  folded\r\nContent-Length: 2\r\n", b"400"),
+    ("Content-Length: \u00b2\r\n".encode("latin-1", "replace").replace(b"?", b"\xb2"), b"400"),
+    (b"Content-Length: " + b"9" * 5000 + b"\r\n", b"400"),  # past int()'s digit limit
+])
+def test_ambiguous_framing_is_refused_with_an_answer_not_a_dropped_connection(api, headers, status):
+    out = _exchange(api.cfg.socket_path, b"POST /v1/infer HTTP/1.1\r\nHost: x\r\n" + headers + b"\r\n{}")
+    assert out.startswith(b"HTTP/1.1 " + status), out[:200]
+    assert b"Connection: close" in out
+
+
+def test_bodies_declared_at_once_are_bounded_before_a_byte_is_read(tmp_path, models):
+    holder = ModelHolder()
+    holder.swap(served(models["small"], 1))
+    cfg = ServeConfig(socket_path=tmp_path / "b.sock", max_body_bytes=1 << 20)  # two of them read at once
+    with InferenceServer(holder, cfg) as api:
+        held = []
+        for _ in range(2):  # two clients declare the largest body and send ten bytes of it
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(str(cfg.socket_path))
+            s.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n0123456789" % (1 << 20))
+            held.append(s)
+        until(lambda: api.bodies.used == 2 << 20, 10, "both bodies being read")
+        status, headers, out = raw(cfg.socket_path, "POST", "/v1/infer", b"{}" + b" " * 1000)
+        assert status == 503 and headers["Retry-After"] == "1" and "being read already" in json.loads(out)["message"]
+        for s in held:
+            s.close()
+        until(lambda: api.bodies.used == 0, 10, "the budget given back")
+        assert raw(cfg.socket_path, "GET", "/v1/health")[0] == 200
+
+
+def test_a_declared_body_is_not_allocated_before_it_arrives():
+    import io
+
+    from device_agent.httpd import read_exactly
+
+    with pytest.raises(ConnectionError, match="ended after 3 of"):
+        read_exactly(io.BytesIO(b"abc"), 10**12)  # a terabyte declared: no MemoryError, three bytes read
+    assert read_exactly(io.BytesIO(bytes(range(256)) * 4000), 1_000_000) == (bytes(range(256)) * 4000)[:1_000_000]
+
+
+def test_the_client_reports_a_413_and_never_sends_a_lost_request_twice(tmp_path, models):
+    holder = ModelHolder()
+    holder.swap(served(models["small"], 1))
+    cfg = ServeConfig(socket_path=tmp_path / "t.sock", max_body_bytes=1000)
+    with InferenceServer(holder, cfg):
+        with pytest.raises(InferenceError) as err:
+            Client(str(cfg.socket_path), timeout=5).infer(np.zeros((1, 1, 300, 300), np.float32))
+        assert err.value.status == 413
+    # a scripted agent that takes a request whole and closes without answering: the model may have run
+    path = str(tmp_path / "mute.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(4)
+    seen = []
+
+    def mute():
+        for _ in range(2):
+            conn, _ = srv.accept()
+            f = conn.makefile("rb")
+            head = b""
+            while not head.endswith(b"\r\n\r\n"):
+                head += f.read(1)
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            seen.append(f.read(length))
+            conn.close()
+
+    t = threading.Thread(target=mute, daemon=True)
+    t.start()
+    with pytest.raises(InferenceError) as err:
+        Client(path, timeout=5).infer(np.zeros((1, 1, 8, 8), np.float32))
+    assert err.value.kind == "lost" and len(seen) == 1  # sent once, not again
+    srv.close()
