@@ -3,8 +3,10 @@
 Every case is an ONNX file with a batch-1 float input:
 
 - each single kernel of :func:`kernel_configs` twice, its cheap prefix alone (``k<i>p``) and prefix + kernel
-  (``k<i>``), and the compute kernels also as int8 (``k<i>qp``, ``k<i>q``): the kernel's time in context is
-  T(prefix + kernel) - T(prefix), so both files of a kernel sit in one group and are timed interleaved;
+  (``k<i>``), and where :func:`int8_too` says also as int8 (``k<i>qp``, ``k<i>q``): the kernel's time in context
+  is T(prefix + kernel) - T(prefix), so both files of a kernel sit in one group and are timed interleaved (an
+  elementwise kernel has a cheap suffix in both files, ``suite.kernel_suffix``: it is timed between two
+  convolutions, as networks run it);
 - whole random networks of :func:`calibration_models`, fp32 (``m<j>``) and int8 (``m<j>q``): the fits' ground
   truth (the per-precision correction of the kernel predictor, the op factors);
 - the peak cases of :mod:`.peaks` (``peak-fp32``, ``peak-int8``, ``bandwidth``);
@@ -49,8 +51,21 @@ BUDGET_SHARE = 0.7
 #: per case, what the device spends besides its runs (loading the session, making the input, reporting): ~0.1 s
 #: measured on this x86 host (the small suite: 382 cases in 39 s, 20 s of them runs); a Pi-class CPU is slower
 LOAD_S = 0.25
-#: the kernels that are also timed as int8 (as deploy quantizes them: QDQ, per-channel weights)
+#: the compute kernels that are also timed as int8 (as deploy quantizes them: QDQ, per-channel weights): every other
+#: one, and every one with few input or output channels, grouped, or of at least :data:`INT8_ALL_MACS` MACs (the
+#: layers that decide a 224-pixel network's time)
 INT8_KINDS = ("conv", "dwconv", "gemm")
+INT8_ALL_MACS = 40e6
+#: the other kernels timed as int8 too, every other one (an int8 graph runs them as int8 kernels or between Q/DQ)
+INT8_OTHER_KINDS = ("pool", "gpool", "add", "eltwise")
+
+
+def int8_too(i: int, k) -> bool:
+    """Whether the suite's ``i``-th kernel ``k`` is also timed as int8."""
+    if k.kind in INT8_KINDS:
+        return i % 2 == 0 or k.cin <= 3 or k.cout < 16 or k.macs >= INT8_ALL_MACS or k.groups > 1
+    # an int8 graph runs Hardswish as HardSigmoid and Mul, each priced by its own samples
+    return k.kind in INT8_OTHER_KINDS and i % 2 == 0 and k.op != "hardswish"
 
 
 def parse_scale(value: str | float) -> float:
@@ -131,18 +146,20 @@ def _kernels(files: _Files, scale: float, progress: Callable[[str], None]) -> No
     import torch
     from torch import nn
 
-    from .suite import kernel_configs, kernel_module, kernel_prefix
+    from .suite import kernel_configs, kernel_module, kernel_prefix, kernel_suffix
 
     configs = kernel_configs(0, scale)
     for i, k in enumerate(configs):
         torch.manual_seed(i)
         module, shape = kernel_module(k)
         prefix = kernel_prefix(k).eval()
-        pre = files.export(f"k{i}p", prefix, shape, role="prefix", kernel=k.to_dict(), pair=f"k{i}")
-        full = files.export(f"k{i}", nn.Sequential(prefix, module).eval(), shape, role="kernel",
-                            kernel=k.to_dict(), pair=f"k{i}p")
+        before, after = kernel_suffix(k, after=False), kernel_suffix(k, after=True)
+        pre = files.export(f"k{i}p", nn.Sequential(prefix, before).eval() if before else prefix, shape, role="prefix",
+                           kernel=k.to_dict(), pair=f"k{i}")
+        full = files.export(f"k{i}", nn.Sequential(prefix, module, *([after] if after else [])).eval(), shape,
+                            role="kernel", kernel=k.to_dict(), pair=f"k{i}p")
         unit = [f"k{i}p", f"k{i}"]
-        if k.kind in INT8_KINDS and (i % 2 == 0 or k.cin <= 3 or k.cout < 16):
+        if int8_too(i, k):
             x = np.random.default_rng(i).random((4, *shape), dtype=np.float32)
             q = {**k.to_dict(), "int8": True}
             files.quantize(f"k{i}qp", pre, shape, x, role="prefix", kernel=q, pair=f"k{i}q")
