@@ -15,8 +15,10 @@
    two also int8 after the 2x cut.
 3. Each variant's prediction for ``host``, against its latency measured here: the variants of one model are
    timed in one interleaved comparison (``pipeline.profile.compare``, adaptive rounds within ``--budget``
-   seconds), each variant's median of round medians with its spread (min-max of the round medians) beside the
-   error, error = (predicted - measured) / measured.
+   seconds), each variant's median of round figures with its spread (min-max of the round figures) beside the
+   error, error = (predicted - measured) / measured. A round's figure is the 10th percentile of its runs, the
+   statistic the calibrating agent takes (``device_agent.suite_runner.round_figure_ms``): interference only adds
+   time, and calibration and validation must measure alike.
 4. The uncalibrated rpi4 predictions (published-anchored roofline) of the models with published Raspberry Pi 4
    figures, next to those figures.
 """
@@ -292,7 +294,10 @@ def main() -> None:
         print(f"  {p['model']:18s} {p['precision']}: predicted {p['predicted_ms']:7.1f} ms, published "
               f"{p['published_ms']:7.1f} ms ({p['source']}): {p['ratio']:.2f}x")
     if calibration:
-        print(f"\ncalibration: {calibration['wall_s']} s")
+        fit = calibration["report"].get("kernel_fit") or {}
+        blocks = {p: (e or {}).get("block") for p, e in (fit.get("block") or {}).items()}
+        print(f"\ncalibration: {calibration['wall_s']} s; {fit.get('kernels')} kernels, channel block {blocks}; "
+              f"fit on its {fit.get('models')} models: median |error| {fit.get('median_abs_error_pct')}%")
     print(f"wrote {args.out}")
 
 
