@@ -120,7 +120,9 @@ def row(n: int, mode: str, art, got, wall: float, downloaded: dict[str, float]) 
             "broadcast_bytes": s["broadcast_bytes"], "repair_bytes": s["repair_bytes"],
             "wall_s": round(wall, 2),
             "download_s": round(max(downloaded.values()), 2) if len(downloaded) == n else None,
-            "broadcast_s": got.broadcast.seconds if got.broadcast else None}
+            "broadcast_s": got.broadcast.seconds if got.broadcast else None,
+            "subscribe_wait_s": got.broadcast.waited_s if got.broadcast else None,
+            "subscribed": got.broadcast.subscribed if got.broadcast else None}
 
 
 def main() -> None:
@@ -204,7 +206,7 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     cols = ["devices", "mode", "activated", "egress_bytes", "egress_x_artifact", "repair_bytes", "download_s",
-            "wall_s", "wall_x_one_device", "broadcast_s"]
+            "wall_s", "wall_x_one_device", "subscribe_wait_s", "broadcast_s"]
     widths = {c: max(len(c), *(len(str(r.get(c, "-"))) for r in rows)) for c in cols}
     print("  ".join(c.rjust(widths[c]) for c in cols))
     for r in rows:

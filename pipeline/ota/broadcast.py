@@ -68,6 +68,8 @@ class BroadcastResult:
     seconds: float = 0.0
     #: devices that had reported ``downloading`` (subscribed) when the broadcast began
     subscribed: int = 0
+    #: from the job's publication to the broadcast's first chunk: the wait for the wave to subscribe
+    waited_s: float = 0.0
 
 
 def broadcast_chunks(link, name: str, artifact: Artifact, job_id: str, result: BroadcastResult,

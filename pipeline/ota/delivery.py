@@ -225,10 +225,11 @@ def deliver(
     try:
         publish_job(watch.link, prefix, devices, job_id, artifact, name)
         if name is not None:  # a device says downloading once it has subscribed; one that says anything has answered
-            wait = min(subscribe_wait_s, timeout_s)
+            wait, waiting = min(subscribe_wait_s, timeout_s), time.monotonic()
             watch.settle(wait)  # every retained online flag is in: devices offline now join late, through repairs
             watch.until(lambda: all(d in done or d in offline or results[d].states for d in devices), wait)
             delivery.broadcast.subscribed = sum(1 for d in devices if results[d].states and d not in done)
+            delivery.broadcast.waited_s = round(time.monotonic() - waiting, 3)
             broadcast_chunks(watch.link, name, artifact, job_id, delivery.broadcast)
             log.info("broadcast %s: %d chunks, %d bytes in %.2f s to %d subscribed device(s)", job_id,
                      delivery.broadcast.chunks, delivery.broadcast.bytes_sent, delivery.broadcast.seconds,
