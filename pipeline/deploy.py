@@ -71,7 +71,8 @@ def run_deploy(cfg: DeployConfig, target_name: str, ui: UI, force: bool = False,
     report["delivery"], report["broker"] = deliver_stage(cfg.fleet, external_broker(cfg), target, artifact, workdir,
                                                          ui, force=force, serve_http=serve_http,
                                                          host_measured_ms=prof.measured.get("latency_ms_p50"),
-                                                         shadow=shadow)
+                                                         shadow=shadow,
+                                                         key_dir=cfg.resolve(cfg.signing.key_dir))
     print_delivery(ui, report["delivery"], prof.predicted, report["broker"]["rollout"]["limits"])
     if report["broker"]["rollout"].get("shadow") is not None:  # the shadow stage's decision, per device
         report["shadow"] = report["broker"]["rollout"]["shadow"]

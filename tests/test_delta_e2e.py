@@ -133,3 +133,43 @@ def test_delta_from_the_version_the_fleet_runs_then_a_refused_delta_falls_back(m
         assert installed(fleet, devices[1]) == v2_path.read_bytes()
     finally:
         store.close()
+
+
+def test_a_deploy_sends_the_device_a_delta_against_the_version_it_runs(mosquitto, key_dir, tmp_path):
+    """Through the deploy's own delivery stage, twice on one workdir (its local agent keeps its slots): the first
+    delivery is the full artifact, the second, a fine-tuned head, a delta against the first, which the store
+    says the device runs; the device activates it, byte for byte the new model."""
+    import hashlib
+
+    import torch
+    from torch import nn
+
+    from conftest import make_artifact, small_deploy_config
+    from pipeline.broker import external_broker
+    from pipeline.config import load_deploy
+    from pipeline.export import export_model
+    from pipeline.ota import stage
+    from pipeline.targets import target_for_deploy
+    from pipeline.ui import UI
+
+    cfg = load_deploy(small_deploy_config(tmp_path, local_agents=1))
+    target, workdir = target_for_deploy(cfg, "rpi4"), cfg.resolve(cfg.workdir)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 64, 10)).eval()
+    v1 = export_model("onnx", model, (1, 8, 8), tmp_path / "v1" / "m.onnx", 17)
+    with torch.no_grad():
+        model[3].bias += 0.01  # a retrained head
+    v2 = export_model("onnx", model, (1, 8, 8), tmp_path / "v2" / "m.onnx", 17)
+    arts = workdir / "artifacts"
+    first, second = make_artifact(v1, arts, key_dir, version=100), make_artifact(v2, arts, key_dir, version=101)
+    ui = UI()
+    [d1], info1 = stage.deliver_stage(cfg.fleet, external_broker(cfg), target, first, workdir, ui, key_dir=key_dir)
+    assert d1["status"] == "activated" and info1["deltas"][0]["groups"][0]["artifact"] == "full"
+    [d2], info2 = stage.deliver_stage(cfg.fleet, external_broker(cfg), target, second, workdir, ui, key_dir=key_dir)
+    [group] = info2["deltas"][0]["groups"]
+    assert d2["status"] == "activated" and d2["active_version"] == 101
+    assert group["artifact"] == "delta" and group["base_version"] == 100 and group["bytes"] * 10 < second.size_bytes
+    assert d2["bytes_sent"] < second.size_bytes / 5  # what travelled: the delta's chunks
+    installed = [p for p in (workdir / "devices").rglob("slots/*/m.onnx")
+                 if hashlib.sha256(p.read_bytes()).hexdigest() == second.manifest.raw_sha256]
+    assert len(installed) == 1  # the new model, rebuilt from the old one and the delta, in a slot

@@ -151,6 +151,8 @@ class FleetConfig(Strict):
     broadcast: Literal["auto", "always", "never"] = Field(
         "auto", description="publish each chunk once for a whole wave on its artifact topic (auto: waves of more "
                             "than one device), or serve every device on its own (never)")
+    deltas: bool = Field(True, description="send a device a delta against the version it runs when this host has "
+                                            "that version's artifact and the delta is smaller (pipeline.bundle.delta)")
     rollout: RolloutConfig = RolloutConfig()
     http: HttpConfig = HttpConfig()
     retention: RetentionConfig = RetentionConfig()

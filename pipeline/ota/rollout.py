@@ -114,10 +114,12 @@ def judge(canary_results: list[DeviceResult], policy: RolloutPolicy, predicted_m
 
 def rollout(broker: BrokerConfig, prefix: str, artifact: Artifact, devices: list[str], timeout_s: float,
             policy: RolloutPolicy, progress: Callable[[str, DeviceResult], None] | None = None,
-            note: Callable[[str], None] = lambda m: None, shadow: Artifact | None = None) -> RolloutResult:
+            note: Callable[[str], None] = lambda m: None, shadow: Artifact | None = None,
+            send: Callable[..., list[DeviceResult]] = deliver) -> RolloutResult:
     """The shadow stage (when ``policy.shadow``; ``shadow``: the candidate's shadow job, the same payload signed with
     the manifest's ``shadow`` leaf by :func:`pipeline.bundle.shadow_artifact`), canaries, their verdict, then the
-    rest. ``progress(state, result)`` runs as each device moves on, on paho's network thread (and, after an abort, on
+    rest; ``send``: how a wave is delivered (``deliver``, or ``pipeline.ota.deltas.deliverer``: deltas against
+    what each device runs). ``progress(state, result)`` runs as each device moves on, on paho's network thread (and, after an abort, on
     this one with each device's answer): it must return at once, so it queues rather than writes
     (``FleetStore.progress_queue``)."""
     k = min(len(devices), max(policy.canary_min, math.ceil(policy.canary_fraction * len(devices))))
@@ -142,7 +144,7 @@ def rollout(broker: BrokerConfig, prefix: str, artifact: Artifact, devices: list
             return result
     note(f"canaries: {', '.join(canaries)}" + (f"; then {len(rest)} more" if rest else ""))
     started = time.monotonic()
-    first = deliver(broker, prefix, artifact, canaries, timeout_s, progress)
+    first = send(broker, prefix, artifact, canaries, timeout_s, progress)
     result.timings["canary"] = round(time.monotonic() - started, 2)
     result.results, result.phases = first, {d: "canary" for d in canaries}
     reason = judge(first, policy, predicted)
@@ -168,7 +170,7 @@ def rollout(broker: BrokerConfig, prefix: str, artifact: Artifact, devices: list
         return result
     if rest:
         started = time.monotonic()
-        result.results += deliver(broker, prefix, artifact, rest, timeout_s, progress)
+        result.results += send(broker, prefix, artifact, rest, timeout_s, progress)
         result.timings["rollout"] = round(time.monotonic() - started, 2)
         result.phases.update({d: "rollout" for d in rest})
     return result

@@ -20,7 +20,9 @@ from ..fleet.accuracy import predictions
 from ..profile import host_threads
 from ..targets import TargetProfile
 from ..ui import UI
+from . import deltas
 from .broadcast import broadcasting
+from .delivery import deliver
 from .http_server import ArtifactServer
 from .local_fleet import LocalFleet, host_prediction
 from .rollout import RolloutPolicy, rollout
@@ -58,14 +60,17 @@ def open_fleet(fleet: FleetConfig, external: BrokerConfig | None, target: Target
 def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: TargetProfile, artifact: Artifact,
                   workdir: Path, ui: UI, kind: str = "deploy", force: bool = False,
                   serve_http: HttpConfig | None = None, host_measured_ms: float | None = None,
-                  shadow: Artifact | None = None) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+                  shadow: Artifact | None = None, key_dir: Path | None = None
+                  ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Deliver ``artifact`` to ``target``'s devices (canaries first), recording the deployment in the fleet store.
 
     ``external``: the user's broker (``fleet.broker``, paths resolved), else a local one is started; returns each
     device's result and what was used (broker, rollout). ``host_measured_ms``: this model's p50 measured on this
     host (the profile stage's), which emulated agents are judged against; else this host's prediction.
     ``shadow``: ``artifact``'s shadow job (:func:`pipeline.bundle.shadow_artifact`): with ``fleet.rollout.shadow``,
-    the rollout starts with a shadow stage (pipeline.ota.shadow); without it, none."""
+    the rollout starts with a shadow stage (pipeline.ota.shadow); without it, none. ``key_dir``: the signing key,
+    with which a device that runs a version this host has the artifact of is sent a delta against it
+    (``fleet.deltas``, pipeline.ota.deltas); without it, full artifacts only."""
     r = fleet.rollout
     judge_latency = r.abort_on_latency and not force
     on_host = host_prediction(artifact)  # analysed once: the rollout's fallback and the fleet store's record
@@ -104,9 +109,19 @@ def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: Tar
         with ui.stage(f"Deliver v{artifact.version} over MQTT to {len(devices)} device(s), {first}"):
             try:
                 # every queued state is written before the deployment's record ends; waves broadcast per fleet.broadcast
+                waves: list = []
+                send = deliver
+                if fleet.deltas and key_dir is not None and kind != "rollback":
+                    send = deltas.deliverer(deltas.running_versions(store, devices),
+                                            deltas.stored_bases(store, target.name), key_dir, waves)
                 with updates, broadcasting(fleet.broadcast):
                     result = rollout(broker, fleet.topic_prefix, artifact, devices, fleet.timeout_s, policy,
-                                     progress=progress, note=ui.info, shadow=shadow)
+                                     progress=progress, note=ui.info, shadow=shadow, send=send)
+                for w in waves:
+                    for g in w.groups:
+                        if g.is_delta:
+                            ui.info(f"{', '.join(g.devices)}: a delta against v{g.base_version} "
+                                    f"({g.artifact.size_bytes:,} of {artifact.size_bytes:,} bytes)")
             except BaseException as exc:  # the deployment's record ends, whatever stopped it
                 try:
                     store.finish(dep, status="failed", reason=f"{type(exc).__name__}: {exc}", results=[])
@@ -123,7 +138,7 @@ def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: Tar
         store.ingest(telemetry(delivery, target.name, local=not fleet.devices))
     finally:
         store.close()
-    return delivery, {**broker_info, "rollout": result.to_dict()}
+    return delivery, {**broker_info, "rollout": result.to_dict(), "deltas": [w.to_dict() for w in waves]}
 
 
 def telemetry(delivery: list[dict[str, Any]], target: str, local: bool) -> list[tuple[str, str, dict[str, Any]]]:
