@@ -103,3 +103,16 @@ def test_a_correction_keeps_kinds_the_models_hardly_hold_at_their_kernels_figure
     assert abs(coef[5] - 1) < 1 and coef[3] == coef[4] == coef[6] == coef[7] == 1.0
     unheld = fit_correction(rows, times, prior=0)
     assert unheld[3] == 1.0 and abs(unheld[5] - 1) > abs(coef[5] - 1)
+
+
+def test_whole_models_are_timed_among_the_kernels_not_after_them():
+    """The models the kernels' correction is fitted against see, on average, the machine the kernels saw."""
+    from pipeline.profile.calibrate.build import _spread
+
+    kernels, models = [[f"k{i}p", f"k{i}"] for i in range(20)], [[f"m{j}", f"m{j}q"] for j in range(4)]
+    order = [u[0] for u in _spread(kernels, models)]
+    assert sorted(order) == sorted(u[0] for u in kernels + models)
+    at = [order.index(f"m{j}") for j in range(4)]
+    assert at == sorted(at) and at[0] > 2 and at[-1] < len(order) - 3  # in order, none at either end
+    assert max(b - a for a, b in zip(at, at[1:])) - min(b - a for a, b in zip(at, at[1:])) <= 1  # evenly
+    assert [u[0] for u in _spread([], models)] == ["m0", "m1", "m2", "m3"]
