@@ -53,15 +53,13 @@ def reason(status: int) -> str:
         return ""
 
 
-def read_exactly(stream, n: int, step: int = 256 * 1024) -> bytearray:
-    """``n`` bytes of the body into one buffer, grown as the bytes arrive (a client that declares 32 MB and sends
-    nothing holds nothing), read straight into it (a .npy image is used in place)."""
-    body = bytearray(min(n, step))
-    got = 0
+def read_exactly(stream, n: int) -> bytearray:
+    """``n`` bytes of the body into one buffer, read straight into it (a .npy image is used in place). The buffer
+    is allocated whole: what bounds it is the BodyBudget the caller took ``n`` from, not the client's word."""
+    body = bytearray(n)
+    view, got = memoryview(body), 0
     while got < n:
-        if got == len(body):
-            body.extend(bytes(min(n - got, max(step, got))))  # double as it comes, up to what was declared
-        k = stream.readinto(memoryview(body)[got:])
+        k = stream.readinto(view[got:])
         if not k:
             raise ConnectionError(f"the request body ended after {got} of {n} bytes")
         got += k
@@ -234,7 +232,7 @@ class _Bounded:
     allow_reuse_address = True
 
     def __init__(self, address, handler, connections: threading.BoundedSemaphore,
-                 refused: Callable[[], None], closed: Callable[[], None]) -> None:
+                 refused: Callable[[], None], closed: Callable[[int], None]) -> None:
         self._slots, self._refused, self._closed = connections, refused, closed
         self._open: set[socket.socket] = set()
         self._open_lock = threading.Lock()
@@ -272,8 +270,9 @@ class _Bounded:
         finally:
             with self._open_lock:
                 self._open.discard(request)
+                left = len(self._open)
             self._slots.release()
-            self._closed()
+            self._closed(left)
 
     def handle_error(self, request, client_address) -> None:  # noqa: ANN001
         log.warning("inference api: a connection failed", exc_info=True)  # not the stderr traceback socketserver prints

@@ -340,11 +340,12 @@ class InferenceServer:
             self.gate.leave()
 
 
-    def _trim(self) -> None:
-        """A connection closed: the bodies its thread held go back to the kernel, at most every TRIM_EVERY_S
-        (malloc_trim takes glibc's heap locks for ~2 ms on a fragmented heap; one-shot clients close often)."""
+    def _trim(self, still_open: int) -> None:
+        """A connection closed: the bodies its thread held go back to the kernel when it was the last one open, or
+        at most every TRIM_EVERY_S (malloc_trim takes glibc's heap locks for ~2 ms on a fragmented heap; one-shot
+        clients close often)."""
         now = time.monotonic()
-        if now - self._trimmed >= TRIM_EVERY_S:
+        if still_open == 0 or now - self._trimmed >= TRIM_EVERY_S:
             self._trimmed = now
             release_free_memory()
 
