@@ -29,7 +29,7 @@ def wait_for(check, timeout: float, what: str):
         value = check()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(0.2)  # a poll interval: the wait ends on the condition, not on the time
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
