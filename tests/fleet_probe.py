@@ -7,7 +7,9 @@ ingester shows it took one; from then on its subscriptions, and with a persisten
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -57,3 +59,14 @@ def probe_stored(db: Path) -> Callable[[], bool]:
             return False
 
     return seen
+
+
+def stop_ingester(proc: subprocess.Popen) -> str:
+    """SIGTERM a ``pipeline fleet ingest`` process (it flushes and says what it did), kill it if it will not stop;
+    its stderr."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.communicate()[1]

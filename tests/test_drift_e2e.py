@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-from fleet_probe import probe_stored, until, wait_subscribed
+from fleet_probe import probe_stored, stop_ingester, until, wait_subscribed
 from torch import nn
 
 from conftest import make_artifact
@@ -100,12 +99,7 @@ def test_held_out_traffic_is_quiet_and_brighter_images_raise_one_drift_event(mos
             shifted = drift_of(db, device)
     finally:
         host.stop()
-        ingest.send_signal(signal.SIGTERM)
-        try:
-            _, err = ingest.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            ingest.kill()
-            _, err = ingest.communicate()
+        err = stop_ingester(ingest)
     assert ingest.returncode == 0, err[-3000:]
     assert quiet["state"] == "ok", quiet
     assert quiet["max_mean_shift"] < 0.1 and quiet["psi_outputs"] < 0.25 and quiet["psi_confidence"] < 0.25, quiet

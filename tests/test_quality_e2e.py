@@ -6,14 +6,13 @@ the ingester's closing line counts the malformed value it left out."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import yaml
-from fleet_probe import probe_stored, until, wait_subscribed
+from fleet_probe import probe_stored, stop_ingester, until, wait_subscribed
 
 from conftest import small_deploy_config
 from device_agent.drift import DriftMonitor, Reference
@@ -69,12 +68,7 @@ def test_deploy_yaml_s_thresholds_decide_the_drift_events(mosquitto, tmp_path):
         until(lambda: (drift_of(db) or {}).get("state") == "drifting", 60, "the second report stored, drifting")
     finally:
         pub.stop()
-        ingest.send_signal(signal.SIGTERM)
-        try:
-            _, err = ingest.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            ingest.kill()
-            _, err = ingest.communicate()
+        err = stop_ingester(ingest)
     assert ingest.returncode == 0, err[-3000:]
     assert "left out 1 malformed drift, accuracy or shadow value(s)" in err and "recorded 1 drift event(s)" in err
 
