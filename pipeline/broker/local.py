@@ -5,6 +5,7 @@ amqtt speaks MQTT 3.1.1 only; clients negotiate (device_agent.mqtt), so everythi
 
 from __future__ import annotations
 
+import getpass
 import logging
 import shutil
 import socket
@@ -21,8 +22,9 @@ from ..registry import Registry
 
 log = logging.getLogger(__name__)
 
-#: name -> f(workdir, port) that writes any config and returns (command line, MQTT protocol it speaks)
-BROKERS: Registry[Callable[[Path, int], tuple[list[str], str]]] = Registry("local broker")
+#: name -> f(workdir, port, persistent) that writes any config and returns (command line, MQTT protocol it speaks);
+#: ``persistent``: sessions, queued messages and retained ones survive a graceful stop (SIGTERM) and start
+BROKERS: Registry[Callable[[Path, int, bool], tuple[list[str], str]]] = Registry("local broker")
 
 
 def external_broker(cfg) -> BrokerConfig | None:
@@ -46,16 +48,20 @@ def mosquitto_binary() -> str | None:
 
 
 @BROKERS.register("mosquitto")
-def _mosquitto(workdir: Path, port: int) -> tuple[list[str], str]:
+def _mosquitto(workdir: Path, port: int, persistent: bool = False) -> tuple[list[str], str]:
     binary = mosquitto_binary()
     if binary is None:
         raise DeliveryError("mosquitto is not installed; `make install` installs it (apt-get install mosquitto), "
                             "or set fleet.local_broker: amqtt")
     conf = workdir / "mosquitto.conf"
+    # saved on SIGTERM (and every 60 s) in workdir; run as this process's user, who owns workdir (started as
+    # root, mosquitto would switch to its own user, which cannot write there)
+    keep = (f"persistence true\npersistence_location {workdir.resolve()}/\nautosave_interval 60\n"
+            f"user {getpass.getuser()}\n") if persistent else "persistence false\n"
     conf.write_text(
         f"listener {port} 127.0.0.1\n"
         "allow_anonymous true\n"
-        "persistence false\n"
+        f"{keep}"
         # bulk transfer: the defaults (20 in flight, 1000 queued) drop chunks under load
         "max_inflight_messages 200\n"
         "max_queued_messages 100000\n"
@@ -66,19 +72,26 @@ def _mosquitto(workdir: Path, port: int) -> tuple[list[str], str]:
 
 
 @BROKERS.register("amqtt")
-def _amqtt(workdir: Path, port: int) -> tuple[list[str], str]:
+def _amqtt(workdir: Path, port: int, persistent: bool = False) -> tuple[list[str], str]:
+    if persistent:
+        raise DeliveryError("the embedded amqtt broker keeps nothing across a restart; a persistent local broker "
+                            "needs mosquitto (apt-get install mosquitto)")
     return [sys.executable, "-m", "pipeline.broker.embedded", "--port", str(port)], "3.1.1"
 
 
 class LocalBroker:
-    """Context manager: ``with LocalBroker("auto", workdir) as b: b.config``."""
+    """Context manager: ``with LocalBroker("auto", workdir) as b: b.config``.
 
-    def __init__(self, kind: str, workdir: Path) -> None:
+    ``persistent``: the broker saves its sessions, queued QoS 1 messages and retained messages in ``workdir`` when
+    stopped, and a :meth:`restart` starts from them (mosquitto only)."""
+
+    def __init__(self, kind: str, workdir: Path, persistent: bool = False) -> None:
         if kind == "auto":
             kind = "mosquitto" if mosquitto_binary() else "amqtt"
         BROKERS.get(kind)
         self.kind = kind
         self.workdir = workdir
+        self.persistent = persistent
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.protocol = "auto"
@@ -93,7 +106,7 @@ class LocalBroker:
         errors = []
         for _ in range(1 if port else 3):  # another process may grab the free port between probe and bind
             self.port = port or free_port()
-            cmd, self.protocol = BROKERS.get(self.kind)(self.workdir, self.port)
+            cmd, self.protocol = BROKERS.get(self.kind)(self.workdir, self.port, self.persistent)
             logfile = open(self.workdir / f"{self.kind}.log", "wb")
             self.proc = subprocess.Popen(cmd, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             logfile.close()

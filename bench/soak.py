@@ -1,0 +1,386 @@
+"""A soak of the fleet's telemetry path with faults: simulated devices -> Mosquitto -> two ingesters per store.
+
+    .venv/bin/python bench/soak.py [--devices 1000] [--minutes 10 | --seconds S] [--interval 1] [--workers 4]
+                                   [--db fleet.db ...] [--postgres] [--json] [--out bench/results/soak.json]
+
+``--devices`` simulated devices (bench/fleetsim.py: each its own MQTT session, the agent's messages, QoS 1) send a
+metrics message every ``--interval`` seconds for the run's length into a local Mosquitto that persists its state
+(``LocalBroker(persistent=True)``). Every store (``--db``: SQLite files, or store URLs; ``--postgres`` adds a
+throwaway PostgreSQL server's, tests/postgres.py) has its own share group and two ``pipeline fleet ingest``
+processes in it, each with a stable client id (bench/ingest_tap.py: the CLI as it is, with a file of counters).
+A plain subscriber counts what the broker delivers, for the broker's own rate. Faults, each when a third and a half
+of the messages due were sent: the broker is stopped with SIGTERM (it saves its sessions and queues), and started
+again on the same port from its saved state; then one ingester of every store is killed with SIGKILL and started
+again with the same client id, as a supervisor would.
+
+Afterwards, per store: sent, acknowledged (the broker's PUBACK), stored; ``missing``: acknowledged, not stored (must
+be 0: every acknowledged message stored at least once); ``stored_unacked``: stored though its PUBACK never came;
+``phantom``: stored rows no device sent; at most once holds by construction (UNIQUE (device_id, ts) in
+``metrics``); ``duplicates``: metrics messages the ingesters were handed again (redeliveries, ignored by the store);
+``ingest_rate`` (rows / s, first publish to last row) against ``broker_rate`` (the plain subscriber's messages / s
+over its own span) and their ratio (goal >= 0.9), and the same over the steady window before the first fault.
+Everything waits on observed counts, never on a sleep.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+sys.path.insert(1, str(Path(__file__).resolve().parent))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from fleetsim import ACKED, REFUSED, UNROUTED, SimFleet  # noqa: E402
+from soak_stores import Store, open_store  # noqa: E402
+
+from device_agent.mqtt import MqttLink  # noqa: E402
+from device_agent.protocol import Leaf, topic  # noqa: E402
+from pipeline.broker import LocalBroker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+PREFIX = "edgefleet"
+PROBE = "soak-probe"
+#: the poll interval of every wait below: each waits on an observed count, this is only how often it looks
+POLL_S = 0.25
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def wait_for(condition, timeout: float, what: str, check=None) -> float:
+    """Until ``condition()`` holds (``check()`` may raise meanwhile); seconds it took. TimeoutError naming ``what``."""
+    t0 = time.monotonic()
+    while not condition():
+        if check is not None:
+            check()
+        if time.monotonic() - t0 > timeout:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(POLL_S)  # poll interval
+    return time.monotonic() - t0
+
+
+@dataclass
+class IngesterProc:
+    """One ``pipeline fleet ingest`` of a store, started again (same client id) when killed."""
+
+    store: Store
+    group: str
+    client_id: str
+    broker_port: int
+    workdir: Path
+    lives: int = 0
+    proc: subprocess.Popen | None = None
+    stats_files: list[Path] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.lives += 1
+        stats = self.workdir / f"{self.client_id}.{self.lives}.stats.json"
+        self.stats_files.append(stats)
+        cmd = [sys.executable, str(ROOT / "bench" / "ingest_tap.py"), "fleet", "ingest", "--db", self.store.location,
+               "--broker", f"127.0.0.1:{self.broker_port}", "--group", self.group, "--client-id", self.client_id]
+        logfile = open(self.workdir / f"{self.client_id}.{self.lives}.log", "w")
+        # its own directory: no deploy.yaml there, so the CLI takes --db and --broker alone
+        self.proc = subprocess.Popen(cmd, cwd=self.workdir, env={**os.environ, "SOAK_STATS": str(stats)},
+                                     stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        logfile.close()
+
+    def stats(self) -> list[dict]:
+        return [json.loads(f.read_text()) for f in self.stats_files if f.exists()]
+
+    def received(self) -> int:
+        return sum(s["received"] for s in self.stats())
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def check(self) -> None:
+        if self.proc is not None and self.proc.poll() is not None:
+            log_tail = (self.workdir / f"{self.client_id}.{self.lives}.log").read_text(errors="replace")[-600:]
+            raise RuntimeError(f"ingester {self.client_id} exited {self.proc.returncode}: {log_tail}")
+
+
+class Counter:
+    """The broker's own delivery rate: a plain subscriber (no storage) to every device's metrics."""
+
+    def __init__(self, broker) -> None:
+        self.n, self.first, self.last = 0, None, None
+        self._lock = threading.Lock()
+        self.link = MqttLink(broker, "soak-counter", self._on, [(f"{PREFIX}/v1/+/{Leaf.METRICS.value}", 1)])
+
+    def _on(self, name: str, payload: bytes) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self.n += 1
+            self.first = self.first or now
+            self.last = now
+
+
+def subscribe_all(ingesters: list[IngesterProc], broker, timeout: float = 120.0) -> None:
+    """Publish ``online`` probes until every ingester has taken one: their sessions and subscriptions exist."""
+    pub = MqttLink(broker, "soak-prober", lambda t, p: None).start()
+    try:
+        def taken() -> bool:
+            pub.publish(topic(PREFIX, PROBE, Leaf.ONLINE), b"online", qos=1).wait_for_publish(10)
+            return all(i.received() > 0 for i in ingesters)
+
+        wait_for(taken, timeout, "every ingester to take a probe message",
+                 check=lambda: [i.check() for i in ingesters])
+    finally:
+        pub.stop()
+
+
+def stored_all(store: Store, keys: set) -> bool:
+    """Every one of ``keys`` (device_id, ts) has its row; the rows are read only once there are enough of them."""
+    return store.count() >= len(keys) and not keys - store.metric_counts().keys()
+
+
+def verify(result: dict, store: Store) -> dict:
+    """Every acknowledged metrics message against the store's rows."""
+    acked, sent, unrouted_keys, unrouted, refused = set(), set(), set(), 0, 0
+    for device, d in result["devices"].items():
+        for _seq, ts, outcome in d["metrics"]:
+            sent.add((device, ts))
+            if outcome in (ACKED, UNROUTED):
+                acked.add((device, ts))
+            if outcome == UNROUTED:
+                unrouted_keys.add((device, ts))
+            unrouted += outcome == UNROUTED
+            refused += outcome == REFUSED
+    rows = store.metric_counts()
+    stored = {k for k in rows if k[0] != PROBE}
+    missing = acked - stored
+    return {"sent": len(sent), "acked": len(acked), "unrouted": unrouted, "refused": refused,
+            "stored": len(stored), "missing": len(missing), "missing_unrouted": len(missing & unrouted_keys),
+            "stored_unacked": len(stored & sent - acked),
+            "phantom": len(stored - sent), "stored_twice": sum(1 for n in rows.values() if n > 1),
+            "missing_examples": sorted(acked - stored)[:5]}
+
+
+def soak(args: argparse.Namespace) -> dict:
+    work = Path(tempfile.mkdtemp(prefix="soak-"))
+    locations = list(args.db or [str(work / "fleet.db")])
+    pg = None
+    if args.postgres:
+        sys.path.insert(1, str(ROOT / "tests"))
+        from postgres import LocalPostgres
+
+        pg = LocalPostgres(work / "postgres").start()
+        locations.append(pg.url("soak"))
+    stores = [open_store(loc) for loc in locations]
+    broker = LocalBroker("mosquitto", work / "broker", persistent=True).start()
+    ingesters: list[IngesterProc] = []
+    fleet = None
+    counter = Counter(broker.config)
+    try:
+        for k, store in enumerate(stores):
+            for member in ("a", "b"):
+                ing = IngesterProc(store, f"soak{k}", f"soak{k}-{member}", broker.port, work)
+                ing.start()
+                ingesters.append(ing)
+        subscribe_all(ingesters, broker.config)
+        counter.link.start()
+        log(f"{len(ingesters)} ingesters subscribed ({', '.join(s.location for s in stores)}); broker :{broker.port}")
+        fleet = SimFleet("127.0.0.1", broker.port, args.devices, args.workers, args.seconds, args.interval,
+                         work / "sim", PREFIX).start()
+        connect_s = wait_for(lambda: fleet.connected >= args.devices, 600, f"{args.devices} devices connected",
+                             check=_raise(fleet.failed))
+        log(f"{args.devices} devices connected in {connect_s:.1f} s")
+        due = args.devices * args.seconds / args.interval
+        t_go = time.monotonic()
+        fleet.go()
+        faults: dict = {}
+        samples: list[dict] = []
+
+        def sample() -> dict:
+            s = {"t": round(time.monotonic() - t_go, 2), **fleet.totals(), "delivered": counter.n,
+                 "stored": [st.count() for st in stores]}
+            samples.append(s)
+            return s
+
+        def checks() -> None:
+            _raise(fleet.failed)()
+            for i in ingesters:
+                i.check()
+
+        wait_for(lambda: sample()["sent"] >= due / 3, args.seconds * 3 + 60, "a third of the messages sent", checks)
+        log("fault 1: broker restart (SIGTERM, then start from its saved state on the same port)")
+        t = time.monotonic()
+        drops = fleet.totals()["drops"]
+        broker.stop()
+        down = time.monotonic()
+        broker.start(port=broker.port)
+        faults["broker_restart"] = {"at_s": round(t - t_go, 1), "stop_s": round(down - t, 2),
+                                    "down_s": round(time.monotonic() - t, 2)}
+        back = wait_for(lambda: (s := sample())["drops"] >= drops + args.devices and s["connected"] >= args.devices,
+                        300, "every device dropped and connected again", checks)
+        faults["broker_restart"]["devices_back_s"] = round(time.monotonic() - t, 1)
+        log(f"  broker back in {faults['broker_restart']['down_s']} s, every device again {back:.1f} s later")
+        wait_for(lambda: sample()["sent"] >= due / 2, args.seconds * 3 + 60, "half of the messages sent", checks)
+        killed = [i for i in ingesters if i.client_id.endswith("-a")]
+        log(f"fault 2: kill -9 {', '.join(i.client_id for i in killed)}, started again with the same client id")
+        t = time.monotonic()
+        for i in killed:
+            i.kill9()
+            i.start()
+        faults["ingester_kill"] = {"at_s": round(t - t_go, 1), "killed": [i.client_id for i in killed]}
+        wait_for(lambda: (sample(), fleet.done)[1], args.seconds * 3 + args.interval + 300,
+                 "the simulated devices to finish", checks)
+        publish_s = time.monotonic() - t_go
+        result = fleet.wait(120)
+        counts = result["counts"]
+        acked = counts["acked"]
+        log(f"devices done: sent {counts['sent']}, acknowledged {acked}; waiting for the stores")
+        routed = {(d, ts) for d, v in result["devices"].items() for _, ts, outcome in v["metrics"] if outcome == ACKED}
+        reports = []
+        for store in stores:
+            try:  # the broker had a subscriber for each of these: each must come
+                drain = wait_for(lambda: stored_all(store, routed), args.drain_s,
+                                 f"{store.location}: {len(routed)} acknowledged (and routed) messages stored",
+                                 check=lambda: [i.check() for i in ingesters])
+            except TimeoutError as exc:
+                log(str(exc))
+                drain = None
+            reports.append((store, drain))
+        sample()
+        for i in ingesters:
+            i.stop()  # SIGTERM: each commits and acknowledges what it holds, and writes its counters
+        return report(args, result, reports, samples, faults, counter, ingesters, publish_s, connect_s)
+    finally:
+        for i in ingesters:
+            i.stop()
+        if fleet is not None:
+            fleet.kill()
+        counter.link.stop()
+        broker.stop()
+        for store in stores:
+            store.close()
+        if pg is not None:
+            pg.stop()
+
+
+def _raise(failed):
+    def check() -> None:
+        why = failed()
+        if why:
+            raise RuntimeError(why)
+    return check
+
+
+def report(args, result, reports, samples, faults, counter, ingesters, publish_s, connect_s) -> dict:
+    first_fault = faults["broker_restart"]["at_s"]
+    steady = [s for s in samples if 0.15 * first_fault <= s["t"] <= 0.95 * first_fault]
+    out_stores = []
+    for k, (store, drain_s) in enumerate(reports):
+        v = verify(result, store)
+        lives = [s for i in ingesters if i.store is store for s in i.stats()]
+        committed = sum(s["committed_metrics"] for s in lives)
+        # the time the store's count last grew (samples are POLL_S apart)
+        grew = [s["t"] for a, s in zip(samples, samples[1:]) if s["stored"][k] > a["stored"][k]]
+        t_last = (grew[-1] if grew else None)
+        broker_span = (counter.last - counter.first) if counter.last and counter.first else None
+        broker_rate = round(counter.n / broker_span, 1) if broker_span else None
+        ingest_rate = round(v["stored"] / t_last, 1) if t_last else None
+        row = {"store": store.kind, "location": store.location, **v,
+               "duplicates": committed - v["stored"], "ingester_lives": len(lives),
+               "ingest_rate": ingest_rate, "broker_rate": broker_rate,
+               "ingest_vs_broker": round(ingest_rate / broker_rate, 3) if ingest_rate and broker_rate else None,
+               "drain_s": round(drain_s, 1) if drain_s is not None else None}
+        if len(steady) >= 2:
+            a, b = steady[0], steady[-1]
+            dt = b["t"] - a["t"]
+            row["steady"] = {"from_s": a["t"], "to_s": b["t"], "ingest_rate": round((b["stored"][k] - a["stored"][k]) / dt, 1),
+                             "broker_rate": round((b["delivered"] - a["delivered"]) / dt, 1),
+                             "acked_rate": round((b["acked"] - a["acked"]) / dt, 1)}
+            row["steady"]["ingest_vs_broker"] = (round(row["steady"]["ingest_rate"] / row["steady"]["broker_rate"], 3)
+                                                 if row["steady"]["broker_rate"] else None)
+        out_stores.append(row)
+    c = result["counts"]
+    return {"broker": broker_version(), "devices": args.devices, "seconds": args.seconds, "interval_s": args.interval, "workers": args.workers,
+            "host": {"cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2), "python": platform.python_version()},
+            "connect_s": round(connect_s, 1), "publish_s": round(publish_s, 1),
+            "sim": {k: c.get(k) for k in ("sent", "acked", "refused", "connects", "drops", "connect_failures")},
+            "delivered_to_plain_subscriber": counter.n, "faults": faults, "stores": out_stores,
+            "ok": all(s["missing"] == 0 and s["phantom"] == 0 and s["stored_twice"] == 0 for s in out_stores)}
+
+
+def broker_version() -> str:
+    from pipeline.broker import mosquitto_binary
+
+    out = subprocess.run([mosquitto_binary(), "-h"], capture_output=True, text=True).stdout
+    return out.splitlines()[0].strip() if out else "mosquitto"
+
+
+def print_table(r: dict) -> None:
+    cols = [f"{s['store']}" for s in r["stores"]]
+    rows = [("sent", "sent"), ("acknowledged", "acked"), ("  of them unrouted", "unrouted"), ("refused", "refused"),
+            ("stored", "stored"), ("missing (acked, not stored)", "missing"),
+            ("  of them acked unrouted", "missing_unrouted"),
+            ("stored, never acknowledged", "stored_unacked"), ("phantom (never sent)", "phantom"),
+            ("stored twice", "stored_twice"), ("duplicates (redeliveries)", "duplicates"),
+            ("ingester lives", "ingester_lives"), ("ingest rate /s", "ingest_rate"), ("broker rate /s", "broker_rate"),
+            ("ingest / broker", "ingest_vs_broker"), ("drain after last publish, s", "drain_s")]
+    width = max(len(n) for n, _ in rows) + 2
+    print(f"soak: {r['devices']} devices x 1 metrics / {r['interval_s']} s for {r['seconds']} s "
+          f"({r['workers']} simulator processes); connected in {r['connect_s']} s")
+    br, ik = r["faults"]["broker_restart"], r["faults"]["ingester_kill"]
+    print(f"faults: broker restart at {br['at_s']} s (down {br['down_s']} s, every device back after "
+          f"{br['devices_back_s']} s); kill -9 of {', '.join(ik['killed'])} at {ik['at_s']} s")
+    print(f"{'':{width}s}" + "".join(f"{c:>14s}" for c in cols))
+    for name, key in rows:
+        print(f"{name:{width}s}" + "".join(f"{str(s.get(key)):>14s}" for s in r["stores"]))
+    for name, key in (("steady ingest /s", "ingest_rate"), ("steady broker /s", "broker_rate"),
+                      ("steady ingest / broker", "ingest_vs_broker")):
+        print(f"{name:{width}s}" + "".join(f"{str(s.get('steady', {}).get(key)):>14s}" for s in r["stores"]))
+    print("every acknowledged message stored exactly once" if r["ok"] else "FAILED: see missing / phantom above")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--devices", type=int, default=1000)
+    length = ap.add_mutually_exclusive_group()
+    length.add_argument("--minutes", type=float)
+    length.add_argument("--seconds", type=float)
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between a device's metrics")
+    ap.add_argument("--workers", type=int, default=4, help="simulator processes")
+    ap.add_argument("--db", nargs="+", help="stores: SQLite files or store URLs (default: one SQLite file)")
+    ap.add_argument("--postgres", action="store_true", help="also a throwaway PostgreSQL server's store")
+    ap.add_argument("--drain-s", type=float, default=300, help="longest wait for the stores after the last ack")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON")
+    ap.add_argument("--out", help="also write the result (JSON) here, e.g. bench/results/soak.json")
+    args = ap.parse_args(argv)
+    args.seconds = args.seconds if args.seconds is not None else (args.minutes or 10) * 60
+    r = soak(args)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(r, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print_table(r)
+    return 0 if r["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
