@@ -43,14 +43,16 @@ $(TFLITE_STAMP): $(STAMP)
 	@touch $@
 
 # System pieces: mosquitto (a real broker), chromium (the dashboard test), openssh-server (the provisioning
-# test's sshd), prometheus (its promtool checks /metrics). Installed with apt-get when this is root; otherwise
+# test's sshd), prometheus (its promtool checks /metrics), postgresql (the fleet store's tests start a server;
+# Debian keeps initdb in /usr/lib/postgresql/<major>/bin). Installed with apt-get when this is root; otherwise
 # the list to install by hand is printed. The demo needs none of them (it falls back to the embedded broker);
 # the tests need all of them.
 SYSTEM_BINS := mosquitto:/usr/sbin/mosquitto chromium:/usr/bin/chromium openssh-server:/usr/sbin/sshd \
-	prometheus:/usr/bin/promtool qemu-user-static:/usr/bin/qemu-x86_64-static
+	prometheus:/usr/bin/promtool qemu-user-static:/usr/bin/qemu-x86_64-static postgresql:initdb
 system-deps:
 	@missing=""; for pair in $(SYSTEM_BINS); do pkg=$${pair%%:*}; bin=$${pair#*:}; \
-		[ -x "$$bin" ] || command -v "$$(basename $$bin)" >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+		[ -x "$$bin" ] || command -v "$$(basename $$bin)" >/dev/null 2>&1 \
+		|| ls /usr/lib/postgresql/*/bin/$$bin >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
 	if [ -z "$$missing" ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		echo "== installing$$missing with apt-get"; mkdir -p $(VENV); \

@@ -18,7 +18,6 @@ import contextlib
 import datetime as dt
 import json
 import shutil
-import sqlite3
 import tempfile
 import time
 from collections.abc import Callable
@@ -33,17 +32,17 @@ from device_agent.storage import atomic_write_bytes
 
 from .config import FleetConfig
 from .errors import ConfigError, DeliveryError
+from .fleet import STORE_ERRORS, FleetStore, exists, redact
 from .profile import HOST, host_threads
 from .targets import TargetProfile
 from .ui import UI
 
 
-def class_devices(fleet: FleetConfig, db: Path, target: str) -> list[str]:
+def class_devices(fleet: FleetConfig, db: Path | str, target: str) -> list[str]:
     """The devices of class ``target``: deploy.yaml's inventory entries of that class, and the devices the fleet
     store has heard report that class; those online first, then the most recently seen."""
     seen: dict[str, dict[str, Any]] = {}
-    if db.is_file():
-        from .fleet import FleetStore
+    if exists(db):
 
         store = FleetStore(db)
         try:
@@ -55,7 +54,7 @@ def class_devices(fleet: FleetConfig, db: Path, target: str) -> list[str]:
     return sorted(ids, key=lambda d: (not (seen.get(d) or {}).get("online"), -((seen.get(d) or {}).get("last_seen") or 0)))
 
 
-def choose_devices(fleet: FleetConfig, db: Path, target: str, device_ids: list[str] | None,
+def choose_devices(fleet: FleetConfig, db: Path | str, target: str, device_ids: list[str] | None,
                    count: int | None) -> list[str]:
     """``device_ids`` as given (each checked as a topic level), else the first ``count`` of the class (all of them
     by default). Asking for more than the class has, or a class with none, is an error that says where we looked."""
@@ -67,7 +66,7 @@ def choose_devices(fleet: FleetConfig, db: Path, target: str, device_ids: list[s
                 raise ConfigError(str(exc)) from None
         return list(dict.fromkeys(device_ids))
     known = class_devices(fleet, db, target)
-    where = f"deploy.yaml's fleet.devices and the fleet store ({db})"
+    where = f"deploy.yaml's fleet.devices and the fleet store ({redact(db)})"
     if not known:
         raise DeliveryError(f"no devices of class {target}: {where} name none; pass --device ID, or provision devices "
                             f"of that class (pipeline provision)")
@@ -124,7 +123,7 @@ def run_calibration(fleet: FleetConfig, external: BrokerConfig | None, target: T
     t0 = time.perf_counter()
     local = target.name == HOST and not device_ids
     if not local:
-        devices = choose_devices(fleet, workdir / "fleet.db", target.name, device_ids, count)
+        devices = choose_devices(fleet, fleet.store_at(workdir), target.name, device_ids, count)
         if external is None:
             raise ConfigError(f"calibrating {target.name} from its devices needs the broker they are connected to: "
                               "set fleet.broker in deploy.yaml (only host is calibrated through a local broker)")
@@ -189,7 +188,7 @@ def run_calibration(fleet: FleetConfig, external: BrokerConfig | None, target: T
     report.update(provenance=provenance, peaks=fitted["peaks"], kernel_fit=fitted["kernel_fit"],
                   op_fit=(fitted["ops"] or {}).get("fit"), wall_s=round(time.perf_counter() - t0, 1))
     k = fitted["kernel_fit"]
-    _record(workdir, ui, target=target.name, version=version, date=provenance["date"], basis="suite",
+    _record(fleet.store_at(workdir), ui, target=target.name, version=version, date=provenance["date"], basis="suite",
             devices=provenance["devices"], samples={"suite": provenance["samples"], "fleet": {}},
             wall_s=report["wall_s"],
             fit={"on": "suite models", **{key: k.get(key) for key in ("kernels", "models", "median_abs_error_pct",
@@ -198,23 +197,22 @@ def run_calibration(fleet: FleetConfig, external: BrokerConfig | None, target: T
     return report
 
 
-def _record(workdir: Path, ui: UI, **run: Any) -> None:
+def _record(db: Path | str, ui: UI, **run: Any) -> None:
     """The run in the fleet store's calibrations (what ``pipeline fleet status`` shows). The calibration is
     written by then: a store that cannot take the record costs a warning, not the run."""
-    from .fleet import FleetStore
     from .fleet.accuracy import record_calibration
 
     try:
-        store = FleetStore(workdir / "fleet.db")
+        store = FleetStore(db)
         try:
             record_calibration(store, **run)
         finally:
             store.close()
-    except sqlite3.Error as exc:
-        ui.warn(f"the calibration is written but not recorded in the fleet store {workdir / 'fleet.db'}: {exc}")
+    except STORE_ERRORS as exc:
+        ui.warn(f"the calibration is written but not recorded in the fleet store {redact(db)}: {exc}")
 
 
-def _missing(target: str, workdir: Path, db: Path, stored, measured: dict[str, Any] | None) -> list[str]:
+def _missing(target: str, workdir: Path, db: Path | str, stored, measured: dict[str, Any] | None) -> list[str]:
     """What ``--from-fleet`` lacks, each with the command that provides it."""
     problems = []
     if stored is None:
@@ -225,22 +223,22 @@ def _missing(target: str, workdir: Path, db: Path, stored, measured: dict[str, A
                "`pipeline deploy` first" if target == HOST else
                f"no device of class {target} has reported on a model deployed from here: run `pipeline deploy "
                f"--target {target}`, then `pipeline fleet ingest` while the devices report")
-        problems.append(f"{who} (fleet store {db}{'' if db.is_file() else ': none yet'})")
+        problems.append(f"{who} (fleet store {redact(db)}{'' if exists(db) else ': none yet'})")
     return problems
 
 
-def refit_from_fleet(target: TargetProfile, workdir: Path, ui: UI) -> dict[str, Any]:
+def refit_from_fleet(target: TargetProfile, workdir: Path, ui: UI, store: Path | str | None = None) -> dict[str, Any]:
     """Refit ``target``'s predictor from its latest stored suite results and what its fleet measured of the models
-    deployed to it (``pipeline targets calibrate --from-fleet``): offline, against ``workdir``'s store and files."""
-    from .fleet import FleetStore
+    deployed to it (``pipeline targets calibrate --from-fleet``): offline, against ``workdir``'s files and the fleet
+    store (``store``; default WORKDIR/fleet.db)."""
     from .fleet.accuracy import measured_models
     from .profile.calibrate import refit
 
     t0 = time.perf_counter()
-    db = workdir / "fleet.db"
+    db = workdir / "fleet.db" if store is None else store
     stored = refit.latest_stored(workdir, target.name)
     measured = None
-    if db.is_file():
+    if exists(db):
         store = FleetStore(db)
         try:
             measured = measured_models(store, target.name)
@@ -269,7 +267,7 @@ def refit_from_fleet(target: TargetProfile, workdir: Path, ui: UI) -> dict[str, 
               "suite_models": fitted["suite_models"], "models": fitted["models"], "skipped": skipped,
               "invalid_reports": measured["invalid"], "provenance": prov, "written": written,
               "wall_s": round(time.perf_counter() - t0, 1)}
-    _record(workdir, ui, target=target.name, version=stored.version, date=prov["date"], basis="from_fleet",
+    _record(db, ui, target=target.name, version=stored.version, date=prov["date"], basis="from_fleet",
             devices=sorted({*prov["devices"], *prov["fleet"]["devices"]}),
             samples={"suite": prov["samples"], "fleet": {f"{m.target} v{m.version}": m.samples for m in models}},
             wall_s=report["wall_s"], fit={"on": "fleet models", **fitted["fleet"]["refit"],

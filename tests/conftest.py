@@ -168,6 +168,30 @@ def mosquitto(tmp_path):
         yield broker
 
 
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A real PostgreSQL server for the session (tests/postgres.py); each ``fleet_db`` gets its own database."""
+    import importlib.util
+
+    from postgres import LocalPostgres, binaries
+
+    require(binaries() is not None, "PostgreSQL (apt-get install postgresql)")
+    require(importlib.util.find_spec("psycopg") is not None, "psycopg (pip install 'psycopg[binary]')")
+    with LocalPostgres(tmp_path_factory.mktemp("postgres")) as pg:
+        yield pg
+
+
+_DATABASES = iter(range(1 << 30))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fleet_db(request, tmp_path):
+    """Where a fleet store goes, once per engine: a SQLite file, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "fleet.db"
+    return request.getfixturevalue("postgres").url(f"fleet_{next(_DATABASES)}")
+
+
 @pytest.fixture
 def amqtt_broker(tmp_path):
     from pipeline.broker import LocalBroker

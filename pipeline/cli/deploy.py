@@ -55,7 +55,7 @@ def cmd_history(args: argparse.Namespace, ui) -> int:
     from ..fleet import FleetStore
 
     cfg = load_deploy(args.config)
-    store = FleetStore(cfg.resolve(cfg.workdir) / "fleet.db")
+    store = FleetStore(cfg.fleet.store_at(cfg.resolve(cfg.workdir)))
     try:
         rows = store.history(args.target, args.limit)
         for r in rows:

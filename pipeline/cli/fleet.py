@@ -13,13 +13,15 @@ from . import output
 
 
 def _context(args: argparse.Namespace):
-    """(deploy config or None, fleet store path). ``--db`` alone works without a deploy.yaml."""
+    """(deploy config or None, fleet store: a path or a postgresql:// URL). ``--db`` alone works without a
+    deploy.yaml."""
     from ..config import load_deploy
+    from ..fleet import location
 
     if args.db and not Path(args.config).is_file():
-        return None, Path(args.db)
+        return None, location(args.db)
     cfg = load_deploy(args.config)
-    return cfg, Path(args.db) if args.db else cfg.resolve(cfg.workdir) / "fleet.db"
+    return cfg, location(args.db) if args.db else cfg.fleet.store_at(cfg.resolve(cfg.workdir))
 
 
 def _broker(args: argparse.Namespace, cfg):
@@ -84,7 +86,7 @@ def cmd_fleet(args: argparse.Namespace, ui) -> int:
     return output.OK
 
 
-def _drift(args: argparse.Namespace, ui, db: Path) -> int:
+def _drift(args: argparse.Namespace, ui, db: Path | str) -> int:
     """``fleet drift``: per device and version the drift scores, their state, live accuracy and any shadow
     comparison (``pipeline.fleet.quality``), and the latest drift events."""
     from ..fleet import FleetStore
@@ -95,7 +97,9 @@ def _drift(args: argparse.Namespace, ui, db: Path) -> int:
         if args.device is not None and store.db.execute("SELECT 1 FROM devices WHERE device_id = ?",
                                                         (args.device,)).fetchone() is None:
             known = [r[0] for r in store.db.execute("SELECT device_id FROM devices ORDER BY device_id LIMIT 20")]
-            raise PipelineError(f"fleet drift --device {args.device}: no such device in {db}; "
+            from ..fleet import redact
+
+            raise PipelineError(f"fleet drift --device {args.device}: no such device in {redact(db)}; "
                                 f"known: {', '.join(known) or '(none has reported)'}")
         quality = {**quality_summary(store, args.device), "events": drift_events(store, args.device)}
     finally:
@@ -107,7 +111,8 @@ def _drift(args: argparse.Namespace, ui, db: Path) -> int:
     return output.OK
 
 
-def _ingest(args: argparse.Namespace, ui, cfg, db: Path) -> int:
+def _ingest(args: argparse.Namespace, ui, cfg, db: Path | str) -> int:
+    from ..fleet import redact
     from ..fleet.ingest import Ingester
 
     broker = _broker(args, cfg)
@@ -118,7 +123,7 @@ def _ingest(args: argparse.Namespace, ui, cfg, db: Path) -> int:
                         retention=_retention(cfg), drift=_thresholds(cfg))
     signal.signal(signal.SIGTERM, lambda *_: ingester.stop())
     ui.info(f"ingesting {prefix}/v1/+/{{metrics,status,events,online}} from {broker.host}:{broker.port} into "
-            f"{db} (Ctrl-C stops)")
+            f"{redact(db)} (Ctrl-C stops)")
     try:
         ingester.run()
     except KeyboardInterrupt:
@@ -136,7 +141,7 @@ def _ingest(args: argparse.Namespace, ui, cfg, db: Path) -> int:
     return output.OK
 
 
-def _retain(args: argparse.Namespace, ui, cfg, db: Path) -> int:
+def _retain(args: argparse.Namespace, ui, cfg, db: Path | str) -> int:
     from ..fleet import FleetStore
     from ..fleet.retention import RetentionPolicy, apply_retention, parse_duration
 
@@ -159,6 +164,7 @@ def _retain(args: argparse.Namespace, ui, cfg, db: Path) -> int:
 def cmd_dashboard(args: argparse.Namespace, ui) -> int:
     from ..dashboard import BudgetBook, Dashboard, new_token
     from ..dashboard.server import is_loopback
+    from ..fleet import redact
     from ..fleet.ingest import Ingester
 
     cfg, db = _context(args)
@@ -177,7 +183,7 @@ def cmd_dashboard(args: argparse.Namespace, ui) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with dash:
         url = dash.url + (f"?token={token}" if token else "")
-        output.emit(args, {"url": dash.url, "token": token, "db": str(db),
+        output.emit(args, {"url": dash.url, "token": token, "db": redact(db),
                            "ingest": f"{broker.host}:{broker.port}" if broker else None}, indent=None, flush=True)
         ui.info(f"dashboard: {url}")
         ui.info(f"Prometheus: {dash.url}metrics" + (" (Authorization: Bearer <token>)" if token else ""))
@@ -200,7 +206,8 @@ def add_fleet(sub) -> None:
                                       "apply retention")
     fl.add_argument("action", choices=["status", "drift", "ingest", "retain"])
     fl.add_argument("--config", default="deploy.yaml")
-    fl.add_argument("--db", help="fleet store (default: WORKDIR/fleet.db)")
+    fl.add_argument("--db", help="fleet store: a SQLite file or a postgresql:// URL (default: fleet.store, "
+                                 "else WORKDIR/fleet.db)")
     fl.add_argument("--broker", help="ingest: HOST:PORT (default: fleet.broker)")
     fl.add_argument("--prefix", default=None, help="topic prefix (default: fleet.topic_prefix)")
     fl.add_argument("--group", default="ingest", help="ingest: shared-subscription group")
@@ -219,7 +226,8 @@ def add_fleet(sub) -> None:
 def add_dashboard(sub) -> None:
     d = sub.add_parser("dashboard", help="serve the live fleet dashboard and /metrics, ingesting telemetry beside it")
     d.add_argument("--config", default="deploy.yaml")
-    d.add_argument("--db", help="fleet store (default: WORKDIR/fleet.db)")
+    d.add_argument("--db", help="fleet store: a SQLite file or a postgresql:// URL (default: fleet.store, "
+                                "else WORKDIR/fleet.db)")
     d.add_argument("--host", default=None, help="bind address (default: fleet.dashboard.host, 127.0.0.1)")
     d.add_argument("--port", type=int, default=None, help="port (default: fleet.dashboard.port, 8600; 0: any free)")
     d.add_argument("--token", default=None, help="required from clients (default: EDGEFLEET_DASHBOARD_TOKEN; "

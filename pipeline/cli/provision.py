@@ -153,7 +153,7 @@ def cmd_devices(args: argparse.Namespace, ui) -> int:
     from ..broker import external_broker
 
     cfg = load_deploy(args.config)
-    store = FleetStore(cfg.resolve(cfg.workdir) / "fleet.db")
+    store = FleetStore(cfg.fleet.store_at(cfg.resolve(cfg.workdir)))
     try:
         known = {d["device_id"]: d for d in store.devices()}
     finally:

@@ -82,8 +82,8 @@ def _from_fleet(args: argparse.Namespace, ui) -> int:
         raise ConfigError(f"targets calibrate --from-fleet ships no suite, so {', '.join(given)} "
                           f"{'does' if len(given) == 1 else 'do'} not apply: it refits from the latest stored suite "
                           "results and the fleet store (drop them, or run without --from-fleet to time a new suite)")
-    _, _, workdir, _, target = _context(args, offline=True)
-    report = refit_from_fleet(target, workdir, ui)
+    fleet, _, workdir, _, target = _context(args, offline=True)
+    report = refit_from_fleet(target, workdir, ui, store=fleet.store_at(workdir))
     if not output.emit(args, report):
         print_refit(ui, report)
     return output.OK

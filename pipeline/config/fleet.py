@@ -157,6 +157,31 @@ class FleetConfig(Strict):
     http: HttpConfig = HttpConfig()
     retention: RetentionConfig = RetentionConfig()
     dashboard: DashboardConfig = DashboardConfig()
+    store: str | None = Field(
+        None, description="the fleet store: a postgresql:// URL (several ingesters, one server), or a SQLite file "
+                          "(relative: to the work directory); default: WORKDIR/fleet.db")
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if not v.strip():
+            raise ValueError("expected a postgresql:// URL or a SQLite file's path, got an empty string")
+        scheme = v.split("://", 1)[0].lower() if "://" in v else None
+        if scheme is not None and scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"the fleet store is SQLite (a file's path) or PostgreSQL (a postgresql:// URL); "
+                             f"{scheme}:// is neither")
+        return v
+
+    def store_at(self, workdir: Path) -> Path | str:
+        """Where the fleet store is: ``store``'s URL, its path (relative: under ``workdir``), or WORKDIR/fleet.db."""
+        if self.store is None:
+            return workdir / "fleet.db"
+        if "://" in self.store:
+            return self.store
+        path = Path(self.store).expanduser()
+        return path if path.is_absolute() else workdir / path
 
     @field_validator("devices", mode="before")
     @classmethod

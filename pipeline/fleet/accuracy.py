@@ -41,6 +41,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+from .sql import POSTGRES, SQLITE
 from .store import MAX_TEXT, FleetStore
 
 #: the error's definition, as every view states it
@@ -133,14 +134,21 @@ def _recorded(store: FleetStore) -> dict[tuple[str, int], dict[str, Any]]:
 
 
 #: each device's latest ``per_series`` raw reports per version and emulated flag, with the device's class: the
-#: series from the index ``metrics_by_series``, then a seek per series (20,000 of 200,000 rows in ~40 ms here)
-_REPORTS = """
+#: series from the index ``metrics_by_series``, then a seek per series (20,000 of 200,000 rows in ~40 ms here).
+#: SQLite seeks by rowid, PostgreSQL by a lateral join: the one query the two engines spell apart
+_REPORTS = {SQLITE: """
 WITH series AS (SELECT DISTINCT device_id, version, emulated FROM metrics WHERE version IS NOT NULL)
 SELECT d.target, m.device_id, m.version, m.emulated, m.latency_ms_p50, m.latency_ms_p95, m.rss_mb
 FROM series s
 JOIN metrics m ON m.rowid IN (SELECT rowid FROM metrics x WHERE x.device_id = s.device_id AND x.version = s.version
                               AND x.emulated IS s.emulated ORDER BY x.ts DESC LIMIT ?)
-LEFT JOIN devices d ON d.device_id = m.device_id"""
+LEFT JOIN devices d ON d.device_id = m.device_id""", POSTGRES: """
+WITH series AS (SELECT DISTINCT device_id, version, emulated FROM metrics WHERE version IS NOT NULL)
+SELECT d.target, m.device_id, m.version, m.emulated, m.latency_ms_p50, m.latency_ms_p95, m.rss_mb
+FROM series s
+JOIN LATERAL (SELECT * FROM metrics x WHERE x.device_id = s.device_id AND x.version = s.version
+              AND x.emulated IS NOT DISTINCT FROM s.emulated ORDER BY x.ts DESC LIMIT ?) m ON true
+LEFT JOIN devices d ON d.device_id = m.device_id"""}
 
 
 def _within(errors: list[float]) -> dict[str, float | None]:
@@ -175,7 +183,7 @@ def prediction_check(store: FleetStore, per_series: int = PER_SERIES) -> dict[st
     recorded = _recorded(store)
     series: dict[tuple, _Series] = {}  # (class, version, basis, metric)
     skipped: dict[tuple, Counter] = defaultdict(Counter)  # (class, basis, metric)
-    for r in store.db.execute(_REPORTS, (per_series,)):
+    for r in store.db.execute(_REPORTS[store.engine], (per_series,)):
         # a store written around the ingester may hold anything in any column: an unknown class or version
         target = r["target"] if isinstance(r["target"], str) else None
         version = r["version"] if isinstance(r["version"], int) and not isinstance(r["version"], bool) else None
@@ -232,7 +240,7 @@ def measured_models(store: FleetStore, target: str, per_series: int = PER_SERIES
     version stored (``None``: never deployed from this host). ``invalid`` counts reports without a usable p50."""
     by_version: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     invalid = 0
-    for r in store.db.execute(_REPORTS, (per_series,)):
+    for r in store.db.execute(_REPORTS[store.engine], (per_series,)):
         cls = r["target"] if isinstance(r["target"], str) else None
         version = r["version"] if isinstance(r["version"], int) and not isinstance(r["version"], bool) else None
         basis = (Basis.HOST if r["emulated"] else Basis.TARGET).value
@@ -264,14 +272,12 @@ def record_calibration(store: FleetStore, *, target: str, version: int, date: st
     """One calibration of a class (``basis``: ``suite``, timed on its devices, or ``from_fleet``, refit with the
     fleet's measured models): who measured it, how many samples (``{"suite": {device: cases timed}, "fleet":
     {"<class> v<version>": reports}}``), its fit's error and where it was written."""
-    with store.db:
-        store.db.execute("BEGIN")
-        cur = store.db.execute(
+    with store.db.transaction() as db:
+        return db.insert(
             "INSERT INTO calibrations (ts, target, version, date, basis, devices, samples, wall_s, fit, kernels_file)"
             " VALUES (?,?,?,?,?,?,?,?,?,?)",
             (time.time(), target, version, date, basis, json.dumps(devices), json.dumps(samples), wall_s,
              json.dumps(fit, default=str) if fit else None, kernels_file))
-    return int(cur.lastrowid)
 
 
 def latest_calibrations(store: FleetStore) -> list[dict[str, Any]]:

@@ -27,7 +27,6 @@ import json
 import logging
 import queue
 import re
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -42,6 +41,7 @@ from device_agent.protocol import PROTOCOL_VERSION, Leaf, ProtocolError, check_i
 
 from . import quality
 from .retention import RetentionPolicy, apply_retention
+from .sql import ERRORS, UNAVAILABLE
 from .store import FleetStore
 from .traffic import Skip
 
@@ -136,7 +136,7 @@ def parse(prefix: str, name: str, payload: bytes) -> Message:
 
 
 class Ingester:
-    def __init__(self, broker: BrokerConfig, db: Path, prefix: str = "edgefleet", group: str = "ingest",
+    def __init__(self, broker: BrokerConfig, db: Path | str, prefix: str = "edgefleet", group: str = "ingest",
                  shared: bool = True, batch: int = 500, flush_s: float = 0.5, client_id: str | None = None,
                  retention: RetentionPolicy | None = None, retention_every_s: float = 3600,
                  drift: Thresholds | None = None) -> None:
@@ -208,7 +208,7 @@ class Ingester:
                 self._store(store, [message])
             except Exception as exc:  # noqa: BLE001
                 refused.append((message, exc))
-        if len(refused) == len(pending) and all(isinstance(e, sqlite3.OperationalError) for _, e in refused):
+        if len(refused) == len(pending) and all(isinstance(e, UNAVAILABLE) for _, e in refused):
             raise refused[0][1]
         for (device, leaf, _), exc in refused:
             self._drop(Drop.STORE, f"{self.prefix}/v{PROTOCOL_VERSION}/{device}/{leaf}", exc)
@@ -234,7 +234,7 @@ class Ingester:
     def _retain(self, store: FleetStore) -> None:
         try:
             log.info("retention: %s", apply_retention(store, self.retention))
-        except sqlite3.Error as exc:  # the next pass tries again; telemetry goes on meanwhile
+        except ERRORS as exc:  # the next pass tries again; telemetry goes on meanwhile
             log.warning("retention failed: %s", exc)
 
     def _run(self, until: Callable[[], bool] | None) -> None:
@@ -261,7 +261,7 @@ class Ingester:
                 if acks and (len(acks) >= self.batch or time.monotonic() - last >= self.flush_s):
                     try:
                         self._commit(store, pending)  # committed ...
-                    except sqlite3.OperationalError as exc:  # the database, not a message: keep the batch
+                    except UNAVAILABLE as exc:  # the database, not a message: keep the batch
                         log.warning("store unavailable (%s); the batch of %d waits, unacknowledged", exc, len(acks))
                         self._stop.wait(self.flush_s)
                         last = time.monotonic()

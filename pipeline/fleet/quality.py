@@ -27,7 +27,6 @@ from __future__ import annotations
 import enum
 import json
 import math
-import sqlite3
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass
@@ -38,6 +37,7 @@ from device_agent.errors import ProtocolError
 from device_agent.quality import LiveAccuracy, ShadowStats
 from device_agent.serving import BUCKETS_MS, quantile_ms
 
+from .sql import Connection, upsert
 from .store import clean, order
 
 if TYPE_CHECKING:
@@ -178,16 +178,17 @@ def ingest(store: "FleetStore", messages: list[tuple[str, str, dict[str, Any]]],
         return 0
     skips: Counter = Counter()
     recorded = 0
-    with store.db:
-        store.db.execute("BEGIN")
+    todo.sort(key=lambda m: m[0])  # by device, each device's in arrival order: see sql.Connection.lock_each
+    with store.db.transaction(immediate=True) as db:
+        db.lock_each(device for device, _ in todo)
         for device, body in todo:
-            recorded += record(store.db, device, *order(body), now, body.get("ts") or now, body, thresholds, skips)
+            recorded += record(db, device, *order(body), now, body.get("ts") or now, body, thresholds, skips)
     if skipped is not None:
         skipped.update(skips)
     return recorded
 
 
-def record(db: sqlite3.Connection, device: str, boot: int | None, seq: int | None, now: float, ts: float,
+def record(db: Connection, device: str, boot: int | None, seq: int | None, now: float, ts: float,
            body: dict[str, Any], thresholds: Thresholds, skipped: Counter) -> int:
     """One metrics message's quality values (inside the caller's transaction); returns the events recorded.
     ``now``: the host's time of storing; ``ts``: the message's (its events are dated by it, as the device's own)."""
@@ -201,7 +202,7 @@ def record(db: sqlite3.Connection, device: str, boot: int | None, seq: int | Non
     return recorded
 
 
-def forget(db: sqlite3.Connection, before: float) -> dict[str, int]:
+def forget(db: Connection, before: float) -> dict[str, int]:
     """Retention, inside the caller's transaction: quality rows no report has updated since ``before`` (the
     rollups' window) go, as traffic's do; a device's current figures are always newer than that."""
     dropped = 0
@@ -235,7 +236,17 @@ def event_message(kind: str, device: str, version: int, scores: DriftScores, abo
     return f"{what} on {device} v{version}: {', '.join(parts)} ({scores.samples} samples in the window)"
 
 
-def _drift(db: sqlite3.Connection, device: str, boot: int | None, seq: int | None, now: float, ts: float,
+_DRIFT_ROW = upsert("quality_drift", ("device_id", "version", "boot", "seq", "ts", "scores", "state", "drifting",
+                                     "thresholds", "alarm"), ("device_id", "version"))
+_ACCURACY_BOOT_ROW = upsert("quality_accuracy_boots", ("device_id", "boot", "seq", "ts", "unmatched", "window_s"),
+                            ("device_id", "boot"))
+_ACCURACY_ROW = upsert("quality_accuracy", ("device_id", "boot", "version", "ts", "labelled", "correct", "last_labelled",
+                                            "last_correct"), ("device_id", "boot", "version"))
+_SHADOW_ROW = upsert("quality_shadow", ("device_id", "boot", "candidate", "seq", "ts", "active", "sample", "top1",
+                                        "total", "last"), ("device_id", "boot", "candidate"))
+
+
+def _drift(db: Connection, device: str, boot: int | None, seq: int | None, now: float, ts: float,
            value: Any, thresholds: Thresholds, skipped: Counter) -> int:
     try:
         scores = DriftScores.from_dict(value)
@@ -261,14 +272,13 @@ def _drift(db: sqlite3.Connection, device: str, boot: int | None, seq: int | Non
             "INSERT OR IGNORE INTO events (device_id, ts, kind, message, job_id, version) VALUES (?,?,?,?,NULL,?)",
             (device, ts, kind, event_message(kind, device, version, scores, above, thresholds), version)).rowcount
         alarm = kind == DETECTED
-    db.execute("INSERT OR REPLACE INTO quality_drift (device_id, version, boot, seq, ts, scores, state, drifting, "
-               "thresholds, alarm) VALUES (?,?,?,?,?,?,?,?,?,?)",
+    db.execute(_DRIFT_ROW,
                (device, version, boot, seq, now, json.dumps(scores.to_dict()), now_state.value, json.dumps(above),
                 json.dumps(thresholds.to_dict()), int(alarm)))
     return recorded
 
 
-def _accuracy(db: sqlite3.Connection, device: str, boot: int | None, seq: int | None, now: float, value: Any,
+def _accuracy(db: Connection, device: str, boot: int | None, seq: int | None, now: float, value: Any,
               skipped: Counter) -> None:
     try:
         parsed = LiveAccuracy.from_dict(value)
@@ -285,8 +295,7 @@ def _accuracy(db: sqlite3.Connection, device: str, boot: int | None, seq: int | 
                      (device, boot)).fetchone()
     if row is not None and isinstance(row[0], int) and seq <= row[0]:
         return  # a redelivery, or a snapshot the stored one already holds
-    db.execute("INSERT OR REPLACE INTO quality_accuracy_boots (device_id, boot, seq, ts, unmatched, window_s) "
-               "VALUES (?,?,?,?,?,?)", (device, boot, seq, now, parsed["unmatched"], parsed["window_s"]))
+    db.execute(_ACCURACY_BOOT_ROW, (device, boot, seq, now, parsed["unmatched"], parsed["window_s"]))
     for version, c in versions.items():
         labelled, correct = c["labelled"], c["correct"]
         stored = db.execute("SELECT labelled, correct, last_labelled, last_correct FROM quality_accuracy "
@@ -302,12 +311,11 @@ def _accuracy(db: sqlite3.Connection, device: str, boot: int | None, seq: int | 
         if total[0] >= MAX_COUNT:
             skipped[Skip.ACCURACY] += 1
             continue
-        db.execute("INSERT OR REPLACE INTO quality_accuracy (device_id, boot, version, ts, labelled, correct, "
-                   "last_labelled, last_correct) VALUES (?,?,?,?,?,?,?,?)",
+        db.execute(_ACCURACY_ROW,
                    (device, boot, version, now, *total, labelled, correct))
 
 
-def _shadow(db: sqlite3.Connection, device: str, boot: int | None, seq: int | None, now: float, value: Any,
+def _shadow(db: Connection, device: str, boot: int | None, seq: int | None, now: float, value: Any,
             skipped: Counter) -> None:
     try:
         stats = ShadowStats.from_dict(value, HISTOGRAM)
@@ -327,8 +335,7 @@ def _shadow(db: sqlite3.Connection, device: str, boot: int | None, seq: int | No
     if not grown.bounded() or not new.bounded():
         skipped[Skip.SHADOW] += 1
         return
-    db.execute("INSERT OR REPLACE INTO quality_shadow (device_id, boot, candidate, seq, ts, active, sample, top1, "
-               "total, last) VALUES (?,?,?,?,?,?,?,?,?,?)",
+    db.execute(_SHADOW_ROW,
                (device, boot, stats.candidate, seq, now, stats.active, stats.sample, int(stats.top1), grown.to_json(),
                 new.to_json()))
 
@@ -343,7 +350,7 @@ def _latest(a: float | None, b: float | None) -> float | None:
     return b if a is None else a if b is None else max(a, b)
 
 
-def _drift_row(r: sqlite3.Row) -> dict[str, Any] | None:
+def _drift_row(r: Any) -> dict[str, Any] | None:
     """A drift row as the views show it, or None when another writer left it unreadable."""
     try:
         scores = DriftScores.from_dict(json.loads(r["scores"]))

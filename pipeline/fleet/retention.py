@@ -46,24 +46,24 @@ class RetentionPolicy:
 
 
 _ROLLUP = """
-INSERT INTO metrics_rollup (device_id, ts, bucket_s, samples, version, latency_ms_p50, latency_ms_p95, latency_ms_p99,
+INSERT INTO metrics_rollup AS r (device_id, ts, bucket_s, samples, version, latency_ms_p50, latency_ms_p95, latency_ms_p99,
                             throughput_ips, rss_mb, cpu_percent, temperature_c, energy_mj, errors, emulated)
-SELECT device_id, CAST(ts / :b AS INTEGER) * :b AS bucket, :b, count(*), max(version), avg(latency_ms_p50),
+SELECT device_id, floor(ts / :b) * :b AS bucket, :b, count(*), max(version), avg(latency_ms_p50),
        max(latency_ms_p95), max(latency_ms_p99), avg(throughput_ips), max(rss_mb), avg(cpu_percent),
        max(temperature_c), avg(energy_mj), max(errors), max(emulated)
 FROM metrics WHERE ts < :cut GROUP BY device_id, bucket
 ON CONFLICT (device_id, ts) DO UPDATE SET
-    latency_ms_p50 = (latency_ms_p50 * samples + excluded.latency_ms_p50 * excluded.samples)
-                     / (samples + excluded.samples),
-    throughput_ips = (throughput_ips * samples + excluded.throughput_ips * excluded.samples)
-                     / (samples + excluded.samples),
-    cpu_percent = (cpu_percent * samples + excluded.cpu_percent * excluded.samples) / (samples + excluded.samples),
-    energy_mj = (energy_mj * samples + excluded.energy_mj * excluded.samples) / (samples + excluded.samples),
-    latency_ms_p95 = max(latency_ms_p95, excluded.latency_ms_p95),
-    latency_ms_p99 = max(latency_ms_p99, excluded.latency_ms_p99),
-    rss_mb = max(rss_mb, excluded.rss_mb), temperature_c = max(temperature_c, excluded.temperature_c),
-    errors = max(errors, excluded.errors), version = max(version, excluded.version),
-    samples = samples + excluded.samples
+    latency_ms_p50 = (r.latency_ms_p50 * r.samples + excluded.latency_ms_p50 * excluded.samples)
+                     / (r.samples + excluded.samples),
+    throughput_ips = (r.throughput_ips * r.samples + excluded.throughput_ips * excluded.samples)
+                     / (r.samples + excluded.samples),
+    cpu_percent = (r.cpu_percent * r.samples + excluded.cpu_percent * excluded.samples) / (r.samples + excluded.samples),
+    energy_mj = (r.energy_mj * r.samples + excluded.energy_mj * excluded.samples) / (r.samples + excluded.samples),
+    latency_ms_p95 = greatest(r.latency_ms_p95, excluded.latency_ms_p95),
+    latency_ms_p99 = greatest(r.latency_ms_p99, excluded.latency_ms_p99),
+    rss_mb = greatest(r.rss_mb, excluded.rss_mb), temperature_c = greatest(r.temperature_c, excluded.temperature_c),
+    errors = greatest(r.errors, excluded.errors), version = greatest(r.version, excluded.version),
+    samples = r.samples + excluded.samples
 """
 
 
@@ -74,9 +74,7 @@ def apply_retention(store: FleetStore, policy: RetentionPolicy, now: float | Non
     now = time.time() if now is None else now
     cut = (int((now - policy.raw_s) // policy.bucket_s)) * policy.bucket_s
     oldest = now - policy.rollup_s
-    db = store.db
-    with db:
-        db.execute("BEGIN IMMEDIATE")
+    with store.db.transaction(immediate=True) as db:
         raw = db.execute("SELECT count(*) FROM metrics WHERE ts < ?", (cut,)).fetchone()[0]
         before = db.execute("SELECT count(*) FROM metrics_rollup").fetchone()[0]
         db.execute(_ROLLUP, {"b": policy.bucket_s, "cut": cut})

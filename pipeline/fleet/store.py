@@ -1,8 +1,13 @@
-"""SQLite fleet store (WAL): deployment history, per-device results. Schema migrations are numbered.
+"""The fleet store: deployment history, per-device results, telemetry. Schema migrations are numbered.
+
+Two engines (``pipeline.fleet.sql``): SQLite in WAL mode, a file, the default; PostgreSQL, a ``postgresql://`` URL
+(deploy.yaml's ``fleet.store``), for a fleet with several ingesters. The same migrations, queries and retention run
+on both.
 
 One ``FleetStore`` may be shared by threads: each thread that touches ``store.db`` gets its own connection
-(SQLite connections are not for sharing), opened once and kept until ``close()``. A store that is already at
-the latest schema is not migrated again: opening it reads ``schema_version`` and takes no write lock. States a
+(connections are not for sharing), opened once and kept until ``close()`` (a PostgreSQL connection the server broke
+is opened again on next use). A store that is already at the latest schema is not migrated again: opening it reads
+``schema_version`` and takes no write lock. States a
 running deployment reports from paho's network thread go through a ``ProgressQueue``: the callback only
 queues, the store's own writer thread writes them."""
 
@@ -11,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from . import traffic
+from .sql import ERRORS, SQLITE, Connection, PerThread, ddl, engine_of, redact
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +120,8 @@ _NUMBERS = {"ts", "last_seen", "version", "active_version", "progress", "latency
 _TEXTS = {"target", "state", "slot", "active_slot", "job_id", "reason", "agent_version", "kind", "message",
           "energy_source"}
 _ORDER = {"boot", "seq"}
+#: the numbers stored in INTEGER columns: a whole number (or a float that is one), else unknown
+_INTEGERS = {"version", "active_version", "errors"}
 #: what SQLite's INTEGER holds; a bigger JSON integer is unknown, not an OverflowError
 _INT64 = 2**63
 #: a text field longer than this is cut (devices bound what they echo; the store does not rely on it)
@@ -127,7 +134,7 @@ def _text(v: Any) -> str | None:
     v = v[:MAX_TEXT]
     if not v.isascii():  # a lone surrogate (JSON allows "\ud800") cannot be stored as UTF-8: replaced
         v = v.encode("utf-8", "replace").decode("utf-8")
-    return v
+    return v.replace("\x00", "\ufffd")  # PostgreSQL's text holds no NUL
 
 
 def clean(body: dict[str, Any]) -> dict[str, Any]:
@@ -139,6 +146,10 @@ def clean(body: dict[str, Any]) -> dict[str, Any]:
         v = out[k]
         ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) != float("inf")
         out[k] = v if ok and (isinstance(v, float) or -_INT64 < v < _INT64) else None
+    for k in _INTEGERS & out.keys():
+        v = out[k]
+        if isinstance(v, float):
+            out[k] = int(v) if v.is_integer() and -_INT64 < v < _INT64 else None
     for k in _TEXTS & out.keys():
         out[k] = _text(out[k])
     for k in _ORDER & out.keys():
@@ -170,89 +181,85 @@ def order(body: dict[str, Any]) -> tuple[int, int] | tuple[None, None]:
     return (boot, seq) if boot is not None and seq is not None else (None, None)
 
 
+#: the advisory lock a PostgreSQL migration holds: of several processes opening a store at once, one migrates
+_MIGRATION_LOCK = 0x6564676566  # "edgef"
+
+
 class FleetStore:
-    def __init__(self, path: Path, readonly: bool = False) -> None:
-        """``readonly``: a reader beside a writer (the dashboard); it never migrates. This thread's connection
-        is opened (and the store created or migrated) here, so a bad path fails now, not on first use."""
+    def __init__(self, path: Path | str, readonly: bool = False) -> None:
+        """``path``: a SQLite file, or a ``postgresql://`` URL (``pipeline.fleet.sql``). ``readonly``: a reader
+        beside a writer (the dashboard); it never migrates. This thread's connection is opened (and the store
+        created or migrated) here, so a bad location fails now, not on first use."""
         self.path, self.readonly = path, readonly
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        if not readonly:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = engine_of(path)
+        self.where = redact(path)  # for log lines and errors: a URL's password left out
+        if self.engine == SQLITE:
+            self.path = Path(path)
+            if not readonly:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._connections = PerThread(lambda: self._connect())  # looked up when called
         self.db  # noqa: B018 -- this thread's connection, now
 
     @property
-    def db(self) -> sqlite3.Connection:
+    def db(self) -> Connection:
         """The calling thread's connection to the store, opened on its first use."""
-        con = getattr(self._local, "db", None)
-        if con is None:
-            con = self._local.db = self._connect()
-        return con
+        return self._connections.get()
 
-    def _connect(self) -> sqlite3.Connection:
-        if self.readonly:
-            con = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30, isolation_level=None,
-                                  check_same_thread=False)
-        else:
-            con = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        con.row_factory = sqlite3.Row
+    def _connect(self) -> Connection:
+        con = Connection(self.path, readonly=self.readonly)
         try:
             if not self.readonly:
-                con.execute("PRAGMA journal_mode=WAL")
-                con.execute("PRAGMA synchronous=NORMAL")
+                if self.engine == SQLITE:
+                    con.execute("PRAGMA journal_mode=WAL")
+                    con.execute("PRAGMA synchronous=NORMAL")
                 if self._schema_version(con) != len(MIGRATIONS):
                     self._migrate(con)
         except BaseException:
             con.close()
             raise
-        with self._lock:
-            self._connections.append(con)
         return con
 
     def data_version(self) -> int:
         """Changes whenever another connection commits: what live views poll (always from one thread: each
         thread's connection counts on its own)."""
-        return int(self.db.execute("PRAGMA data_version").fetchone()[0])
+        return self.db.data_version()
 
     @staticmethod
-    def _schema_version(con: sqlite3.Connection) -> int | None:
-        try:
-            row = con.execute("SELECT v FROM schema_version").fetchone()
-        except sqlite3.OperationalError:  # no such table: a new store
+    def _schema_version(con: Connection) -> int | None:
+        if "schema_version" not in con.tables():  # a new store
             return None
+        row = con.execute("SELECT v FROM schema_version").fetchone()
         return row["v"] if row else None
 
-    def _migrate(self, con: sqlite3.Connection) -> None:
-        """Numbered migrations, all pending ones in one immediate transaction: of several processes opening a
-        store at once, one migrates and the others then find it done."""
-        with con:
-            con.execute("BEGIN IMMEDIATE")
+    def _migrate(self, con: Connection) -> None:
+        """Numbered migrations, all pending ones in one transaction that holds the store's write lock (SQLite) or
+        its migration lock (PostgreSQL): of several processes opening a store at once, one migrates and the
+        others then find it done."""
+        with con.transaction(immediate=True):
+            con.lock(_MIGRATION_LOCK)
             con.execute("CREATE TABLE IF NOT EXISTS schema_version (v INTEGER NOT NULL)")
             row = con.execute("SELECT v FROM schema_version").fetchone()
             current = row["v"] if row else 0
             if not row:
                 con.execute("INSERT INTO schema_version VALUES (0)")
             for sql in MIGRATIONS[current:]:
-                con.execute(sql)
+                con.execute(ddl(sql, con.engine))
             if current < len(MIGRATIONS):
                 con.execute("UPDATE schema_version SET v = ?", (len(MIGRATIONS),))
-                log.info("%s: schema migrated from v%d to v%d", self.path, current, len(MIGRATIONS))
+                log.info("%s: schema migrated from v%d to v%d", self.where, current, len(MIGRATIONS))
 
     def record(self, *, name: str, target: str, version: int, sha256: str, artifact: str, kind: str, status: str,
                reason: str | None, results: list[dict[str, Any]], rollout: dict[str, Any] | None = None,
                predicted: dict[str, Any] | None = None) -> int:
         """One deployment and its device results, in one transaction. ``predicted``: what was predicted for the
         artifact, per basis (``pipeline.fleet.accuracy.predictions``); the fleet's measurements are set against it."""
-        with self.db:
-            self.db.execute("BEGIN")
-            cur = self.db.execute(
+        with self.db.transaction() as db:
+            dep = db.insert(
                 "INSERT INTO deployments (ts, name, target, version, sha256, artifact, kind, status, reason, rollout,"
                 " predicted) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (time.time(), name, target, version, sha256, artifact, kind, status, reason,
                  json.dumps(rollout) if rollout else None, _json(predicted)))
-            dep = cur.lastrowid
-            self.db.executemany(
+            db.executemany(
                 "INSERT INTO device_results VALUES (?,?,?,?,?,?,?)",
                 [(dep, r["device_id"], r.get("phase"), r["status"], r.get("active_version"), r.get("reason"),
                   json.dumps(r.get("metrics")) if r.get("metrics") else None) for r in results])
@@ -262,13 +269,12 @@ class FleetStore:
               devices: list[str], predicted: dict[str, Any] | None = None) -> int:
         """A deployment as it begins: ``in_progress``, every device ``pending``; ``progress`` and ``finish``
         follow. What the dashboard shows while a rollout runs. ``predicted``: as for ``record``."""
-        with self.db:
-            self.db.execute("BEGIN")
-            dep = self.db.execute(
+        with self.db.transaction() as db:
+            dep = db.insert(
                 "INSERT INTO deployments (ts, name, target, version, sha256, artifact, kind, status, predicted)"
                 " VALUES (?,?,?,?,?,?,?,?,?)", (time.time(), name, target, version, sha256, artifact, kind,
-                                                "in_progress", _json(predicted))).lastrowid
-            self.db.executemany("INSERT INTO device_results (deployment_id, device_id, status) VALUES (?,?,?)",
+                                                "in_progress", _json(predicted)))
+            db.executemany("INSERT INTO device_results (deployment_id, device_id, status) VALUES (?,?,?)",
                                 [(dep, d, "pending") for d in devices])
         return int(dep)
 
@@ -284,12 +290,11 @@ class FleetStore:
 
     def finish(self, deployment_id: int, *, status: str, reason: str | None, results: list[dict[str, Any]],
                rollout: dict[str, Any] | None = None) -> None:
-        with self.db:
-            self.db.execute("BEGIN")
-            self.db.execute("UPDATE deployments SET status = ?, reason = ?, rollout = ? WHERE id = ?",
-                            (status, reason, json.dumps(rollout) if rollout else None, deployment_id))
-            self.db.execute("DELETE FROM device_results WHERE deployment_id = ?", (deployment_id,))
-            self.db.executemany(
+        with self.db.transaction() as db:
+            db.execute("UPDATE deployments SET status = ?, reason = ?, rollout = ? WHERE id = ?",
+                       (status, reason, json.dumps(rollout) if rollout else None, deployment_id))
+            db.execute("DELETE FROM device_results WHERE deployment_id = ?", (deployment_id,))
+            db.executemany(
                 "INSERT INTO device_results VALUES (?,?,?,?,?,?,?)",
                 [(deployment_id, r["device_id"], r.get("phase"), r["status"], r.get("active_version"), r.get("reason"),
                   json.dumps(r.get("metrics")) if r.get("metrics") else None) for r in results])
@@ -321,13 +326,14 @@ class FleetStore:
         now = time.time() if now is None else now
         written = 0
         skips: Counter = Counter()
-        with self.db:
-            self.db.execute("BEGIN")
+        messages = sorted(messages, key=lambda m: m[0])  # by device, each device's in arrival order (a stable sort)
+        with self.db.transaction(immediate=True) as db:
+            db.lock_each(device for device, _, _ in messages)  # see sql.Connection.lock_each
             for device, kind, b in messages:
                 b = clean(b)
                 ts = b.get("ts") or now
                 if kind == "metrics":
-                    cur = self.db.execute(
+                    cur = db.execute(
                         f"INSERT OR IGNORE INTO metrics (device_id, ts, version, {', '.join(METRIC_COLUMNS)}, emulated)"
                         f" VALUES (?,?,?,{','.join('?' * len(METRIC_COLUMNS))},?)",
                         (device, ts, b.get("version"), *[b.get(c) for c in METRIC_COLUMNS], int(bool(b.get("emulated")))))
@@ -335,7 +341,7 @@ class FleetStore:
                     self._seen(device, now, order(b), active_version=b.get("version"), slot=b.get("slot"),
                                state=b.get("state"))
                     if b.get("traffic") is not None:
-                        traffic.record(self.db, device, *order(b), now, b["traffic"], skips)  # beside the row
+                        traffic.record(db, device, *order(b), now, b["traffic"], skips)  # beside the row
                 elif kind == "status":
                     self._seen(device, now, order(b), target=b.get("target"), active_version=b.get("active_version"),
                                slot=b.get("active_slot"), state=b.get("state"), job_id=b.get("job_id"),
@@ -344,19 +350,20 @@ class FleetStore:
                     written += 1
                 elif kind == "events":
                     # an event whose kind is missing or not text is kept as "unknown", not lost to NOT NULL
-                    cur = self.db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?)",
+                    cur = db.execute("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?,?)",
                                           (device, ts, b.get("kind") or "unknown", b.get("message"), b.get("job_id"),
                                            b.get("version")))
                     written += cur.rowcount
                 elif kind == "online":
                     # coming online starts the device's order afresh: an agent whose boot counter went back (its
                     # state reset) is followed again; going offline (the last will) is no sign of life
-                    self.db.execute(
+                    db.execute(
                         "INSERT INTO devices (device_id, online, last_seen) VALUES (?,?,?) "
                         "ON CONFLICT(device_id) DO UPDATE SET online = excluded.online, "
-                        "last_seen = CASE WHEN excluded.online THEN max(coalesce(last_seen, 0), excluded.last_seen) "
-                        "ELSE last_seen END, boot = CASE WHEN excluded.online THEN NULL ELSE boot END, "
-                        "seq = CASE WHEN excluded.online THEN NULL ELSE seq END",
+                        "last_seen = CASE WHEN excluded.online <> 0 THEN greatest(coalesce(devices.last_seen, 0), "
+                        "excluded.last_seen) ELSE devices.last_seen END, "
+                        "boot = CASE WHEN excluded.online <> 0 THEN NULL ELSE devices.boot END, "
+                        "seq = CASE WHEN excluded.online <> 0 THEN NULL ELSE devices.seq END",
                         (device, int(bool(b.get("online", False))), now))
         if skipped is not None:
             skipped.update(skips)
@@ -378,7 +385,7 @@ class FleetStore:
         updates = ", ".join([*[f"{k} = CASE WHEN {ok} THEN excluded.{k} ELSE devices.{k} END" for k in fields],
                              *[f"{k} = CASE WHEN {ok} THEN coalesce(excluded.{k}, devices.{k}) ELSE devices.{k} END"
                                for k in ("boot", "seq")],
-                             "last_seen = max(coalesce(last_seen, 0), excluded.last_seen)"])
+                             "last_seen = greatest(coalesce(devices.last_seen, 0), excluded.last_seen)"])
         self.db.execute(f"INSERT INTO devices ({cols}) VALUES ({','.join('?' * (4 + len(fields)))}) "
                         f"ON CONFLICT(device_id) DO UPDATE SET {updates}", (device, now, *at, *fields.values()))
 
@@ -397,7 +404,7 @@ class FleetStore:
         rows = self.db.execute(
             f"SELECT * FROM (SELECT ts, version, {cols}, emulated, 1 AS samples, 0 AS bucket_s FROM metrics "
             f"WHERE device_id = ? AND ts >= ? UNION ALL SELECT ts, version, {cols}, emulated, samples, bucket_s "
-            f"FROM metrics_rollup WHERE device_id = ? AND ts >= ?) ORDER BY ts DESC LIMIT ?",
+            f"FROM metrics_rollup WHERE device_id = ? AND ts >= ?) AS s ORDER BY ts DESC LIMIT ?",
             (device, since, device, since, limit)).fetchall()
         return [clean(dict(r)) for r in reversed(rows)]
 
@@ -412,11 +419,7 @@ class FleetStore:
 
     def close(self) -> None:
         """Close every thread's connection (call it once the other threads are done with the store)."""
-        with self._lock:
-            connections, self._connections = self._connections, []
-        for con in connections:
-            con.close()
-        self._local = threading.local()
+        self._connections.close()
 
 
 class ProgressQueue:
@@ -443,8 +446,8 @@ class ProgressQueue:
             try:
                 self.store.progress(self.deployment_id, *item)
                 self.written += 1
-            except sqlite3.Error as exc:  # the live view misses one state; the deployment's finish is whole
-                log.warning("%s: progress of %s not stored: %s", self.store.path, item[0], exc)
+            except ERRORS as exc:  # the live view misses one state; the deployment's finish is whole
+                log.warning("%s: progress of %s not stored: %s", self.store.where, item[0], exc)
         # the writer's connection is the store's: closed with it
 
     def start(self) -> "ProgressQueue":

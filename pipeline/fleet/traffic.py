@@ -30,12 +30,13 @@ import enum
 import json
 import math
 import re
-import sqlite3
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from device_agent.serving import BUCKETS_MS, ERROR_KINDS, quantile_ms
+
+from .sql import Connection, upsert
 
 if TYPE_CHECKING:
     from .store import FleetStore
@@ -194,7 +195,7 @@ def read_snapshot(value: Any, skipped: Counter) -> Snapshot | None:
 
 # --------------------------------------------------------------------------- the store's side
 
-def record(db: sqlite3.Connection, device: str, boot: int | None, seq: int | None, now: float, value: Any,
+def record(db: Connection, device: str, boot: int | None, seq: int | None, now: float, value: Any,
            skipped: Counter) -> bool:
     """Store one metrics message's ``traffic`` (inside the caller's transaction): False when it was skipped
     (counted in ``skipped``) or is older than what the store holds."""
@@ -213,25 +214,29 @@ def record(db: sqlite3.Connection, device: str, boot: int | None, seq: int | Non
     if row is not None and isinstance(row[0], int) and seq <= row[0]:
         return False  # a redelivery, or a snapshot the stored one already holds
     old_rejected, old_peak = ((_count(row[1]), _count(row[2])) if row is not None else (None, None))
-    db.execute("INSERT OR REPLACE INTO traffic_boots (device_id, boot, seq, ts, rejected, queue_depth, queue_peak,"
-               " folded) VALUES (?,?,?,?,?,?,?,0)",
+    db.execute(_BOOT_ROW,
                (device, boot, seq, now, _highest(old_rejected, snapshot.rejected), snapshot.queue_depth,
-                _highest(old_peak, snapshot.queue_peak)))
+                _highest(old_peak, snapshot.queue_peak), 0))
     for version, counts in snapshot.versions.items():
         stored = db.execute("SELECT total, last FROM traffic WHERE device_id = ? AND boot = ? AND version = ?",
                             (device, boot, version)).fetchone()
         total, last = (Counts.load(stored[0]), Counts.load(stored[1])) if stored is not None else (None, None)
         grown = (total or Counts()) + (counts.since(last) if last is not None else counts)
-        db.execute("INSERT OR REPLACE INTO traffic (device_id, boot, version, ts, total, last) VALUES (?,?,?,?,?,?)",
+        db.execute(_VERSION_ROW,
                    (device, boot, version, now, grown.to_json(), counts.to_json()))
     return True
+
+
+_BOOT_ROW = upsert("traffic_boots", ("device_id", "boot", "seq", "ts", "rejected", "queue_depth", "queue_peak", "folded"),
+                   ("device_id", "boot"))
+_VERSION_ROW = upsert("traffic", ("device_id", "boot", "version", "ts", "total", "last"), ("device_id", "boot", "version"))
 
 
 def _highest(a: int | None, b: int | None) -> int | None:
     return max(a, b) if a is not None and b is not None else (b if a is None else a)
 
 
-def fold(db: sqlite3.Connection, before: float, forget_before: float) -> dict[str, int]:
+def fold(db: Connection, before: float, forget_before: float) -> dict[str, int]:
     """Retention, inside the caller's transaction: each device's boots before its latest whose last snapshot is
     older than ``before`` are summed into its folded row (one per device and version, at the highest boot
     folded); rows not updated since ``forget_before`` are deleted."""

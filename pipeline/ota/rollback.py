@@ -54,7 +54,7 @@ def run_rollback(cfg: DeployConfig, target_name: str, ui: UI, to_version: int | 
     key_dir = cfg.resolve(cfg.signing.key_dir)
     report: dict[str, Any] = {"target": target.name, "to_version": to_version}
     if to_version is not None:
-        store = FleetStore(workdir / "fleet.db")
+        store = FleetStore(cfg.fleet.store_at(workdir))
         try:
             dep = store.deployment(target.name, to_version)
         finally:
@@ -78,7 +78,7 @@ def run_rollback(cfg: DeployConfig, target_name: str, ui: UI, to_version: int | 
                 + (f" {a.message}" if a.message else ""))
     results = [a.to_dict() for a in answers]
     ok = all(a.status is DeviceStatus.ROLLED_BACK for a in answers)
-    store = FleetStore(workdir / "fleet.db")
+    store = FleetStore(cfg.fleet.store_at(workdir))
     try:
         # the version the devices now run, when they all said the same one; else -1
         versions = {a.active_version for a in answers}

@@ -84,7 +84,7 @@ def deliver_stage(fleet: FleetConfig, external: BrokerConfig | None, target: Tar
     if r.shadow is not None and shadow is None:
         ui.info(f"rollout.shadow: no shadow stage for this {kind} (no shadow job was signed for it)")
     predicted = predictions(target.name, artifact.manifest.predicted, on_host)
-    db = workdir / "fleet.db"
+    db = fleet.store_at(workdir)
     with contextlib.ExitStack() as stack:
         broker, broker_info, devices = open_fleet(fleet, external, target, workdir, stack, ui,
                                                   artifact.dir / "signing.pub")

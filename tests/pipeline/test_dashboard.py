@@ -412,7 +412,6 @@ def test_rows_another_writer_left_malformed_read_as_unknown_and_crash_no_view(st
                      "energy_mj = 'NaN' WHERE device_id = 'slow'")
     store.db.execute("UPDATE devices SET last_seen = 'yesterday', online = NULL, progress = 'half' "
                      "WHERE device_id = 'slow'")
-    store.db.commit()
     view = FleetView(store, BudgetBook.from_config(None))
     [slow] = [d for d in view.overview()["devices"] if d["device_id"] == "slow"]
     assert slow["metrics"]["latency_ms_p50"] is None and slow["metrics"]["rss_mb"] is None

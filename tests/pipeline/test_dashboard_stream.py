@@ -27,11 +27,11 @@ def test_many_stream_clients_share_one_watcher_and_no_thread_each(tmp_path):
     with Dashboard(db, port=0, stream_poll_s=0.05) as dash:
         first = open_stream(dash)
         threads_with_one = threading.active_count()
-        connections_with_one = len(dash.store._connections)
+        connections_with_one = len(dash.store._connections.all())
         clients = [first] + [open_stream(dash) for _ in range(19)]
         assert dash.feed.clients == 20
         assert threading.active_count() == threads_with_one  # before: one thread (and one poller) per client
-        assert len(dash.store._connections) == connections_with_one
+        assert len(dash.store._connections.all()) == connections_with_one
         writer.ingest([("d1", "online", {"online": True})])  # another connection commits: all 20 hear it once
         for _, resp in clients:
             assert resp.readline() == b"event: change\n"

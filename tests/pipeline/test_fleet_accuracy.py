@@ -24,8 +24,8 @@ HOST = {"latency_ms": 2.0, "peak_memory_mb": 50.0, "energy_mj": 60.0, "basis": "
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = FleetStore(tmp_path / "fleet.db")
+def store(fleet_db):
+    s = FleetStore(fleet_db)
     yield s
     s.close()
 
@@ -102,6 +102,7 @@ def test_an_emulated_agent_is_never_compared_with_the_target_s_prediction(store)
     assert not [c for c in check["classes"] if c["basis"] == "target"]
 
 
+@pytest.mark.parametrize("fleet_db", ["sqlite"], indirect=True)  # text in number columns: SQLite only
 def test_malformed_figures_and_predictions_are_skipped_and_counted(store):
     deploy(store, 5, predicted=predictions("rpi4", RPI4, HOST))
     deploy(store, 5, predicted={"target": {"latency_ms": -1.0}})  # a later record with nothing usable hides nothing
@@ -135,6 +136,7 @@ def test_malformed_figures_and_predictions_are_skipped_and_counted(store):
     json.dumps(check, allow_nan=False)  # plain JSON: nothing not finite comes out
 
 
+@pytest.mark.parametrize("fleet_db", ["sqlite"], indirect=True)  # writes SQLite-only values around the store
 def test_blobs_in_the_class_and_version_and_extreme_figures_neither_crash_nor_yield_infinity(store):
     """Columns written around the ingester may hold a blob or text where a class or a version goes, and figures so
     far apart that their error overflows: skipped and counted, and the JSON every view renders stays finite."""
@@ -146,7 +148,6 @@ def test_blobs_in_the_class_and_version_and_extreme_figures_neither_crash_nor_yi
     report(store, "d2", b"\x00\xff", p50=10.0)
     report(store, "d3", "three", p50=10.0)
     store.db.execute("UPDATE devices SET target = x'00ff' WHERE device_id = 'd3'")
-    store.db.commit()
     check = prediction_check(store)
     json.dumps(check, allow_nan=False)  # raises on an infinity or a NaN anywhere in it
     assert row(check, "rpi4", "target", "latency_p50")["skipped"]["invalid"] == 1
@@ -199,10 +200,11 @@ _PREDICTION = st.one_of(st.none(), st.dictionaries(st.sampled_from(["latency_ms"
                                                    _VALUES, max_size=4))
 
 
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sqlite"])  # writes any value in any column: SQLite only
+def scratch(request, tmp_path_factory):
     """One store for every generated example (emptied before each): opening a new one per example is the slow part."""
-    s = FleetStore(tmp_path_factory.mktemp("accuracy") / "fleet.db")
+    s = FleetStore(tmp_path_factory.mktemp("accuracy") / "fleet.db" if request.param == "sqlite"
+                   else request.getfixturevalue("postgres").url("accuracy_scratch"))
     yield s
     s.close()
 

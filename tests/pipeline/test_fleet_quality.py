@@ -133,8 +133,8 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(tmp_path):
-    f = Fleet(tmp_path / "fleet.db")
+def fleet(fleet_db):
+    f = Fleet(fleet_db)
     yield f
     f.store.close()
 
@@ -332,6 +332,7 @@ def test_counters_without_an_order_are_counted_and_drift_without_one_is_kept(fle
     assert d["shadow"] == [] and [v["drift"]["state"] for v in d["versions"]] == ["ok"]  # scores need no order
 
 
+@pytest.mark.parametrize("fleet_db", ["sqlite"], indirect=True)  # writes SQLite-only values around the store
 def test_rows_another_writer_left_unreadable_are_counted_and_crash_no_view(fleet, reference):
     from pipeline.dashboard import BudgetBook, FleetView, prometheus
 
@@ -421,9 +422,10 @@ def test_fleet_drift_and_fleet_status_show_the_one_summary(fleet, reference, tmp
 
 
 # -- properties, through the ingester's whole path -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    f = Fleet(tmp_path_factory.mktemp("quality") / "fleet.db")
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def bench(request, tmp_path_factory):
+    f = Fleet(tmp_path_factory.mktemp("quality") / "fleet.db" if request.param == "sqlite"
+              else request.getfixturevalue("postgres").url(f"quality_{next(_unique)}"))
     yield f
     f.store.close()
 

@@ -45,7 +45,7 @@ def test_each_thread_has_its_own_connection_kept_for_the_store_s_life(store):
     for t in threads:
         t.join()
     assert len(set(seen.values()) | {id(store.db)}) == 5
-    connections = list(store._connections)
+    connections = store._connections.all()
     assert len(connections) == 5
     store.close()
     for con in connections:  # every thread's connection closed with the store

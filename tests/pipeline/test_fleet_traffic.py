@@ -31,8 +31,8 @@ _unique = itertools.count()
 
 
 @pytest.fixture
-def store(tmp_path):
-    s = FleetStore(tmp_path / "fleet.db")
+def store(fleet_db):
+    s = FleetStore(fleet_db)
     yield s
     s.close()
 
@@ -216,6 +216,7 @@ def test_traffic_without_an_order_is_counted_and_an_agent_without_traffic_is_not
     assert skipped == {Skip.ORDER: 1} and traffic_summary(store)["devices"] == []
 
 
+@pytest.mark.parametrize("fleet_db", ["sqlite"], indirect=True)  # writes SQLite-only values around the store
 def test_rows_another_writer_left_unreadable_are_counted_and_crash_no_view(store):
     from pipeline.dashboard import BudgetBook, FleetView, prometheus
 
@@ -234,9 +235,10 @@ def test_rows_another_writer_left_unreadable_are_counted_and_crash_no_view(store
 
 
 # -- properties, through the ingester's whole path -------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    db = tmp_path_factory.mktemp("traffic") / "fleet.db"
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def bench(request, tmp_path_factory):
+    db = (tmp_path_factory.mktemp("traffic") / "fleet.db" if request.param == "sqlite"
+          else request.getfixturevalue("postgres").url(f"traffic_{next(_unique)}"))
     ingester = Ingester(BrokerConfig(host="127.0.0.1", port=1), db)
     store = FleetStore(db)
     yield ingester, store

@@ -24,10 +24,12 @@ FIELDS = {"metrics": list(Metrics.__dataclass_fields__), "status": list(Status._
 _unique = itertools.count()
 
 
-@pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    """An ingester (never connected: its handling and commit are driven directly) and the store it commits to."""
-    db = tmp_path_factory.mktemp("props") / "fleet.db"
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def bench(request, tmp_path_factory):
+    """An ingester (never connected: its handling and commit are driven directly) and the store it commits to, on
+    each engine."""
+    db = (tmp_path_factory.mktemp("props") / "fleet.db" if request.param == "sqlite"
+          else request.getfixturevalue("postgres").url(f"props_{next(_unique)}"))
     ingester = Ingester(BrokerConfig(host="127.0.0.1", port=1), db)
     store = FleetStore(db)
     yield ingester, store
