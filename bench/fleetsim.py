@@ -263,11 +263,12 @@ class Worker:
                 heapq.heapify(due)
             now = time.monotonic()
             if phase == "publishing":
-                while due and due[0][0] <= now:
+                end = started + self.seconds  # each device sends seconds / interval messages, the last before end
+                while due and due[0][0] <= now and due[0][0] < end:
                     when, i = heapq.heappop(due)
                     self.devices[i].send_metrics()
                     heapq.heappush(due, (when + self.interval, i))
-                if now - started >= self.seconds:
+                if due[0][0] >= end:
                     phase, end_of_drain = "draining", now + self.drain_s
             if phase == "draining" and (self.unacked() == 0 or now >= end_of_drain):
                 break
