@@ -8,7 +8,6 @@ ingester shows it took one; from then on its subscriptions, and with a persisten
 from __future__ import annotations
 
 import signal
-import sqlite3
 import subprocess
 import time
 from collections.abc import Callable
@@ -44,18 +43,21 @@ def wait_subscribed(publisher, seen: Callable[[], bool], prefix: str = "edgeflee
             pytest.fail(f"the ingester never took a probe message in {timeout:g} s: not subscribed")
 
 
-def probe_stored(db: Path) -> Callable[[], bool]:
-    """``seen`` for an ingester in another process: the probe device has a row in its store."""
+def probe_stored(db: Path | str) -> Callable[[], bool]:
+    """``seen`` for an ingester in another process: the probe device has a row in its store (a SQLite file or a
+    postgresql:// URL)."""
+    from pipeline.fleet.sql import ERRORS, SQLITE, Connection, engine_of
+
     def seen() -> bool:
-        if not db.exists():
+        if engine_of(db) == SQLITE and not Path(db).exists():
             return False
         try:
-            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+            con = Connection(db, readonly=True, timeout_s=5)
             try:
                 return con.execute("SELECT 1 FROM devices WHERE device_id = ?", (PROBE,)).fetchone() is not None
             finally:
                 con.close()
-        except sqlite3.Error:  # not created or migrated yet
+        except ERRORS:  # not created or migrated yet
             return False
 
     return seen

@@ -53,6 +53,7 @@ class LocalPostgres:
         return subprocess.run([*self._run_as, *cmd], capture_output=True, text=True, check=check, timeout=120)
 
     def start(self) -> "LocalPostgres":
+        """Start the server (after ``stop``: the same cluster, on the same port)."""
         self.root.mkdir(parents=True, exist_ok=True)
         if self._run_as:
             shutil.chown(self.root, "postgres", "postgres")
@@ -60,8 +61,9 @@ class LocalPostgres:
             for parent in self.root.resolve().parents:
                 if parent.stat().st_uid == 0 and not parent.stat().st_mode & 0o001:
                     parent.chmod(parent.stat().st_mode | 0o001)
-        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, "--auth=trust", "--encoding=UTF8",
-                  "--locale=C", "--no-sync")
+        if not (self.data / "PG_VERSION").exists():  # a new cluster; else the same one again (a restart)
+            self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", USER, "--auth=trust",
+                      "--encoding=UTF8", "--locale=C", "--no-sync")
         opts = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories={self.root} "
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 "
                 "-c shared_buffers=64MB")
@@ -78,8 +80,10 @@ class LocalPostgres:
                   check=False)
         return f"postgresql://{USER}@127.0.0.1:{self.port}/{database}"
 
-    def stop(self) -> None:
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
+    def stop(self, mode: str = "immediate") -> None:
+        """``immediate``: at once (what a test's end needs; with this cluster's settings the last commits may be
+        lost, as in a crash); ``fast``: every commit kept, as a server's orderly restart."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
 
     def __enter__(self) -> "LocalPostgres":
         return self.start()

@@ -4,17 +4,18 @@ an hour off lose nothing, poison messages are counted and skipped."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
-from fleet_probe import PROBE, probe_stored, until, wait_subscribed
+from fleet_probe import PROBE, probe_stored, stop_ingester, until, wait_subscribed
 
 from device_agent.mqtt import MqttLink
 from device_agent.protocol import Event, Leaf, Metrics, Status, encode, topic
-from pipeline.fleet import FleetStore
+from pipeline.fleet import STORE_ERRORS, FleetStore
 from pipeline.fleet.ingest import Drop, Ingester
 
 pytestmark = pytest.mark.slow
@@ -66,6 +67,64 @@ def test_a_killed_ingester_loses_no_acknowledged_message(mosquitto, tmp_path):
     devices = [d for d in json.loads(status.stdout)["devices"] if d["device_id"] != PROBE]
     assert [d["device_id"] for d in devices] == ["sim-0", "sim-1", "sim-2"]
     assert all(d["metrics"]["rss_mb"] == 80.0 and d["active_version"] == 1 for d in devices)
+
+
+def test_two_ingesters_share_the_fleet_and_a_killed_one_loses_nothing(mosquitto, fleet_db):
+    """Two `pipeline fleet ingest` processes in one share group write to one store (SQLite, then PostgreSQL): the
+    broker splits the fleet's messages between them; one is killed (-9) mid-run and started again with its client
+    id. Every message is stored once, and each device's row is its last status in its own order whichever
+    ingester committed last."""
+    def ingest(name: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "fleet", "ingest", "--broker",
+                                 f"127.0.0.1:{mosquitto.port}", "--db", str(fleet_db), "--group", "pair",
+                                 "--client-id", f"ingest-{name}"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+
+    def count() -> int:
+        try:
+            s = FleetStore(fleet_db, readonly=True)
+        except STORE_ERRORS:  # not created yet
+            return 0
+        try:
+            return s.count("metrics")
+        finally:
+            s.close()
+
+    a, b = ingest("a"), ingest("b")  # both open a new store at once: one migrates, the other finds it done
+    pub = MqttLink(mosquitto.config, "simulated-devices", lambda t, p: None).start()
+    t0, sent = time.time(), 0
+    try:
+        wait_subscribed(pub, probe_stored(fleet_db))
+        for i in range(800):
+            device = f"sim-{i % 20}"
+            seq = i // 20
+            m = Metrics(device, 1, 1.0 + i % 7, 2.0, 80.0, 10, True, ts=t0 + i / 1000, boot=1, seq=2 * seq)
+            s = Status(device, "idle", "rpi4", active_version=1, active_slot="A", boot=1, seq=2 * seq + 1)
+            infos = [pub.publish(topic("edgefleet", device, Leaf.METRICS), encode(m), qos=1),
+                     pub.publish(topic("edgefleet", device, Leaf.STATUS), encode(s), qos=1)]
+            for info in infos:
+                info.wait_for_publish(5)
+            sent += 1
+            if i == 400:
+                a.kill()  # kill -9 between (or during) batches; a supervisor starts it again, same client id
+                a.wait()
+                a = ingest("a")
+    finally:
+        pub.stop()
+    try:
+        until(lambda: count() >= sent, 90, f"{sent} metrics stored (have {count()})", poll_s=0.2)
+    finally:
+        outputs = [stop_ingester(p) for p in (a, b)]
+    assert count() == sent == 800
+    stored_by = [int(m.group(1)) for out in outputs for m in [re.search(r"stored (\d+) row", out)] if m]
+    assert len(stored_by) == 2 and all(n > 0 for n in stored_by), outputs  # the group split the messages
+    s = FleetStore(fleet_db)
+    try:
+        devices = {d["device_id"]: d for d in s.devices() if d["device_id"] != PROBE}
+    finally:
+        s.close()
+    assert sorted(devices) == sorted(f"sim-{i}" for i in range(20))
+    assert all(d["boot"] == 1 and d["seq"] == 2 * 39 + 1 and d["state"] == "idle" for d in devices.values())
 
 
 @pytest.fixture

@@ -35,6 +35,8 @@ except ImportError:  # the [host] extra installs it; without it only SQLite stor
     psycopg = None
 
 SQLITE, POSTGRES = "sqlite", "postgresql"
+#: the PostgreSQL channel a store's writes notify (see ``Connection.data_version``)
+_CHANNEL = "edgefleet_store"
 _URL = re.compile(r"^postgres(?:ql)?://", re.I)
 
 #: what a store operation may raise for the database's sake (not a bug)
@@ -153,6 +155,7 @@ class Connection:
         self.location, self.readonly = location, readonly
         self.engine = engine_of(location)
         self._in_transaction = False
+        self._listening, self._notified = False, 0
         if self.engine == POSTGRES:
             if psycopg is None:
                 raise ImportError("a postgresql:// fleet store needs psycopg 3: pip install 'psycopg[binary]' "
@@ -216,6 +219,8 @@ class Connection:
             if self.engine == POSTGRES:
                 with self._con.transaction():
                     yield self
+                    if not self.readonly:  # heard by every connection of this database's data_version
+                        self._con.execute(f"NOTIFY {_CHANNEL}")
                 return
             self._con.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
             try:
@@ -246,10 +251,20 @@ class Connection:
 
     def data_version(self) -> int:
         """A number that changes whenever another connection commits: what live views poll. SQLite's own counter
-        (per connection); PostgreSQL's write-ahead log position (it moves on any commit to the server)."""
+        (per connection); on PostgreSQL, the notifications this connection heard: every write transaction of a
+        store's connection ends with a NOTIFY on the database's channel, delivered to listeners when it commits
+        (so a commit to another database of the server, or a reader's query, changes nothing)."""
         if self.engine == POSTGRES:
-            return int(self._con.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0])
+            if not self._listening:
+                self._con.add_notify_handler(self._heard)
+                self._con.execute(f"LISTEN {_CHANNEL}")
+                self._listening = True
+            self._con.execute("SELECT 1")  # reads what arrived: the handler counts it
+            return self._notified
         return int(self._con.execute("PRAGMA data_version").fetchone()[0])
+
+    def _heard(self, _notify: Any) -> None:
+        self._notified += 1
 
     def tables(self) -> set[str]:
         """The store's tables (what a migration finds)."""

@@ -281,8 +281,9 @@ class FleetStore:
     def progress(self, deployment_id: int, device_id: str, status: str) -> None:
         """One device's state in a running deployment, on the calling thread's connection. From a thread that
         must not wait on SQLite (paho's network thread), put it on a ``ProgressQueue`` instead."""
-        self.db.execute("UPDATE device_results SET status = ? WHERE deployment_id = ? AND device_id = ?",
-                        (status, deployment_id, device_id))
+        with self.db.transaction() as db:
+            db.execute("UPDATE device_results SET status = ? WHERE deployment_id = ? AND device_id = ?",
+                       (status, deployment_id, device_id))
 
     def progress_queue(self, deployment_id: int) -> "ProgressQueue":
         """``with store.progress_queue(dep) as q: ... q.put(device, state)`` from any thread."""

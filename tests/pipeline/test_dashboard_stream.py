@@ -21,8 +21,8 @@ def open_stream(dash: Dashboard) -> tuple[http.client.HTTPConnection, http.clien
     return conn, resp
 
 
-def test_many_stream_clients_share_one_watcher_and_no_thread_each(tmp_path):
-    db = tmp_path / "fleet.db"
+def test_many_stream_clients_share_one_watcher_and_no_thread_each(fleet_db):
+    db = fleet_db
     writer = FleetStore(db)
     with Dashboard(db, port=0, stream_poll_s=0.05) as dash:
         first = open_stream(dash)
