@@ -38,7 +38,7 @@ from device_agent.quality import LiveAccuracy, ShadowStats
 from device_agent.serving import BUCKETS_MS, quantile_ms
 
 from .sql import Connection, upsert
-from .store import clean, order
+from .store import WRITERS_LOCK, clean, order
 
 if TYPE_CHECKING:
     from .store import FleetStore
@@ -180,6 +180,7 @@ def ingest(store: "FleetStore", messages: list[tuple[str, str, dict[str, Any]]],
     recorded = 0
     todo.sort(key=lambda m: m[0])  # by device, each device's in arrival order: see sql.Connection.lock_each
     with store.db.transaction(immediate=True) as db:
+        db.lock(WRITERS_LOCK, shared=True)
         db.lock_each(device for device, _ in todo)
         for device, body in todo:
             recorded += record(db, device, *order(body), now, body.get("ts") or now, body, thresholds, skips)

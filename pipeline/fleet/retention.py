@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from . import quality, traffic
-from .store import FleetStore
+from .store import WRITERS_LOCK, FleetStore
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)?\s*$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -75,6 +75,7 @@ def apply_retention(store: FleetStore, policy: RetentionPolicy, now: float | Non
     cut = (int((now - policy.raw_s) // policy.bucket_s)) * policy.bucket_s
     oldest = now - policy.rollup_s
     with store.db.transaction(immediate=True) as db:
+        db.lock(WRITERS_LOCK)  # PostgreSQL: no ingester writes meanwhile (SQLite: the immediate transaction)
         raw = db.execute("SELECT count(*) FROM metrics WHERE ts < ?", (cut,)).fetchone()[0]
         before = db.execute("SELECT count(*) FROM metrics_rollup").fetchone()[0]
         db.execute(_ROLLUP, {"b": policy.bucket_s, "cut": cut})

@@ -232,11 +232,11 @@ class Connection:
         finally:
             self._in_transaction = False
 
-    def lock(self, key: int) -> None:
-        """Within a transaction, wait for and hold (until it ends) the store-wide lock ``key``: PostgreSQL's
-        advisory lock; SQLite's immediate transaction already holds the whole file."""
+    def lock(self, key: int, shared: bool = False) -> None:
+        """Within a transaction, wait for and hold (until it ends) the store-wide lock ``key``, ``shared`` with
+        other holders or not: PostgreSQL's advisory lock; SQLite's immediate transaction already holds the file."""
         if self.engine == POSTGRES:
-            self._con.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
+            self._con.execute(f"SELECT pg_advisory_xact_lock{'_shared' if shared else ''}(%s)", (key,))
 
     def lock_each(self, keys: Iterable[str]) -> None:
         """Within a transaction, hold (until it ends) a lock per key, taken in the keys' order: PostgreSQL's

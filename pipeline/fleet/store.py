@@ -183,6 +183,9 @@ def order(body: dict[str, Any]) -> tuple[int, int] | tuple[None, None]:
 
 #: the advisory lock a PostgreSQL migration holds: of several processes opening a store at once, one migrates
 _MIGRATION_LOCK = 0x6564676566  # "edgef"
+#: ... and the one telemetry writers hold shared (ingesters, with their per-device locks) and retention alone: it
+#: rewrites many devices' rows at once, more than per-device locks could name (PostgreSQL's lock table is finite)
+WRITERS_LOCK = _MIGRATION_LOCK + 1
 
 
 class FleetStore:
@@ -329,6 +332,7 @@ class FleetStore:
         skips: Counter = Counter()
         messages = sorted(messages, key=lambda m: m[0])  # by device, each device's in arrival order (a stable sort)
         with self.db.transaction(immediate=True) as db:
+            db.lock(WRITERS_LOCK, shared=True)
             db.lock_each(device for device, _, _ in messages)  # see sql.Connection.lock_each
             for device, kind, b in messages:
                 b = clean(b)
