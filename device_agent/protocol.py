@@ -315,11 +315,17 @@ class Job:
 @dataclass(frozen=True)
 class StreamGet:
     """Chunks a device still needs. The host skips chunks it sent moments ago (they may still be queued
-    for the device) unless ``resend`` is set: the device saw those arrive corrupt."""
+    for the device) unless ``resend`` is set: the device saw those arrive corrupt. Of a broadcast job:
+    ``listening``, the device is subscribed to the job's artifact topic (a chunk several devices ask for at
+    once may be published there once for all of them); ``passed``, it has seen the broadcast's last chunk, so
+    what it asks for it missed (without it, a listening device's ask is left to the broadcast while that lasts:
+    what it lacks is on its way). Both absent from an agent that knows no broadcast: it is served alone at once."""
 
     job_id: str
     chunks: list[int]
     resend: bool = False
+    listening: bool = False
+    passed: bool = False
 
     @classmethod
     def parse(cls, payload: bytes) -> "StreamGet":
@@ -329,7 +335,7 @@ class StreamGet:
                                          for i in chunks):
             raise ProtocolError("stream/get: 'chunks' must be a list of non-negative integers")
         return cls(check_id(require(body, "job_id", str, "stream/get"), "job_id"), chunks,
-                   body.get("resend") is True)
+                   body.get("resend") is True, body.get("listening") is True, body.get("passed") is True)
 
 
 @dataclass(frozen=True)

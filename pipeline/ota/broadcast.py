@@ -7,6 +7,14 @@ delivery lasts (a device that subscribes late gets it at once, so it knows the b
 device still lacks (it joined late, restarted, or the broker dropped something) it asks for on its own
 ``stream/get``, which the :class:`~pipeline.ota.delivery.ChunkServer` answers as for a unicast delivery. An agent
 that does not know the field asks for everything itself: unicast is the fallback without anything to negotiate.
+
+Repairs stay repairs at any scale. A device listening to the broadcast asks for what it lacks before it has seen
+the broadcast's last chunk only after a silence, and the chunk server leaves such a request to the broadcast (counted
+as deferred): what the device lacks is still on its way, in the broker's queue for it, however slow the device is.
+What a device asks for once it has seen the last chunk go by (``passed``: live, queued by its session, or retained
+for a late subscriber) it missed, and is served; a chunk several such devices ask for at once goes once on the
+artifact topic (:func:`republish_chunk`), and a device's re-ask for a chunk still unacknowledged by the broker is not
+served again.
 """
 
 from __future__ import annotations
@@ -39,8 +47,13 @@ class BroadcastMode(str, enum.Enum):
 #: the mode :func:`pipeline.ota.delivery.deliver` uses when its caller names none (a rollout's waves):
 #: ``pipeline deploy`` sets it from deploy.yaml's ``fleet.broadcast`` around the rollout (:func:`broadcasting`)
 _MODE: contextvars.ContextVar[BroadcastMode] = contextvars.ContextVar("broadcast_mode", default=BroadcastMode.AUTO)
-#: how long the host waits for a wave's devices to subscribe before it broadcasts anyway (the rest repair)
+#: how long the host waits for another of a wave's devices to subscribe before it broadcasts anyway (the rest
+#: repair), and how long it waits in all however many keep coming
 SUBSCRIBE_WAIT_S = 15.0
+SUBSCRIBE_MAX_S = 120.0
+#: seconds after the broadcast's end from which a listening device that still has not seen it pass is served what
+#: it asks for (its last chunk never reached it, nor the retained copy)
+PASS_GRACE_S = 30.0
 #: publishes the host may have unacknowledged by the broker while broadcasting
 PACE_WINDOW = DEFAULT_WINDOW
 
@@ -70,6 +83,18 @@ class BroadcastResult:
     subscribed: int = 0
     #: from the job's publication to the broadcast's first chunk: the wait for the wave to subscribe
     waited_s: float = 0.0
+    #: when (time.monotonic()) the broadcast was over: every chunk acknowledged by the broker, or given up on
+    finished_at: float | None = None
+    #: chunks asked for by listening devices that had not seen the broadcast pass: left to the broadcast, not served
+    chunks_deferred: int = 0
+    #: repairs several devices asked for at once, published once on the artifact topic instead of once each
+    repair_chunks: int = 0
+    repair_bytes: int = 0
+
+    def leaves_to_broadcast(self, now: float) -> bool:
+        """Whether a listening device that has not seen the broadcast pass is left to it: until PASS_GRACE_S after its
+        end."""
+        return self.finished_at is None or now - self.finished_at < PASS_GRACE_S
 
 
 def broadcast_chunks(link, name: str, artifact: Artifact, job_id: str, result: BroadcastResult,
@@ -80,18 +105,30 @@ def broadcast_chunks(link, name: str, artifact: Artifact, job_id: str, result: B
     m = artifact.manifest
     started = time.monotonic()
     inflight: deque = deque()
-    with open(artifact.model_path, "rb") as f:
-        for index in range(m.chunks):
-            if len(inflight) >= window:
-                _wait(inflight.popleft(), ack_timeout_s)
-            frame = encode_chunk(job_id, index, f.read(m.chunk_size))
-            inflight.append(link.publish(name, frame, qos=1, retain=index == m.chunks - 1))
-            result.chunks += 1
-            result.bytes_sent += len(frame)
-    while inflight:
-        _wait(inflight.popleft(), ack_timeout_s)
+    try:
+        with open(artifact.model_path, "rb") as f:
+            for index in range(m.chunks):
+                if len(inflight) >= window:
+                    _wait(inflight.popleft(), ack_timeout_s)
+                frame = encode_chunk(job_id, index, f.read(m.chunk_size))
+                inflight.append(link.publish(name, frame, qos=1, retain=index == m.chunks - 1))
+                result.chunks += 1
+                result.bytes_sent += len(frame)
+        while inflight:
+            _wait(inflight.popleft(), ack_timeout_s)
+    finally:
+        result.finished_at = time.monotonic()  # whatever did not go, the devices repair
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def republish_chunk(link, name: str, frame: bytes, result: BroadcastResult):
+    """A repair several devices want, once on the artifact topic (not retained): every listening device gets it,
+    those that have it drop the duplicate. Returns the publish's info."""
+    info = link.publish(name, frame, qos=1)
+    result.repair_chunks += 1
+    result.repair_bytes += len(frame)
+    return info
 
 
 def clear_retained(link, name: str) -> None:

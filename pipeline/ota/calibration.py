@@ -83,6 +83,7 @@ class DeviceCalibration:
     chunks_served: int = 0
     chunks_resent: int = 0
     bytes_sent: int = 0
+    chunks_in_flight: int = 0  # asked for again while still on its way: not sent twice (ChunkServer)
     started: float | None = None
     finished: float | None = None
 

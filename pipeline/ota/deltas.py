@@ -172,6 +172,9 @@ def _both(first: DeviceResult, second: DeviceResult) -> DeviceResult:
     """The full artifact's result, carrying what the refused delta cost and said."""
     second.chunks_served += first.chunks_served
     second.chunks_resent += first.chunks_resent
+    second.chunks_rebroadcast += first.chunks_rebroadcast
+    second.chunks_deferred += first.chunks_deferred
+    second.chunks_in_flight += first.chunks_in_flight
     second.bytes_sent += first.bytes_sent
     second.states = first.states + second.states
     second.events = first.events + [{"kind": "delta_fallback", "message": first.reason or "", "ts": None}] \
