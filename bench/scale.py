@@ -1,6 +1,6 @@
 """Fleet scale: host egress and wall time of one ~1 MB model to N agents, unicast vs broadcast, side by side.
 
-    .venv/bin/python bench/scale.py [--devices 1,10,50] [--out bench/results/scale.json]
+    .venv/bin/python bench/scale.py [--devices 1,10,50] [--drop 0.05] [--out bench/results/scale.json]
 
 For each N, N real device agents (a thread each, its own MQTT session and state directory: verify, download,
 fsync, install, health-check, activate) run in worker processes of at most 150 agents (paho-mqtt waits on its
@@ -12,7 +12,18 @@ unicast (``broadcast="never"``: each device's chunks on its own ``stream/data``)
 - wall_s: the delivery until every device activated and sent its metrics (health checks included);
 - download_s: until the last device had every chunk (its first ``verifying`` status): the transfer alone, before
   the health checks, which N agents sharing this machine's cores run one after another in effect;
-- broadcast_s: the broadcast's own publishing time; repair_bytes: what devices asked for on their own.
+- broadcast_s: the broadcast's own publishing time; repair_bytes: what devices asked for on their own (served to
+  each, or once on the artifact topic for several: rebroadcast_chunks); deferred_chunks: asked for by agents that
+  had not yet seen the broadcast pass, left to it (they were on their way).
+- ``--drop F`` adds a third round, ``drop``: broadcast again while a fraction F of the agents (evenly spread)
+  drop off mid-transfer, once they hold a quarter of the chunks: the agent stops (its broker session, persistent,
+  keeps what is broadcast meanwhile queued for it), or with ``--drop-session lost`` its session is discarded too,
+  so what was broadcast while it was away is gone; it comes back once an agent of its worker that stayed has the
+  whole artifact (the broadcast has gone by) and must still activate. dropped / dropped_activated, and
+  dropped_repair_chunks against others_repair_chunks, say what that cost.
+- ``--agent-wait S`` sets the agents' first silence (device_agent.agent.BROADCAST_WAIT_S, 20 s) to S: at 1,000
+  agents on two cores the broadcast's first chunk reached many agents more than 20 s after their job; a short
+  wait makes a small fleet see its broadcast as late as that one did.
 """
 
 from __future__ import annotations
@@ -76,29 +87,134 @@ def stop_agents(agents) -> None:
         t.join(10)
 
 
+def dropping(i: int, fraction: float) -> bool:
+    """Whether agent ``i`` is one of the ``fraction`` that drop off: evenly spread, the same in bench and worker."""
+    return int(i * fraction) != int((i + 1) * fraction)
+
+
+def forget_session(broker, device: str) -> None:
+    """Discard an agent's broker session (what the broker queued for it while away is gone): connect with its client
+    id and a clean start, then leave."""
+    from device_agent.mqtt import MqttLink
+
+    MqttLink(broker, f"agent-{device}", lambda *a: None).start().stop()
+
+
+class DropOffs:
+    """A worker's agents that drop off mid-transfer in the next delivery, and come back (see the module's note)."""
+
+    def __init__(self, agents: list, first: int, fraction: float, lose_session: bool, broker) -> None:
+        self.agents, self.broker, self.lose_session = agents, broker, lose_session
+        self.dropped: list[str] = []
+        self.back: list[str] = []
+        self.missed: list[str] = []  # chosen, but had every chunk before it could drop
+        self.stop = threading.Event()
+        chosen = [k for k in range(len(agents)) if dropping(first + k, fraction)]
+        stay = next((k for k in range(len(agents)) if k not in chosen), None)
+        self.threads = [threading.Thread(target=self._drop, args=(k, stay), daemon=True) for k in chosen]
+        for t in self.threads:
+            t.start()
+
+    def _poll(self, done) -> bool:
+        while not self.stop.is_set():
+            if done():
+                return True
+            self.stop.wait(0.02)  # poll interval: the agents' own threads move their transfers on
+        return False
+
+    def _drop(self, k: int, stay: int | None) -> None:
+        agent, thread = self.agents[k]
+        ref = self.agents[stay][0] if stay is not None else None
+        seen: dict[str, object] = {}
+
+        def ref_done() -> bool:  # the agent that stayed had a transfer, and it is over: the broadcast has gone by
+            tr = ref._transfer
+            if tr is not None:
+                seen["tr"] = tr
+            return "tr" in seen and tr is None
+
+        def mid_transfer() -> bool:
+            if ref is not None:
+                ref_done()
+            tr = agent._transfer
+            if tr is not None:
+                seen["own"] = tr
+            return tr is not None and len(tr.download.have) >= max(1, tr.manifest.chunks // 4) \
+                or ("own" in seen and tr is None)
+
+        if not self._poll(mid_transfer):
+            return
+        if agent._transfer is None:
+            self.missed.append(agent.cfg.device_id)
+            return
+        agent.stop()
+        thread.join(30)
+        if self.lose_session:
+            forget_session(self.broker, agent.cfg.device_id)
+        self.dropped.append(agent.cfg.device_id)
+        if ref is not None and not self._poll(ref_done):
+            return
+        back = Agent(agent.cfg)
+        t = threading.Thread(target=back.run, daemon=True)
+        t.start()
+        if back.link.connected.wait(120):
+            self.back.append(agent.cfg.device_id)
+        self.agents[k] = (back, t)
+
+    def report(self) -> str:
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+        return json.dumps({"dropped": self.dropped, "back": self.back, "missed": self.missed})
+
+
 def host_agents(args) -> None:
-    """A worker: run agents ``--host-agents FIRST:COUNT``, say ``ready`` once all are connected, stop at EOF."""
+    """A worker: run agents ``--host-agents FIRST:COUNT``, say ``ready`` once all are connected; then take commands
+    from stdin until the bench closes it: ``drop FRACTION lost|kept`` arms drop-offs for the next delivery (answers
+    ``armed``), ``report`` answers what they did (one JSON line)."""
     first, count = (int(x) for x in args.host_agents.split(":"))
+    if args.agent_wait is not None:
+        import device_agent.agent
+
+        device_agent.agent.BROADCAST_WAIT_S = args.agent_wait
     broker = BrokerConfig(host="127.0.0.1", port=args.broker_port)
     agents = start_agents(range(first, first + count), broker, Path(args.state), Path(args.key), args.tag)
     print("ready", flush=True)
-    sys.stdin.read()  # until the bench closes our stdin
+    drops: DropOffs | None = None
+    for line in sys.stdin:  # until the bench closes our stdin
+        cmd = line.split()
+        if cmd[:1] == ["drop"]:
+            drops = DropOffs(agents, first, float(cmd[1]), cmd[2] == "lost", broker)
+            print("armed", flush=True)
+        elif cmd[:1] == ["report"]:
+            print(drops.report() if drops else json.dumps({}), flush=True)
+            drops = None
+    if drops is not None:
+        drops.report()
     stop_agents(agents)
 
 
 class Fleet:
     """``n`` agents in worker processes of at most PER_PROCESS; ``ids`` once every one is connected."""
 
-    def __init__(self, n: int, broker, root: Path, key: Path, tag: str) -> None:
+    def __init__(self, n: int, broker, root: Path, key: Path, tag: str, agent_wait: float | None = None) -> None:
         self.ids = [device_id(tag, i) for i in range(n)]
+        wait = ["--agent-wait", str(agent_wait)] if agent_wait is not None else []
         self.procs = [subprocess.Popen(
             [sys.executable, __file__, "--host-agents", f"{first}:{min(PER_PROCESS, n - first)}", "--tag", tag,
-             "--state", str(root), "--key", str(key), "--broker-port", str(broker.port)],
+             "--state", str(root), "--key", str(key), "--broker-port", str(broker.port), *wait],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for first in range(0, n, PER_PROCESS)]
         for p in self.procs:  # each worker's own line: no polling
             if p.stdout.readline().strip() != "ready":
                 self.stop()
                 raise SystemExit(f"a worker of {tag} failed (exit {p.wait()})")
+
+    def ask(self, command: str) -> list[str]:
+        """Every worker's one-line answer to ``command``."""
+        for p in self.procs:
+            p.stdin.write(command + "\n")
+            p.stdin.flush()
+        return [p.stdout.readline().strip() for p in self.procs]
 
     def stop(self) -> None:
         for p in self.procs:
@@ -112,23 +228,37 @@ class Fleet:
                 p.wait()
 
 
-def row(n: int, mode: str, art, got, wall: float, downloaded: dict[str, float]) -> dict:
+def row(n: int, mode: str, art, got, wall: float, downloaded: dict[str, float], drops: dict | None = None) -> dict:
     s = got.summary()
-    return {"devices": n, "mode": mode, "activated": sum(r.status == "activated" for r in got),
-            "artifact_bytes": art.size_bytes, "egress_bytes": got.egress_bytes,
-            "egress_x_artifact": round(got.egress_bytes / art.size_bytes, 3),
-            "broadcast_bytes": s["broadcast_bytes"], "repair_bytes": s["repair_bytes"],
-            "wall_s": round(wall, 2),
-            "download_s": round(max(downloaded.values()), 2) if len(downloaded) == n else None,
-            "broadcast_s": got.broadcast.seconds if got.broadcast else None,
-            "subscribe_wait_s": got.broadcast.waited_s if got.broadcast else None,
-            "subscribed": got.broadcast.subscribed if got.broadcast else None}
+    out = {"devices": n, "mode": mode, "activated": sum(r.status == "activated" for r in got),
+           "artifact_bytes": art.size_bytes, "egress_bytes": got.egress_bytes,
+           "egress_x_artifact": round(got.egress_bytes / art.size_bytes, 3),
+           "broadcast_bytes": s["broadcast_bytes"], "repair_bytes": s["repair_bytes"],
+           "rebroadcast_chunks": s.get("rebroadcast_chunks"), "deferred_chunks": s.get("deferred_chunks"),
+           "in_flight_chunks": s.get("in_flight_chunks"),
+           "wall_s": round(wall, 2),
+           "download_s": round(max(downloaded.values()), 2) if len(downloaded) == n else None,
+           "broadcast_s": got.broadcast.seconds if got.broadcast else None,
+           "subscribe_wait_s": got.broadcast.waited_s if got.broadcast else None,
+           "subscribed": got.broadcast.subscribed if got.broadcast else None}
+    if drops is not None:
+        gone = set(drops["dropped"])
+        out.update({"dropped": len(gone), "dropped_back": len(drops["back"]), "drop_missed": len(drops["missed"]),
+                    "dropped_activated": sum(r.status == "activated" for r in got if r.device_id in gone),
+                    "dropped_repair_chunks": sum(r.chunks_served for r in got if r.device_id in gone),
+                    "others_repair_chunks": sum(r.chunks_served for r in got if r.device_id not in gone)})
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--devices", default="1,10,50", help="comma-separated fleet sizes")
-    ap.add_argument("--modes", default="unicast,broadcast", help="unicast, broadcast or both")
+    ap.add_argument("--modes", default="unicast,broadcast", help="unicast, broadcast, drop (needs --drop)")
+    ap.add_argument("--drop", type=float, default=0.0,
+                    help="a fraction of agents that drop off mid-transfer in an added round, drop (see above)")
+    ap.add_argument("--drop-session", choices=("kept", "lost"), default="kept",
+                    help="whether a dropped agent's broker session (what was queued for it) is lost")
+    ap.add_argument("--agent-wait", type=float, help="the agents' first silence in seconds (see above)")
     ap.add_argument("--unicast-max", type=int, default=200,
                     help="larger fleets are broadcast only (unicast there is recorded as not run)")
     ap.add_argument("--host-agents", help=argparse.SUPPRESS)
@@ -149,6 +279,7 @@ def main() -> None:
     from pipeline.ota import deliver
 
     sizes = [int(x) for x in args.devices.split(",")]
+    modes = args.modes.split(",") + (["drop"] if args.drop > 0 and "drop" not in args.modes.split(",") else [])
     tmp = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     torch.manual_seed(0)  # ~1 MB of float32 weights that do not compress: every chunk is on the wire
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2048), nn.ReLU(), nn.Linear(2048, 64), nn.ReLU(),
@@ -168,15 +299,18 @@ def main() -> None:
     with LocalBroker("mosquitto", tmp / "broker") as broker:
         for n in sizes:
             t0 = time.perf_counter()
-            fleet = Fleet(n, broker.config, tmp / f"state-{n}", keys / "signing.pub", f"n{n}")
+            fleet = Fleet(n, broker.config, tmp / f"state-{n}", keys / "signing.pub", f"n{n}", args.agent_wait)
             print(f"{n:>5} agents connected in {time.perf_counter() - t0:.1f} s", flush=True)
             ids = fleet.ids
             try:
-                for mode in args.modes.split(","):
+                for mode in modes:
                     if mode == "unicast" and n > args.unicast_max:
                         rows.append({"devices": n, "mode": mode, "not_run": f"above --unicast-max {args.unicast_max}"})
                         continue
-                    setting = {"unicast": "never", "broadcast": "always"}[mode]
+                    setting = {"unicast": "never", "broadcast": "always", "drop": "always"}[mode]
+                    if mode == "drop":
+                        if fleet.ask(f"drop {args.drop} {args.drop_session}") != ["armed"] * len(fleet.procs):
+                            raise SystemExit("a worker did not arm its drop-offs")
                     art = artifact()
                     downloaded: dict[str, float] = {}
                     t0 = time.perf_counter()
@@ -186,10 +320,19 @@ def main() -> None:
                             downloaded.setdefault(r.device_id, time.perf_counter() - t0)
 
                     got = deliver(broker.config, PREFIX, art, ids, 900, progress, broadcast=setting)
-                    rows.append(row(n, mode, art, got, time.perf_counter() - t0, downloaded))
+                    wall = time.perf_counter() - t0
+                    drops = None
+                    if mode == "drop":
+                        drops = {"dropped": [], "back": [], "missed": []}
+                        for answer in fleet.ask("report"):
+                            for k, v in json.loads(answer).items():
+                                drops[k] += v
+                    rows.append(row(n, mode, art, got, wall, downloaded, drops))
                     r = rows[-1]
                     print(f"{n:>5} {mode:<9} {r['activated']}/{n} activated, egress {r['egress_x_artifact']}x, "
-                          f"downloaded in {r['download_s']} s, {r['wall_s']} s in all", flush=True)
+                          f"repairs {r['repair_bytes']} B, downloaded in {r['download_s']} s, {r['wall_s']} s in all"
+                          + (f"; {r['dropped']} dropped off, {r['dropped_activated']} of them activated"
+                             if drops is not None else ""), flush=True)
             finally:
                 fleet.stop()
     # against today's delivery to one device (unicast), as the issue's goal puts it
@@ -202,11 +345,13 @@ def main() -> None:
                           "machine": platform.machine()},
               "note": f"real device agents, a thread each, in worker processes of at most {PER_PROCESS}, on one loopback "
                       "Mosquitto; the host in the bench's own process",
+              "options": {"drop": args.drop, "drop_session": args.drop_session, "agent_wait_s": args.agent_wait},
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    cols = ["devices", "mode", "activated", "egress_bytes", "egress_x_artifact", "repair_bytes", "download_s",
-            "wall_s", "wall_x_one_device", "subscribe_wait_s", "broadcast_s"]
+    cols = ["devices", "mode", "activated", "egress_bytes", "egress_x_artifact", "repair_bytes", "rebroadcast_chunks",
+            "deferred_chunks", "download_s", "wall_s", "wall_x_one_device", "subscribe_wait_s", "broadcast_s",
+            "dropped", "dropped_activated", "dropped_repair_chunks", "others_repair_chunks"]
     widths = {c: max(len(c), *(len(str(r.get(c, "-"))) for r in rows)) for c in cols}
     print("  ".join(c.rjust(widths[c]) for c in cols))
     for r in rows:
