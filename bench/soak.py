@@ -158,14 +158,14 @@ def stored_all(store: Store, keys: set) -> bool:
 
 
 def drain_store(store: Store, keys: set, ingesters: list[IngesterProc], settle_s: float,
-                timeout: float) -> tuple[float, bool]:
+                timeout: float, poll=lambda: None) -> tuple[float, bool]:
     """Until every one of ``keys`` is stored: (seconds it took, False). A message the broker lost never comes, so
     the wait also ends once neither the store's rows nor its ingesters' counters changed for ``settle_s``: (seconds
     until the last change, True). An ingester holds an acknowledgement until its batch is committed, so once its
-    counters stand still it holds nothing the broker gave it."""
+    counters stand still it holds nothing the broker gave it. ``poll()`` is called on every look (the samples)."""
     t0 = time.monotonic()
     last, changed = None, t0
-    while not stored_all(store, keys):
+    while not (poll(), stored_all(store, keys))[1]:
         for i in ingesters:
             i.check()
         now = (store.count(), [i.received() for i in ingesters])
@@ -258,7 +258,7 @@ def soak(args: argparse.Namespace) -> dict:
         down = time.monotonic()
         broker.start(port=broker.port)
         faults["broker_restart"] = {"at_s": round(t - t_go, 1), "stop_s": round(down - t, 2),
-                                    "down_s": round(time.monotonic() - t, 2), "wall": time.time() - (time.monotonic() - t)}
+                                    "down_s": round(time.monotonic() - t, 2), "wall": round(time.time() - (time.monotonic() - t), 3)}
         back = wait_for(lambda: (s := sample())["drops"] >= drops + args.devices and s["connected"] >= args.devices,
                         300, "every device dropped and connected again", checks)
         faults["broker_restart"]["devices_back_s"] = round(time.monotonic() - t, 1)
@@ -283,7 +283,7 @@ def soak(args: argparse.Namespace) -> dict:
         reports = []
         for store in stores:
             mine = [i for i in ingesters if i.store is store]
-            drain, settled = drain_store(store, keys, mine, args.settle_s, args.drain_s)
+            drain, settled = drain_store(store, keys, mine, args.settle_s, args.drain_s, poll=sample)
             if settled:
                 log(f"{store.location}: nothing more came for {args.settle_s:g} s; some acknowledged messages are "
                     "not stored")
@@ -359,7 +359,7 @@ def broker_version() -> str:
 
 
 def _cell(v) -> str:
-    return "-".join(f"{x:g}" for x in v) if isinstance(v, list) else str(v)
+    return " - ".join(f"{x:.2f}" for x in v) if isinstance(v, list) else str(v)
 
 
 def print_table(r: dict) -> None:
