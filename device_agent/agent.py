@@ -221,14 +221,14 @@ class Agent(CalibrationControl, ShadowControl):
         message = message if len(message) <= MAX_EVENT_TEXT else message[:MAX_EVENT_TEXT - 3] + "..."
         log.info("%s: %s", kind, message)
         event = Event(self.cfg.device_id, kind, message, boot=self.boot, seq=next(self._seq), **fields)
-        self.link.publish(self._t(Leaf.EVENTS), encode(event), qos=1)
+        self.link.publish(self._t(Leaf.EVENTS), encode(event), qos=1, until_routed=True)  # see device_agent.mqtt
 
     def _publish_metrics(self, bench: Benchmark) -> None:
         m = self.telemetry.metrics(bench, self.store.active(), self.session, self.store.active_manifest(),
                                    self.state.get("state"))
         m = dataclasses.replace(m, boot=self.boot, seq=next(self._seq), traffic=self.traffic.snapshot(),
                                 **self._quality())
-        self.link.publish(self._t(Leaf.METRICS), encode(m), qos=1)
+        self.link.publish(self._t(Leaf.METRICS), encode(m), qos=1, until_routed=True)
 
     # ------------------------------------------------------------------------------ lifecycle
     def load_active(self) -> None:

@@ -2,13 +2,24 @@
 
 It negotiates the protocol (MQTT 5 where the broker offers it, else 3.1.1), re-subscribes after
 every reconnect, reconnects with bounded exponential backoff, and hands messages to one callback.
+
+A message published ``until_routed`` (the agent's telemetry) that the broker acknowledges with MQTT 5's "no
+matching subscribers" has reached nobody: a broker that restarted restores its clients' sessions but not always
+their shared subscriptions (Mosquitto 2.0), so until the ingesters are back it takes the fleet's metrics and drops
+them. Such a message is published again, with backoff, until a subscriber takes it or it is too old; the link
+keeps at most ``MAX_UNROUTED`` of them (the oldest go first) and counts what it retried and gave up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import logging
+import random
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +31,14 @@ from .errors import AgentError
 log = logging.getLogger(__name__)
 
 _PROTOCOLS = {"5": mqtt.MQTTv5, "3.1.1": mqtt.MQTTv311}
+
+
+#: MQTT 5 PUBACK reason code: the broker took the message, but no subscription matched it
+NO_MATCHING_SUBSCRIBERS = 16
+#: unrouted messages kept for another try, and for how long; the retries back off from ~1 s to ~30 s
+MAX_UNROUTED = 256
+UNROUTED_MAX_AGE_S = 600.0
+_RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 30.0
 
 
 class ConnectError(AgentError):
@@ -69,6 +88,15 @@ class MqttLink:
         self._client: mqtt.Client | None = None
         self._refused: str | None = None
         self._answered = threading.Event()
+        #: until_routed messages in flight (mid -> topic, payload, qos, tries, first published) and those waiting
+        #: for another try (a heap by when); both under _routing
+        self._routing = threading.Condition(threading.RLock())
+        self._in_flight: dict[int, tuple[str, bytes | str, int, int, float]] = {}
+        self._retries: list[tuple[float, int, tuple[str, bytes | str, int, int, float]]] = []
+        self._order = itertools.count()
+        self._retrier: threading.Thread | None = None
+        #: until_routed messages the broker routed to nobody: published again, and given up (too old or too many)
+        self.unrouted = {"retried": 0, "dropped": 0}
 
     # -- connection ---------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> "MqttLink":
@@ -128,6 +156,7 @@ class MqttLink:
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
+        client.on_publish = self._handle_publish
         return client
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -177,13 +206,76 @@ class MqttLink:
         if self._client is not None:
             self._client.unsubscribe(topic)
 
-    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False) -> mqtt.MQTTMessageInfo:
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
+                until_routed: bool = False) -> mqtt.MQTTMessageInfo:
+        """``until_routed`` (QoS 1, not retained): publish again while the broker says no subscriber took it (see
+        the module's note)."""
         if self._client is None:
             raise ConnectError(f"{self.client_id}: publish on {topic} before start()")
-        return self._client.publish(topic, payload, qos=qos, retain=retain)
+        if not until_routed or qos == 0 or retain:
+            return self._client.publish(topic, payload, qos=qos, retain=retain)
+        return self._publish_tracked((topic, payload, qos, 0, time.monotonic()))
+
+    def _publish_tracked(self, item: tuple[str, bytes | str, int, int, float]) -> mqtt.MQTTMessageInfo:
+        """Publish and record the mid before its PUBACK can be handled: paho calls ``on_publish`` holding its
+        outgoing-message lock, which is held here across the publish (always taken before ``_routing``, never
+        after it: no deadlock)."""
+        client = self._client
+        if client is None:
+            raise ConnectError(f"{self.client_id}: publish on {item[0]} after stop()")
+        with getattr(client, "_out_message_mutex", None) or contextlib.nullcontext():
+            info = client.publish(item[0], item[1], qos=item[2])
+            if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # queued: paho sends it (again)
+                with self._routing:
+                    self._in_flight[info.mid] = item
+        return info
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._routing:
+            item = self._in_flight.pop(mid, None)
+            if item is None or getattr(reason_code, "value", 0) != NO_MATCHING_SUBSCRIBERS:
+                return
+            topic, payload, qos, tries, first = item
+            if time.monotonic() - first > UNROUTED_MAX_AGE_S:
+                self.unrouted["dropped"] += 1
+                return
+            delay = min(_RETRY_MAX_S, _RETRY_FIRST_S * 2 ** tries) * random.uniform(0.75, 1.25)
+            heapq.heappush(self._retries, (time.monotonic() + delay, next(self._order),
+                                           (topic, payload, qos, tries + 1, first)))
+            if len(self._retries) > MAX_UNROUTED:  # the oldest first message goes
+                oldest = min(range(len(self._retries)), key=lambda i: self._retries[i][2][4])
+                self._retries.pop(oldest)
+                heapq.heapify(self._retries)
+                self.unrouted["dropped"] += 1
+            if self._retrier is None:
+                self._retrier = threading.Thread(target=self._retry, name=f"mqtt-retry-{self.client_id}",
+                                                 daemon=True)
+                self._retrier.start()
+            self._routing.notify()
+
+    def _retry(self) -> None:
+        """Publish unrouted messages again as they fall due (outside ``_routing``: see ``_publish_tracked``);
+        ends with the link."""
+        while True:
+            with self._routing:
+                while True:
+                    if self._client is None:
+                        return
+                    if self._retries and self._retries[0][0] <= time.monotonic():
+                        _, _, item = heapq.heappop(self._retries)
+                        self.unrouted["retried"] += 1
+                        break
+                    self._routing.wait(self._retries[0][0] - time.monotonic() if self._retries else None)
+            try:
+                self._publish_tracked(item)
+            except ConnectError:
+                return
 
     def stop(self) -> None:
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
-            self._client = None
+            with self._routing:
+                self._client = None
+                self._in_flight.clear()
+                self._routing.notify_all()

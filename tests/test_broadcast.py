@@ -105,7 +105,7 @@ class FakeLink:
         self.subscribes = 0
         self.acked = True
 
-    def publish(self, name, payload, qos=1, retain=False):
+    def publish(self, name, payload, qos=1, retain=False, until_routed=False):
         self.sent.append((name, payload if isinstance(payload, bytes) else payload.encode()))
         return FakeInfo(self.acked)
 

@@ -27,7 +27,7 @@ class RecordingLink:
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes, bool]] = []
 
-    def publish(self, name, payload, qos=1, retain=False):
+    def publish(self, name, payload, qos=1, retain=False, until_routed=False):
         self.sent.append((name, payload if isinstance(payload, bytes) else payload.encode(), retain))
 
         class _Info:
