@@ -62,3 +62,28 @@ def test_a_persistent_mosquitto_keeps_a_session_and_its_queue_across_a_restart(t
             sub.stop()
             got.append((sub.session_present, mine))
     assert got == [(True, [b"queued"]), (False, [])]
+
+
+@pytest.mark.xfail(strict=True, reason="mosquitto 2.0.11 restores a persistent session's plain subscriptions across a "
+                   "restart, not its shared ones: what the fleet publishes before the ingesters subscribe again is "
+                   "acknowledged 'no matching subscribers' and lost (bench/soak.py, docs/fleet.md)")
+def test_a_persistent_mosquitto_keeps_a_sessions_shared_subscription_across_a_restart(tmp_path):
+    from conftest import require
+
+    from pipeline.broker import LocalBroker, mosquitto_binary
+
+    require(mosquitto_binary() is not None, "mosquitto")
+    with LocalBroker("mosquitto", tmp_path / "b", persistent=True) as broker:
+        share = [("$share/g/t/v1/+/metrics", 1)]
+        MqttLink(broker.config, "keeper", lambda t, p: None, share, persistent=True).start().stop()
+        broker.restart()
+        pub = MqttLink(broker.config, "pub", lambda t, p: None).start()
+        info = pub.publish("t/v1/dev/metrics", b"after the restart", qos=1)
+        info.wait_for_publish(5)
+        pub.stop()
+        seen = threading.Event()
+        sub = MqttLink(broker.config, "keeper", lambda t, p: seen.set(), share, persistent=True).start()
+        try:
+            assert seen.wait(3), "the message published after the restart never came"
+        finally:
+            sub.stop()
