@@ -204,105 +204,141 @@ def verify(result: dict, store: Store, restart_wall: float) -> dict:
             "missing_examples": sorted(missing)[:5]}
 
 
-def soak(args: argparse.Namespace) -> dict:
-    work = Path(tempfile.mkdtemp(prefix="soak-"))
-    locations = list(args.db or [str(work / "fleet.db")])
-    pg = None
-    if args.postgres:
-        sys.path.insert(1, str(ROOT / "tests"))
-        from postgres import LocalPostgres
+class Soak:
+    """One run: ``start()`` (broker, stores, ingesters, devices connected), ``publish()`` (with the two faults on the
+    way), ``drain()`` (each store until it holds what was acknowledged), ``close()``."""
 
-        pg = LocalPostgres(work / "postgres").start()
-        locations.append(pg.url("soak"))
-    stores = [open_store(loc) for loc in locations]
-    broker = LocalBroker("mosquitto", work / "broker", persistent=True).start()
-    ingesters: list[IngesterProc] = []
-    fleet = None
-    counter = Counter(broker.config)
-    try:
-        for k, store in enumerate(stores):
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="soak-"))
+        self.pg = self.broker = self.fleet = self.counter = None
+        self.stores: list[Store] = []
+        self.ingesters: list[IngesterProc] = []
+        self.samples: list[dict] = []
+        self.faults: dict = {}
+        self.t_go = 0.0
+
+    def start(self) -> None:
+        a = self.args
+        locations = list(a.db or [str(self.work / "fleet.db")])
+        if a.postgres:
+            sys.path.insert(1, str(ROOT / "tests"))
+            from postgres import LocalPostgres
+
+            self.pg = LocalPostgres(self.work / "postgres").start()
+            locations.append(self.pg.url("soak"))
+        self.stores = [open_store(loc) for loc in locations]
+        self.broker = LocalBroker("mosquitto", self.work / "broker", persistent=True).start()
+        self.counter = Counter(self.broker.config)
+        for k, store in enumerate(self.stores):  # a share group per store, two members each
             for member in ("a", "b"):
-                ing = IngesterProc(store, f"soak{k}", f"soak{k}-{member}", broker.port, work)
+                ing = IngesterProc(store, f"soak{k}", f"soak{k}-{member}", self.broker.port, self.work)
                 ing.start()
-                ingesters.append(ing)
-        subscribe_all(ingesters, broker.config)
-        counter.link.start()
-        log(f"{len(ingesters)} ingesters subscribed ({', '.join(s.location for s in stores)}); broker :{broker.port}")
-        fleet = SimFleet("127.0.0.1", broker.port, args.devices, args.workers, args.seconds, args.interval,
-                         work / "sim", PREFIX).start()
-        connect_s = wait_for(lambda: fleet.connected >= args.devices, 600, f"{args.devices} devices connected",
-                             check=_raise(fleet.failed))
-        log(f"{args.devices} devices connected in {connect_s:.1f} s")
-        due = args.devices * args.seconds / args.interval
-        t_go = time.monotonic()
-        fleet.go()
-        faults: dict = {}
-        samples: list[dict] = []
+                self.ingesters.append(ing)
+        subscribe_all(self.ingesters, self.broker.config)
+        self.counter.link.start()
+        log(f"{len(self.ingesters)} ingesters subscribed ({', '.join(s.location for s in self.stores)}); "
+            f"broker :{self.broker.port}")
+        self.fleet = SimFleet("127.0.0.1", self.broker.port, a.devices, a.workers, a.seconds, a.interval,
+                              self.work / "sim", PREFIX).start()
+        self.connect_s = wait_for(lambda: self.fleet.connected >= a.devices, 600, f"{a.devices} devices connected",
+                                  check=_raise(self.fleet.failed))
+        log(f"{a.devices} devices connected in {self.connect_s:.1f} s")
 
-        def sample() -> dict:
-            s = {"t": round(time.monotonic() - t_go, 2), **fleet.totals(), "delivered": counter.n,
-                 "stored": [st.count() for st in stores]}
-            samples.append(s)
-            return s
+    def sample(self) -> dict:
+        s = {"t": round(time.monotonic() - self.t_go, 2), **self.fleet.totals(), "delivered": self.counter.n,
+             "stored": [st.count() for st in self.stores]}
+        self.samples.append(s)
+        return s
 
-        def checks() -> None:
-            _raise(fleet.failed)()
-            for i in ingesters:
-                i.check()
+    def check(self) -> None:
+        _raise(self.fleet.failed)()
+        for i in self.ingesters:
+            i.check()
 
-        wait_for(lambda: sample()["sent"] >= due / 3, args.seconds * 3 + 60, "a third of the messages sent", checks)
+    def publish(self) -> dict:
+        """Every device's messages, the broker restarted after a third of them, an ingester per store killed after
+        half; the devices' merged result."""
+        a = self.args
+        due = a.devices * a.seconds / a.interval
+        self.t_go = time.monotonic()
+        self.fleet.go()
+        longest = a.seconds * 3 + 60
+        wait_for(lambda: self.sample()["sent"] >= due / 3, longest, "a third of the messages sent", self.check)
+        self.restart_broker()
+        wait_for(lambda: self.sample()["sent"] >= due / 2, longest, "half of the messages sent", self.check)
+        self.kill_ingesters()
+        wait_for(lambda: (self.sample(), self.fleet.done)[1], longest + 300, "the simulated devices to finish",
+                 self.check)
+        self.publish_s = time.monotonic() - self.t_go
+        return self.fleet.wait(120)
+
+    def restart_broker(self) -> None:
         log("fault 1: broker restart (SIGTERM, then start from its saved state on the same port)")
-        t = time.monotonic()
-        drops = fleet.totals()["drops"]
-        broker.stop()
-        down = time.monotonic()
-        broker.start(port=broker.port)
-        faults["broker_restart"] = {"at_s": round(t - t_go, 1), "stop_s": round(down - t, 2),
-                                    "down_s": round(time.monotonic() - t, 2), "wall": round(time.time() - (time.monotonic() - t), 3)}
-        back = wait_for(lambda: (s := sample())["drops"] >= drops + args.devices and s["connected"] >= args.devices,
-                        300, "every device dropped and connected again", checks)
-        faults["broker_restart"]["devices_back_s"] = round(time.monotonic() - t, 1)
-        log(f"  broker back in {faults['broker_restart']['down_s']} s, every device again {back:.1f} s later")
-        wait_for(lambda: sample()["sent"] >= due / 2, args.seconds * 3 + 60, "half of the messages sent", checks)
-        killed = [i for i in ingesters if i.client_id.endswith("-a")]
+        t, wall = time.monotonic(), time.time()
+        drops = self.fleet.totals()["drops"]
+        self.broker.stop()
+        stopped = time.monotonic()
+        self.broker.start(port=self.broker.port)
+        f = self.faults["broker_restart"] = {"at_s": round(t - self.t_go, 1), "stop_s": round(stopped - t, 2),
+                                             "down_s": round(time.monotonic() - t, 2), "wall": round(wall, 3)}
+        n = self.args.devices
+        back = wait_for(lambda: (s := self.sample())["drops"] >= drops + n and s["connected"] >= n, 300,
+                        "every device dropped and connected again", self.check)
+        f["devices_back_s"] = round(time.monotonic() - t, 1)
+        log(f"  broker back in {f['down_s']} s, every device again {back:.1f} s later")
+
+    def kill_ingesters(self) -> None:
+        killed = [i for i in self.ingesters if i.client_id.endswith("-a")]
         log(f"fault 2: kill -9 {', '.join(i.client_id for i in killed)}, started again with the same client id")
         t = time.monotonic()
         for i in killed:
             i.kill9()
             i.start()
-        faults["ingester_kill"] = {"at_s": round(t - t_go, 1), "killed": [i.client_id for i in killed]}
-        wait_for(lambda: (sample(), fleet.done)[1], args.seconds * 3 + args.interval + 300,
-                 "the simulated devices to finish", checks)
-        publish_s = time.monotonic() - t_go
-        result = fleet.wait(120)
-        counts = result["counts"]
-        acked = counts["acked"]
-        log(f"devices done: sent {counts['sent']}, acknowledged {acked}; waiting for the stores")
+        self.faults["ingester_kill"] = {"at_s": round(t - self.t_go, 1), "killed": [i.client_id for i in killed]}
+
+    def drain(self, result: dict) -> list[tuple[Store, float]]:
+        """(store, seconds until it held every acknowledged message, or until its last change) per store."""
         keys = {(d, ts) for d, v in result["devices"].items() for _, ts, outcome in v["metrics"]
                 if outcome in (ACKED, UNROUTED)}
-        reports = []
-        for store in stores:
-            mine = [i for i in ingesters if i.store is store]
-            drain, settled = drain_store(store, keys, mine, args.settle_s, args.drain_s, poll=sample)
+        log(f"devices done: sent {result['counts']['sent']}, acknowledged {len(keys)}; waiting for the stores")
+        out = []
+        for store in self.stores:
+            mine = [i for i in self.ingesters if i.store is store]
+            drain_s, settled = drain_store(store, keys, mine, self.args.settle_s, self.args.drain_s, self.sample)
             if settled:
-                log(f"{store.location}: nothing more came for {args.settle_s:g} s; some acknowledged messages are "
-                    "not stored")
-            reports.append((store, drain))
-        sample()
-        for i in ingesters:
+                log(f"{store.location}: nothing more came for {self.args.settle_s:g} s; some acknowledged messages "
+                    "are not stored")
+            out.append((store, drain_s))
+        self.sample()
+        for i in self.ingesters:
             i.stop()  # SIGTERM: each commits and acknowledges what it holds, and writes its counters
-        return report(args, result, reports, samples, faults, counter, ingesters, t_go, publish_s, connect_s)
-    finally:
-        for i in ingesters:
+        return out
+
+    def close(self) -> None:
+        for i in self.ingesters:
             i.stop()
-        if fleet is not None:
-            fleet.kill()
-        counter.link.stop()
-        broker.stop()
-        for store in stores:
+        if self.fleet is not None:
+            self.fleet.kill()
+        if self.counter is not None:
+            self.counter.link.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        for store in self.stores:
             store.close()
-        if pg is not None:
-            pg.stop()
+        if self.pg is not None:
+            self.pg.stop()
+
+
+def soak(args: argparse.Namespace) -> dict:
+    run = Soak(args)
+    try:
+        run.start()
+        result = run.publish()
+        drained = run.drain(result)
+        return report(run, result, drained)
+    finally:
+        run.close()
 
 
 def _raise(failed):
@@ -313,42 +349,46 @@ def _raise(failed):
     return check
 
 
-def report(args, result, reports, samples, faults, counter, ingesters, t_go, publish_s, connect_s) -> dict:
-    first_fault = faults["broker_restart"]["at_s"]
-    steady = [s for s in samples if 0.15 * first_fault <= s["t"] <= 0.95 * first_fault]
-    out_stores = []
-    for k, (store, drain_s) in enumerate(reports):
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+def steady(samples: list[dict], k: int, until_s: float) -> dict | None:
+    """Store ``k``'s rows per second against the plain subscriber's, from 15% to 95% of the way to ``until_s``."""
+    window = [s for s in samples if 0.15 * until_s <= s["t"] <= 0.95 * until_s]
+    if len(window) < 2:
+        return None
+    a, b = window[0], window[-1]
+    dt = b["t"] - a["t"]
+    out = {"from_s": a["t"], "to_s": b["t"], "ingest_rate": round((b["stored"][k] - a["stored"][k]) / dt, 1),
+           "broker_rate": round((b["delivered"] - a["delivered"]) / dt, 1),
+           "acked_rate": round((b["acked"] - a["acked"]) / dt, 1)}
+    return {**out, "ingest_vs_broker": _ratio(out["ingest_rate"], out["broker_rate"])}
+
+
+def report(run: Soak, result: dict, drained: list[tuple[Store, float]]) -> dict:
+    args, samples, faults, counter = run.args, run.samples, run.faults, run.counter
+    # both rates from the first publish to the last message each got: the same faults and lulls are in both spans
+    broker_rate = round(counter.n / (counter.last - run.t_go), 1) if counter.last else None
+    stores = []
+    for k, (store, drain_s) in enumerate(drained):
         v = verify(result, store, faults["broker_restart"]["wall"])
-        lives = [s for i in ingesters if i.store is store for s in i.stats()]
-        committed = sum(s["committed_metrics"] for s in lives)
-        # the time the store's count last grew (samples are POLL_S apart)
-        grew = [s["t"] for a, s in zip(samples, samples[1:]) if s["stored"][k] > a["stored"][k]]
-        t_last = (grew[-1] if grew else None)
-        # both from the first publish to the last message each got: the same faults and lulls are in both spans
-        broker_span = (counter.last - t_go) if counter.last else None
-        broker_rate = round(counter.n / broker_span, 1) if broker_span else None
-        ingest_rate = round(v["stored"] / t_last, 1) if t_last else None
-        row = {"store": store.kind, "location": store.location, **v,
-               "duplicates": committed - v["stored"], "ingester_lives": len(lives),
-               "ingest_rate": ingest_rate, "broker_rate": broker_rate,
-               "ingest_vs_broker": round(ingest_rate / broker_rate, 3) if ingest_rate and broker_rate else None,
-               "drain_s": round(drain_s, 1) if drain_s is not None else None}
-        if len(steady) >= 2:
-            a, b = steady[0], steady[-1]
-            dt = b["t"] - a["t"]
-            row["steady"] = {"from_s": a["t"], "to_s": b["t"], "ingest_rate": round((b["stored"][k] - a["stored"][k]) / dt, 1),
-                             "broker_rate": round((b["delivered"] - a["delivered"]) / dt, 1),
-                             "acked_rate": round((b["acked"] - a["acked"]) / dt, 1)}
-            row["steady"]["ingest_vs_broker"] = (round(row["steady"]["ingest_rate"] / row["steady"]["broker_rate"], 3)
-                                                 if row["steady"]["broker_rate"] else None)
-        out_stores.append(row)
+        lives = [s for i in run.ingesters if i.store is store for s in i.stats()]
+        grew = [s["t"] for a, s in zip(samples, samples[1:]) if s["stored"][k] > a["stored"][k]]  # POLL_S apart
+        ingest_rate = round(v["stored"] / grew[-1], 1) if grew else None
+        stores.append({"store": store.kind, "location": store.location, **v,
+                       "duplicates": sum(s["committed_metrics"] for s in lives) - v["stored"],
+                       "ingester_lives": len(lives), "ingest_rate": ingest_rate, "broker_rate": broker_rate,
+                       "ingest_vs_broker": _ratio(ingest_rate, broker_rate), "drain_s": round(drain_s, 1),
+                       "steady": steady(samples, k, faults["broker_restart"]["at_s"])})
     c = result["counts"]
-    return {"broker": broker_version(), "devices": args.devices, "seconds": args.seconds, "interval_s": args.interval, "workers": args.workers,
-            "host": {"cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2), "python": platform.python_version()},
-            "connect_s": round(connect_s, 1), "publish_s": round(publish_s, 1),
+    return {"broker": broker_version(), "devices": args.devices, "seconds": args.seconds, "interval_s": args.interval,
+            "workers": args.workers, "host": {"cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2),
+                                              "python": platform.python_version()},
+            "connect_s": round(run.connect_s, 1), "publish_s": round(run.publish_s, 1),
             "sim": {k: c.get(k) for k in ("sent", "acked", "refused", "connects", "drops", "connect_failures")},
-            "delivered_to_plain_subscriber": counter.n, "faults": faults, "stores": out_stores,
-            "ok": all(s["missing"] == 0 and s["phantom"] == 0 and s["stored_twice"] == 0 for s in out_stores)}
+            "delivered_to_plain_subscriber": counter.n, "faults": faults, "stores": stores,
+            "ok": all(s["missing"] == 0 and s["phantom"] == 0 and s["stored_twice"] == 0 for s in stores)}
 
 
 def broker_version() -> str:
@@ -383,7 +423,7 @@ def print_table(r: dict) -> None:
         print(f"{name:{width}s}" + "".join(f"{_cell(s.get(key)):>14s}" for s in r["stores"]))
     for name, key in (("steady ingest /s", "ingest_rate"), ("steady broker /s", "broker_rate"),
                       ("steady ingest / broker", "ingest_vs_broker")):
-        print(f"{name:{width}s}" + "".join(f"{str(s.get('steady', {}).get(key)):>14s}" for s in r["stores"]))
+        print(f"{name:{width}s}" + "".join(f"{str((s['steady'] or {}).get(key)):>14s}" for s in r["stores"]))
     print("every acknowledged message stored exactly once" if r["ok"] else "FAILED: see missing / phantom above")
 
 

@@ -21,9 +21,9 @@ def test_every_acknowledged_message_is_stored_once_through_a_broker_restart_and_
 
     require(mosquitto_binary() is not None, "mosquitto")
     out = tmp_path / "soak.json"
-    run = subprocess.run([sys.executable, str(REPO / "bench" / "soak.py"), "--devices", "40", "--seconds", "15",
-                          "--interval", "0.25", "--workers", "2", "--drain-s", "60", "--settle-s", "5", "--out", str(out)],
-                         capture_output=True, text=True, timeout=240)
+    cmd = [sys.executable, str(REPO / "bench" / "soak.py"), "--devices", "40", "--seconds", "15", "--interval", "0.25",
+           "--workers", "2", "--drain-s", "60", "--settle-s", "5", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert out.exists(), run.stderr[-3000:]
     r = json.loads(out.read_text())
     (store,) = r["stores"]
