@@ -16,14 +16,18 @@ dropped connection (a broker restart) is reopened with jittered, doubling delays
 yet acknowledged (publishes made while disconnected too) and sends it again, DUP set, once the broker has answered
 the CONNECT. That holds with clean start as well: clean start drops the broker's session (subscriptions, messages
 queued for the device), never the client's outgoing messages, so a message is counted once however often it went
-out. A message is *acknowledged* when its PUBACK came back with a success code (``unrouted`` when that code said
-no subscriber matched it); a failure code counts it ``refused``.
+out. A message is *acknowledged* when its PUBACK came back with a success code; a failure code counts it ``refused``. One
+that says no subscription matched it (MQTT 5's reason 16, a success code: a restarted Mosquitto forgets shared
+subscriptions until the ingesters subscribe again) is published again with the agent's policy for telemetry
+(``device_agent.mqtt``, ``until_routed``: backing off from ~1 s to ~30 s) until a subscriber takes it, or counted
+``unrouted`` where the agent would give up.
 
 A worker reads commands on stdin (``go``: start publishing; ``stop``: stop publishing now; end of input: stop and
 exit) and writes one JSON line of progress a second on stdout (``connected``, ``sent``, ``acked``...). After
 ``--seconds`` of publishing it waits until every metrics message is acknowledged (at most ``--drain-s``), says
 ``offline`` as an agent stopping does, and writes ``--out``: per device, every metrics message's ``[seq, ts,
-outcome]`` (0 sent only, 1 acknowledged, 2 acknowledged unrouted, 3 refused). ``SimFleet`` runs such workers
+outcome, publishes]`` (outcome 0 sent only, 1 acknowledged, 2 acknowledged but routed to nobody and given up,
+3 refused). ``SimFleet`` runs such workers
 and merges what they report.
 """
 
@@ -48,11 +52,15 @@ import time  # noqa: E402
 
 import paho.mqtt.client as mqtt  # noqa: E402
 
+from device_agent import mqtt as agent_mqtt  # noqa: E402
 from device_agent.protocol import Leaf, Metrics, Status, encode, topic  # noqa: E402
 
 SENT, ACKED, UNROUTED, REFUSED = 0, 1, 2, 3
-#: MQTT 5 PUBACK "No matching subscribers": the broker took the message and had nobody to give it to
-NO_SUBSCRIBERS = 16
+#: the agent's policy for telemetry the broker routed to nobody (device_agent.mqtt, ``until_routed``): published
+#: again after ~1 s, doubling to ~30 s (x0.75-1.25), at most MAX_UNROUTED waiting, none older than the max age
+NO_SUBSCRIBERS = agent_mqtt.NO_MATCHING_SUBSCRIBERS
+RETRY_FIRST_S, RETRY_MAX_S = agent_mqtt._RETRY_FIRST_S, agent_mqtt._RETRY_MAX_S  # noqa: SLF001 - one policy
+MAX_UNROUTED, UNROUTED_MAX_AGE_S = agent_mqtt.MAX_UNROUTED, agent_mqtt.UNROUTED_MAX_AGE_S
 
 
 class SimDevice:
@@ -61,8 +69,10 @@ class SimDevice:
     def __init__(self, fleet: "Worker", device_id: str, index: int) -> None:
         self.fleet, self.device_id, self.index = fleet, device_id, index
         self.boot, self.seq, self.t0 = 1, 0, time.time()
-        self.metrics: dict[int, list] = {}  # seq -> [seq, ts, outcome]
+        self.metrics: dict[int, list] = {}  # seq -> [seq, ts, outcome, publishes]
         self.mids: dict[int, tuple[str, int]] = {}  # mid of a message in flight -> (leaf, seq)
+        self.unsettled: dict[int, tuple[bytes, float]] = {}  # seq -> (payload, first published): not yet routed
+        self.waiting = 0  # of them, waiting for another try
         self.last_ts = 0.0
         self.connected = False
         self.connecting_since: float | None = None
@@ -81,9 +91,9 @@ class SimDevice:
     def topic(self, leaf: Leaf) -> str:
         return topic(self.fleet.prefix, self.device_id, leaf)
 
-    def publish(self, leaf: Leaf, payload: bytes, retain: bool = False) -> None:
+    def publish(self, leaf: Leaf, payload: bytes, retain: bool = False, seq: int = 0) -> None:
         info = self.client.publish(self.topic(leaf), payload, qos=1, retain=retain)
-        self.mids[info.mid] = (leaf.value, self.seq)
+        self.mids[info.mid] = (leaf.value, seq)
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -104,9 +114,41 @@ class SimDevice:
         m = Metrics(self.device_id, 1, p50, p50 * 1.4, 60.0 + r.random() * 5, 10, True, latency_ms_p99=p50 * 1.8,
                     throughput_ips=1000 / p50, cpu_percent=20 + r.random() * 10, slot="a",
                     uptime_s=round(time.time() - self.t0, 1), state="activated", ts=ts, boot=self.boot, seq=seq)
-        self.metrics[seq] = [seq, ts, SENT]
-        self.publish(Leaf.METRICS, encode(m))
+        self.metrics[seq] = [seq, ts, SENT, 1]
+        payload = encode(m)
+        self.unsettled[seq] = (payload, time.monotonic())
+        self.publish(Leaf.METRICS, payload, seq=seq)
         self.fleet.sent += 1
+
+    def republish(self, seq: int) -> None:
+        """A metrics message the broker routed to nobody, again (the agent's ``until_routed``)."""
+        self.waiting -= 1
+        self.metrics[seq][3] += 1
+        self.fleet.retried += 1
+        self.publish(Leaf.METRICS, self.unsettled[seq][0], seq=seq)
+
+    def unrouted(self, seq: int) -> None:
+        """The broker acknowledged ``seq`` with "no matching subscribers": another try, as the agent would."""
+        w = self.fleet
+        w.unrouted_acks += 1
+        first = self.unsettled[seq][1]
+        if time.monotonic() - first > UNROUTED_MAX_AGE_S or self.waiting >= MAX_UNROUTED:
+            self.settle(seq, UNROUTED)  # given up (the agent drops the oldest; here every one waits as long)
+            return
+        tries = self.metrics[seq][3] - 1
+        delay = min(RETRY_MAX_S, RETRY_FIRST_S * 2 ** tries) * random.uniform(0.75, 1.25)
+        self.waiting += 1
+        heapq.heappush(w.retries, (time.monotonic() + delay, self.index, seq))
+
+    def settle(self, seq: int, outcome: int) -> None:
+        self.metrics[seq][2] = outcome
+        self.unsettled.pop(seq, None)
+        w = self.fleet
+        if outcome == REFUSED:
+            w.refused += 1
+        else:
+            w.acked += 1
+            w.given_up += outcome == UNROUTED
 
 
 def _on_socket_open(client, dev: SimDevice, sock) -> None:
@@ -161,13 +203,12 @@ def _on_publish(client, dev: SimDevice, mid, reason_code, properties) -> None:
     leaf, seq = dev.mids.pop(mid, (None, 0))
     if leaf != Leaf.METRICS.value:
         return
-    w = dev.fleet
     if reason_code.is_failure:
-        dev.metrics[seq][2] = REFUSED
-        w.refused += 1
+        dev.settle(seq, REFUSED)
+    elif reason_code.value == NO_SUBSCRIBERS:
+        dev.unrouted(seq)
     else:
-        dev.metrics[seq][2] = UNROUTED if reason_code.value == NO_SUBSCRIBERS else ACKED
-        w.acked += 1
+        dev.settle(seq, ACKED)
 
 
 class Worker:
@@ -179,6 +220,8 @@ class Worker:
         self.interval, self.seconds, self.window, self.drain_s = interval, seconds, connect_window, drain_s
         self.sel = selectors.DefaultSelector()
         self.sent = self.acked = self.refused = self.connects = self.drops = self.refused_connects = 0
+        self.unrouted_acks = self.retried = self.given_up = 0  # PUBACKs "no matching subscribers", tries again
+        self.retries: list[tuple[float, int, int]] = []  # (when, device index, seq): unrouted, to publish again
         self.connect_failures = 0
         self.closing = False
         self.connecting: set[SimDevice] = set()
@@ -220,7 +263,8 @@ class Worker:
 
     def progress(self, phase: str) -> dict:
         return {"phase": phase, "connected": self.connected, "sent": self.sent, "acked": self.acked,
-                "refused": self.refused, "connects": self.connects, "drops": self.drops,
+                "refused": self.refused, "unrouted_acks": self.unrouted_acks, "retried": self.retried,
+                "given_up": self.given_up, "connects": self.connects, "drops": self.drops,
                 "connect_failures": self.connect_failures, "t": time.time()}
 
     def _pump(self, timeout: float) -> list[str]:
@@ -270,6 +314,9 @@ class Worker:
                     heapq.heappush(due, (when + self.interval, i))
                 if due[0][0] >= end:
                     phase, end_of_drain = "draining", now + self.drain_s
+            while self.retries and self.retries[0][0] <= now:
+                _, i, seq = heapq.heappop(self.retries)
+                self.devices[i].republish(seq)
             if phase == "draining" and (self.unacked() == 0 or now >= end_of_drain):
                 break
             self._connect_due(now)
@@ -345,7 +392,8 @@ class SimFleet:
                 pass
 
     def totals(self) -> dict:
-        keys = ("connected", "sent", "acked", "refused", "connects", "drops", "connect_failures")
+        keys = ("connected", "sent", "acked", "refused", "unrouted_acks", "retried", "given_up", "connects", "drops",
+                "connect_failures")
         return {key: sum(p.get(key, 0) for p in self.latest) for key in keys}
 
     @property

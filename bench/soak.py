@@ -184,7 +184,7 @@ def verify(result: dict, store: Store, restart_wall: float) -> dict:
     ones were sent, in seconds after the broker's restart began (first, last)."""
     acked, sent, unrouted_keys, unrouted, refused = set(), set(), set(), 0, 0
     for device, d in result["devices"].items():
-        for _seq, ts, outcome in d["metrics"]:
+        for _seq, ts, outcome, *_ in d["metrics"]:
             sent.add((device, ts))
             if outcome in (ACKED, UNROUTED):
                 acked.add((device, ts))
@@ -299,7 +299,7 @@ class Soak:
 
     def drain(self, result: dict) -> list[tuple[Store, float]]:
         """(store, seconds until it held every acknowledged message, or until its last change) per store."""
-        keys = {(d, ts) for d, v in result["devices"].items() for _, ts, outcome in v["metrics"]
+        keys = {(d, ts) for d, v in result["devices"].items() for _, ts, outcome, *_ in v["metrics"]
                 if outcome in (ACKED, UNROUTED)}
         log(f"devices done: sent {result['counts']['sent']}, acknowledged {len(keys)}; waiting for the stores")
         out = []
@@ -386,7 +386,8 @@ def report(run: Soak, result: dict, drained: list[tuple[Store, float]]) -> dict:
             "workers": args.workers, "host": {"cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2),
                                               "python": platform.python_version()},
             "connect_s": round(run.connect_s, 1), "publish_s": round(run.publish_s, 1),
-            "sim": {k: c.get(k) for k in ("sent", "acked", "refused", "connects", "drops", "connect_failures")},
+            "sim": {k: c.get(k) for k in ("sent", "acked", "refused", "unrouted_acks", "retried", "given_up", "connects",
+                                          "drops", "connect_failures")},
             "delivered_to_plain_subscriber": counter.n, "faults": faults, "stores": stores,
             "ok": all(s["missing"] == 0 and s["phantom"] == 0 and s["stored_twice"] == 0 for s in stores)}
 
@@ -404,9 +405,9 @@ def _cell(v) -> str:
 
 def print_table(r: dict) -> None:
     cols = [f"{s['store']}" for s in r["stores"]]
-    rows = [("sent", "sent"), ("acknowledged", "acked"), ("  of them unrouted", "unrouted"), ("refused", "refused"),
+    rows = [("sent", "sent"), ("acknowledged", "acked"), ("  of them unrouted, given up", "unrouted"), ("refused", "refused"),
             ("stored", "stored"), ("missing (acked, not stored)", "missing"),
-            ("  of them acked unrouted", "missing_unrouted"),
+            ("  of them unrouted", "missing_unrouted"),
             ("  sent s after the restart", "missing_after_restart_s"),
             ("stored, never acknowledged", "stored_unacked"), ("phantom (never sent)", "phantom"),
             ("stored twice", "stored_twice"), ("duplicates (redeliveries)", "duplicates"),
@@ -418,6 +419,9 @@ def print_table(r: dict) -> None:
     br, ik = r["faults"]["broker_restart"], r["faults"]["ingester_kill"]
     print(f"faults: broker restart at {br['at_s']} s (down {br['down_s']} s, every device back after "
           f"{br['devices_back_s']} s); kill -9 of {', '.join(ik['killed'])} at {ik['at_s']} s")
+    sim = r["sim"]
+    print(f"devices: {sim['unrouted_acks']} PUBACKs 'no matching subscribers', {sim['retried']} messages published "
+          f"again, {sim['given_up']} given up")
     print(f"{'':{width}s}" + "".join(f"{c:>14s}" for c in cols))
     for name, key in rows:
         print(f"{name:{width}s}" + "".join(f"{_cell(s.get(key)):>14s}" for s in r["stores"]))
