@@ -16,19 +16,18 @@ dropped connection (a broker restart) is reopened with jittered, doubling delays
 yet acknowledged (publishes made while disconnected too) and sends it again, DUP set, once the broker has answered
 the CONNECT. That holds with clean start as well: clean start drops the broker's session (subscriptions, messages
 queued for the device), never the client's outgoing messages, so a message is counted once however often it went
-out. A message is *acknowledged* when its PUBACK came back with a success code; a failure code counts it ``refused``. One
-that says no subscription matched it (MQTT 5's reason 16, a success code: a restarted Mosquitto forgets shared
-subscriptions until the ingesters subscribe again) is published again with the agent's policy for telemetry
-(``device_agent.mqtt``, ``until_routed``: backing off from ~1 s to ~30 s) until a subscriber takes it, or counted
-``unrouted`` where the agent would give up.
+out. A message is *acknowledged* when its PUBACK came back with a success code; a failure code counts it
+``refused``. One that says no subscription matched it (MQTT 5's reason 16, a success code: a restarted Mosquitto
+forgets shared subscriptions until the ingesters subscribe again) is published again with the agent's policy for
+telemetry (``device_agent.mqtt``, ``until_routed``: backing off from ~1 s to ~30 s) until a subscriber takes it, or
+counted ``unrouted`` where the agent would give up.
 
 A worker reads commands on stdin (``go``: start publishing; ``stop``: stop publishing now; end of input: stop and
 exit) and writes one JSON line of progress a second on stdout (``connected``, ``sent``, ``acked``...). After
 ``--seconds`` of publishing it waits until every metrics message is acknowledged (at most ``--drain-s``), says
 ``offline`` as an agent stopping does, and writes ``--out``: per device, every metrics message's ``[seq, ts,
-outcome, publishes]`` (outcome 0 sent only, 1 acknowledged, 2 acknowledged but routed to nobody and given up,
-3 refused). ``SimFleet`` runs such workers
-and merges what they report.
+outcome, publishes]`` (outcome 0 sent only, 1 acknowledged, 2 acknowledged but routed to nobody and given up, 3
+refused). ``SimFleet`` runs such workers and merges what they report.
 """
 
 from __future__ import annotations

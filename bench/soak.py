@@ -366,6 +366,10 @@ def steady(samples: list[dict], k: int, until_s: float) -> dict | None:
     return {**out, "ingest_vs_broker": _ratio(out["ingest_rate"], out["broker_rate"])}
 
 
+SIM_COUNTS = ("sent", "acked", "refused", "unrouted_acks", "retried", "given_up", "connects", "drops",
+              "connect_failures")
+
+
 def report(run: Soak, result: dict, drained: list[tuple[Store, float]]) -> dict:
     args, samples, faults, counter = run.args, run.samples, run.faults, run.counter
     # both rates from the first publish to the last message each got: the same faults and lulls are in both spans
@@ -386,8 +390,7 @@ def report(run: Soak, result: dict, drained: list[tuple[Store, float]]) -> dict:
             "workers": args.workers, "host": {"cpus": os.cpu_count(), "load_1m": round(os.getloadavg()[0], 2),
                                               "python": platform.python_version()},
             "connect_s": round(run.connect_s, 1), "publish_s": round(run.publish_s, 1),
-            "sim": {k: c.get(k) for k in ("sent", "acked", "refused", "unrouted_acks", "retried", "given_up", "connects",
-                                          "drops", "connect_failures")},
+            "sim": {k: c.get(k) for k in SIM_COUNTS},
             "delivered_to_plain_subscriber": counter.n, "faults": faults, "stores": stores,
             "ok": all(s["missing"] == 0 and s["phantom"] == 0 and s["stored_twice"] == 0 for s in stores)}
 
@@ -405,8 +408,8 @@ def _cell(v) -> str:
 
 def print_table(r: dict) -> None:
     cols = [f"{s['store']}" for s in r["stores"]]
-    rows = [("sent", "sent"), ("acknowledged", "acked"), ("  of them unrouted, given up", "unrouted"), ("refused", "refused"),
-            ("stored", "stored"), ("missing (acked, not stored)", "missing"),
+    rows = [("sent", "sent"), ("acknowledged", "acked"), ("  of them unrouted, given up", "unrouted"),
+            ("refused", "refused"), ("stored", "stored"), ("missing (acked, not stored)", "missing"),
             ("  of them unrouted", "missing_unrouted"),
             ("  sent s after the restart", "missing_after_restart_s"),
             ("stored, never acknowledged", "stored_unacked"), ("phantom (never sent)", "phantom"),

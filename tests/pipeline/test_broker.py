@@ -66,7 +66,8 @@ def test_a_persistent_mosquitto_keeps_a_session_and_its_queue_across_a_restart(t
 
 @pytest.mark.xfail(strict=True, reason="mosquitto 2.0.11 restores a persistent session's plain subscriptions across a "
                    "restart, not its shared ones: what the fleet publishes before the ingesters subscribe again is "
-                   "acknowledged 'no matching subscribers' and lost (bench/soak.py, docs/fleet.md)")
+                   "acknowledged 'no matching subscribers' and dropped, so agents publish telemetry again "
+                   "(device_agent.mqtt until_routed; bench/soak.py, docs/fleet.md)")
 def test_a_persistent_mosquitto_keeps_a_sessions_shared_subscription_across_a_restart(tmp_path):
     from conftest import require
 
