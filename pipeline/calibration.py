@@ -31,7 +31,7 @@ from device_agent.protocol import check_id
 from device_agent.storage import atomic_write_bytes
 
 from .config import FleetConfig
-from .errors import ConfigError, DeliveryError
+from .errors import ConfigError, DeliveryError, StoreError
 from .fleet import STORE_ERRORS, FleetStore, exists, redact
 from .profile import HOST, host_threads
 from .targets import TargetProfile
@@ -208,7 +208,7 @@ def _record(db: Path | str, ui: UI, **run: Any) -> None:
             record_calibration(store, **run)
         finally:
             store.close()
-    except STORE_ERRORS as exc:
+    except (*STORE_ERRORS, StoreError) as exc:
         ui.warn(f"the calibration is written but not recorded in the fleet store {redact(db)}: {exc}")
 
 

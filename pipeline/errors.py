@@ -47,6 +47,13 @@ class CompressionError(PipelineError):
     """A recipe cannot be applied to this model (it would remove a layer, the model cannot be traced...)."""
 
 
+class StoreError(PipelineError):
+    """The fleet store cannot be opened: a SQLite file that cannot be created or read, a PostgreSQL server that
+    cannot be reached or refuses (names the store, a URL's password left out)."""
+
+    exit_code = 6
+
+
 class ProvisionError(PipelineError):
     """A device could not be provisioned over SSH (unreachable, refused, unsupported, no space, failed upgrade)."""
 

@@ -15,7 +15,8 @@ from fleet_probe import PROBE, probe_stored, stop_ingester, until, wait_subscrib
 
 from device_agent.mqtt import MqttLink
 from device_agent.protocol import Event, Leaf, Metrics, Status, encode, topic
-from pipeline.fleet import STORE_ERRORS, FleetStore
+from pipeline.errors import StoreError
+from pipeline.fleet import FleetStore
 from pipeline.fleet.ingest import Drop, Ingester
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,7 @@ def test_two_ingesters_share_the_fleet_and_a_killed_one_loses_nothing(mosquitto,
     def count() -> int:
         try:
             s = FleetStore(fleet_db, readonly=True)
-        except STORE_ERRORS:  # not created yet
+        except StoreError:  # not created yet
             return 0
         try:
             return s.count("metrics")

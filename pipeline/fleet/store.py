@@ -22,6 +22,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..errors import StoreError
 from . import traffic
 from .sql import ERRORS, SQLITE, Connection, PerThread, ddl, engine_of, redact
 
@@ -201,7 +202,10 @@ class FleetStore:
             if not readonly:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connections = PerThread(lambda: self._connect())  # looked up when called
-        self.db  # noqa: B018 -- this thread's connection, now
+        try:
+            self.db  # noqa: B018 -- this thread's connection, now
+        except (*ERRORS, OSError) as exc:
+            raise StoreError(f"fleet store {self.where}: cannot open it: {str(exc).strip()}") from exc
 
     @property
     def db(self) -> Connection:
