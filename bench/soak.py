@@ -276,14 +276,15 @@ class Soak:
     def restart_broker(self) -> None:
         log("fault 1: broker restart (SIGTERM, then start from its saved state on the same port)")
         t, wall = time.monotonic(), time.time()
-        drops = self.fleet.totals()["drops"]
+        before = self.fleet.totals()  # every device connected now will drop
         self.broker.stop()
         stopped = time.monotonic()
         self.broker.start(port=self.broker.port)
         f = self.faults["broker_restart"] = {"at_s": round(t - self.t_go, 1), "stop_s": round(stopped - t, 2),
                                              "down_s": round(time.monotonic() - t, 2), "wall": round(wall, 3)}
         n = self.args.devices
-        back = wait_for(lambda: (s := self.sample())["drops"] >= drops + n and s["connected"] >= n, 300,
+        back = wait_for(lambda: (s := self.sample())["drops"] >= before["drops"] + before["connected"]
+                        and s["connected"] >= n, 300,
                         "every device dropped and connected again", self.check)
         f["devices_back_s"] = round(time.monotonic() - t, 1)
         log(f"  broker back in {f['down_s']} s, every device again {back:.1f} s later")
