@@ -199,10 +199,10 @@ class FleetStore:
         self.where = redact(path)  # for log lines and errors: a URL's password left out
         if self.engine == SQLITE:
             self.path = Path(path)
-            if not readonly:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
         self._connections = PerThread(lambda: self._connect())  # looked up when called
         try:
+            if self.engine == SQLITE and not readonly:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db  # noqa: B018 -- this thread's connection, now
         except (*ERRORS, OSError) as exc:
             raise StoreError(f"fleet store {self.where}: cannot open it: {str(exc).strip()}") from exc

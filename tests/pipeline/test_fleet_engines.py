@@ -198,3 +198,21 @@ def test_a_store_outlives_its_server_s_restart(tmp_path):
             assert store.count("metrics") == 1
         finally:
             store.close()
+
+
+def test_a_store_that_cannot_be_opened_is_one_error_line_without_its_password(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for where in (f"postgresql://fleet:s3cret@127.0.0.1:{port}/fleet", str(tmp_path / "no" / "such" / "dir")):
+        if not where.startswith("postgresql"):
+            (tmp_path / "no").write_text("a file where the store's directory would be")
+        run = subprocess.run([sys.executable, "-m", "pipeline.cli", "fleet", "status", "--db", where],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        out = run.stdout + run.stderr
+        assert run.returncode == 6, out
+        assert "fleet store" in out and "Traceback" not in out and "s3cret" not in out
