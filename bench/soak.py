@@ -123,12 +123,24 @@ class IngesterProc:
 
 
 class Counter:
-    """The broker's own delivery rate: a plain subscriber (no storage) to every device's metrics."""
+    """The broker's own delivery rate: a plain subscriber (no storage) to every device's metrics. It is away from
+    the broker's restart until every ingester takes messages again (``pause``, ``resume``): while the broker has
+    forgotten the ingesters' shared subscriptions (Mosquitto 2.0), a plain subscriber would be the one the devices'
+    telemetry is routed to, and the devices would not know to send it again (device_agent.mqtt, "unrouted")."""
 
     def __init__(self, broker) -> None:
         self.n, self.first, self.last = 0, None, None
+        self.away_s, self._left = 0.0, None
         self._lock = threading.Lock()
         self.link = MqttLink(broker, "soak-counter", self._on, [(f"{PREFIX}/v1/+/{Leaf.METRICS.value}", 1)])
+
+    def pause(self) -> None:
+        self.link.stop()
+        self._left = time.monotonic()
+
+    def resume(self) -> None:
+        self.link.start()
+        self.away_s += time.monotonic() - self._left
 
     def _on(self, name: str, payload: bytes) -> None:
         with self._lock:
@@ -277,6 +289,8 @@ class Soak:
         log("fault 1: broker restart (SIGTERM, then start from its saved state on the same port)")
         t, wall = time.monotonic(), time.time()
         before = self.fleet.totals()  # every device connected now will drop
+        taken = [i.received() for i in self.ingesters]
+        self.counter.pause()
         self.broker.stop()
         stopped = time.monotonic()
         self.broker.start(port=self.broker.port)
@@ -287,7 +301,12 @@ class Soak:
                         and s["connected"] >= n, 300,
                         "every device dropped and connected again", self.check)
         f["devices_back_s"] = round(time.monotonic() - t, 1)
-        log(f"  broker back in {f['down_s']} s, every device again {back:.1f} s later")
+        wait_for(lambda: all(i.received() > n0 for i, n0 in zip(self.ingesters, taken)), 300,
+                 "every ingester taking messages again", self.check)
+        self.counter.resume()
+        f["counter_away_s"] = round(self.counter.away_s, 1)
+        log(f"  broker back in {f['down_s']} s, every device again {back:.1f} s later; the plain subscriber away "
+            f"{self.counter.away_s:.1f} s")
 
     def kill_ingesters(self) -> None:
         killed = [i for i in self.ingesters if i.client_id.endswith("-a")]
@@ -374,7 +393,7 @@ SIM_COUNTS = ("sent", "acked", "refused", "unrouted_acks", "retried", "given_up"
 def report(run: Soak, result: dict, drained: list[tuple[Store, float]]) -> dict:
     args, samples, faults, counter = run.args, run.samples, run.faults, run.counter
     # both rates from the first publish to the last message each got: the same faults and lulls are in both spans
-    broker_rate = round(counter.n / (counter.last - run.t_go), 1) if counter.last else None
+    broker_rate = round(counter.n / (counter.last - run.t_go - counter.away_s), 1) if counter.last else None
     stores = []
     for k, (store, drain_s) in enumerate(drained):
         v = verify(result, store, faults["broker_restart"]["wall"])

@@ -7,7 +7,10 @@ A message published ``until_routed`` (the agent's telemetry) that the broker ack
 matching subscribers" has reached nobody: a broker that restarted restores its clients' sessions but not always
 their shared subscriptions (Mosquitto 2.0), so until the ingesters are back it takes the fleet's metrics and drops
 them. Such a message is published again, with backoff, until a subscriber takes it or it is too old; the link
-keeps at most ``MAX_UNROUTED`` of them (the oldest go first) and counts what it retried and gave up.
+keeps at most ``MAX_UNROUTED`` of them (the oldest go first) and counts what it retried and gave up. Only "no
+subscriber at all" is seen: while any plain subscription matches (a deployment's watch of the devices' metrics),
+the broker routes the message there and says so, and an ingester whose shared subscription it forgot still misses
+it; ingesters subscribe again on every connection, which closes that gap once they are back.
 """
 
 from __future__ import annotations
@@ -263,19 +266,28 @@ class MqttLink:
                         return
                     if self._retries and self._retries[0][0] <= time.monotonic():
                         _, _, item = heapq.heappop(self._retries)
+                        if time.monotonic() - item[4] > UNROUTED_MAX_AGE_S:
+                            self.unrouted["dropped"] += 1
+                            continue
                         self.unrouted["retried"] += 1
                         break
                     self._routing.wait(self._retries[0][0] - time.monotonic() if self._retries else None)
             try:
-                self._publish_tracked(item)
+                info = self._publish_tracked(item)
             except ConnectError:
                 return
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):  # paho would not take it
+                with self._routing:
+                    self.unrouted["dropped"] += 1
 
     def stop(self) -> None:
         if self._client is not None:
             self._client.disconnect()
             self._client.loop_stop()
-            with self._routing:
+            with self._routing:  # what waited for another try goes with the link; a new start() starts afresh
                 self._client = None
+                self.unrouted["dropped"] += len(self._retries)
                 self._in_flight.clear()
+                self._retries.clear()
+                self._retrier = None
                 self._routing.notify_all()

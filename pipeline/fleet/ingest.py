@@ -41,7 +41,7 @@ from device_agent.protocol import PROTOCOL_VERSION, Leaf, ProtocolError, check_i
 
 from . import quality
 from .retention import RetentionPolicy, apply_retention
-from .sql import ERRORS, UNAVAILABLE
+from .sql import ERRORS, unavailable
 from .store import FleetStore
 from .traffic import Skip
 
@@ -193,23 +193,26 @@ class Ingester:
         return None
 
     def _commit(self, store: FleetStore, pending: list[Message]) -> None:
-        """One transaction for the batch; if the database refuses it, message by message, dropping (and
-        counting) only those it refuses: one bad message never stops the fleet's telemetry. When it refuses
-        every one for want of the database itself (locked, full, unreadable), that is raised and nothing is
-        dropped: the caller keeps the batch unacknowledged and tries again."""
+        """One transaction for the batch; if the database refuses what a message holds, message by message,
+        dropping (and counting) only those it refuses: one bad message never stops the fleet's telemetry. When
+        the store itself is unavailable (``sql.unavailable``: unreachable, restarting, locked, read-only), before or
+        during that, it is raised and nothing is dropped: the caller keeps the whole batch unacknowledged and tries
+        it again (what was stored of it is then a duplicate the store ignores)."""
         try:
             self._store(store, pending)
             return
         except Exception as batch_error:  # noqa: BLE001
+            if unavailable(batch_error):
+                raise
             log.warning("batch of %d refused (%s); storing message by message", len(pending), batch_error)
         refused: list[tuple[Message, Exception]] = []
         for message in pending:
             try:
                 self._store(store, [message])
             except Exception as exc:  # noqa: BLE001
+                if unavailable(exc):
+                    raise
                 refused.append((message, exc))
-        if len(refused) == len(pending) and all(isinstance(e, UNAVAILABLE) for _, e in refused):
-            raise refused[0][1]
         for (device, leaf, _), exc in refused:
             self._drop(Drop.STORE, f"{self.prefix}/v{PROTOCOL_VERSION}/{device}/{leaf}", exc)
 
@@ -238,8 +241,12 @@ class Ingester:
             log.warning("retention failed: %s", exc)
 
     def _run(self, until: Callable[[], bool] | None) -> None:
-        self.link.start()
-        store = FleetStore(self.db)
+        store = FleetStore(self.db)  # before the link: an ingester that cannot store takes no share of the fleet
+        try:
+            self.link.start()
+        except BaseException:
+            store.close()
+            raise
         pending: list[Message] = []
         acks: list[Callable[[], None]] = []
         last = time.monotonic()
@@ -261,7 +268,7 @@ class Ingester:
                 if acks and (len(acks) >= self.batch or time.monotonic() - last >= self.flush_s):
                     try:
                         self._commit(store, pending)  # committed ...
-                    except UNAVAILABLE as exc:  # the database, not a message: keep the batch
+                    except ERRORS as exc:  # the store, not a message (_commit raises nothing else): keep the batch
                         log.warning("store unavailable (%s); the batch of %d waits, unacknowledged", exc, len(acks))
                         self._stop.wait(self.flush_s)
                         last = time.monotonic()

@@ -35,16 +35,37 @@ except ImportError:  # the [host] extra installs it; without it only SQLite stor
     psycopg = None
 
 SQLITE, POSTGRES = "sqlite", "postgresql"
+#: the longest one PostgreSQL statement may run (retention's roll-up of a large fleet included)
+STATEMENT_TIMEOUT_S = 600
 #: the PostgreSQL channel a store's writes notify (see ``Connection.data_version``)
 _CHANNEL = "edgefleet_store"
 _URL = re.compile(r"^postgres(?:ql)?://", re.I)
 
 #: what a store operation may raise for the database's sake (not a bug)
 ERRORS: tuple[type[BaseException], ...] = (sqlite3.Error,) + ((psycopg.Error,) if psycopg else ())
-#: ... and of those, the database being unavailable (locked, unreachable, restarting, a deadlock to retry): a batch
-#: that met one waits and is tried again; any other refuses the messages it holds
-UNAVAILABLE: tuple[type[BaseException], ...] = (sqlite3.OperationalError,) + ((psycopg.OperationalError,) if psycopg
-                                                                              else ())
+#: ... and of those, what SQLite raises when the database is unavailable (locked, full, unreadable)
+_SQLITE_UNAVAILABLE = (sqlite3.OperationalError,)
+#: the SQLSTATE classes of a PostgreSQL error that one message caused (data exception, integrity constraint, a
+#: program limit such as an index row too large): that message is refused; every other error is the store's
+MESSAGE_SQLSTATE_CLASSES = ("22", "23", "54")
+
+
+def refuses_message(exc: BaseException) -> bool:
+    """Whether ``exc`` (one of ``ERRORS``) is the database refusing what one message holds, so that message is
+    dropped (counted) and the rest go on; otherwise the store itself is unavailable (unreachable, restarting,
+    locked, a deadlock, read-only after a failover, out of space or permissions) and a batch that met it waits,
+    unacknowledged, to be tried again whole."""
+    if isinstance(exc, sqlite3.Error):
+        return not isinstance(exc, _SQLITE_UNAVAILABLE)
+    if psycopg is not None and isinstance(exc, (psycopg.DataError, psycopg.IntegrityError)):
+        return True  # the server's classes 22 and 23, and what psycopg refuses to send (a NUL in a text)
+    code = getattr(exc, "sqlstate", None)
+    return isinstance(code, str) and code[:2] in MESSAGE_SQLSTATE_CLASSES
+
+
+def unavailable(exc: BaseException) -> bool:
+    """Of ``ERRORS``, the store's own trouble, not a message's (see ``refuses_message``)."""
+    return isinstance(exc, ERRORS) and not refuses_message(exc)
 
 
 def engine_of(location: str | Path) -> str:
@@ -57,17 +78,16 @@ def redact(location: str | Path) -> str:
     return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", str(location))
 
 
-_LITERAL = re.compile(r"('(?:[^']|'')*')")
+_LITERAL = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""")  # quoted literals and identifiers
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
 
 
 @functools.lru_cache(maxsize=512)
 def postgres(sql: str) -> str:
     """``sql`` (the store's SQLite spelling, see the module's note) as PostgreSQL runs it through psycopg."""
-    parts = _LITERAL.split(sql)
-    for i in range(0, len(parts), 2):  # outside quoted literals
-        p = parts[i].replace("%", "%%").replace("?", "%s")
-        parts[i] = _NAMED.sub(r"%(\1)s", p)
+    parts = _LITERAL.split(sql.replace("%", "%%"))  # psycopg reads % anywhere, quotes too (params always passed)
+    for i in range(0, len(parts), 2):  # outside quotes
+        parts[i] = _NAMED.sub(r"%(\1)s", parts[i].replace("?", "%s"))
     out = "".join(parts)
     if re.match(r"\s*INSERT\s+OR\s+IGNORE\s+INTO\b", out, re.I):
         out = re.sub(r"^\s*INSERT\s+OR\s+IGNORE\s+INTO\b", "INSERT INTO", out, count=1, flags=re.I)
@@ -160,14 +180,19 @@ class Connection:
             if psycopg is None:
                 raise ImportError("a postgresql:// fleet store needs psycopg 3: pip install 'psycopg[binary]' "
                                   "(the [host] extra installs it)")
+            # a peer that went silent (a partition, a frozen server) is noticed in about half a minute, not after
+            # the OS's keepalive time of hours
             self._con = psycopg.connect(str(location), autocommit=True, row_factory=_rows,
-                                        connect_timeout=max(1, int(timeout_s)))
+                                        connect_timeout=max(1, int(timeout_s)), keepalives=1, keepalives_idle=10,
+                                        keepalives_interval=5, keepalives_count=3,
+                                        tcp_user_timeout=int(timeout_s * 1000))
             self._con.adapters.register_loader("numeric", _Numeric)
             self._con.adapters.register_loader("numeric", _NumericBinary)
             if readonly:
                 self._con.execute("SET default_transaction_read_only = on")
             # a statement that waits on another's lock gives up (and the batch is tried again) rather than hang
             self._con.execute(f"SET lock_timeout = '{int(timeout_s * 1000)}ms'")
+            self._con.execute(f"SET statement_timeout = '{int(STATEMENT_TIMEOUT_S * 1000)}ms'")
         else:
             if readonly:
                 con = sqlite3.connect(f"file:{location}?mode=ro", uri=True, timeout=timeout_s, isolation_level=None,
@@ -190,7 +215,7 @@ class Connection:
 
     def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> Any:
         if self.engine == POSTGRES:
-            return self._con.execute(postgres(sql), params or None)
+            return self._con.execute(postgres(sql), params)  # () too: psycopg then reads %% as %
         return self._con.execute(sql, params)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:

@@ -127,6 +127,8 @@ _INTEGERS = {"version", "active_version", "errors"}
 _INT64 = 2**63
 #: a text field longer than this is cut (devices bound what they echo; the store does not rely on it)
 MAX_TEXT = 2048
+#: ... and an event's kind, part of a unique index, this many characters (PostgreSQL's index rows hold ~2.7 KB)
+MAX_KIND = 200
 
 
 def _text(v: Any) -> str | None:
@@ -153,6 +155,8 @@ def clean(body: dict[str, Any]) -> dict[str, Any]:
             out[k] = int(v) if v.is_integer() and -_INT64 < v < _INT64 else None
     for k in _TEXTS & out.keys():
         out[k] = _text(out[k])
+    if isinstance(out.get("kind"), str):
+        out["kind"] = out["kind"][:MAX_KIND]
     for k in _ORDER & out.keys():
         v = out[k]
         out[k] = v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < _INT64 else None
@@ -174,6 +178,17 @@ def _json(value: dict[str, Any] | None) -> str | None:
         return v
 
     return json.dumps(finite(value), default=str)
+
+
+def _result_rows(deployment_id: int, results: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """Device results as rows: what came from a device (its reason, a phase or status it named) as ``clean`` takes
+    text, so that a NUL or a lone surrogate in a device's words cannot leave a deployment unrecorded."""
+    def version(v: Any) -> int | None:
+        return v if isinstance(v, int) and not isinstance(v, bool) and -_INT64 < v < _INT64 else None
+
+    return [(deployment_id, _text(r["device_id"]), _text(r.get("phase")), _text(r["status"]) or "unknown",
+             version(r.get("active_version")), _text(r.get("reason")), _json(r.get("metrics")))
+            for r in results]
 
 
 def order(body: dict[str, Any]) -> tuple[int, int] | tuple[None, None]:
@@ -266,10 +281,7 @@ class FleetStore:
                 " predicted) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (time.time(), name, target, version, sha256, artifact, kind, status, reason,
                  json.dumps(rollout) if rollout else None, _json(predicted)))
-            db.executemany(
-                "INSERT INTO device_results VALUES (?,?,?,?,?,?,?)",
-                [(dep, r["device_id"], r.get("phase"), r["status"], r.get("active_version"), r.get("reason"),
-                  json.dumps(r.get("metrics")) if r.get("metrics") else None) for r in results])
+            db.executemany("INSERT INTO device_results VALUES (?,?,?,?,?,?,?)", _result_rows(dep, results))
         return int(dep)
 
     def start(self, *, name: str, target: str, version: int, sha256: str, artifact: str, kind: str,
@@ -302,10 +314,7 @@ class FleetStore:
             db.execute("UPDATE deployments SET status = ?, reason = ?, rollout = ? WHERE id = ?",
                        (status, reason, json.dumps(rollout) if rollout else None, deployment_id))
             db.execute("DELETE FROM device_results WHERE deployment_id = ?", (deployment_id,))
-            db.executemany(
-                "INSERT INTO device_results VALUES (?,?,?,?,?,?,?)",
-                [(deployment_id, r["device_id"], r.get("phase"), r["status"], r.get("active_version"), r.get("reason"),
-                  json.dumps(r.get("metrics")) if r.get("metrics") else None) for r in results])
+            db.executemany("INSERT INTO device_results VALUES (?,?,?,?,?,?,?)", _result_rows(deployment_id, results))
 
     def history(self, target: str | None = None, limit: int = 50) -> list[dict[str, Any]]:
         sql = "SELECT * FROM deployments" + (" WHERE target = ?" if target else "") + " ORDER BY id DESC LIMIT ?"
@@ -404,8 +413,9 @@ class FleetStore:
         latest = {r["device_id"]: clean(dict(r)) for r in self.db.execute(
             "SELECT m.* FROM metrics m JOIN (SELECT device_id, max(ts) AS ts FROM metrics GROUP BY device_id) l "
             "ON m.device_id = l.device_id AND m.ts = l.ts")}
-        return [{**clean(dict(r)), "metrics": latest.get(r["device_id"])}
-                for r in self.db.execute("SELECT * FROM devices ORDER BY device_id")]
+        rows = [{**clean(dict(r)), "metrics": latest.get(r["device_id"])}
+                for r in self.db.execute("SELECT * FROM devices")]
+        return sorted(rows, key=lambda d: d["device_id"])  # by code point on both engines, whatever the collation
 
     def series(self, device: str, since: float = 0.0, limit: int = 5000) -> list[dict[str, Any]]:
         """One device's metrics over time, oldest first: rollups (older) then raw rows, ``limit`` newest points."""

@@ -15,7 +15,7 @@ from device_agent.serving import TrafficStats
 from pipeline.fleet import FleetStore
 from pipeline.fleet.quality import quality_summary
 from pipeline.fleet.retention import RetentionPolicy, apply_retention
-from pipeline.fleet.sql import UNAVAILABLE, ddl, postgres, upsert
+from pipeline.fleet.sql import ddl, postgres, unavailable, upsert
 from pipeline.fleet.store import MIGRATIONS
 from pipeline.fleet.traffic import traffic_summary
 
@@ -27,7 +27,8 @@ _unique = itertools.count()
 @pytest.mark.parametrize("sqlite, pg", [
     ("SELECT * FROM t WHERE a = ? AND b = ?", "SELECT * FROM t WHERE a = %s AND b = %s"),
     ("SELECT floor(ts / :b) * :b FROM m WHERE ts < :cut", "SELECT floor(ts / %(b)s) * %(b)s FROM m WHERE ts < %(cut)s"),
-    ("SELECT '?', 'a:b', '50%' FROM t WHERE x LIKE ?", "SELECT '?', 'a:b', '50%' FROM t WHERE x LIKE %s"),
+    ("SELECT '?', 'a:b', '50%' FROM t WHERE x LIKE ?", "SELECT '?', 'a:b', '50%%' FROM t WHERE x LIKE %s"),
+    ('SELECT "odd?name" FROM t WHERE a = ?', 'SELECT "odd?name" FROM t WHERE a = %s'),
     ("SELECT 'it''s ?' || ? FROM t", "SELECT 'it''s ?' || %s FROM t"),
     ("SELECT a % 2 FROM t", "SELECT a %% 2 FROM t"),
     ("INSERT OR IGNORE INTO events VALUES (?,?)", "INSERT INTO events VALUES (%s,%s) ON CONFLICT DO NOTHING"),
@@ -191,8 +192,9 @@ def test_a_store_outlives_its_server_s_restart(tmp_path):
                                         "rss_mb": 3.0, "ts": T0, "boot": 1, "seq": 1})]
             assert store.ingest(batch) == 1
             server.stop(mode="fast")  # an orderly restart: what was committed stays
-            with pytest.raises(UNAVAILABLE):
+            with pytest.raises(Exception) as down:
                 store.ingest(batch)
+            assert unavailable(down.value)
             server.start()
             assert store.ingest(batch) == 0  # reconnected; the batch was stored before, once
             assert store.count("metrics") == 1
@@ -216,3 +218,62 @@ def test_a_store_that_cannot_be_opened_is_one_error_line_without_its_password(tm
         out = run.stdout + run.stderr
         assert run.returncode == 6, out
         assert "fleet store" in out and "Traceback" not in out and "s3cret" not in out
+
+
+def test_literals_with_percent_run_on_postgresql_with_and_without_parameters(postgres):
+    from pipeline.fleet.sql import Connection
+
+    con = Connection(postgres.url(f"percent_{next(_unique)}"))
+    try:
+        assert con.execute("SELECT '50%' || ?", ("!",)).fetchone()[0] == "50%!"
+        assert con.execute("SELECT 7 % 2").fetchone()[0] == 1
+    finally:
+        con.close()
+
+
+def test_a_batch_that_meets_an_unavailable_store_is_kept_whole_and_stored_once_it_is_back(postgres):
+    """Retention (or anything) holds the writers' lock past the lock timeout: the ingester's batch fails as
+    unavailable, nothing of it is dropped, and the same batch goes in whole once the lock is free."""
+    from device_agent.config import BrokerConfig
+    from pipeline.fleet.ingest import Drop, Ingester
+    from pipeline.fleet.sql import Connection
+    from pipeline.fleet.store import WRITERS_LOCK
+
+    url = postgres.url(f"held_{next(_unique)}")
+    store = FleetStore(url)
+    ingester = Ingester(BrokerConfig(host="127.0.0.1", port=1), url)
+    holder = Connection(url)
+    try:
+        store.db.execute("SET lock_timeout = '200ms'")
+        batch = [(f"d{i}", "metrics", {"device_id": f"d{i}", "version": 1, "latency_ms_p50": 1.0,
+                                       "latency_ms_p95": 2.0, "rss_mb": 3.0, "ts": T0 + i, "boot": 1, "seq": i})
+                 for i in range(3)]
+        with holder.transaction():
+            holder.lock(WRITERS_LOCK)
+            with pytest.raises(Exception) as held:
+                ingester._commit(store, batch)
+            assert unavailable(held.value)
+        assert sum(ingester.dropped_by.values()) == 0 and store.count("metrics") == 0
+        ingester._commit(store, batch)
+        assert store.count("metrics") == 3 and ingester.dropped_by[Drop.STORE] == 0
+    finally:
+        holder.close()
+        store.close()
+
+
+def test_what_a_device_says_that_postgresql_text_cannot_hold_is_stored_cleaned(fleet_db):
+    store = FleetStore(fleet_db)
+    try:
+        dep = store.start(name="m", target="rpi4", version=2, sha256="0" * 64, artifact="a", kind="deploy",
+                          devices=["d1", "d2"])
+        store.finish(dep, status="failed", reason=None, results=[
+            {"device_id": "d1", "status": "failed", "reason": "nul\x00inside", "phase": "verify\ud800"},
+            {"device_id": "d2", "status": "activated", "active_version": 2**70}])
+        rows = {r["device_id"]: r for r in store.results(dep)}
+        assert rows["d1"]["reason"] == "nul\ufffdinside" and rows["d2"]["active_version"] is None
+        kind = "漢" * 2048  # 6 KB in UTF-8: past what one PostgreSQL index row holds, whole
+        assert store.ingest([("d1", "events", {"device_id": "d1", "kind": kind, "message": "m", "ts": T0})]) == 1
+        [event] = store.events()
+        assert event["kind"] == kind[:200]
+    finally:
+        store.close()
