@@ -21,7 +21,7 @@ unicast (``broadcast="never"``: each device's chunks on its own ``stream/data``)
   so what was broadcast while it was away is gone; it comes back once an agent of its worker that stayed has the
   whole artifact (the broadcast has gone by) and must still activate. dropped / dropped_activated, and
   dropped_repair_chunks against others_repair_chunks, say what that cost.
-- ``--agent-wait S`` sets the agents' first silence (device_agent.agent.BROADCAST_WAIT_S, 20 s) to S: at 1,000
+- ``--agent-wait S`` sets the agents' first silence (device_agent.transfer.BROADCAST_WAIT_S, 20 s) to S: at 1,000
   agents on two cores the broadcast's first chunk reached many agents more than 20 s after their job; a short
   wait makes a small fleet see its broadcast as late as that one did.
 """
@@ -174,9 +174,9 @@ def host_agents(args) -> None:
     ``armed``), ``report`` answers what they did (one JSON line)."""
     first, count = (int(x) for x in args.host_agents.split(":"))
     if args.agent_wait is not None:
-        import device_agent.agent
+        import device_agent.transfer
 
-        device_agent.agent.BROADCAST_WAIT_S = args.agent_wait
+        device_agent.transfer.BROADCAST_WAIT_S = args.agent_wait
     broker = BrokerConfig(host="127.0.0.1", port=args.broker_port)
     agents = start_agents(range(first, first + count), broker, Path(args.state), Path(args.key), args.tag)
     print("ready", flush=True)

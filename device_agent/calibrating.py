@@ -20,7 +20,7 @@ from .protocol import Calibration, Leaf, ResultCode, State, encode
 from .suite_runner import Batch
 
 if TYPE_CHECKING:
-    from .agent import _Transfer
+    from .transfer import _Transfer
 
 
 class CalibrationControl:

@@ -74,12 +74,15 @@ class MqttLink:
         manual_ack: bool = False,
         session_expiry_s: int = 7 * 24 * 3600,
         fresh_only: bool = False,
+        reconnect_min_s: float = 1.0,
     ) -> None:
         """``fresh_only``: drop retained messages (the broker's memory of the past), deliver only live ones."""
         self.broker = broker
         self.client_id = client_id
         self.persistent, self.manual_ack, self.session_expiry_s = persistent, manual_ack, session_expiry_s
         self.fresh_only = fresh_only
+        #: the first wait before reconnecting (doubling to 30 s while the broker stays away)
+        self.reconnect_min_s = reconnect_min_s
         self._on_message = on_message
         self._on_connect_hook = on_connect
         self.subscriptions = list(subscriptions or [])
@@ -153,7 +156,7 @@ class MqttLink:
                            keyfile=str(b.key_file) if b.key_file else None)
         client.max_inflight_messages_set(64)
         client.max_queued_messages_set(0)
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.reconnect_delay_set(min_delay=self.reconnect_min_s, max_delay=30)
         if self.will is not None:
             client.will_set(self.will.topic, self.will.payload, qos=self.will.qos, retain=self.will.retain)
         client.on_connect = self._handle_connect

@@ -52,6 +52,8 @@ IGNORED = (Leaf.CALIBRATION,)
 #: an agent's message is a few hundred bytes, two levels deep; these leave room and bound the parser's work
 MAX_PAYLOAD = 64 * 1024
 MAX_DEPTH = 16
+#: the ingester's first wait before reconnecting to the broker (see Ingester.__init__)
+RECONNECT_MIN_S = 0.1
 Message = tuple[str, str, dict[str, Any]]  # (device id, leaf, body): what FleetStore.ingest takes
 
 
@@ -148,8 +150,11 @@ class Ingester:
         share = f"$share/{group}/" if shared else ""
         subs = [(f"{share}{prefix}/v{PROTOCOL_VERSION}/+/{leaf.value}", 1) for leaf in LEAVES]
         self._inbox: queue.Queue[tuple[str, bytes, Callable[[], None]]] = queue.Queue()
+        # back within a tenth of a second after the broker restarts, ahead of the devices (whose links wait 1 s):
+        # a restarted Mosquitto forgets shared subscriptions until their subscribers come back, and what it routes
+        # to any other subscriber meanwhile the devices are told was delivered (device_agent.mqtt, "unrouted")
         self.link = MqttLink(broker, client_id or f"ingest-{group}", lambda t, p, ack: self._inbox.put((t, p, ack)),
-                             subs, persistent=True, manual_ack=True)
+                             subs, persistent=True, manual_ack=True, reconnect_min_s=RECONNECT_MIN_S)
         self.stored = 0  # rows written
         self.received = 0  # messages taken from the broker
         self.dropped_by: dict[Drop, int] = dict.fromkeys(Drop, 0)  # messages skipped, by reason
