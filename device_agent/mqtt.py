@@ -44,6 +44,24 @@ UNROUTED_MAX_AGE_S = 600.0
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 30.0
 
 
+def _serialise_reconnect(client: mqtt.Client) -> None:
+    """paho-mqtt 2's ``reconnect`` (its network thread's, after a lost connection) walks the outgoing packet queue
+    while another thread's ``publish`` may append to it: "deque mutated during iteration" ends the network thread,
+    and the link would never connect again (seen with 1,000 agents on two cores). Its reconnect here holds the lock
+    paho's own publish holds, so the two take turns; a publish meanwhile waits for the connection attempt (a refused
+    one returns at once, an unreachable broker within paho's connect timeout)."""
+    mutex = getattr(client, "_out_message_mutex", None)
+    if mutex is None:  # another paho: nothing known to guard
+        return
+    reconnect = client.reconnect
+
+    def serialised() -> mqtt.MQTTErrorCode:
+        with mutex:
+            return reconnect()
+
+    client.reconnect = serialised  # type: ignore[method-assign]
+
+
 class ConnectError(AgentError):
     """The broker could not be reached or refused the connection."""
 
@@ -163,6 +181,7 @@ class MqttLink:
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
         client.on_publish = self._handle_publish
+        _serialise_reconnect(client)
         return client
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:

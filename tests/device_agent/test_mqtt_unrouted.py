@@ -67,3 +67,21 @@ def test_the_oldest_unrouted_messages_go_first_past_the_bound(mosquitto, monkeyp
         assert sorted(item[1] for _, _, item in device._retries) == [b"3", b"4", b"5", b"6", b"7"]
     finally:
         device.stop()
+
+
+def test_a_reconnect_waits_for_a_publish_in_progress_and_the_link_comes_back(mosquitto):
+    """paho's reconnect walks its outgoing queue unguarded, while a publish on another thread appends to it; the
+    link makes the two take turns (a reconnect holds the lock a publish holds)."""
+    device = MqttLink(mosquitto.config, "dev-4", lambda t, p: None).start()
+    try:
+        client = device._client
+        done = threading.Event()
+        with client._out_message_mutex:  # a publish in progress on this thread
+            t = threading.Thread(target=lambda: (client.reconnect(), done.set()), daemon=True)
+            t.start()
+            assert not done.wait(0.3)  # the reconnect waits (a bounded wait for an event that must not come)
+        assert done.wait(10)
+        until(lambda: device.connected.is_set(), 10, "the link connected again")
+        device.publish("edgefleet/v1/dev-4/x", b"after", qos=1).wait_for_publish(5)
+    finally:
+        device.stop()
