@@ -44,6 +44,8 @@ def test_repo_deploy_yaml_loads_and_round_trips(base):
     (lambda d: d["fleet"].update(retention={"raw": "1h", "bucket": "2h"}), "bucket (7200 s) <= raw (3600 s)"),
     (lambda d: d["fleet"].update(retention={"raw": "a week"}), "fleet.retention.raw: expected a duration"),
     (lambda d: d["fleet"].update(topic_prefix="a/b"), "topic_prefix"),
+    (lambda d: d["fleet"].update(store="mysql://db/fleet"), "fleet.store: Value error, the fleet store is SQLite"),
+    (lambda d: d["fleet"].update(store=" "), "fleet.store: Value error, expected a postgresql:// URL"),
 ])
 def test_errors_name_file_field_and_allowed(tmp_path, base, change, expected):
     change(base)
@@ -93,3 +95,12 @@ def test_the_inventory_takes_ids_or_entries_and_selects_by_class(tmp_path, base)
     assert cfg.fleet.device("pi5-1").port == 2222 and cfg.fleet.device("pi-1").groups == ["lab"]
     with pytest.raises(ConfigError, match="fleet.devices has no device 'nope'; it has: plain, pi-1, pi5-1"):
         cfg.fleet.device("nope")
+
+
+def test_the_fleet_store_is_a_url_a_path_under_the_workdir_or_the_default(tmp_path, base):
+    workdir = tmp_path / "work"
+    for store, where in ((None, workdir / "fleet.db"), ("fleet/prod.db", workdir / "fleet" / "prod.db"),
+                         (str(tmp_path / "abs.db"), tmp_path / "abs.db"),
+                         ("postgresql://fleet@db.example/fleet", "postgresql://fleet@db.example/fleet")):
+        base["fleet"]["store"] = store
+        assert load_deploy(write(tmp_path, base)).fleet.store_at(workdir) == where
