@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import paho.mqtt.client as mqtt
 
@@ -44,12 +45,19 @@ UNROUTED_MAX_AGE_S = 600.0
 _RETRY_FIRST_S, _RETRY_MAX_S = 1.0, 30.0
 
 
+def _queue_lock(client: mqtt.Client) -> Any:
+    """The lock paho's own ``publish`` holds while it queues a packet; what every other call that queues one from
+    outside the network thread (an acknowledgement, a subscription, a disconnect) holds here too."""
+    return getattr(client, "_out_message_mutex", None) or contextlib.nullcontext()
+
+
 def _serialise_reconnect(client: mqtt.Client) -> None:
     """paho-mqtt 2's ``reconnect`` (its network thread's, after a lost connection) walks the outgoing packet queue
-    while another thread's ``publish`` may append to it: "deque mutated during iteration" ends the network thread,
-    and the link would never connect again (seen with 1,000 agents on two cores). Its reconnect here holds the lock
-    paho's own publish holds, so the two take turns; a publish meanwhile waits for the connection attempt (a refused
-    one returns at once, an unreachable broker within paho's connect timeout)."""
+    while another thread may append to it (a publish, an acknowledgement, a subscription): "deque mutated during
+    iteration" ends the network thread, and the link would never connect again (seen with 1,000 agents on two
+    cores). Its reconnect here holds ``_queue_lock``, as every call that queues from another thread does, so they
+    take turns; such a call meanwhile waits for the connection attempt (a refused one returns at once, an unreachable
+    broker within paho's connect timeout)."""
     mutex = getattr(client, "_out_message_mutex", None)
     if mutex is None:  # another paho: nothing known to guard
         return
@@ -206,15 +214,20 @@ class MqttLink:
         try:
             if self.fresh_only and message.retain:
                 if self.manual_ack:
-                    client.ack(message.mid, message.qos)
+                    client.ack(message.mid, message.qos)  # the network thread's own: no other thread's reconnect
                 return
             if self.manual_ack:
                 mid, qos = message.mid, message.qos
-                self._on_message(message.topic, message.payload, lambda: client.ack(mid, qos))
+                self._on_message(message.topic, message.payload, lambda: self._ack(client, mid, qos))
             else:
                 self._on_message(message.topic, message.payload)
         except Exception:  # a bad message must never kill the network thread
             log.exception("%s: handler failed for a message on %s", self.client_id, message.topic)
+
+    @staticmethod
+    def _ack(client: mqtt.Client, mid: int, qos: int) -> None:
+        with _queue_lock(client):  # from the worker's thread (see _serialise_reconnect)
+            client.ack(mid, qos)
 
     # -- use ----------------------------------------------------------------------------------
     def subscribe(self, topic: str, qos: int = 1) -> None:
@@ -222,14 +235,18 @@ class MqttLink:
         of anything published after this call, so a broker has registered it before it routes those."""
         if (topic, qos) not in self.subscriptions:
             self.subscriptions.append((topic, qos))
-        if self._client is not None:
-            self._client.subscribe(topic, qos)
+        client = self._client
+        if client is not None:
+            with _queue_lock(client):
+                client.subscribe(topic, qos)
 
     def unsubscribe(self, topic: str) -> None:
         """Drop a subscription made with :meth:`subscribe` (a persistent session would keep it otherwise)."""
         self.subscriptions = [(t, q) for t, q in self.subscriptions if t != topic]
-        if self._client is not None:
-            self._client.unsubscribe(topic)
+        client = self._client
+        if client is not None:
+            with _queue_lock(client):
+                client.unsubscribe(topic)
 
     def publish(self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False,
                 until_routed: bool = False) -> mqtt.MQTTMessageInfo:
@@ -238,7 +255,8 @@ class MqttLink:
         if self._client is None:
             raise ConnectError(f"{self.client_id}: publish on {topic} before start()")
         if not until_routed or qos == 0 or retain:
-            return self._client.publish(topic, payload, qos=qos, retain=retain)
+            with _queue_lock(self._client):  # paho takes it itself only for QoS > 0
+                return self._client.publish(topic, payload, qos=qos, retain=retain)
         return self._publish_tracked((topic, payload, qos, 0, time.monotonic()))
 
     def _publish_tracked(self, item: tuple[str, bytes | str, int, int, float]) -> mqtt.MQTTMessageInfo:
@@ -304,7 +322,8 @@ class MqttLink:
 
     def stop(self) -> None:
         if self._client is not None:
-            self._client.disconnect()
+            with _queue_lock(self._client):
+                self._client.disconnect()
             self._client.loop_stop()
             with self._routing:  # what waited for another try goes with the link; a new start() starts afresh
                 self._client = None
