@@ -119,7 +119,7 @@ class LocalBroker:
                     log.info("%s broker on 127.0.0.1:%d", self.kind, self.port)
                     return self
                 except OSError:
-                    time.sleep(0.1)
+                    time.sleep(0.1)  # poll interval: until the broker answers on its port
             tail = (self.workdir / f"{self.kind}.log").read_text(errors="replace")[-400:]
             errors.append(f"port {self.port}: {tail.strip() or 'no answer'}")
             self.stop()
