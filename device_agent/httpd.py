@@ -17,6 +17,7 @@ import socket
 import socketserver
 import stat
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from http import HTTPStatus
@@ -26,6 +27,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_LINE, MAX_HEADERS, MAX_HEADER_LINE = 65536, 100, 8192
+# A connection answered before its body was read (413, 503, 411...) is closed by lingering: the write side shut,
+# what the client still sends read and dropped, for at most this long and this many bytes, until the client closes.
+# Closed at once, the client's writes of the rest of its body fail (EPIPE on a Unix socket, a reset on TCP that can
+# also discard the answer) before it reads why it was refused. nginx's lingering_close is the same idea.
+LINGER_S, LINGER_BYTES = 2.0, 4 << 20
 
 
 class Headers(dict):
@@ -124,6 +130,28 @@ class Handler(socketserver.StreamRequestHandler):
                     except OSError:
                         pass
                 return
+
+    def finish(self) -> None:
+        super().finish()
+        if self._declared and not self._body_read:
+            self._linger()
+
+    def _linger(self) -> None:
+        """The answer is out: shut the write side, then drop what the client still sends of the body it declared
+        until it closes, ``LINGER_BYTES`` were dropped or ``LINGER_S`` passed, so that it reads the answer."""
+        sock = self.connection
+        left = min(self._declared, LINGER_BYTES)
+        deadline = time.monotonic() + LINGER_S
+        try:
+            sock.shutdown(socket.SHUT_WR)
+            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                sock.settimeout(wait)
+                data = sock.recv(min(left, 65536))
+                if not data:
+                    return
+                left -= len(data)
+        except OSError:  # the client closed or reset first, or fell silent: nothing more to do for it
+            pass
 
     def handle_one(self) -> None:
         line = self.rfile.readline(MAX_REQUEST_LINE + 1)

@@ -124,6 +124,26 @@ def test_limits_on_bodies_paths_and_headers(tmp_path, models):
         assert api.stats.snapshot()["versions"]["None"]["errors"]["too_large"] == 1
 
 
+def test_a_refused_body_is_read_and_dropped_so_the_client_reads_why(tmp_path, models):
+    """A client that writes its body after the server answered 413 (http.client sends the head, then the body) must
+    still get to read the 413: the server lingers, dropping the body, instead of closing under the client's write."""
+    holder = ModelHolder()
+    holder.swap(served(models["small"], 1))
+    with InferenceServer(holder, ServeConfig(socket_path=tmp_path / "s.sock", max_body_bytes=1000)) as api:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.connect(str(api.cfg.socket_path))
+            sock.settimeout(10)
+            sock.sendall(b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n")
+            answer = b""
+            while b"\r\n\r\n" not in answer:  # the server answered before any of the body was sent
+                answer += sock.recv(65536)
+            sock.sendall(b"x" * 200_000)  # EPIPE here if the server had closed at once
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 413 ") and b"Connection: close" in answer
+        assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "too_large"
+
+
 def test_a_full_queue_answers_503_with_retry_after_and_a_passed_deadline_504(tmp_path, models):
     holder = ModelHolder()
     holder.swap(served(models["slow"], 7))
