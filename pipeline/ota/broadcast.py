@@ -11,9 +11,6 @@ that does not know the field asks for everything itself: unicast is the fallback
 Repairs stay repairs at any scale. A device listening to the broadcast asks for what it lacks before it has seen
 the broadcast's last chunk only after a silence, and the chunk server leaves such a request to the broadcast (counted
 as deferred): what the device lacks is still on its way, in the broker's queue for it, however slow the device is.
-That lasts while the broadcast does and while the wave's devices keep reporting after it (``PASS_GRACE_S`` of quiet
-ends it, ``PASS_MAX_S`` at most): on a host whose agents were starved, they catch up from their sessions' queues for
-minutes, and a fixed grace served them alone what the broker still held for them.
 What a device asks for once it has seen the last chunk go by (``passed``: live, queued by its session, or retained
 for a late subscriber) it missed, and is served; a chunk several such devices ask for at once goes once on the
 artifact topic (:func:`republish_chunk`), and a device's re-ask for a chunk still unacknowledged by the broker is not
@@ -54,13 +51,9 @@ _MODE: contextvars.ContextVar[BroadcastMode] = contextvars.ContextVar("broadcast
 #: repair), and how long it waits in all however many keep coming
 SUBSCRIBE_WAIT_S = 15.0
 SUBSCRIBE_MAX_S = 120.0
-#: seconds of quiet from which a listening device that still has not seen the broadcast pass is served what it asks
-#: for (its last chunk never reached it, nor the retained copy): counted from the broadcast's end, and again from each
-#: status a device of the wave reports after it (the wave is still taking chunks from the broker's queues: a device
-#: the host starved, or whose agent is slow, catches up at its own pace and should not be served on its own) ...
+#: seconds after the broadcast's end from which a listening device that still has not seen it pass is served what
+#: it asks for (its last chunk never reached it, nor the retained copy)
 PASS_GRACE_S = 30.0
-#: ... however long the wave keeps moving, at most this long after the broadcast's end
-PASS_MAX_S = 300.0
 #: publishes the host may have unacknowledged by the broker while broadcasting
 PACE_WINDOW = DEFAULT_WINDOW
 
@@ -97,22 +90,11 @@ class BroadcastResult:
     #: repairs several devices asked for at once, published once on the artifact topic instead of once each
     repair_chunks: int = 0
     repair_bytes: int = 0
-    #: when (time.monotonic()) a device of the wave last reported a status of this job
-    last_heard: float | None = None
-
-    def heard(self, now: float) -> None:
-        """A device of the wave reported how its download (or what follows it) goes."""
-        self.last_heard = now
 
     def leaves_to_broadcast(self, now: float) -> bool:
-        """Whether a listening device that has not seen the broadcast pass is left to it: while it lasts, then until
-        the wave has been quiet for PASS_GRACE_S (its end counts as the first sound), PASS_MAX_S after its end at
-        most."""
-        if self.finished_at is None:
-            return True
-        since = now - self.finished_at
-        quiet = now - max(self.finished_at, self.last_heard or self.finished_at)
-        return since < PASS_MAX_S and quiet < PASS_GRACE_S
+        """Whether a listening device that has not seen the broadcast pass is left to it: until PASS_GRACE_S after its
+        end."""
+        return self.finished_at is None or now - self.finished_at < PASS_GRACE_S
 
 
 def broadcast_chunks(link, name: str, artifact: Artifact, job_id: str, result: BroadcastResult,

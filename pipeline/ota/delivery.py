@@ -280,8 +280,6 @@ def deliver(
                     return
                 if not r.states or r.states[-1] != st.state:
                     r.states.append(st.state)
-                if delivery.broadcast is not None:  # the wave still moves: a quiet listener is still being fed
-                    delivery.broadcast.heard(time.monotonic())
                 r.device_state = st.state
                 r.active_version, r.reason, r.result_code = st.active_version, st.reason, st.result_code
                 if st.state == until.value and until is not DeviceStatus.ACTIVATED:
