@@ -41,6 +41,7 @@ import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
+from collections import Counter  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -240,7 +241,10 @@ def row(n: int, mode: str, art, got, wall: float, downloaded: dict[str, float], 
            "download_s": round(max(downloaded.values()), 2) if len(downloaded) == n else None,
            "broadcast_s": got.broadcast.seconds if got.broadcast else None,
            "subscribe_wait_s": got.broadcast.waited_s if got.broadcast else None,
-           "subscribed": got.broadcast.subscribed if got.broadcast else None}
+           "subscribed": got.broadcast.subscribed if got.broadcast else None,
+           # where the devices that did not activate stood: their result, and the last state they reported
+           "not_activated": dict(sorted(Counter(f"{r.status}/{r.states[-1] if r.states else 'none'}"
+                                                for r in got if r.status != "activated").items()))}
     if drops is not None:
         gone = set(drops["dropped"])
         out.update({"dropped": len(gone), "dropped_back": len(drops["back"]), "drop_missed": len(drops["missed"]),
@@ -332,7 +336,8 @@ def main() -> None:
                     print(f"{n:>5} {mode:<9} {r['activated']}/{n} activated, egress {r['egress_x_artifact']}x, "
                           f"repairs {r['repair_bytes']} B, downloaded in {r['download_s']} s, {r['wall_s']} s in all"
                           + (f"; {r['dropped']} dropped off, {r['dropped_activated']} of them activated"
-                             if drops is not None else ""), flush=True)
+                             if drops is not None else "")
+                          + (f"; not activated: {r['not_activated']}" if r["not_activated"] else ""), flush=True)
             finally:
                 fleet.stop()
     # against today's delivery to one device (unicast), as the goal puts it

@@ -5,6 +5,7 @@ A ~1 MB model (32 chunks of 32 KiB) that does not compress, so every chunk is on
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
@@ -290,6 +291,36 @@ def test_a_wave_of_four_gets_each_chunk_once_and_one_device_is_served_alone(mosq
         assert installed(fleet, fleet.device_ids[0]) == model
 
 
+class _Cut:
+    """A delivery to ``fleet`` on its own thread, ``hook(state, result)`` called with every status (on the host's
+    network thread), and an event once every device of ``others`` has activated."""
+
+    def __init__(self, mosquitto, fleet, art, others, hook) -> None:
+        self.others, self.hook = set(others), hook
+        self.others_done, self.activated, self.out = threading.Event(), set(), {}
+        self.thread = threading.Thread(target=lambda: self.out.setdefault("r", deliver(
+            mosquitto.config, PREFIX, art, fleet.device_ids, 90, self._progress)))
+
+    def _progress(self, state, r) -> None:
+        self.hook(state, r)
+        if state == "activated":
+            self.activated.add(r.device_id)
+            if self.activated >= self.others:
+                self.others_done.set()
+
+    @contextlib.contextmanager
+    def running(self):
+        """Starts the delivery; once the block is over, waits for its end."""
+        self.thread.start()
+        try:
+            yield self
+        finally:
+            self.thread.join(90)
+
+    def result(self):
+        return self.out["r"]
+
+
 @pytest.mark.slow
 def test_a_device_killed_mid_broadcast_and_a_late_one_complete_through_repairs(mosquitto, mb_model, key_dir,
                                                                                tmp_path):
@@ -299,32 +330,19 @@ def test_a_device_killed_mid_broadcast_and_a_late_one_complete_through_repairs(m
         proc = fleet.procs.pop(late)  # stopped cleanly: its retained online flag says offline
         proc.terminate()
         proc.wait(10)
-        others_done = threading.Event()
-        activated: set[str] = set()
-
         cut = threading.Event()
 
-        def progress(state, r):  # on the host's network thread
+        def hook(state, r):
             if r.device_id == killed and state == "downloading" and not cut.is_set():
                 cut.set()
                 fleet.procs[killed].kill()  # subscribed, nothing written yet: the broadcast goes by without it
-            if state == "activated":
-                activated.add(r.device_id)
-                if activated >= set(rest):
-                    others_done.set()
 
-        out = {}
-        t = threading.Thread(target=lambda: out.setdefault("r", deliver(mosquitto.config, PREFIX, art,
-                                                                        fleet.device_ids, 90, progress)))
-        t.start()
-        try:
-            assert others_done.wait(60), "the two devices left running did not activate"
+        with _Cut(mosquitto, fleet, art, rest, hook).running() as run:
+            assert run.others_done.wait(60), "the two devices left running did not activate"
             fleet.procs[killed].wait(10)
             fleet.spawn(killed)  # its session kept the broadcast's chunks queued; the rest it repairs
             fleet.spawn(late)  # the broadcast is over: it asks for the chunks itself
-        finally:
-            t.join(90)
-        got = out["r"]
+        got = run.result()
         by_id = {r.device_id: r for r in got}
         assert all(r.status == "activated" for r in got), [(r.device_id, r.status, r.reason, fleet.log_tail(r.device_id))
                                                            for r in got]
@@ -344,34 +362,23 @@ def test_a_device_that_drops_off_mid_broadcast_and_loses_its_session_repairs_onl
     with LocalFleet(tmp_path / "devices", mosquitto.config, "rpi4", 4, key_dir / "signing.pub", PREFIX) as fleet:
         dropper, *rest = fleet.device_ids
         statuses: list[str] = []
-        cut, others_done = threading.Event(), threading.Event()
-        activated: set[str] = set()
+        cut = threading.Event()
 
-        def progress(state, r):  # on the host's network thread
+        def hook(state, r):
             if r.device_id == dropper and state == "downloading" and not cut.is_set():
                 statuses.append(state)
                 if len(statuses) == 2:  # its second: 16 chunks written, the broadcast still going by
                     cut.set()
                     fleet.procs[dropper].kill()
-            if state == "activated":
-                activated.add(r.device_id)
-                if activated >= set(rest):
-                    others_done.set()
 
-        out = {}
-        t = threading.Thread(target=lambda: out.setdefault("r", deliver(mosquitto.config, PREFIX, art,
-                                                                        fleet.device_ids, 90, progress)))
-        t.start()
-        try:
-            assert others_done.wait(60), "the devices left running did not activate"
+        with _Cut(mosquitto, fleet, art, rest, hook).running() as run:
+            assert run.others_done.wait(60), "the devices left running did not activate"
             fleet.procs[dropper].wait(10)
             [job_dir] = (fleet.config_path(dropper).parent / "state" / "downloads").iterdir()
             had = set(json.loads((job_dir / "have.json").read_text())["have"])
             MqttLink(mosquitto.config, f"agent-{dropper}", lambda *a: None).start().stop()  # its session is gone
             fleet.spawn(dropper)
-        finally:
-            t.join(90)
-        got = out["r"]
+        got = run.result()
         by_id = {r.device_id: r for r in got}
         assert all(r.status == "activated" for r in got), [(r.device_id, r.status, r.reason) for r in got]
         chunks = art.manifest.chunks
