@@ -321,8 +321,12 @@ class Agent(CalibrationControl, ShadowControl, TransferControl):
             self.guard.close()
             if self._transfer is not None:
                 self._transfer.download.close()
-            self.link.publish(self._t(Leaf.ONLINE), b"offline", qos=1, retain=True).wait_for_publish(2)
-            self.link.stop()
+            try:
+                self.link.publish(self._t(Leaf.ONLINE), b"offline", qos=1, retain=True).wait_for_publish(2)
+            except (RuntimeError, ValueError, ConnectError) as exc:  # not connected: the broker has our will
+                log.info("stopping without saying offline (%s): the broker publishes the will", exc)
+            finally:
+                self.link.stop()
 
     def _connect(self, timeout: float) -> bool:
         """Connect to the broker. While it cannot be reached the inference API keeps serving the device's

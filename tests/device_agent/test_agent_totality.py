@@ -170,3 +170,34 @@ def test_state_dir_holds_everything_the_agent_writes(agent_setup, tmp_path):
     after = {p for p in tmp_path.rglob("*") if cfg.state_dir not in p.parents and p != cfg.state_dir}
     assert after == outside
     shutil.rmtree(cfg.state_dir / "downloads", ignore_errors=True)
+
+
+def test_an_agent_stopped_while_its_broker_is_down_stops_cleanly(mosquitto, key_dir, tmp_path):
+    """Its offline flag cannot go out (the broker publishes its will instead): the stop still ends the run and
+    the MQTT link, instead of raising from the last publish and leaving paho's thread behind."""
+    import threading
+
+    from fleet_probe import until
+
+    cfg = AgentConfig(device_id="dev-1", target="rpi4", trusted_keys=(key_dir / "signing.pub",),
+                      state_dir=tmp_path / "state", broker=mosquitto.config)
+    agent = Agent(cfg)
+    failed: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            agent.run()
+        except BaseException as exc:  # noqa: BLE001 - what the test looks for
+            failed.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    try:
+        assert agent.link.connected.wait(20), "the agent never connected"
+        mosquitto.stop()
+        until(lambda: not agent.link.connected.is_set(), 20, "the agent to see its broker go")
+    finally:
+        agent.stop()
+        t.join(20)
+    assert not t.is_alive() and failed == []
+    assert agent.link._client is None  # the link was stopped: no paho thread left
