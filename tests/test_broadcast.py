@@ -184,6 +184,30 @@ def test_the_host_leaves_to_the_broadcast_what_a_listener_asks_before_it_passed_
     assert link.chunks(topic(PREFIX, "d9", Leaf.STREAM_DATA)) == [0, 30] and solo["d9"].chunks_deferred == 0
 
 
+def test_a_repair_few_of_many_downloading_devices_want_goes_to_each_not_to_the_whole_wave(mb_model, key_dir,
+                                                                                         tmp_path):
+    """Every listener receives a rebroadcast and the broker queues one for each: two of ten devices still
+    downloading are served alone; six of them asking at once get one publish on the artifact topic."""
+    art = make_artifact(mb_model, tmp_path / "a", key_dir, version=91)
+    name = artifact_topic(PREFIX, "j1")
+    b = BroadcastResult(finished_at=delivery_mod.time.monotonic())
+    counters = {f"d{i}": DeviceResult(f"d{i}", device_state="downloading") for i in range(10)}
+    link = FakeLink()
+    server = ChunkServer(link, PREFIX, art, "j1", counters, broadcast=b, artifact_name=name)
+    server.serve([(d, StreamGet("j1", [4], listening=True, passed=True)) for d in ("d0", "d1")])
+    assert sorted(t for t, _ in link.sent) == [topic(PREFIX, d, Leaf.STREAM_DATA) for d in ("d0", "d1")]
+    assert b.repair_chunks == 0
+    link.sent.clear()
+    server.serve([(f"d{i}", StreamGet("j1", [5], listening=True, passed=True)) for i in range(2, 8)])
+    assert [(t, decode_chunk(p)[1]) for t, p in link.sent] == [(name, 5)] and b.repair_chunks == 1
+    # once most have finished, the two still downloading are the wave: one publish for both
+    for i in range(2, 10):
+        counters[f"d{i}"].device_state = "activated"
+    link.sent.clear()
+    server.serve([(d, StreamGet("j1", [6], listening=True, passed=True)) for d in ("d0", "d1")])
+    assert [(t, decode_chunk(p)[1]) for t, p in link.sent] == [(name, 6)] and b.repair_chunks == 2
+
+
 def _broadcast_agent(tmp_path, key_dir, link: FakeLink) -> Agent:
     cfg = AgentConfig(device_id="dev-1", target="rpi4", trusted_keys=(key_dir / "signing.pub",),
                       state_dir=tmp_path / "state", topic_prefix=PREFIX, benchmark_runs=2)

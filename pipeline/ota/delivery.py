@@ -102,8 +102,12 @@ LOST_AFTER_S = 30.0
 SERVE_WINDOW = 64
 #: while broadcasting, how long the server gathers requests after the first before it serves them together
 COALESCE_S = 2.0
-#: listening devices that must ask for a chunk at once for it to go once on the artifact topic instead
+#: listening devices that must ask for a chunk at once for it to go once on the artifact topic instead, and the
+#: share of the wave's devices still downloading they must be: every one of those receives a rebroadcast (and pays
+#: for its bytes on a metered link), and the broker queues a copy for each (at 1,000 starved agents, repairs of a
+#: few devices rebroadcast to all of them took Mosquitto to 18 GB and the OOM killer)
 REBROADCAST_MIN = 2
+REBROADCAST_SHARE = 0.5
 _TERMINAL = frozenset(s.value for s in TERMINAL_STATES)
 
 
@@ -200,13 +204,15 @@ class ChunkServer:
             self._send(f, wanted, chunk_size, b)
 
     def _send(self, f, wanted: dict[int, dict[str, bool]], chunk_size: int, b: BroadcastResult | None) -> None:
+        downloading = sum(1 for r in self.counters.values() if getattr(r, "device_state", None) == "downloading")
         for index, who in sorted(wanted.items()):
             f.seek(index * chunk_size)
             frame = encode_chunk(self.job_id, index, f.read(chunk_size))
             now = time.monotonic()
             alone = list(who)
             listening = [d for d, listens in who.items() if listens]
-            if b is not None and self.artifact_name is not None and len(listening) >= REBROADCAST_MIN:
+            if (b is not None and self.artifact_name is not None and len(listening) >= REBROADCAST_MIN
+                    and len(listening) >= REBROADCAST_SHARE * max(downloading, len(listening))):
                 info = republish_chunk(self.link, self.artifact_name, frame, b)
                 self._pace(info)
                 for d in listening:
