@@ -178,7 +178,8 @@ def host_agents(args) -> None:
         import device_agent.transfer
 
         device_agent.transfer.BROADCAST_WAIT_S = args.agent_wait
-    broker = BrokerConfig(host="127.0.0.1", port=args.broker_port)
+    broker = BrokerConfig(host="127.0.0.1", port=args.broker_port,
+                          **({"keepalive": args.keepalive} if args.keepalive is not None else {}))
     agents = start_agents(range(first, first + count), broker, Path(args.state), Path(args.key), args.tag)
     print("ready", flush=True)
     drops: DropOffs | None = None
@@ -198,9 +199,11 @@ def host_agents(args) -> None:
 class Fleet:
     """``n`` agents in worker processes of at most PER_PROCESS; ``ids`` once every one is connected."""
 
-    def __init__(self, n: int, broker, root: Path, key: Path, tag: str, agent_wait: float | None = None) -> None:
+    def __init__(self, n: int, broker, root: Path, key: Path, tag: str, agent_wait: float | None = None,
+                 keepalive: int | None = None) -> None:
         self.ids = [device_id(tag, i) for i in range(n)]
         wait = ["--agent-wait", str(agent_wait)] if agent_wait is not None else []
+        wait += ["--keepalive", str(keepalive)] if keepalive is not None else []
         self.procs = [subprocess.Popen(
             [sys.executable, __file__, "--host-agents", f"{first}:{min(PER_PROCESS, n - first)}", "--tag", tag,
              "--state", str(root), "--key", str(key), "--broker-port", str(broker.port), *wait],
@@ -263,6 +266,8 @@ def main() -> None:
     ap.add_argument("--drop-session", choices=("kept", "lost"), default="kept",
                     help="whether a dropped agent's broker session (what was queued for it) is lost")
     ap.add_argument("--agent-wait", type=float, help="the agents' first silence in seconds (see above)")
+    ap.add_argument("--keepalive", type=int,
+                    help="the agents' MQTT keep-alive in seconds (30): a starved agent past 1.5x it is disconnected")
     ap.add_argument("--unicast-max", type=int, default=200,
                     help="larger fleets are broadcast only (unicast there is recorded as not run)")
     ap.add_argument("--host-agents", help=argparse.SUPPRESS)
@@ -303,7 +308,8 @@ def main() -> None:
     with LocalBroker("mosquitto", tmp / "broker") as broker:
         for n in sizes:
             t0 = time.perf_counter()
-            fleet = Fleet(n, broker.config, tmp / f"state-{n}", keys / "signing.pub", f"n{n}", args.agent_wait)
+            fleet = Fleet(n, broker.config, tmp / f"state-{n}", keys / "signing.pub", f"n{n}", args.agent_wait,
+                          args.keepalive)
             print(f"{n:>5} agents connected in {time.perf_counter() - t0:.1f} s", flush=True)
             ids = fleet.ids
             try:
@@ -350,7 +356,8 @@ def main() -> None:
                           "machine": platform.machine()},
               "note": f"real device agents, a thread each, in worker processes of at most {PER_PROCESS}, on one loopback "
                       "Mosquitto; the host in the bench's own process",
-              "options": {"drop": args.drop, "drop_session": args.drop_session, "agent_wait_s": args.agent_wait},
+              "options": {"drop": args.drop, "drop_session": args.drop_session, "agent_wait_s": args.agent_wait,
+                          "keepalive_s": args.keepalive},
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
