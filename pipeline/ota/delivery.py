@@ -104,8 +104,8 @@ SERVE_WINDOW = 64
 COALESCE_S = 2.0
 #: listening devices that must ask for a chunk at once for it to go once on the artifact topic instead, and the
 #: share of the wave's devices still downloading they must be: every one of those receives a rebroadcast (and pays
-#: for its bytes on a metered link), and the broker queues a copy for each (at 1,000 starved agents, repairs of a
-#: few devices rebroadcast to all of them took Mosquitto to 18 GB and the OOM killer)
+#: for its bytes on a metered link), and the broker queues a copy for each (the likely cause of Mosquitto's 18 GB
+#: and OOM kill at 1,000 starved agents, where repairs two devices asked for went to all of them)
 REBROADCAST_MIN = 2
 REBROADCAST_SHARE = 0.5
 _TERMINAL = frozenset(s.value for s in TERMINAL_STATES)
@@ -204,7 +204,8 @@ class ChunkServer:
             self._send(f, wanted, chunk_size, b)
 
     def _send(self, f, wanted: dict[int, dict[str, bool]], chunk_size: int, b: BroadcastResult | None) -> None:
-        downloading = sum(1 for r in self.counters.values() if getattr(r, "device_state", None) == "downloading")
+        downloading = 0 if b is None else sum(1 for r in self.counters.values()
+                                               if getattr(r, "device_state", None) == State.DOWNLOADING.value)
         for index, who in sorted(wanted.items()):
             f.seek(index * chunk_size)
             frame = encode_chunk(self.job_id, index, f.read(chunk_size))
