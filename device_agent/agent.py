@@ -387,14 +387,7 @@ class Agent(CalibrationControl, ShadowControl, TransferControl):
             kept = (State.ACTIVATED, State.ROLLED_BACK, State.FAILED, State.CALIBRATING, State.SHADOWING)
             self._publish_status(state if state in kept else State.IDLE, job_id=self.state.get("job_id"),
                                  version=self.state.get("version"))
-            if self._transfer is not None and self._transfer.manifest.url:
-                if self._transfer.http is None:
-                    self._start_http(self._transfer)
-            elif self._transfer is not None:
-                if self.link.session_present:  # what we asked for is still queued for us: give it time
-                    self._transfer.last_progress = time.monotonic()
-                else:
-                    self._request_more(self._transfer, again=True)
+            self._resume_transfer()
             return
         if name.startswith(f"{self.cfg.topic_prefix}/v{PROTOCOL_VERSION}/{ARTIFACTS_LEVEL}/"):
             if payload:  # an empty one clears the retained last chunk
@@ -461,35 +454,7 @@ class Agent(CalibrationControl, ShadowControl, TransferControl):
         if self.state.get("shadow") is not None:  # one job at a time: any other supersedes the candidate
             self._supersede_shadow(job.job_id)
         self._cancel_calibration(f"superseded by job {job.job_id}")  # one job at a time, of either kind
-        if self._transfer is not None:  # a newer job supersedes the one in flight
-            self._transfer.download.discard()
-            self._leave_broadcast(self._transfer)
-            self._event("superseded", f"job {self._transfer.job_id} replaced by {job.job_id}")
-        dl = Download(self.root / "downloads", job.job_id, manifest.length, manifest.chunk_size, manifest.chunks)
-        broadcast = job.artifact_topic if not manifest.url else None
-        atomic_write_json(dl.dir / "job.json", {"job_id": job.job_id, "manifest": job.manifest,
-                                                **({"artifact_topic": broadcast} if broadcast else {})})
-        self._transfer = _Transfer(job.job_id, manifest, job.manifest, dl, set(), time.monotonic(),
-                                   artifact_topic=broadcast,
-                                   quiet_s=_backoff(transfer.BROADCAST_WAIT_S if broadcast else transfer.RETRY_S, 0))
-        self._save_state(state=State.DOWNLOADING.value, job_id=job.job_id, version=manifest.version, reason=None)
-        if broadcast:  # subscribed before `downloading` goes out: the host broadcasts once it has seen that status
-            self.link.subscribe(broadcast, 1)
-        self._publish_status(State.DOWNLOADING, job_id=job.job_id, version=manifest.version,
-                             progress=round(dl.resumed / manifest.chunks, 4))
-        if dl.resumed:
-            self._event("resumed", f"download resumes at {dl.resumed}/{manifest.chunks} chunks", job_id=job.job_id)
-        if dl.complete:
-            self._finish(self._transfer)
-        elif manifest.url:
-            self._start_http(self._transfer)
-        elif self.link.session_present and dl.requested:
-            # the broker kept our session: what we had asked for is still on its way; wait for it (the retry
-            # timer asks again if it never comes) instead of making the host send it twice
-            self._transfer.outstanding = set(dl.requested)
-        elif not broadcast:
-            self._request_more(self._transfer)
-        # with a broadcast: nothing asked for until it has passed (its last chunk) or is silent (_tick asks)
+        self._begin_transfer(job, manifest)
 
     def _already_active(self, job: Job, m: Manifest) -> bool:
         """A crash between the switch and its bookkeeping: the new model is active; finish the record."""

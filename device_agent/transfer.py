@@ -11,7 +11,7 @@ before anything is written: one that does not parse, is corrupt or does not fit 
 
 A mixin of :class:`device_agent.agent.Agent`: it uses the agent's link and topics (``link``, ``_t``), its transfer
 (``_transfer``), messages (``_publish_status``, ``_event``, ``_refuse``, ``_save_state``, ``state``), its worker's
-inbox (``_inbox``), its config (``cfg``) and ``_finish``.
+inbox (``_inbox``), its config (``cfg``), its state directory (``root``) and ``_finish``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from typing import Any
 from .download import Download
 from .errors import ProtocolError
 from .manifest import Manifest
-from .protocol import DEFAULT_WINDOW, CorruptChunk, Leaf, ResultCode, State, decode_chunk, encode, short
+from .protocol import DEFAULT_WINDOW, CorruptChunk, Job, Leaf, ResultCode, State, decode_chunk, encode, short
+from .storage import atomic_write_json
 
 #: Seconds without a chunk before the device asks again: the first silence; each unanswered ask doubles it up to
 #: RETRY_MAX_S, spread by up to half again (:func:`_backoff`), and MAX_RETRIES unanswered asks abort.
@@ -68,6 +69,52 @@ class TransferControl:
     def _leave_broadcast(self, tr: _Transfer) -> None:
         if tr.artifact_topic is not None:
             self.link.unsubscribe(tr.artifact_topic)
+
+    def _begin_transfer(self, job: Job, manifest: Manifest) -> None:
+        """Download the artifact of ``job`` (verified and accepted: ``manifest``), resuming what is on disk; a job in
+        flight is superseded. Asks on its own stream, fetches over HTTP, or (a broadcast) listens."""
+        if self._transfer is not None:  # a newer job supersedes the one in flight
+            self._transfer.download.discard()
+            self._leave_broadcast(self._transfer)
+            self._event("superseded", f"job {self._transfer.job_id} replaced by {job.job_id}")
+        dl = Download(self.root / "downloads", job.job_id, manifest.length, manifest.chunk_size, manifest.chunks)
+        broadcast = job.artifact_topic if not manifest.url else None
+        atomic_write_json(dl.dir / "job.json", {"job_id": job.job_id, "manifest": job.manifest,
+                                                **({"artifact_topic": broadcast} if broadcast else {})})
+        self._transfer = _Transfer(job.job_id, manifest, job.manifest, dl, set(), time.monotonic(),
+                                   artifact_topic=broadcast,
+                                   quiet_s=_backoff(BROADCAST_WAIT_S if broadcast else RETRY_S, 0))
+        self._save_state(state=State.DOWNLOADING.value, job_id=job.job_id, version=manifest.version, reason=None)
+        if broadcast:  # subscribed before `downloading` goes out: the host broadcasts once it has seen that status
+            self.link.subscribe(broadcast, 1)
+        self._publish_status(State.DOWNLOADING, job_id=job.job_id, version=manifest.version,
+                             progress=round(dl.resumed / manifest.chunks, 4))
+        if dl.resumed:
+            self._event("resumed", f"download resumes at {dl.resumed}/{manifest.chunks} chunks", job_id=job.job_id)
+        if dl.complete:
+            self._finish(self._transfer)
+        elif manifest.url:
+            self._start_http(self._transfer)
+        elif self.link.session_present and dl.requested:
+            # the broker kept our session: what we had asked for is still on its way; wait for it (the retry
+            # timer asks again if it never comes) instead of making the host send it twice
+            self._transfer.outstanding = set(dl.requested)
+        elif not broadcast:
+            self._request_more(self._transfer)
+        # with a broadcast: nothing asked for until it has passed (its last chunk) or is silent (_tick asks)
+
+    def _resume_transfer(self) -> None:
+        """The link is up again: carry the transfer in flight on."""
+        tr = self._transfer
+        if tr is None:
+            return
+        if tr.manifest.url:
+            if tr.http is None:
+                self._start_http(tr)
+        elif self.link.session_present:  # what we asked for is still queued for us: give it time
+            tr.last_progress = time.monotonic()
+        else:
+            self._request_more(tr, again=True)
 
     def _request_more(self, tr: _Transfer, again: bool = False) -> None:
         if again:
