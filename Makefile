@@ -30,8 +30,8 @@ endef
 $(BIN)/python:
 	$(call step,creating the virtual environment $(VENV),$(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install --upgrade pip)
 
-# What the virtual environment takes with the [tflite] extra (2.7 GB measured), and pip's unpacking on top
-NEED_MB := 4000
+# What the virtual environment takes with the [tflite] extra (2.7 GB measured) and a little of pip's unpacking
+NEED_MB := 3000
 # $(call room,DIR): fail with what is free and where, unless DIR's file system has NEED_MB free
 define room
 	@free=$$(df -Pm "$(1)" | awk 'NR==2 {print $$4}'); if [ "$$free" -lt $(NEED_MB) ]; then \
