@@ -8,8 +8,7 @@ clean start, a retained Last Will ``offline`` on ``<prefix>/v1/<device>/online``
 subscribes to its ``job`` and ``cmd`` topics and publishes ``online`` and a ``Status`` (both retained), then a
 ``Metrics`` every ``--interval`` seconds, all QoS 1 and built by ``device_agent.protocol`` with the device's
 ``boot`` and ``seq`` and a ``ts`` of its own per message. No thread per device: one thread drives every client of
-the process through paho's external-loop API (``loop_read``/``loop_write``/``loop_misc`` and its socket callbacks)
-over an epoll selector (``select()`` takes no descriptor above 1023).
+the process (bench/mqttloop.py).
 
 Connections are opened ``--connect-window`` at a time (hundreds of CONNECTs at once on two cores time out). A
 dropped connection (a broker restart) is reopened with jittered, doubling delays; paho keeps every QoS 1 message not
@@ -37,14 +36,12 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
+    sys.path.insert(1, str(Path(__file__).resolve().parent))
 
 import argparse  # noqa: E402
 import heapq  # noqa: E402
 import json  # noqa: E402
-import os  # noqa: E402
 import random  # noqa: E402
-import resource  # noqa: E402
-import selectors  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
@@ -53,6 +50,7 @@ import paho.mqtt.client as mqtt  # noqa: E402
 
 from device_agent import mqtt as agent_mqtt  # noqa: E402
 from device_agent.protocol import Leaf, Metrics, Status, encode, topic  # noqa: E402
+from mqttloop import Loop, raise_file_limit  # noqa: E402
 
 SENT, ACKED, UNROUTED, REFUSED = 0, 1, 2, 3
 #: the agent's policy for telemetry the broker routed to nobody (device_agent.mqtt, ``until_routed``): published
@@ -82,8 +80,7 @@ class SimDevice:
         c.max_queued_messages_set(0)
         c.will_set(self.topic(Leaf.ONLINE), b"offline", qos=1, retain=True)
         c.on_connect, c.on_disconnect, c.on_publish = _on_connect, _on_disconnect, _on_publish
-        c.on_socket_open, c.on_socket_close = _on_socket_open, _on_socket_close
-        c.on_socket_register_write, c.on_socket_unregister_write = _on_register_write, _on_unregister_write
+        fleet.wire(c)
         # clean start on every connection, no session expiry: what device_agent.mqtt.MqttLink asks for an agent
         c.connect_async(fleet.host, fleet.port, keepalive=60, clean_start=True)
 
@@ -150,28 +147,6 @@ class SimDevice:
             w.given_up += outcome == UNROUTED
 
 
-def _on_socket_open(client, dev: SimDevice, sock) -> None:
-    dev.fleet.sel.register(sock, selectors.EVENT_READ, dev)
-
-
-def _on_socket_close(client, dev: SimDevice, sock) -> None:
-    try:
-        dev.fleet.sel.unregister(sock)
-    except (KeyError, ValueError):
-        pass
-
-
-def _on_register_write(client, dev: SimDevice, sock) -> None:
-    dev.fleet.sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, dev)
-
-
-def _on_unregister_write(client, dev: SimDevice, sock) -> None:
-    try:
-        dev.fleet.sel.modify(sock, selectors.EVENT_READ, dev)
-    except (KeyError, ValueError):
-        pass
-
-
 def _on_connect(client, dev: SimDevice, flags, reason_code, properties) -> None:
     w = dev.fleet
     w.connecting.discard(dev)
@@ -194,8 +169,7 @@ def _on_disconnect(client, dev: SimDevice, flags, reason_code, properties) -> No
         w.drops += 1
     dev.connected, dev.connecting_since = False, None
     if not w.closing:
-        w.schedule(dev, dev.delay * random.uniform(0.5, 1.5))
-        dev.delay = min(dev.delay * 2, 8.0)
+        w.backoff(dev)
 
 
 def _on_publish(client, dev: SimDevice, mid, reason_code, properties) -> None:
@@ -210,52 +184,20 @@ def _on_publish(client, dev: SimDevice, mid, reason_code, properties) -> None:
         dev.settle(seq, ACKED)
 
 
-class Worker:
+class Worker(Loop):
     """One process's devices, driven by one thread."""
 
     def __init__(self, host: str, port: int, devices: list[str], interval: float, seconds: float,
                  prefix: str = "edgefleet", connect_window: int = 20, drain_s: float = 120.0) -> None:
+        super().__init__(connect_window)
         self.host, self.port, self.prefix = host, port, prefix
-        self.interval, self.seconds, self.window, self.drain_s = interval, seconds, connect_window, drain_s
-        self.sel = selectors.DefaultSelector()
+        self.interval, self.seconds, self.drain_s = interval, seconds, drain_s
         self.sent = self.acked = self.refused = self.connects = self.drops = self.refused_connects = 0
         self.unrouted_acks = self.retried = self.given_up = 0  # PUBACKs "no matching subscribers", tries again
         self.retries: list[tuple[float, int, int]] = []  # (when, device index, seq): unrouted, to publish again
-        self.connect_failures = 0
-        self.closing = False
-        self.connecting: set[SimDevice] = set()
-        self._due: list[tuple[float, int]] = []  # (when, index): devices waiting to (re)connect
         self.devices = [SimDevice(self, d, i) for i, d in enumerate(devices)]
         for dev in self.devices:
             self.schedule(dev, 0.0)
-
-    def schedule(self, dev: SimDevice, delay: float) -> None:
-        heapq.heappush(self._due, (time.monotonic() + delay, dev.index))
-
-    def _connect_due(self, now: float) -> None:
-        while self._due and self._due[0][0] <= now and len(self.connecting) < self.window:
-            dev = self.devices[heapq.heappop(self._due)[1]]
-            if dev.connected or dev in self.connecting:
-                continue
-            try:
-                dev.client.reconnect()
-            except OSError:  # refused: the broker is down (restarting)
-                self.connect_failures += 1
-                self.schedule(dev, dev.delay * random.uniform(0.5, 1.5))
-                dev.delay = min(dev.delay * 2, 8.0)
-                continue
-            dev.connecting_since = now
-            self.connecting.add(dev)
-
-    def _expire_connects(self, now: float) -> None:
-        for dev in [d for d in self.connecting if d.connecting_since and now - d.connecting_since > 20]:
-            self.connecting.discard(dev)  # no CONNACK in 20 s: drop the socket and try again
-            dev.client._sock_close()  # noqa: SLF001 - paho offers no public way to drop a socket without a DISCONNECT
-            self.schedule(dev, dev.delay)
-
-    @property
-    def connected(self) -> int:
-        return sum(d.connected for d in self.devices)
 
     def unacked(self) -> int:
         return self.sent - self.acked - self.refused
@@ -266,32 +208,17 @@ class Worker:
                 "given_up": self.given_up, "connects": self.connects, "drops": self.drops,
                 "connect_failures": self.connect_failures, "t": time.time()}
 
-    def _pump(self, timeout: float) -> list[str]:
-        """One round of network events; the lines that came on stdin."""
-        lines = []
-        for key, mask in self.sel.select(timeout):
-            if key.data is None:
-                data = os.read(key.fd, 4096)
-                lines += data.decode().split() if data else ["eof"]
-                continue
-            client = key.data.client
-            if mask & selectors.EVENT_READ:
-                client.loop_read()
-            if mask & selectors.EVENT_WRITE and client.socket() is not None:
-                client.loop_write()
-        return lines
-
     def run(self, commands: int | None = None, report=print) -> dict:
         """Connect, wait for ``go`` (on ``commands``, a descriptor; None: go at once), publish, drain, go offline."""
         if commands is not None:
-            self.sel.register(commands, selectors.EVENT_READ, None)
+            self.watch_commands(commands)
         phase, started, next_misc, next_report = "connecting", None, 0.0, 0.0
         due: list[tuple[float, int]] = []  # (when, index): the next metrics message of each device
         end_of_drain = float("inf")
         while True:
             now = time.monotonic()
             timeout = min([0.05] + ([max(0.0, due[0][0] - now)] if due else []))
-            for cmd in self._pump(timeout):
+            for cmd in self.pump(timeout):
                 if cmd == "go" and phase == "connecting":
                     phase, started = "publishing", time.monotonic()
                     due = [(started + self.interval * i / len(self.devices), i) for i in range(len(self.devices))]
@@ -318,12 +245,10 @@ class Worker:
                 self.devices[i].republish(seq)
             if phase == "draining" and (self.unacked() == 0 or now >= end_of_drain):
                 break
-            self._connect_due(now)
+            self.connect_due(now)
             if now >= next_misc:
                 next_misc = now + 1.0
-                for dev in self.devices:
-                    dev.client.loop_misc()
-                self._expire_connects(now)
+                self.misc(now)
             if now >= next_report:
                 next_report = now + 1.0
                 report(json.dumps(self.progress(phase)))
@@ -339,13 +264,13 @@ class Worker:
                 dev.publish(Leaf.ONLINE, b"offline", retain=True)
         deadline = time.monotonic() + timeout
         while any(d.mids for d in self.devices if d.connected) and time.monotonic() < deadline:
-            self._pump(0.05)
+            self.pump(0.05)
         for dev in self.devices:
             if dev.connected:
                 dev.client.disconnect()
         deadline = time.monotonic() + timeout
         while any(d.connected for d in self.devices) and time.monotonic() < deadline:
-            self._pump(0.05)
+            self.pump(0.05)
 
     def result(self) -> dict:
         return {"counts": self.progress("done"),
@@ -461,8 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wait-go", action="store_true", help="publish on `go` from stdin, not once all connected")
     ap.add_argument("--out", help="where to write the per-device result (JSON)")
     args = ap.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # a socket per device, and paho's own
+    raise_file_limit()
     host, _, port = args.broker.rpartition(":")
     names = [f"sim-{i:05d}" for i in range(args.first, args.first + args.devices)]
     worker = Worker(host, int(port), names, args.interval, args.seconds, args.prefix, args.connect_window, args.drain_s)
