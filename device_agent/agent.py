@@ -39,7 +39,6 @@ from . import __version__
 from .suite_runner import RUNTIME as CALIBRATION_RUNTIME
 from .calibrator import PAYLOAD, CalibrationJob
 from .config import AgentConfig
-from .download import Download
 from .drift import DriftMonitor
 from .errors import (
     AgentError,
@@ -86,8 +85,7 @@ from .shadowing import ShadowControl
 from .slots import SlotStore
 from .storage import atomic_write_json, read_json
 from .telemetry import Telemetry
-from . import transfer
-from .transfer import TransferControl, _Transfer, _backoff
+from .transfer import TransferControl, _Transfer
 
 log = logging.getLogger(__name__)
 
@@ -252,25 +250,7 @@ class Agent(CalibrationControl, ShadowControl, TransferControl):
             else:  # a crash between accepting it and keeping its payload (or a record edited by hand): nothing to time
                 self._save_state(state=State.FAILED.value, reason="calibration payload missing after a restart",
                                  calibration={**cal, "finished": True})
-        job_id = self.state.get("job_id")
-        if self.state.get("state") != State.DOWNLOADING.value or not job_id:
-            return
-        try:
-            saved = read_json(self.root / "downloads" / job_id / "job.json")
-            if not saved:
-                return
-            manifest = Manifest.from_signed(verify_envelope(saved["manifest"], self.trusted))
-        except (VerificationError, ProtocolError, ValueError, KeyError, TypeError) as exc:
-            log.warning("cannot resume job %s: %s", job_id, exc)
-            return
-        dl = Download(self.root / "downloads", job_id, manifest.length, manifest.chunk_size, manifest.chunks)
-        self._transfer = _Transfer(job_id, manifest, saved["manifest"], dl, set(dl.requested), time.monotonic())
-        if saved.get("artifact_topic") == artifact_topic(self.cfg.topic_prefix, job_id) and not manifest.url:
-            self._transfer.artifact_topic = saved["artifact_topic"]
-            self._transfer.quiet_s = _backoff(transfer.BROADCAST_WAIT_S, 0)
-            self.link.subscribe(saved["artifact_topic"], 1)  # subscribed as the link connects
-        self._pending_events.append(("resumed", f"download resumes at {dl.resumed}/{manifest.chunks} chunks after a "
-                                                f"restart", job_id))
+        self._reopen_transfer()
 
     def run(self, connect_timeout: float = 10.0) -> None:
         backoff = StartBackoff(self.root)

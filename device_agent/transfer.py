@@ -11,21 +11,26 @@ before anything is written: one that does not parse, is corrupt or does not fit 
 
 A mixin of :class:`device_agent.agent.Agent`: it uses the agent's link and topics (``link``, ``_t``), its transfer
 (``_transfer``), messages (``_publish_status``, ``_event``, ``_refuse``, ``_save_state``, ``state``), its worker's
-inbox (``_inbox``), its config (``cfg``), its state directory (``root``) and ``_finish``.
+inbox (``_inbox``), its config (``cfg``), its state directory (``root``), trusted keys (``trusted``), events to send
+once connected (``_pending_events``) and ``_finish``.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from .download import Download
-from .errors import ProtocolError
-from .manifest import Manifest
-from .protocol import DEFAULT_WINDOW, CorruptChunk, Job, Leaf, ResultCode, State, decode_chunk, encode, short
-from .storage import atomic_write_json
+from .errors import ProtocolError, VerificationError
+from .manifest import Manifest, verify_envelope
+from .protocol import (DEFAULT_WINDOW, CorruptChunk, Job, Leaf, ResultCode, State, artifact_topic, decode_chunk, encode,
+                       short)
+from .storage import atomic_write_json, read_json
+
+log = logging.getLogger(__name__)
 
 #: Seconds without a chunk before the device asks again: the first silence; each unanswered ask doubles it up to
 #: RETRY_MAX_S, spread by up to half again (:func:`_backoff`), and MAX_RETRIES unanswered asks abort.
@@ -102,6 +107,29 @@ class TransferControl:
         elif not broadcast:
             self._request_more(self._transfer)
         # with a broadcast: nothing asked for until it has passed (its last chunk) or is silent (_tick asks)
+
+    def _reopen_transfer(self) -> None:
+        """After a restart, before connecting: pick the interrupted download (the persisted state says downloading)
+        back up from disk, so chunks the broker kept for us and delivers first have a transfer to go into."""
+        job_id = self.state.get("job_id")
+        if self.state.get("state") != State.DOWNLOADING.value or not job_id:
+            return
+        try:
+            saved = read_json(self.root / "downloads" / job_id / "job.json")
+            if not saved:
+                return
+            manifest = Manifest.from_signed(verify_envelope(saved["manifest"], self.trusted))
+        except (VerificationError, ProtocolError, ValueError, KeyError, TypeError) as exc:
+            log.warning("cannot resume job %s: %s", job_id, exc)
+            return
+        dl = Download(self.root / "downloads", job_id, manifest.length, manifest.chunk_size, manifest.chunks)
+        self._transfer = _Transfer(job_id, manifest, saved["manifest"], dl, set(dl.requested), time.monotonic())
+        if saved.get("artifact_topic") == artifact_topic(self.cfg.topic_prefix, job_id) and not manifest.url:
+            self._transfer.artifact_topic = saved["artifact_topic"]
+            self._transfer.quiet_s = _backoff(BROADCAST_WAIT_S, 0)
+            self.link.subscribe(saved["artifact_topic"], 1)  # subscribed as the link connects
+        self._pending_events.append(("resumed", f"download resumes at {dl.resumed}/{manifest.chunks} chunks after a "
+                                                f"restart", job_id))
 
     def _resume_transfer(self) -> None:
         """The link is up again: carry the transfer in flight on."""
