@@ -232,9 +232,38 @@ class Fleet:
                 p.wait()
 
 
-def row(n: int, mode: str, art, got, wall: float, downloaded: dict[str, float], drops: dict | None = None) -> dict:
+class SimFleet(Fleet):
+    """``n`` simulated devices (bench/transfersim.py: the agent's transfer code, no model runtime) in ``workers``
+    processes of one event loop each; the same commands as :class:`Fleet`'s workers."""
+
+    def __init__(self, n: int, broker, root: Path, key: Path, tag: str, keepalive: int | None = None,
+                 workers: int = 2) -> None:
+        self.ids = [device_id(tag, i) for i in range(n)]
+        workers = max(1, min(workers, n))
+        sizes = [n // workers + (k < n % workers) for k in range(workers)]
+        sim = Path(__file__).with_name("transfersim.py")
+        self.procs = [subprocess.Popen(
+            [sys.executable, str(sim), "--broker", f"127.0.0.1:{broker.port}", "--devices", str(size),
+             "--first", str(sum(sizes[:k])), "--tag", tag, "--state", str(root), "--key", str(key), "--prefix", PREFIX,
+             *(["--keepalive", str(keepalive)] if keepalive is not None else [])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for k, size in enumerate(sizes)]
+        for p in self.procs:
+            if p.stdout.readline().strip() != "ready":
+                self.stop()
+                raise SystemExit(f"a simulator worker of {tag} failed (exit {p.wait()})")
+
+
+def state_root(prefix: str) -> Path:
+    """Where the devices keep their downloads: memory (/dev/shm) where there is one, so that 1,000 devices' fsyncs
+    measure the protocol, not this machine's disk."""
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
+
+
+def row(n: int, mode: str, art, got, wall: float, downloaded: dict[str, float], drops: dict | None = None,
+        fleet_kind: str = "agents") -> dict:
     s = got.summary()
-    out = {"devices": n, "mode": mode, "activated": sum(r.status == "activated" for r in got),
+    out = {"devices": n, "mode": mode, "fleet": fleet_kind, "activated": sum(r.status == "activated" for r in got),
            "artifact_bytes": art.size_bytes, "egress_bytes": got.egress_bytes,
            "egress_x_artifact": round(got.egress_bytes / art.size_bytes, 3),
            "broadcast_bytes": s["broadcast_bytes"], "repair_bytes": s["repair_bytes"],
@@ -268,6 +297,10 @@ def main() -> None:
     ap.add_argument("--agent-wait", type=float, help="the agents' first silence in seconds (see above)")
     ap.add_argument("--keepalive", type=int,
                     help="the agents' MQTT keep-alive in seconds (30): a starved agent past 1.5x it is disconnected")
+    ap.add_argument("--sim", action="store_true",
+                    help="simulated devices (bench/transfersim.py: the agent's transfer, no model runtime) instead of "
+                         "agents")
+    ap.add_argument("--sim-workers", type=int, default=2, help="processes the simulated devices share")
     ap.add_argument("--unicast-max", type=int, default=200,
                     help="larger fleets are broadcast only (unicast there is recorded as not run)")
     ap.add_argument("--host-agents", help=argparse.SUPPRESS)
@@ -308,8 +341,12 @@ def main() -> None:
     with LocalBroker("mosquitto", tmp / "broker") as broker:
         for n in sizes:
             t0 = time.perf_counter()
-            fleet = Fleet(n, broker.config, tmp / f"state-{n}", keys / "signing.pub", f"n{n}", args.agent_wait,
-                          args.keepalive)
+            if args.sim:
+                fleet = SimFleet(n, broker.config, state_root(f"sim-{n}-"), keys / "signing.pub", f"s{n}",
+                                 args.keepalive, args.sim_workers)
+            else:
+                fleet = Fleet(n, broker.config, tmp / f"state-{n}", keys / "signing.pub", f"n{n}", args.agent_wait,
+                              args.keepalive)
             print(f"{n:>5} agents connected in {time.perf_counter() - t0:.1f} s", flush=True)
             ids = fleet.ids
             try:
@@ -331,13 +368,13 @@ def main() -> None:
 
                     got = deliver(broker.config, PREFIX, art, ids, 900, progress, broadcast=setting)
                     wall = time.perf_counter() - t0
+                    answers = [json.loads(a) for a in fleet.ask("report")] if mode == "drop" or args.sim else []
                     drops = None
                     if mode == "drop":
-                        drops = {"dropped": [], "back": [], "missed": []}
-                        for answer in fleet.ask("report"):
-                            for k, v in json.loads(answer).items():
-                                drops[k] += v
-                    rows.append(row(n, mode, art, got, wall, downloaded, drops))
+                        drops = {k: [x for a in answers for x in a.get(k, [])] for k in ("dropped", "back", "missed")}
+                    rows.append(row(n, mode, art, got, wall, downloaded, drops, "simulated" if args.sim else "agents"))
+                    if args.sim:  # the simulators' own counts: connections lost, handling errors, refused frames
+                        rows[-1]["sim"] = {k: sum(a["counts"][k] for a in answers) for k in answers[0]["counts"]}
                     r = rows[-1]
                     print(f"{n:>5} {mode:<9} {r['activated']}/{n} activated, egress {r['egress_x_artifact']}x, "
                           f"repairs {r['repair_bytes']} B, downloaded in {r['download_s']} s, {r['wall_s']} s in all"
@@ -354,9 +391,10 @@ def main() -> None:
     result = {"artifact_bytes": rows[0]["artifact_bytes"] if rows else None, "chunk_size": 32 * 1024,
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                           "machine": platform.machine()},
-              "note": f"real device agents, a thread each, in worker processes of at most {PER_PROCESS}, on one loopback "
-                      "Mosquitto; the host in the bench's own process",
-              "options": {"drop": args.drop, "drop_session": args.drop_session, "agent_wait_s": args.agent_wait,
+              "note": (f"simulated devices (bench/transfersim.py) in {args.sim_workers} processes" if args.sim else
+                       f"real device agents, a thread each, in worker processes of at most {PER_PROCESS}")
+                      + ", on one loopback Mosquitto; the host in the bench's own process",
+              "options": {"sim": args.sim, "drop": args.drop, "drop_session": args.drop_session, "agent_wait_s": args.agent_wait,
                           "keepalive_s": args.keepalive},
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
