@@ -1,6 +1,6 @@
 """Fleet scale: host egress and wall time of one ~1 MB model to N agents, unicast vs broadcast, side by side.
 
-    .venv/bin/python bench/scale.py [--devices 1,10,50] [--drop 0.05] [--out bench/results/scale.json]
+    .venv/bin/python bench/scale.py [--devices 1,10,50] [--drop 0.05] [--sim] [--out bench/results/scale.json]
 
 For each N, N real device agents (a thread each, its own MQTT session and state directory: verify, download,
 fsync, install, health-check, activate) run in worker processes of at most 150 agents (paho-mqtt waits on its
@@ -21,6 +21,12 @@ unicast (``broadcast="never"``: each device's chunks on its own ``stream/data``)
   so what was broadcast while it was away is gone; it comes back once an agent of its worker that stayed has the
   whole artifact (the broadcast has gone by) and must still activate. dropped / dropped_activated, and
   dropped_repair_chunks against others_repair_chunks, say what that cost.
+- broker_cpu_s, devices_cpu_s, host_cpu_s: CPU seconds the broker, the devices' processes and the host spent in the
+  round (two cores are shared by all three: what bounds wall_s here), broker_peak_rss_mb its memory at most.
+- ``--sim``: simulated devices instead of agents (bench/transfersim.py: the agent's own transfer code and MQTT
+  session, up to verifying the artifact's sha256, many devices per process on one event loop); 1,000 agents a thread
+  each starve on two cores (docs/protocol.md), 1,000 simulated devices do not. A simulated drop-off cuts the
+  connection abruptly and comes back from disk.
 - ``--agent-wait S`` sets the agents' first silence (device_agent.transfer.BROADCAST_WAIT_S, 20 s) to S: at 1,000
   agents on two cores the broadcast's first chunk reached many agents more than 20 s after their job; a short
   wait makes a small fleet see its broadcast as late as that one did.
@@ -260,6 +266,40 @@ def state_root(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
 
 
+class CpuClock:
+    """CPU seconds (user + system) the broker, the devices' processes and this one (the host) spent between
+    :meth:`start` and :meth:`stop`, and the broker's peak resident memory, sampled every 0.2 s: on two shared cores
+    they say what bounds the wall time."""
+
+    def __init__(self, broker_pid: int, device_pids: list[int]) -> None:
+        import psutil
+
+        self.procs = {"broker": [psutil.Process(broker_pid)], "devices": [psutil.Process(p) for p in device_pids],
+                      "host": [psutil.Process()]}
+        self.broker_rss = 0
+        self._done = threading.Event()
+
+    def _cpu(self) -> dict[str, float]:
+        return {k: sum(p.cpu_times().user + p.cpu_times().system for p in ps) for k, ps in self.procs.items()}
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.2):  # a sampling interval, not a synchronisation
+            self.broker_rss = max(self.broker_rss, self.procs["broker"][0].memory_info().rss)
+
+    def start(self) -> "CpuClock":
+        self.t0 = self._cpu()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self
+
+    def stop(self) -> dict:
+        self._done.set()
+        self._sampler.join()
+        t1 = self._cpu()
+        return {**{f"{k}_cpu_s": round(t1[k] - self.t0[k], 2) for k in t1},
+                "broker_peak_rss_mb": round(self.broker_rss / 2 ** 20, 1)}
+
+
 def row(n: int, mode: str, art, got, wall: float, downloaded: dict[str, float], drops: dict | None = None,
         fleet_kind: str = "agents") -> dict:
     s = got.summary()
@@ -366,13 +406,16 @@ def main() -> None:
                         if state == "verifying":
                             downloaded.setdefault(r.device_id, time.perf_counter() - t0)
 
+                    clock = CpuClock(broker.proc.pid, [p.pid for p in fleet.procs]).start()
                     got = deliver(broker.config, PREFIX, art, ids, 900, progress, broadcast=setting)
                     wall = time.perf_counter() - t0
+                    cpu = clock.stop()
                     answers = [json.loads(a) for a in fleet.ask("report")] if mode == "drop" or args.sim else []
                     drops = None
                     if mode == "drop":
                         drops = {k: [x for a in answers for x in a.get(k, [])] for k in ("dropped", "back", "missed")}
                     rows.append(row(n, mode, art, got, wall, downloaded, drops, "simulated" if args.sim else "agents"))
+                    rows[-1].update(cpu)
                     if args.sim:  # the simulators' own counts: connections lost, handling errors, refused frames
                         rows[-1]["sim"] = {k: sum(a["counts"][k] for a in answers) for k in answers[0]["counts"]}
                     r = rows[-1]
@@ -401,7 +444,8 @@ def main() -> None:
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     cols = ["devices", "mode", "activated", "egress_bytes", "egress_x_artifact", "repair_bytes", "rebroadcast_chunks",
             "deferred_chunks", "download_s", "wall_s", "wall_x_one_device", "subscribe_wait_s", "broadcast_s",
-            "dropped", "dropped_activated", "dropped_repair_chunks", "others_repair_chunks"]
+            "dropped", "dropped_activated", "dropped_repair_chunks", "others_repair_chunks", "broker_cpu_s",
+            "devices_cpu_s", "host_cpu_s", "broker_peak_rss_mb"]
     widths = {c: max(len(c), *(len(str(r.get(c, "-"))) for r in rows)) for c in cols}
     print("  ".join(c.rjust(widths[c]) for c in cols))
     for r in rows:
