@@ -7,6 +7,9 @@ No thread per device: one thread drives every client of a process through paho's
 without a CONNACK after CONNACK_TIMEOUT_S has its socket dropped and tries again; a dropped connection is reopened by
 the device's own doubling delay (``schedule``).
 
+With ``link_bytes_s`` each device reads its socket no faster than a link of that speed would bring the bytes (the
+device says what it took: :meth:`Loop.charge`); the broker's sends to it back up in TCP as over a slow radio link.
+
 A device is any object with ``client`` (a paho client made with ``userdata`` the device and wired by :meth:`Loop.wire`),
 ``index`` (its place in ``Loop.devices``), ``fleet`` (the loop), ``connected``, ``connecting_since`` and ``delay``.
 """
@@ -33,39 +36,111 @@ def raise_file_limit() -> None:
 
 
 def _on_socket_open(client, dev, sock) -> None:
-    dev.fleet.sel.register(sock, selectors.EVENT_READ, dev)
+    dev.fleet._watch(dev, sock)
 
 
 def _on_socket_close(client, dev, sock) -> None:
-    try:
-        dev.fleet.sel.unregister(sock)
-    except (KeyError, ValueError):
-        pass
+    dev.fleet._unwatch(dev)
 
 
 def _on_register_write(client, dev, sock) -> None:
-    dev.fleet.sel.modify(sock, selectors.EVENT_READ | selectors.EVENT_WRITE, dev)
+    dev.fleet._want_write(dev, True)
 
 
 def _on_unregister_write(client, dev, sock) -> None:
-    try:
-        dev.fleet.sel.modify(sock, selectors.EVENT_READ, dev)
-    except (KeyError, ValueError):
-        pass
+    dev.fleet._want_write(dev, False)
+
+
+class _Socket:
+    """What the loop watches a device's socket for: reading unless its link is paused, writing while paho asks."""
+
+    __slots__ = ("sock", "write", "paused", "mask", "tokens", "at")
+
+    def __init__(self, sock) -> None:
+        self.sock, self.write, self.paused, self.mask = sock, False, False, 0
+        self.tokens, self.at = 0.0, time.monotonic()
 
 
 class Loop:
     """One process's devices and their sockets; subclasses add what the devices do."""
 
-    def __init__(self, connect_window: int = 20) -> None:
+    def __init__(self, connect_window: int = 20, link_bytes_s: float | None = None) -> None:
+        """``link_bytes_s``: each device's link, in bytes a second, downstream (None: as fast as loopback). A device
+        that has taken more than its link carries stops reading its socket until the link has caught up, so the
+        broker's TCP sends to it back up as they would over the air; :meth:`charge` counts what it took."""
         self.sel = selectors.DefaultSelector()
         self.window = connect_window
+        self.link_bytes_s = link_bytes_s
+        self._io: dict = {}  # device -> _Socket
+        self._paused: list[tuple[float, int, object]] = []  # (when its link has caught up, order, device)
+        self._order = 0
         self.devices: list = []
         self.connecting: set = set()
         self.connect_failures = 0
         self.closing = False
         self._due: list[tuple[float, int]] = []  # (when, index): devices waiting to (re)connect
         self._partial = ""  # a command line not yet ended
+
+    # -- sockets ----------------------------------------------------------------------------------------------
+    def _apply(self, dev) -> None:
+        io = self._io.get(dev)
+        if io is None:
+            return
+        mask = (0 if io.paused else selectors.EVENT_READ) | (selectors.EVENT_WRITE if io.write else 0)
+        if mask == io.mask:
+            return
+        try:
+            if io.mask == 0:
+                self.sel.register(io.sock, mask, dev)
+            elif mask == 0:
+                self.sel.unregister(io.sock)
+            else:
+                self.sel.modify(io.sock, mask, dev)
+        except (KeyError, ValueError, OSError):  # a socket already closed
+            pass
+        io.mask = mask
+
+    def _watch(self, dev, sock) -> None:
+        self._unwatch(dev)
+        self._io[dev] = _Socket(sock)
+        self._apply(dev)
+
+    def _unwatch(self, dev) -> None:
+        io = self._io.pop(dev, None)
+        if io is not None and io.mask:
+            try:
+                self.sel.unregister(io.sock)
+            except (KeyError, ValueError, OSError):
+                pass
+
+    def _want_write(self, dev, write: bool) -> None:
+        io = self._io.get(dev)
+        if io is not None:
+            io.write = write
+            self._apply(dev)
+
+    def charge(self, dev, nbytes: int) -> None:
+        """``dev`` has read ``nbytes`` off its link: past what the link carries by now, it pauses until it has."""
+        io = self._io.get(dev)
+        if self.link_bytes_s is None or io is None:
+            return
+        now = time.monotonic()
+        # a link idle for a while does not bank more than a chunk's worth: bursts stay what a radio gives
+        io.tokens = min(io.tokens + (now - io.at) * self.link_bytes_s, 32 * 1024) - nbytes
+        io.at = now
+        if io.tokens < 0 and not io.paused:
+            io.paused = True
+            self._apply(dev)
+            self._order += 1
+            heapq.heappush(self._paused, (now - io.tokens / self.link_bytes_s, self._order, dev))
+
+    def _resume_links(self, now: float) -> None:
+        while self._paused and self._paused[0][0] <= now:
+            _, _, dev = heapq.heappop(self._paused)
+            io = self._io.get(dev)
+            if io is not None and io.paused:
+                io.paused = False
+                self._apply(dev)
 
     @staticmethod
     def wire(client) -> None:
@@ -116,6 +191,8 @@ class Loop:
     def pump(self, timeout: float) -> list[str]:
         """One round of network events; the command lines that came meanwhile (``eof`` at their end)."""
         lines = []
+        if self._paused:
+            timeout = max(0.0, min(timeout, self._paused[0][0] - time.monotonic()))
         for key, mask in self.sel.select(timeout):
             if key.data is None:
                 data = os.read(key.fd, 4096)
@@ -131,6 +208,7 @@ class Loop:
                 client.loop_read()
             if mask & selectors.EVENT_WRITE and client.socket() is not None:
                 client.loop_write()
+        self._resume_links(time.monotonic())
         return lines
 
     def misc(self, now: float) -> None:

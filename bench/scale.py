@@ -26,7 +26,9 @@ unicast (``broadcast="never"``: each device's chunks on its own ``stream/data``)
 - ``--sim``: simulated devices instead of agents (bench/transfersim.py: the agent's own transfer code and MQTT
   session, up to verifying the artifact's sha256, many devices per process on one event loop); 1,000 agents a thread
   each starve on two cores (docs/protocol.md), 1,000 simulated devices do not. A simulated drop-off cuts the
-  connection abruptly and comes back from disk.
+  connection abruptly and comes back from disk. ``--link-kbps K`` gives each simulated device a K kbit/s downlink
+  (LTE-M about 1,000, NB-IoT 20-250): where devices are bound by their links rather than by this machine's two
+  cores, the wall times compare as they would on a fleet.
 - ``--agent-wait S`` sets the agents' first silence (device_agent.transfer.BROADCAST_WAIT_S, 20 s) to S: at 1,000
   agents on two cores the broadcast's first chunk reached many agents more than 20 s after their job; a short
   wait makes a small fleet see its broadcast as late as that one did.
@@ -243,7 +245,7 @@ class SimFleet(Fleet):
     processes of one event loop each; the same commands as :class:`Fleet`'s workers."""
 
     def __init__(self, n: int, broker, root: Path, key: Path, tag: str, keepalive: int | None = None,
-                 workers: int = 2) -> None:
+                 workers: int = 2, link_kbps: float | None = None) -> None:
         self.ids = [device_id(tag, i) for i in range(n)]
         workers = max(1, min(workers, n))
         sizes = [n // workers + (k < n % workers) for k in range(workers)]
@@ -251,7 +253,8 @@ class SimFleet(Fleet):
         self.procs = [subprocess.Popen(
             [sys.executable, str(sim), "--broker", f"127.0.0.1:{broker.port}", "--devices", str(size),
              "--first", str(sum(sizes[:k])), "--tag", tag, "--state", str(root), "--key", str(key), "--prefix", PREFIX,
-             *(["--keepalive", str(keepalive)] if keepalive is not None else [])],
+             *(["--keepalive", str(keepalive)] if keepalive is not None else []),
+             *(["--link-kbps", str(link_kbps)] if link_kbps else [])],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for k, size in enumerate(sizes)]
         for p in self.procs:
             if p.stdout.readline().strip() != "ready":
@@ -341,6 +344,8 @@ def main() -> None:
                     help="simulated devices (bench/transfersim.py: the agent's transfer, no model runtime) instead of "
                          "agents")
     ap.add_argument("--sim-workers", type=int, default=2, help="processes the simulated devices share")
+    ap.add_argument("--link-kbps", type=float,
+                    help="with --sim: each device's downlink in kbit/s (default: loopback's speed)")
     ap.add_argument("--unicast-max", type=int, default=200,
                     help="larger fleets are broadcast only (unicast there is recorded as not run)")
     ap.add_argument("--host-agents", help=argparse.SUPPRESS)
@@ -383,7 +388,7 @@ def main() -> None:
             t0 = time.perf_counter()
             if args.sim:
                 fleet = SimFleet(n, broker.config, state_root(f"sim-{n}-"), keys / "signing.pub", f"s{n}",
-                                 args.keepalive, args.sim_workers)
+                                 args.keepalive, args.sim_workers, args.link_kbps)
             else:
                 fleet = Fleet(n, broker.config, tmp / f"state-{n}", keys / "signing.pub", f"n{n}", args.agent_wait,
                               args.keepalive)
@@ -437,7 +442,7 @@ def main() -> None:
               "note": (f"simulated devices (bench/transfersim.py) in {args.sim_workers} processes" if args.sim else
                        f"real device agents, a thread each, in worker processes of at most {PER_PROCESS}")
                       + ", on one loopback Mosquitto; the host in the bench's own process",
-              "options": {"sim": args.sim, "drop": args.drop, "drop_session": args.drop_session, "agent_wait_s": args.agent_wait,
+              "options": {"sim": args.sim, "link_kbps": args.link_kbps, "drop": args.drop, "drop_session": args.drop_session, "agent_wait_s": args.agent_wait,
                           "keepalive_s": args.keepalive},
               "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

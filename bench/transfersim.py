@@ -23,6 +23,9 @@ job's chunks: its connection is cut without a DISCONNECT (the broker publishes i
 an agent whose link died with its process. It comes back once a device of its worker that stayed has the whole
 artifact (the broadcast has gone by): a new SimAgent on the same state directory, picking the download up from
 disk, with its broker session kept (what was published meanwhile queued for it) or, with ``lost``, discarded first.
+
+``--link-kbps K`` gives every device a downlink of K kbit/s (LTE-M is about 1,000, NB-IoT 20-250): it reads its
+socket no faster than such a link brings the bytes, and what the broker sends it waits in TCP meanwhile.
 """
 
 from __future__ import annotations
@@ -280,6 +283,7 @@ def _on_disconnect(client, dev: SimAgent, flags, reason_code, properties) -> Non
 
 
 def _on_message(client, dev: SimAgent, message) -> None:
+    dev.fleet.charge(dev, len(message.payload) + len(message.topic) + 8)  # what it took of its link (see Loop)
     dev.handle(message.topic, message.payload)
 
 
@@ -288,8 +292,8 @@ class Worker(Loop):
 
     def __init__(self, host: str, port: int, names: list[str], first: int, state: Path, key: Path,
                  prefix: str = "edgefleet", target: str = "rpi4", keepalive: int = 30,
-                 connect_window: int = 20) -> None:
-        super().__init__(connect_window)
+                 connect_window: int = 20, link_kbps: float | None = None) -> None:
+        super().__init__(connect_window, link_kbps * 1000 / 8 if link_kbps else None)
         self.host, self.port, self.prefix, self.target, self.keepalive = host, port, prefix, target, keepalive
         self.first, self.state = first, state
         public = load_public_key(key)
@@ -412,13 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default="rpi4")
     ap.add_argument("--keepalive", type=int, default=30)
     ap.add_argument("--connect-window", type=int, default=20, help="connections awaiting a CONNACK at once")
+    ap.add_argument("--link-kbps", type=float, help="each device's downlink in kbit/s (default: loopback's speed)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     raise_file_limit()
     host, _, port = args.broker.rpartition(":")
     names = [f"{args.tag}-{i:04d}" for i in range(args.first, args.first + args.devices)]
     worker = Worker(host, int(port), names, args.first, Path(args.state), Path(args.key), args.prefix, args.target,
-                    args.keepalive, args.connect_window)
+                    args.keepalive, args.connect_window, args.link_kbps)
     worker.run(sys.stdin.fileno(), say=lambda line: print(line, flush=True))
     return 0
 
