@@ -42,3 +42,24 @@ def test_simulated_devices_that_drop_off_mid_broadcast_come_back_and_activate(tm
         assert drop["dropped_repair_chunks"] > 0 and drop["repair_bytes"] > 0
         assert drop["egress_x_artifact"] < 1 + drop["dropped"]
     assert run.returncode == 0
+
+
+def test_a_simulated_link_of_k_kbit_s_takes_the_time_such_a_link_would(tmp_path):
+    """--link-kbps: each device reads no faster than its link, so one artifact takes at least its bytes over the
+    link's speed, for one device and for a wave alike (the broker's sends wait in TCP meanwhile)."""
+    from pipeline.broker import mosquitto_binary
+
+    require(mosquitto_binary() is not None, "mosquitto")
+    out = tmp_path / "scale.json"
+    kbps = 4000
+    cmd = [sys.executable, str(REPO / "bench" / "scale.py"), "--sim", "--devices", "1,10", "--modes", "broadcast",
+           "--link-kbps", str(kbps), "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.exists(), run.stdout[-2000:] + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["options"]["link_kbps"] == kbps
+    for r in result["rows"]:
+        assert r["activated"] == r["devices"] and r["egress_x_artifact"] < 1.01
+        floor = r["artifact_bytes"] * 8 / (kbps * 1000)  # ~2.1 s; loopback alone takes ~0.1 s
+        assert r["download_s"] >= 0.9 * floor, (r["download_s"], floor)
+    assert run.returncode == 0
