@@ -205,7 +205,8 @@ def _finite(v: float) -> float | None:
 
 @dataclass
 class ShadowStats:
-    """The agent's counters for one candidate against the active model (cumulative since shadowing began)."""
+    """The agent's counters for one candidate against the active model (cumulative since shadowing began, within one
+    agent start: a restart counts from zero, and the host adds each start's counters, :meth:`plus`)."""
 
     candidate: int
     active: int | None
@@ -237,6 +238,19 @@ class ShadowStats:
                 "mean_distance": _finite(self.sum_distance / self.compared) if self.compared else None,
                 "active_ms": list(self.active_ms), "candidate_ms": list(self.candidate_ms),
                 **({"bench": dict(self.bench)} if self.bench is not None else {})}
+
+    def plus(self, later: "ShadowStats") -> "ShadowStats":
+        """These counters and ``later``'s (the same candidate's, counted since a later agent start) together: what
+        was counted adds up; the active version, sample and benchmark are the later ones."""
+        return ShadowStats(
+            candidate=self.candidate, active=later.active, sample=later.sample,
+            offered=self.offered + later.offered, compared=self.compared + later.compared,
+            dropped=self.dropped + later.dropped, errors=self.errors + later.errors, agree=self.agree + later.agree,
+            top1=self.top1 and later.top1, max_distance=max(self.max_distance, later.max_distance),
+            sum_distance=self.sum_distance + later.sum_distance,
+            active_ms=[a + b for a, b in zip(self.active_ms, later.active_ms)],
+            candidate_ms=[a + b for a, b in zip(self.candidate_ms, later.candidate_ms)],
+            bench=later.bench if later.bench is not None else self.bench)
 
     @property
     def agreement(self) -> float | None:

@@ -99,7 +99,7 @@ def histogram_quantile(buckets: list[int], q: float) -> float | None:
 
 @dataclass
 class DeviceShadow:
-    """One shadowing device: its latest counters and what was decided of it."""
+    """One shadowing device: its counters (every agent start's added up) and what was decided of it."""
 
     device_id: str
     verdict: Verdict = Verdict.UNDECIDED
@@ -109,6 +109,23 @@ class DeviceShadow:
     online: bool = True
     #: the device no longer shadows (it said so: another state, or a shadow_dropped of its own)
     left: bool = False
+    #: per agent start (the metrics' ``boot``), its latest report's seq and counters: an agent counts from zero
+    #: after a restart, and what it had compared before still counts
+    boots: dict[int | None, tuple[int | None, ShadowStats]] = field(default_factory=dict, repr=False)
+
+    def take(self, boot: int | None, seq: int | None, stats: ShadowStats) -> bool:
+        """A report's counters; False for one older than this start's latest (a redelivery). ``stats`` then is
+        every start's counters added up, in the order of the starts."""
+        seen = self.boots.get(boot)
+        if seen is not None and seq is not None and seen[0] is not None and seq <= seen[0]:
+            return False
+        self.boots[boot] = (seq, stats)
+        ordered = [s for _, (_, s) in sorted(self.boots.items(), key=lambda kv: -1 if kv[0] is None else kv[0])]
+        total = ordered[0]
+        for later in ordered[1:]:
+            total = total.plus(later)
+        self.stats = total
+        return True
 
     def figures(self) -> dict[str, Any]:
         s = self.stats
@@ -269,9 +286,9 @@ class _Collector:
         if m.shadow is None:
             return
         stats = ShadowStats.from_dict(m.shadow, HISTOGRAM)
-        if stats.candidate != self.version:
+        if stats.candidate != self.version or not r.take(m.boot, m.seq, stats):
             return
-        r.stats, r.emulated = stats, m.emulated
+        r.emulated, stats = m.emulated, r.stats
         quarter = min(4, 4 * stats.compared // self.policy.min_samples)
         if quarter > self._told[r.device_id]:
             self._told[r.device_id] = quarter

@@ -188,3 +188,34 @@ def test_the_host_refuses_to_sign_a_shadow_leaf_the_device_would_refuse(tmp_path
     with pytest.raises(ExportError, match=r"the device would refuse this manifest: .*sample and max_cpu must be "
                                           r"above 0"):
         shadow_artifact(art, Shadow(sample=0.0, max_cpu=0.25), key_dir)
+
+
+def _report(s: ShadowStats, boot: int, seq: int) -> bytes:
+    from device_agent.protocol import Metrics, encode
+
+    return encode(Metrics("pi-1", 1, 1.0, 1.0, 10.0, 5, False, boot=boot, seq=seq, state="shadowing",
+                          shadow=s.to_dict()))
+
+
+def test_a_restarted_agent_counts_from_zero_and_the_host_adds_what_each_start_counted():
+    """An agent restarted mid-shadow counts from zero: the disagreements it saw before still count, a redelivered
+    report is not counted twice, and the samples add up to the decision."""
+    from device_agent.protocol import Leaf, topic
+    from pipeline.ota.shadow import _Collector
+
+    notes: list[str] = []
+    c = _Collector("edgefleet", 2, ["pi-1"], POLICY, None, notes.append)
+    name = topic("edgefleet", "pi-1", Leaf.METRICS)
+    c.handle(name, _report(stats(compared=120, agree=60), boot=1, seq=9))  # half disagree, then a restart
+    r = c.records["pi-1"]
+    assert r.verdict is Verdict.UNDECIDED and r.stats.compared == 120
+    c.handle(name, _report(stats(compared=30, agree=30), boot=2, seq=3))
+    c.handle(name, _report(stats(compared=100, agree=60), boot=1, seq=4))  # boot 1's older report, again: ignored
+    assert r.stats.compared == 150 and r.stats.agree == 90 and r.verdict is Verdict.UNDECIDED
+    c.handle(name, _report(stats(compared=100, agree=100), boot=2, seq=5))
+    assert (r.stats.compared, r.stats.agree) == (220, 160) and r.stats.offered == 120 + 7 + 100 + 7
+    assert r.stats.active_ms[bisect_left(BUCKETS_MS, 1.0)] == 220
+    # judged on both starts: 160/220 = 73% agreement fails; on the restart's counters alone it would have passed
+    assert r.verdict is Verdict.FAIL and "agreement" in r.reason, r.reason
+    assert judge_device(device(stats(compared=100, agree=100)), dataclasses.replace(POLICY, min_samples=100))[0] \
+        is Verdict.PASS
