@@ -122,6 +122,13 @@ def test_provision_upgrade_and_a_failed_upgrade(mosquitto, sshd, key_dir, tiny_o
         assert up.agent_version == "0.1.0+gtestupgrade"
         assert (install / "current").resolve().name == up.agent_version
         assert remote_state(install)["active"]["version"] == 7  # the model kept across the upgrade
+        # the runtime came over from the running release (copied, its files' times kept), not installed again:
+        # only the agent's wheel was
+        lib = next((install / "releases" / version / "venv" / "lib").glob("python3*")).name
+        ort = [install / "releases" / v / "venv" / "lib" / lib / "site-packages" / "onnxruntime" / "__init__.py"
+               for v in (version, up.agent_version)]
+        assert ort[0].stat().st_mtime == ort[1].stat().st_mtime
+        assert (install / "releases" / up.agent_version / "RUNTIME").read_text().strip() == "onnxruntime"
         wait_live(cfg, lambda r: r["online"] and r["agent_version"] == up.agent_version and r["active_version"] == 7,
                   "online with the upgraded agent and the same model")
 
