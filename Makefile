@@ -85,7 +85,7 @@ demo: install
 
 # The whole suite, then its wall time (pytest's own summary line stays the last line pytest prints).
 test: install-tflite
-	@start=$$(date +%s); $(BIN)/python -m pytest -q -ra; rc=$$?; s=$$(( $$(date +%s) - start )); \
+	@start=$$(date +%s); $(BIN)/python -m pytest -q -ra --durations=15; rc=$$?; s=$$(( $$(date +%s) - start )); \
 	echo "== test suite wall time: $$((s / 60)) min $$((s % 60)) s"; exit $$rc
 
 # For development: everything but the tests marked slow (they train, or deliver end to end).
