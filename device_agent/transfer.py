@@ -25,7 +25,8 @@ from typing import Any
 
 from .download import Download
 from .errors import ProtocolError, VerificationError
-from .manifest import Manifest, verify_envelope
+from .faults import crash_point
+from .manifest import Manifest, file_sha256, verify_envelope
 from .protocol import (DEFAULT_WINDOW, CorruptChunk, Job, Leaf, ResultCode, State, artifact_topic, decode_chunk, encode,
                        short)
 from .storage import atomic_write_json, read_json
@@ -143,6 +144,24 @@ class TransferControl:
             tr.last_progress = time.monotonic()
         else:
             self._request_more(tr, again=True)
+
+    def _verify_download(self, tr: _Transfer) -> bool:
+        """The transfer is over: ``verifying``, then the whole file against the manifest's size and SHA-256. False
+        (the download discarded, the job refused) when it does not match."""
+        self._transfer = None
+        self._leave_broadcast(tr)
+        m = tr.manifest
+        tr.download.close()
+        self._save_state(state=State.VERIFYING.value)
+        crash_point("verifying")
+        self._publish_status(State.VERIFYING, job_id=tr.job_id, version=m.version, progress=1.0)
+        size, digest = tr.download.path.stat().st_size, file_sha256(tr.download.path)
+        if size == m.length and digest == m.sha256:
+            return True
+        tr.download.discard()
+        self._refuse(tr.job_id, m.version, f"artifact sha256 {digest[:16]}… ({size} bytes) does not match the "
+                     f"manifest's {m.sha256[:16]}… ({m.length} bytes)", ResultCode.INTEGRITY_FAILURE)
+        return False
 
     def _request_more(self, tr: _Transfer, again: bool = False) -> None:
         if again:

@@ -20,7 +20,7 @@ from typing import Any
 from .errors import HealthCheckError, ProtocolError, RuntimeBackendError, VerificationError
 from .faults import crash_point
 from .health import health_check
-from .manifest import Manifest, decode_payload, file_sha256, verify_envelope
+from .manifest import Manifest, decode_payload, verify_envelope
 from .protocol import Job, ResultCode, State, artifact_topic, short
 from .runtimes import available_runtimes, get_runtime
 from .storage import atomic_write_json
@@ -117,19 +117,9 @@ class UpdateControl:
                                     ResultCode.NOT_ENOUGH_STORAGE)
 
     def _finish(self, tr: _Transfer) -> None:
-        self._transfer = None
-        self._leave_broadcast(tr)
+        if not self._verify_download(tr):
+            return
         m = tr.manifest
-        tr.download.close()
-        self._save_state(state=State.VERIFYING.value)
-        crash_point("verifying")
-        self._publish_status(State.VERIFYING, job_id=tr.job_id, version=m.version, progress=1.0)
-        size, digest = tr.download.path.stat().st_size, file_sha256(tr.download.path)
-        if size != m.length or digest != m.sha256:
-            tr.download.discard()
-            return self._refuse(tr.job_id, m.version, f"artifact sha256 {digest[:16]}… ({size} bytes) does not "
-                                f"match the manifest's {m.sha256[:16]}… ({m.length} bytes)",
-                                ResultCode.INTEGRITY_FAILURE)
         decoded = tr.download.dir / "model.decoded"
         active = self.store.active()  # what a delta is applied against (device_agent.delta)
         try:
